@@ -1,0 +1,1 @@
+"""Backends (onnx, tvm). Installed as ``bqc.backends``."""

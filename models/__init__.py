@@ -1,0 +1,1 @@
+"""Reference diffusion UNets and shipped checkpoints. Installed as ``bqc.models``."""
