@@ -1,0 +1,154 @@
+"""Model artifacts: what ``bqc transform`` / ``bqc train`` write and every later command loads.
+
+Layout of an artifact directory (no pickled code anywhere)::
+
+    bqc.json            manifest: format version, source model, resolved recipe, bits,
+                        signature (inputs, state), file list
+    base.pt2            the captured full-precision program (torch.export; vetted on load so
+                        it never unpickles) — the teacher, and what the recipe is replayed on
+    model.safetensors   the transformed graph's state_dict (weights + quantizer state)
+    graph.txt           the transformed graph as text (ir.dump); checked on load
+    train.json          (trained artifacts) how it was trained
+
+Loading replays the recorded recipe on the captured program, then loads the state dict
+strictly and checks that the rebuilt graph equals ``graph.txt``. Recipes are deterministic
+graph rewrites, so this reproduces the saved graph exactly without storing code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from bqc import __version__, ir
+from bqc.errors import BqcError, require_file
+from bqc.graph import BqcModel
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    path: Path | None
+    manifest: dict
+    base_ep: object  # torch.export.ExportedProgram of the FP model
+    gm: fx.GraphModule  # the transformed graph
+    recipe: object  # bqc.pipeline.Recipe
+
+    @property
+    def model(self) -> BqcModel:
+        return BqcModel(self.gm)
+
+    def teacher(self) -> BqcModel:
+        """The full-precision model, annotated, as a fresh graph (frozen by the caller)."""
+        from bqc.pipeline import PassContext, get_pass
+
+        gm = ir.from_exported(self.base_ep)
+        get_pass("annotate")().run(gm, PassContext())
+        return BqcModel(gm)
+
+
+def state_dict_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict safetensors accepts: contiguous, unshared copies."""
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_artifact(out: str | Path, *, base_ep, gm: fx.GraphModule, recipe, wbits: int, abits: int,
+                  source: dict, extra: dict | None = None) -> Path:
+    """Write an artifact directory atomically (built in a temp dir, then renamed into place)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        torch.export.save(base_ep, str(tmp / "base.pt2"))
+        save_file(state_dict_for_save(gm), str(tmp / "model.safetensors"))
+        (tmp / "graph.txt").write_text(ir.dump(gm))
+        meta = ir.graph_meta(gm)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "bqc_version": __version__,
+            "source": source,
+            "recipe": recipe.to_dict(),
+            "wbits": wbits,
+            "abits": abits,
+            "signature": {k: meta.get(k) for k in ("inputs", "outputs", "state_inputs", "state_outputs", "input_shape", "conditional")},
+            **(extra or {}),
+        }
+        (tmp / "bqc.json").write_text(json.dumps(manifest, indent=2, default=str))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def is_artifact(path: str | Path) -> bool:
+    return (Path(path) / "bqc.json").is_file()
+
+
+def read_manifest(path: str | Path) -> dict:
+    p = require_file(Path(path) / "bqc.json", "artifact manifest (bqc.json)")
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise BqcError(f"{p} is corrupt: {e}") from e
+    if m.get("format") != FORMAT_VERSION:
+        raise BqcError(f"{p} has artifact format {m.get('format')}, this bqc reads format {FORMAT_VERSION}")
+    return m
+
+
+def build_graph(base_ep, recipe, wbits: int, abits: int, *, dump_dir=None, check: bool = True):
+    """Capture form -> annotated graph -> recipe passes. Returns (gm, ctx)."""
+    from bqc.pipeline import PassManager
+
+    gm = ir.from_exported(base_ep)
+    ctx = recipe.context(wbits, abits)
+    gm = PassManager(recipe.build(), dump_dir=dump_dir, check=check).run(gm, ctx)
+    return gm, ctx
+
+
+def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Artifact:
+    """Load an artifact directory (optionally with another weights file, e.g. a checkpoint)."""
+    from bqc.frontend import load_safetensors, vet_pt2
+    from bqc.pipeline import Recipe
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    base = require_file(path / "base.pt2", "artifact base program")
+    vet_pt2(base)
+    base_ep = torch.export.load(str(base))
+    recipe = Recipe.from_dict(manifest["recipe"])
+    gm, _ = build_graph(base_ep, recipe, manifest["wbits"], manifest["abits"])
+    sd = load_safetensors(weights or path / "model.safetensors")
+    missing, unexpected = gm.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise BqcError(
+            f"weights in {weights or path / 'model.safetensors'} do not fit the graph of {path}: "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}",
+            hint="the weights come from another model or recipe",
+        )
+    saved = (path / "graph.txt").read_text() if (path / "graph.txt").exists() else None
+    if saved is not None and saved != ir.dump(gm):
+        raise BqcError(f"{path}: the rebuilt graph differs from graph.txt (artifact written by another bqc version?)",
+                       hint="re-run bqc transform with this version")
+    return Artifact(path, manifest, base_ep, gm, recipe)

@@ -1,0 +1,445 @@
+"""The bqc graph IR: one ``torch.fx.GraphModule`` form used by every pass and backend.
+
+Form
+----
+The graph of ``torch.export.export(adapter, (x, t[, y])).module()`` (ATen-level training IR,
+non-strict export, dynamic batch), normalised by :func:`from_exported`:
+
+* plain fx code generation (no pytree in/out specs), flat placeholders
+  ``x, t[, y]`` followed by any cross-timestep state inputs that passes add;
+* the output is always a tuple ``(eps, *state_outputs)``;
+* export's runtime guard module and tensor-metadata asserts are removed (bqc checks input shapes
+  itself, see :class:`bqc.graph.BqcModel`);
+* every node keeps export's ``nn_module_stack`` (module paths) and ``val`` (fake tensor, shapes).
+
+Annotations
+-----------
+Analysis runs once (:func:`annotate`) and is stored per node as ``node.meta["bqc"]``, a
+:class:`NodeInfo`-shaped dict; graph-level facts (signature, blocks) are stored in
+``gm.meta["bqc"]``. Passes read these; they never re-derive them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+# op kinds -------------------------------------------------------------------------------------
+_KIND_BY_OP: dict[str, str] = {}
+for _k, _ops in {
+    "conv": ["conv2d", "conv1d", "convolution", "_convolution"],
+    "linear": ["linear", "addmm"],
+    "matmul": ["matmul", "bmm", "baddbmm", "mm", "einsum"],
+    "attention": ["scaled_dot_product_attention"],
+    "norm": ["group_norm", "layer_norm", "batch_norm", "native_group_norm", "native_layer_norm"],
+    "activation": ["silu", "gelu", "relu", "sigmoid", "tanh", "mish", "leaky_relu", "hardtanh"],
+    "softmax": ["softmax", "_softmax", "log_softmax"],
+    "pool": ["avg_pool2d", "max_pool2d", "adaptive_avg_pool2d"],
+    "upsample": ["upsample_nearest2d", "upsample_bilinear2d", "interpolate"],
+    "concat": ["cat", "concat"],
+    "embedding": ["embedding"],
+    "elementwise": ["add", "sub", "mul", "div", "neg", "exp", "sin", "cos", "pow", "sqrt", "rsqrt"],
+}.items():
+    for _o in _ops:
+        _KIND_BY_OP[_o] = _k
+
+#: kinds of node that carry weights and can be quantized
+WEIGHTED_KINDS = ("conv", "linear")
+QUANTIZABLE_KINDS = ("conv", "linear", "matmul")
+
+
+def op_name(node: fx.Node) -> str:
+    """``aten.conv2d.default`` -> ``conv2d``; call_module targets keep their class name."""
+    if node.op == "call_function":
+        t = node.target
+        name = getattr(t, "__name__", str(t))
+        if hasattr(t, "_schema"):
+            name = t._schema.name.split("::")[-1]
+        return name.split(".")[0]
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(node.target)).__name__
+    return node.op
+
+
+def op_kind(node: fx.Node) -> str:
+    if node.op in ("placeholder", "output", "get_attr"):
+        return node.op
+    if node.op == "call_module":
+        mod = node.graph.owning_module.get_submodule(node.target)
+        return getattr(mod, "bqc_kind", "module")
+    return _KIND_BY_OP.get(op_name(node), "other")
+
+
+# node annotation ------------------------------------------------------------------------------
+@dataclass
+class NodeInfo:
+    kind: str
+    module: str = ""  # innermost owning module path (from nn_module_stack)
+    role: str = ""  # input | output | time-embed | head | body | tail ('' for non-weighted)
+    level: int = 0  # spatial downsample factor relative to the input (1, 2, 4 ...); 0: no H,W
+    block: int = -1  # timestep-embedded block index in execution order, -1 outside blocks
+    section: str = ""  # input | middle | output (of the UNet) for nodes inside blocks
+    params: int = 0  # weight (+bias) elements of conv/linear
+    macs: int = 0  # multiply-accumulates per sample (batch 1)
+    dist_in: int = -1  # hops from the image input x
+    dist_out: int = -1  # hops to the graph output
+    w_bits: int = 32
+    a_bits: int = 32
+    notes: list[str] = field(default_factory=list)  # what passes did / skipped, for --explain
+
+
+def info(node: fx.Node) -> dict:
+    """The node's annotation dict (empty dict if not annotated)."""
+    return node.meta.setdefault("bqc", {})
+
+
+def graph_meta(gm: fx.GraphModule) -> dict:
+    return gm.meta.setdefault("bqc", {})
+
+
+# normalisation --------------------------------------------------------------------------------
+def from_exported(ep, *, conditional: bool | None = None) -> fx.GraphModule:
+    """Normalise ``ep.module()`` into the bqc IR form (see module docstring)."""
+    gm = ep.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in (aten._assert_tensor_metadata.default,):
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    graph._codegen = fx.graph.CodeGen()
+    out = graph.output_node()
+    outs = out.args[0]
+    if not isinstance(outs, (tuple, list)):
+        outs = (outs,)
+    out.args = (tuple(outs),)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    # drop placeholders that exported as unused (e.g. y=None in an unconditional adapter)
+    for p in placeholders:
+        if not p.users and p.name not in ("x", "t"):
+            graph.erase_node(p)
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm = fx.GraphModule(gm, graph)
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    shape = tuple(x.meta["val"].shape)
+    graph_meta(gm).update(
+        inputs=inputs,
+        outputs=["eps"],
+        state_inputs=[],
+        state_outputs=[],
+        input_shape=[int(d) for d in shape[1:]],
+        conditional=len(inputs) >= 3 if conditional is None else conditional,
+    )
+    return gm
+
+
+def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy with node meta (annotations) and graph meta preserved."""
+    import copy
+
+    new = copy.deepcopy(gm)
+    new.meta = copy.deepcopy(gm.meta)
+    return new
+
+
+# analysis -------------------------------------------------------------------------------------
+def _shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _int(d) -> int:
+    try:
+        return int(d)
+    except Exception:  # symbolic dim (batch)
+        return 1
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost owning module path, as named in the user's model (adapter prefix removed)."""
+    chain = _module_chain(node)
+    return chain[-1] if chain else ""
+
+
+def _module_chain(node: fx.Node) -> list[str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, _cls in stack.values():
+        p = re.sub(r"^unet\.?", "", path)
+        if p:
+            out.append(p)
+    return out
+
+
+def weight_node(node: fx.Node) -> fx.Node | None:
+    if op_kind(node) in WEIGHTED_KINDS and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        return node.args[1]
+    return None
+
+
+def bias_node(node: fx.Node) -> fx.Node | None:
+    if op_kind(node) in WEIGHTED_KINDS and len(node.args) > 2 and isinstance(node.args[2], fx.Node):
+        return node.args[2]
+    return None
+
+
+def _get_attr_tensor(gm: fx.GraphModule, node: fx.Node | None) -> torch.Tensor | None:
+    if node is None or node.op != "get_attr":
+        return None
+    return gm.get_parameter(node.target) if node.target in dict(gm.named_parameters()) else getattr_path(gm, node.target)
+
+
+def getattr_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _params_and_macs(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int]:
+    kind = op_kind(node)
+    out = _shape(node)
+    if kind in WEIGHTED_KINDS:
+        w = _get_attr_tensor(gm, weight_node(node))
+        b = _get_attr_tensor(gm, bias_node(node))
+        params = (w.numel() if w is not None else 0) + (b.numel() if b is not None else 0)
+        if w is None or out is None:
+            return params, 0
+        out_elems = math.prod(_int(d) for d in out[1:])  # per sample
+        if kind == "conv":
+            macs = out_elems * math.prod(w.shape[1:])
+        else:
+            macs = out_elems * w.shape[-1]
+        return params, int(macs)
+    if kind == "matmul" and out is not None:
+        a = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if a is None:
+            return 0, 0
+        return 0, int(math.prod(_int(d) for d in out[1:]) * _int(a[-1]))
+    if kind == "attention" and out is not None:
+        q = _shape(node.args[0])
+        k = _shape(node.args[1])
+        if q is None or k is None:
+            return 0, 0
+        # QK^T and PV: 2 * heads * Lq * Lk * d
+        return 0, int(2 * math.prod(_int(d) for d in q[1:-1]) * _int(k[-2]) * _int(q[-1]))
+    return 0, 0
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name)
+        for inp in n.all_input_nodes:
+            g.add_edge(inp.name, n.name)
+    return g
+
+
+# block patterns: (regex on module path, section, key function) in priority order -------------
+_BLOCK_RULES: list[tuple[re.Pattern, str]] = [
+    # openaimodel / guided-diffusion / bqc.models
+    (re.compile(r"^(input_blocks\.\d+)$"), "input"),
+    (re.compile(r"^(middle_block)$"), "middle"),
+    (re.compile(r"^(output_blocks\.\d+)$"), "output"),
+    # diffusers UNet2DModel: a resnet and the attention after it form one block
+    (re.compile(r"^(down_blocks\.\d+)\.(?:resnets|attentions)\.(\d+)$"), "input"),
+    (re.compile(r"^(down_blocks\.\d+\.downsamplers)\.0$"), "input"),
+    (re.compile(r"^(mid_block)$"), "middle"),
+    (re.compile(r"^(up_blocks\.\d+)\.(?:resnets|attentions)\.(\d+)$"), "output"),
+    (re.compile(r"^(up_blocks\.\d+\.upsamplers)\.0$"), "output"),
+]
+
+
+def _block_key(chain: list[str]) -> tuple[str, str] | None:
+    for path in chain:
+        for rx, section in _BLOCK_RULES:
+            m = rx.match(path)
+            if m:
+                return ".".join(m.groups()), section
+    return None
+
+
+def _time_only_nodes(gm: fx.GraphModule) -> set[str]:
+    """Nodes that depend on t (or y) but not on x: the time/label embedding computation."""
+    g = to_networkx(gm)
+    ph = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    x = ph[0]
+    cond = [p for p in ph[1:3]]
+    from_x = nx.descendants(g, x) | {x}
+    from_t = set().union(*(nx.descendants(g, p) for p in cond)) if cond else set()
+    return from_t - from_x
+
+
+def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> fx.GraphModule:
+    """Run the analysis once and store it on the nodes (see :class:`NodeInfo`)."""
+    g = to_networkx(gm)
+    nodes = list(gm.graph.nodes)
+    x = next(n for n in nodes if n.op == "placeholder")
+    in_h = _shape(x)[-1]
+    dist_in = nx.single_source_shortest_path_length(g, x.name)
+    dist_out = nx.single_source_shortest_path_length(g.reverse(copy=False), gm.graph.output_node().name)
+    time_only = _time_only_nodes(gm)
+
+    block_order: dict[str, int] = {}
+    block_section: dict[str, str] = {}
+    for n in nodes:
+        ni = NodeInfo(kind=op_kind(n), module=module_path(n))
+        shape = _shape(n)
+        if shape is not None and len(shape) == 4 and n.name in dist_in:
+            ni.level = max(1, round(in_h / max(_int(shape[-1]), 1)))
+        elif n.name in dist_in:  # token-shaped (B, L, C) nodes inherit the level of their inputs
+            ni.level = max((n2.meta["bqc"]["level"] for n2 in n.all_input_nodes if "bqc" in n2.meta), default=0)
+        ni.params, ni.macs = _params_and_macs(gm, n)
+        ni.dist_in = dist_in.get(n.name, -1)
+        ni.dist_out = dist_out.get(n.name, -1)
+        key = _block_key(_module_chain(n)) if n.name in dist_in and n.op == "call_function" else None
+        if key is not None:
+            bkey, section = key
+            if bkey not in block_order:
+                block_order[bkey] = len(block_order)
+                block_section[bkey] = section
+            ni.block = block_order[bkey]
+            ni.section = section
+        n.meta["bqc"] = asdict(ni)
+        n.meta["bqc"]["time_only"] = n.name in time_only
+
+    blocks = [{"id": i, "name": k, "section": block_section[k]} for k, i in block_order.items()]
+    meta = graph_meta(gm)
+    meta["blocks"] = blocks
+    _annotate_skips(gm, g, meta)
+    assign_roles(gm, head_tail_blocks=head_tail_blocks)
+    return gm
+
+
+_ALIAS_OPS = {"to", "_to_copy", "clone", "contiguous", "alias", "detach", "type_as"}
+
+
+def _annotate_skips(gm: fx.GraphModule, g: nx.DiGraph, meta: dict) -> None:
+    """Skip connections: (input block, output block) pairs joined by a concat.
+
+    For each concat, the block of every operand is its nearest producer inside a block, and the
+    consuming block is the nearest consumer inside a block (networkx BFS both ways).
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    rev = g.reverse(copy=False)
+
+    def nearest(graph, start):
+        for name in nx.bfs_tree(graph, start):
+            if info(by_name[name]).get("block", -1) >= 0:
+                return info(by_name[name])
+        return None
+
+    pairs = set()
+    for n in gm.graph.nodes:
+        if info(n).get("kind") != "concat" or not isinstance(n.args[0], (list, tuple)):
+            continue
+        dst = nearest(g, n.name)
+        if dst is None or dst["section"] != "output":
+            continue
+        for src_node in n.args[0]:
+            if not isinstance(src_node, fx.Node):
+                continue
+            while src_node.op == "call_function" and op_name(src_node) in _ALIAS_OPS and src_node.args:
+                src_node = src_node.args[0]  # dtype no-ops alias their input (e.g. GroupNorm32's .float())
+            src = nearest(rev, src_node.name)
+            if src is not None and src["section"] in ("input", "middle") and src["block"] != dst["block"]:
+                if src["section"] == "input":
+                    pairs.add((src["block"], dst["block"]))
+    meta["skips"] = sorted(pairs)
+
+
+def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> None:
+    """Roles of weighted layers: input/output conv, time-embed, head/tail/body by block."""
+    nodes = [n for n in gm.graph.nodes if info(n).get("kind") in QUANTIZABLE_KINDS + ("attention",)]
+    nblocks = len(graph_meta(gm).get("blocks", []))
+    image = [n for n in nodes if info(n)["kind"] in WEIGHTED_KINDS and not info(n)["time_only"]]
+    first = min(image, key=lambda n: info(n)["dist_in"], default=None)
+    last = min(image, key=lambda n: info(n)["dist_out"], default=None)
+    for n in nodes:
+        ni = info(n)
+        if ni["time_only"]:
+            ni["role"] = "time-embed"
+        elif n is first:
+            ni["role"] = "input"
+        elif n is last:
+            ni["role"] = "output"
+        elif 0 <= ni["block"] < head_tail_blocks:
+            ni["role"] = "head"
+        elif ni["block"] >= 0 and ni["block"] >= nblocks - head_tail_blocks:
+            ni["role"] = "tail"
+        else:
+            ni["role"] = "body"
+    graph_meta(gm)["head_tail_blocks"] = head_tail_blocks
+
+
+# tables and dumps -----------------------------------------------------------------------------
+LAYER_FIELDS = ("name", "kind", "role", "level", "block", "params", "macs", "w_bits", "a_bits", "module")
+
+
+def layers(gm: fx.GraphModule, kinds: Iterable[str] = QUANTIZABLE_KINDS + ("attention",)) -> list[dict]:
+    """One row per conv/linear/matmul (the things a recipe can quantize)."""
+    rows = []
+    for n in gm.graph.nodes:
+        ni = info(n)
+        if ni.get("kind") in kinds:
+            rows.append({"name": n.name, **{k: ni.get(k) for k in LAYER_FIELDS[1:]}})
+    return rows
+
+
+def blocks_summary(gm: fx.GraphModule) -> list[dict]:
+    rows = []
+    for b in graph_meta(gm).get("blocks", []):
+        members = [n for n in gm.graph.nodes if info(n).get("block") == b["id"]]
+        levels = [info(n)["level"] for n in members if info(n).get("level")]
+        rows.append({
+            **b,
+            "level": max(levels) if levels else 0,
+            "layers": sum(1 for n in members if info(n)["kind"] in QUANTIZABLE_KINDS),
+            "params": sum(info(n)["params"] for n in members),
+            "macs": sum(info(n)["macs"] for n in members),
+        })
+    return rows
+
+
+def _fmt_arg(a: Any) -> str:
+    if isinstance(a, fx.Node):
+        return a.name
+    if isinstance(a, (list, tuple)):
+        return "[" + ", ".join(_fmt_arg(x) for x in a) + "]"
+    if isinstance(a, float):
+        return f"{a:g}"
+    return str(a)
+
+
+def _target_name(n: fx.Node) -> str:
+    if n.op == "call_function":
+        return op_name(n)
+    if n.op == "call_module":
+        return f"{n.target}:{type(n.graph.owning_module.get_submodule(n.target)).__name__}"
+    return str(n.target)
+
+
+def dump(gm: fx.GraphModule, *, annotations: bool = True) -> str:
+    """A stable, diff-friendly text form of the graph (golden tests compare these)."""
+    lines = []
+    for n in gm.graph.nodes:
+        args = ", ".join(_fmt_arg(a) for a in n.args)
+        line = f"{n.name} = {n.op} {_target_name(n)}({args})"
+        ni = n.meta.get("bqc")
+        if annotations and ni and ni.get("kind") in QUANTIZABLE_KINDS + ("attention",):
+            line += (f"  # {ni['kind']} role={ni['role']} level={ni['level']} block={ni['block']}"
+                     f" w{ni['w_bits']}a{ni['a_bits']}")
+        lines.append(line)
+    meta = graph_meta(gm)
+    lines.append(f"# inputs={meta.get('inputs')} state_inputs={meta.get('state_inputs')} state_outputs={meta.get('state_outputs')}")
+    return "\n".join(lines) + "\n"

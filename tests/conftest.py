@@ -1,0 +1,62 @@
+"""Shared fixtures. ``pytest --update-golden`` rewrites tests/golden/*.txt from the current code."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite golden graph dumps")
+
+
+@pytest.fixture(autouse=True)
+def _small_threads():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def golden(request):
+    """``golden(name, text)``: compare text with tests/golden/NAME.txt (or rewrite it)."""
+
+    def check(name: str, text: str) -> None:
+        path = GOLDEN / f"{name}.txt"
+        if request.config.getoption("--update-golden"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return
+        assert path.exists(), f"{path} missing: run pytest --update-golden"
+        want = path.read_text()
+        if want != text:
+            diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), "golden", "now", n=2))
+            pytest.fail(f"graph differs from {path} (pytest --update-golden accepts it):\n{diff[:6000]}")
+
+    return check
+
+
+TINY_CONFIG = dict(
+    image_size=8, in_channels=1, model_channels=32, out_channels=1, num_res_blocks=1,
+    attention_resolutions=(2,), dropout=0.0, channel_mult=(1, 1), num_head_channels=16,
+)
+
+
+@pytest.fixture
+def tiny_unet():
+    """The small reference UNet of the golden tests (openaimodel family, ~100k params)."""
+    from bqc.models.unet import UNetModel
+
+    torch.manual_seed(0)
+    return UNetModel(**TINY_CONFIG).eval()
+
+
+@pytest.fixture
+def tiny_source(tiny_unet):
+    from bqc.frontend import _from_module
+
+    return _from_module(tiny_unet, "zoo", "tiny reference UNet", config=TINY_CONFIG)
