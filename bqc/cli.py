@@ -201,6 +201,63 @@ def _print_explain(res) -> None:
     console.print(t)
 
 
+# report -------------------------------------------------------------------------------------
+def _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_pickle):
+    """An artifact's graph, or a model transformed in memory by --recipe (default fp)."""
+    from bqc import artifact, transform as tf
+
+    name = target or model_opt
+    if name and artifact.is_artifact(name):
+        art = artifact.load_artifact(name)
+        return art.gm, f"{name} ({art.recipe.name} W{art.manifest['wbits']}A{art.manifest['abits']})"
+    src = _source(target, model_opt, config, weights, trust_pickle)
+    res = tf.transform(src, recipe or "fp", wbits=wbits, abits=abits)
+    return res.gm, f"{src.description} ({res.recipe.name} W{res.ctx.wbits}A{res.ctx.abits})"
+
+
+@app.command()
+def report(
+    target: Optional[str] = typer.Argument(None, help="artifact dir, or a model (then --recipe applies in memory)"),
+    model_opt: Optional[str] = ModelOpt,
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe to apply to a model (default fp)"),
+    wbits: Optional[int] = typer.Option(None, "--wbits"),
+    abits: Optional[int] = typer.Option(None, "--abits"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write a per-layer size/OPs plot (PNG)"),
+    layers: bool = typer.Option(False, "--layers", help="also print the per-layer table"),
+    config: Optional[str] = ConfigOpt,
+    weights: Optional[str] = WeightsOpt,
+    trust_pickle: bool = TrustOpt,
+):
+    """Size and OPs as the papers count them (1 bit per binary weight; OPs = BOPs/64 + FLOPs)."""
+    from bqc.report import cost_report, plot_report
+
+    gm, title = _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_pickle)
+    rep = cost_report(gm)
+    if plot:
+        plot_report(rep, str(plot), title)
+    if as_json:
+        sys.stdout.write(json.dumps({"model": title, **rep}, indent=1) + "\n")
+        return
+    if layers:
+        t = Table(title="layers")
+        for col in ("layer", "module", "role", "W/A", "params", "MACs", "size MiB", "OPs"):
+            t.add_column(col)
+        for r in rep["layers"]:
+            t.add_row(r["name"], r["module"], r["role"], f"{r['w_bits']}/{r['a_bits']}", _fmt_int(r["params"]),
+                      _fmt_int(r["macs"]), f"{r['size_mb']:.4f}", f"{r['ops']:.3g}")
+        console.print(t)
+    t = Table(title=f"cost report: {title}")
+    for col in ("role", "layers", "params", "size MiB", "OPs"):
+        t.add_column(col)
+    for role, agg in sorted(rep["by_role"].items()):
+        t.add_row(role, str(agg["layers"]), _fmt_int(agg["params"]), f"{agg['size_mb']:.3f}", f"{agg['ops']:.3g}")
+    console.print(t)
+    console.print(
+        f"params {_fmt_int(rep['params'])} · size {rep['size_mb']:.2f} MiB (fp32 {rep['fp32_size_mb']:.2f}, "
+        f"{rep['size_saving']:.1f}x smaller) · OPs {rep['ops']:.3g} (fp32 {rep['fp32_ops']:.3g}, {rep['ops_saving']:.1f}x fewer)")
+
+
 def main() -> None:
     """Console entry point: BqcError -> one paragraph on stderr, exit 2."""
     try:

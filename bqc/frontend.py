@@ -135,7 +135,12 @@ def _from_module(module: nn.Module, kind: str, description: str, call: str = "pl
 def _load_zoo(name: str) -> ModelSource:
     from bqc.models import zoo
 
-    module, cfg, pretrained = zoo.load_named(name)
+    shipped = Path(zoo.__file__).parent / "checkpoints" / name
+    pretrained = (shipped / zoo.WEIGHTS_FILE).exists()
+    if pretrained:
+        module, cfg = zoo.load_model(shipped)
+    else:
+        module, cfg = zoo.build_model(name), zoo.model_config(name)
     desc = f"zoo model {name}" + (" (shipped pretrained weights)" if pretrained else " (random init: no shipped weights)")
     return _from_module(module, "zoo", desc, name=name, config=cfg, pretrained=pretrained)
 

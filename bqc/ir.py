@@ -82,7 +82,7 @@ def op_kind(node: fx.Node) -> str:
 class NodeInfo:
     kind: str
     module: str = ""  # innermost owning module path (from nn_module_stack)
-    role: str = ""  # input | output | time-embed | head | body | tail ('' for non-weighted)
+    role: str = ""  # input | output | time-embed | emb-proj | head | body | tail ('' if not a layer)
     level: int = 0  # spatial downsample factor relative to the input (1, 2, 4 ...); 0: no H,W
     block: int = -1  # timestep-embedded block index in execution order, -1 outside blocks
     section: str = ""  # input | middle | output (of the UNet) for nodes inside blocks
@@ -302,7 +302,8 @@ def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> fx.GraphModule
         ni.params, ni.macs = _params_and_macs(gm, n)
         ni.dist_in = dist_in.get(n.name, -1)
         ni.dist_out = dist_out.get(n.name, -1)
-        key = _block_key(_module_chain(n)) if n.name in dist_in and n.op == "call_function" else None
+        key = _block_key(_module_chain(n)) if n.op == "call_function" and (
+            n.name in dist_in or n.name in time_only) else None
         if key is not None:
             bkey, section = key
             if bkey not in block_order:
@@ -367,8 +368,8 @@ def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> None:
     last = min(image, key=lambda n: info(n)["dist_out"], default=None)
     for n in nodes:
         ni = info(n)
-        if ni["time_only"]:
-            ni["role"] = "time-embed"
+        if ni["time_only"]:  # the global MLP, or a block's own projection of the embedding
+            ni["role"] = "emb-proj" if ni["block"] >= 0 else "time-embed"
         elif n is first:
             ni["role"] = "input"
         elif n is last:
@@ -443,3 +444,22 @@ def dump(gm: fx.GraphModule, *, annotations: bool = True) -> str:
     meta = graph_meta(gm)
     lines.append(f"# inputs={meta.get('inputs')} state_inputs={meta.get('state_inputs')} state_outputs={meta.get('state_outputs')}")
     return "\n".join(lines) + "\n"
+
+
+def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A view of ``gm`` (same parameters and submodules) that also returns the named nodes.
+
+    Returns ``(*original outputs, *named)``. Used by the trainer to read distillation taps
+    without hooks.
+    """
+    graph = fx.Graph()
+    val_map: dict = {}
+    outs = graph.graph_copy(gm.graph, val_map, return_output_node=False)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise KeyError(f"no such nodes: {missing}")
+    graph.output(tuple(outs) + tuple(val_map[by_name[n]] for n in names))
+    view = fx.GraphModule(gm, graph)
+    view.meta = gm.meta
+    return view

@@ -52,7 +52,13 @@ def tiny_unet():
     from bqc.models.unet import UNetModel
 
     torch.manual_seed(0)
-    return UNetModel(**TINY_CONFIG).eval()
+    m = UNetModel(**TINY_CONFIG).eval()
+    with torch.no_grad():  # openaimodel zero-inits the output conv; give it weights so outputs differ
+        m.out[2].weight.normal_(0, 0.05)
+        for name, p in m.named_parameters():
+            if "out_layers.3" in name and p.dim() == 4:
+                p.normal_(0, 0.05)
+    return m
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def test_annotations_on_reference_unet(fp_graph):
     assert by_module["input_blocks.0.0"]["role"] == "input"
     assert by_module["out.2"]["role"] == "output"
     assert by_module["time_embed.0"]["role"] == "time-embed"
-    assert by_module["input_blocks.1.0.emb_layers.1"]["role"] == "time-embed"
+    assert by_module["input_blocks.1.0.emb_layers.1"]["role"] == "emb-proj"
     assert by_module["input_blocks.1.0.in_layers.2"]["role"] == "head"
     assert by_module["middle_block.0.in_layers.2"]["role"] == "body"
     assert by_module["output_blocks.3.0.out_layers.3"]["role"] == "tail"

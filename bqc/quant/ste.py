@@ -1,0 +1,150 @@
+"""Straight-through estimators and small tensor helpers shared by every quantizer.
+
+``sign`` here is METHODS.md's sign: +1 for v >= 0, -1 otherwise (``torch.sign(0) == 0`` is
+never used). Each estimator is one autograd Function; the modules call the lower-case
+wrappers below.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import BqcError
+
+
+def check_bits(kind: str, bits: int, supported) -> int:
+    """Return ``int(bits)`` or raise a BqcError naming the supported bit widths."""
+    if int(bits) != bits or int(bits) not in supported:
+        raise BqcError(f"quantizer {kind!r} does not support bits={bits}; supported: "
+                       f"{', '.join(map(str, supported))}")
+    return int(bits)
+
+
+def hard_sign(x: torch.Tensor) -> torch.Tensor:
+    """+1 where x >= 0, -1 elsewhere (same dtype as x); no gradient."""
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+class _SignClippedSTE(torch.autograd.Function):
+    """Forward sign, backward clipped identity: grad * 1[|x| <= 1]."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return hard_sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x.abs() <= 1).to(g.dtype)
+
+
+class _ApproxSign(torch.autograd.Function):
+    """Forward sign, backward Bi-Real ApproxSign: 2+2x on [-1,0), 2-2x on [0,1), 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return hard_sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        d = torch.where(x < 0, 2 + 2 * x, 2 - 2 * x)
+        return g * torch.where((x >= -1) & (x < 1), d, torch.zeros_like(d))
+
+
+class _ReSTESign(torch.autograd.Function):
+    """Forward sign, backward of the rectified power function sign(x)|x|^(1/o) (ReSTE).
+
+    Derivative (1/o)|x|^(1/o - 1) for interval < |x| <= t, the secant slope
+    interval^(1/o) / interval for |x| <= interval (the derivative is unbounded at 0 for o > 1),
+    and 0 beyond t. With o = 1 this is the STE clipped at t.
+    """
+
+    INTERVAL = 0.1
+
+    @staticmethod
+    def forward(ctx, x, o, t):
+        ctx.save_for_backward(x, o)
+        ctx.t = float(t)
+        return hard_sign(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, o = ctx.saved_tensors
+        a, iv = x.abs(), _ReSTESign.INTERVAL
+        inv = 1.0 / o.to(x.dtype)
+        power = inv * a.clamp_min(iv).pow(inv - 1)
+        near0 = torch.full_like(x, iv) ** inv / iv
+        d = torch.where(a <= iv, near0, power)
+        return g * torch.where(a <= ctx.t, d, torch.zeros_like(d)), None, None
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) with the clipped-identity STE."""
+    return _SignClippedSTE.apply(x)
+
+
+def approx_sign(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) with the ApproxSign (Bi-Real / BiDM) backward."""
+    return _ApproxSign.apply(x)
+
+
+def reste_sign(x: torch.Tensor, o: torch.Tensor, t: float) -> torch.Tensor:
+    """sign(x) with the ReSTE backward for exponent ``o`` (a 0-d tensor) and clip ``t``."""
+    return _ReSTESign.apply(x, o, t)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) with identity backward."""
+    return _RoundSTE.apply(x)
+
+
+def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Value exactly x (x + 0), gradient multiplied by g (LSQ's step-size gradient scale)."""
+    y = x * g
+    return x.detach() + (y - y.detach())
+
+
+def channel_view(p: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """Reshape a per-channel vector so it broadcasts along ``axis`` of an ndim-d tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def per_channel_absmean(w: torch.Tensor) -> torch.Tensor:
+    """mean |W_o| over everything but the output-channel axis 0, shape (O,)."""
+    return w.abs().reshape(w.shape[0], -1).mean(dim=1)
+
+
+class ReSTE(torch.nn.Module):
+    """The ReSTE estimator as a module: its exponent ``o`` is a buffer annealed by training.
+
+    ``anneal(progress)`` sets o = o_start + (o_end - o_start) * progress, progress in [0, 1].
+    """
+
+    def __init__(self, o_start: float = 1.0, o_end: float = 3.0, t: float = 1.5):
+        super().__init__()
+        self.o_start, self.o_end, self.t = float(o_start), float(o_end), float(t)
+        self.register_buffer("o", torch.tensor(self.o_start))
+
+    def anneal(self, progress: float) -> None:
+        p = min(max(float(progress), 0.0), 1.0)
+        self.o.fill_(self.o_start + (self.o_end - self.o_start) * p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reste_sign(x, self.o, self.t)
+
+    def extra_repr(self) -> str:
+        return f"o_start={self.o_start}, o_end={self.o_end}, t={self.t}"

@@ -1,0 +1,78 @@
+"""``mixed_precision``: per-layer overrides of the plan (``--keep-fp GLOB``, ``--bits GLOB=W/A``).
+
+Globs match a layer's node name or its module path (``fnmatch``). ``--keep-fp`` makes the
+layer float; ``--bits NAME=8/8`` gives it uniform 8-bit weights and activations, ``=1/4``
+keeps the recipe's binary weight quantizer with ``a_bits=4``, and so on. The overrides come
+from the recipe's ``settings`` (``bqc transform`` records the CLI flags there, so artifacts
+replay them). A glob that matches nothing is an error: a typo must not pass silently.
+"""
+from __future__ import annotations
+
+import fnmatch
+
+from bqc import ir
+from bqc.errors import BqcError
+from bqc.pipeline import Pass, PassResult, register
+
+from .plan_quant import spec_bits
+
+
+def _matches(node, pattern: str) -> bool:
+    ni = ir.info(node)
+    return fnmatch.fnmatchcase(node.name, pattern) or fnmatch.fnmatchcase(ni.get("module", ""), pattern)
+
+
+def parse_bits(item: str) -> tuple[str, int, int]:
+    try:
+        pattern, wa = item.split("=")
+        w, a = (int(v) for v in wa.split("/"))
+    except ValueError:
+        raise BqcError(f"--bits {item!r} is not of the form NAME_GLOB=W/A (e.g. 'out*=8/8')") from None
+    return pattern, w, a
+
+
+@register
+class MixedPrecision(Pass):
+    name = "mixed_precision"
+    summary = "apply --keep-fp / --bits per-layer overrides to the plan"
+    options = {"keep_fp": [], "bits": []}
+    requires = ("planned",)
+    ensures = ("planned",)
+
+    def run(self, gm, ctx):
+        keep = list(self.opts["keep_fp"]) + list(ctx.settings.get("keep_fp", []))
+        bits = list(self.opts["bits"]) + list(ctx.settings.get("bits", []))
+        layers = [n for n in gm.graph.nodes if "plan" in ir.info(n)]
+        for pattern in keep:
+            hits = [n for n in layers if _matches(n, pattern)]
+            if not hits:
+                raise BqcError(f"--keep-fp {pattern!r} matches no layer", hint="see `bqc inspect MODEL` for layer and module names")
+            for n in hits:
+                ir.info(n)["plan"] = {"weight": "fp", "act": "fp"}
+                ir.info(n)["w_bits"] = ir.info(n)["a_bits"] = 32
+                ctx.explain(self.name, n, "kept fp", f"--keep-fp {pattern}")
+        for item in bits:
+            pattern, w, a = parse_bits(item)
+            hits = [n for n in layers if _matches(n, pattern)]
+            if not hits:
+                raise BqcError(f"--bits {item!r} matches no layer", hint="see `bqc inspect MODEL` for layer and module names")
+            for n in hits:
+                plan = dict(ir.info(n)["plan"])
+                if w == 32:
+                    plan["weight"] = "fp"
+                elif w > 1 or plan["weight"] == "fp":
+                    plan["weight"], plan["w_bits"] = ("uniform", w) if w > 1 else ("sign_scale", 1)
+                if a == 32:
+                    plan["act"] = "fp"
+                elif a > 1 and plan["act"] in ("fp", "sign", "rsign", "bidm", "reste"):
+                    plan["act"], plan["a_bits"] = "uniform" if a == 8 else "lsq", a
+                elif a > 1:
+                    plan["a_bits"] = a
+                elif a == 1 and plan["act"] not in ("sign", "rsign", "bidm", "reste"):
+                    plan["act"] = "sign"
+                for k in ("kmap", "shortcut") if a != 1 else ():
+                    plan.pop(k, None)
+                ir.info(n)["plan"] = plan
+                ir.info(n)["w_bits"], ir.info(n)["a_bits"] = spec_bits(plan, ctx)
+                ctx.explain(self.name, n, f"W{ir.info(n)['w_bits']}A{ir.info(n)['a_bits']}", f"--bits {item}")
+        return PassResult(gm, changed=False)

@@ -1,0 +1,93 @@
+"""``plan_quant``: decide, per layer, how it is quantized (nothing is inserted yet).
+
+Deciding is separate from inserting (as torch.ao's PT2E ``Quantizer.annotate``): this pass
+writes a *layer spec* into each conv/linear/matmul annotation (``node.meta["bqc"]["plan"]``)
+from the layer's role; ``insert_quantizers`` builds the modules from the specs. Recipes differ
+only in the specs they give here.
+
+A layer spec is a table of names from ``bqc.quant`` (``weight``, ``act``, ``kmap``,
+``shortcut``, ``post``, ``out_scale``, ``keep_bias``, ``weight_opts``, ``act_opts``) plus
+optional ``w_bits``/``a_bits`` (default: the recipe's / ``--wbits``/``--abits``). ``"fp"``
+keeps the layer in float. Options, by role:
+
+* ``body``: every layer inside the UNet's blocks;
+* ``head_tail``: layers of the first/last N blocks (N from ``annotate``'s
+  ``head_tail_blocks``); default: same as body (BinaryDM puts EBB here);
+* ``io``: the first and last conv (default: 8-bit uniform weights and activations);
+* ``time_embed``: the global time-embedding MLP (default fp);
+* ``emb_proj``: each block's projection of the time embedding (default: same as body; the
+  papers' sizes only add up with these binarized: 11.7M of LDM-4's 274M parameters);
+* ``matmul``: attention matmul operands (default fp; BinaryDM: LSQ at the activation bits).
+"""
+from __future__ import annotations
+
+from bqc import ir
+from bqc.errors import BqcError
+from bqc.pipeline import Pass, PassResult, register
+
+SPEC_KEYS = {"weight", "act", "w_bits", "a_bits", "kmap", "shortcut", "post", "out_scale",
+             "keep_bias", "weight_opts", "act_opts"}
+FP = {"weight": "fp", "act": "fp"}
+IO8 = {"weight": "uniform", "act": "uniform", "w_bits": 8, "a_bits": 8}
+
+
+def normalise_spec(spec, where: str) -> dict:
+    if spec in ("fp", None):
+        return dict(FP)
+    if not isinstance(spec, dict):
+        raise BqcError(f"{where}: a layer spec must be a table or \"fp\", got {spec!r}")
+    bad = set(spec) - SPEC_KEYS
+    if bad:
+        raise BqcError(f"{where}: unknown layer-spec key {sorted(bad)[0]!r}", hint=f"valid keys: {', '.join(sorted(SPEC_KEYS))}")
+    return {"weight": "fp", "act": "fp", **spec}
+
+
+def spec_bits(spec: dict, ctx) -> tuple[int, int]:
+    """(w_bits, a_bits) a spec means in this context (32 for float parts)."""
+    w = 32 if spec["weight"] == "fp" else int(spec.get("w_bits", ctx.wbits))
+    a = 32 if spec["act"] == "fp" else int(spec.get("a_bits", ctx.abits))
+    return w, a  # the quantizer registry rejects bits a quantizer cannot do
+
+
+@register
+class PlanQuant(Pass):
+    name = "plan_quant"
+    summary = "decide each layer's quantizers from its role (writes annotations only)"
+    options = {"body": "fp", "head_tail": None, "io": IO8, "time_embed": "fp", "emb_proj": None, "matmul": "fp"}
+    requires = ("roles",)
+    ensures = ("planned",)
+
+    def specs(self) -> dict[str, dict]:
+        body = normalise_spec(self.opts["body"], "plan_quant.body")
+        ht = body if self.opts["head_tail"] is None else normalise_spec(self.opts["head_tail"], "plan_quant.head_tail")
+        io = normalise_spec(self.opts["io"], "plan_quant.io")
+        return {"body": body, "head": ht, "tail": ht, "input": io, "output": io,
+                "time-embed": normalise_spec(self.opts["time_embed"], "plan_quant.time_embed"),
+                "emb-proj": body if self.opts["emb_proj"] is None else normalise_spec(self.opts["emb_proj"], "plan_quant.emb_proj"),
+                "matmul": normalise_spec(self.opts["matmul"], "plan_quant.matmul")}
+
+    def run(self, gm, ctx):
+        specs = self.specs()
+        for node in gm.graph.nodes:
+            ni = ir.info(node)
+            if ni.get("kind") not in ir.QUANTIZABLE_KINDS:
+                continue
+            key = "matmul" if ni["kind"] == "matmul" else ni["role"]
+            spec = dict(specs[key])
+            if ni["kind"] == "matmul":
+                spec["weight"] = "fp"  # operands only
+            if ni["kind"] == "linear":  # spatial parts only exist for convs
+                for k in ("kmap", "shortcut", "out_scale"):
+                    spec.pop(k, None)
+            ni["w_bits"], ni["a_bits"] = spec_bits(spec, ctx)
+            if ni["w_bits"] == 32:  # e.g. --wbits 32: weights stay float
+                spec["weight"] = "fp"
+            if ni["a_bits"] == 32:  # e.g. W1A32: no activation quantizer
+                spec["act"] = "fp"
+                for k in ("kmap", "shortcut"):
+                    spec.pop(k, None)
+            ni["plan"] = spec
+            what = "kept fp" if ni["w_bits"] == 32 and ni["a_bits"] == 32 else \
+                f"W{ni['w_bits']}A{ni['a_bits']} weight={spec['weight']} act={spec['act']}"
+            ctx.explain(self.name, node, what, f"role {ni['role']}" + (" (attention matmul)" if key == "matmul" else ""))
+        return PassResult(gm, changed=False)
