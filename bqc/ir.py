@@ -463,3 +463,23 @@ def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     view = fx.GraphModule(gm, graph)
     view.meta = gm.meta
     return view
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> fx.Node:
+    """Replace ``old`` by ``new`` everywhere and give ``new`` the old node's name and meta.
+
+    Layer names are stable across passes (they name quantizer modules, explanations, golden
+    dumps and teacher/student taps), so a rewritten layer keeps its name. fx does not release
+    an erased node's name, hence the one touch of its namespace here.
+    """
+    name = old.name
+    new.meta = {**old.meta, **new.meta}
+    old.replace_all_uses_with(new)
+    graph = old.graph
+    graph.erase_node(old)
+    ns = graph._graph_namespace
+    ns._used_names.discard(name)
+    new._rename(name)
+    if new.name != name:  # pragma: no cover - fx internals changed
+        raise RuntimeError(f"could not keep node name {name!r} (got {new.name!r})")
+    return new

@@ -111,11 +111,7 @@ class InsertQuantizers(Pass):
                 old_params = [a for a in node.args[1:3] if isinstance(a, torch.fx.Node)]
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_module(f"quant.{node.name}", args)
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            name = node.name
-            gm.graph.erase_node(node)
-            new._rename(name)  # keep the stable layer name (free once the old node is gone)
+            ir.replace_node(node, new)
             for p in old_params:
                 _drop_unused_attr(gm, p)
             changed = True

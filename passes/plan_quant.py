@@ -57,6 +57,10 @@ class PlanQuant(Pass):
     requires = ("roles",)
     ensures = ("planned",)
 
+    def __init__(self, **opts):
+        super().__init__(**opts)
+        self.specs()  # validate layer specs when the recipe is loaded, not when it runs
+
     def specs(self) -> dict[str, dict]:
         body = normalise_spec(self.opts["body"], "plan_quant.body")
         ht = body if self.opts["head_tail"] is None else normalise_spec(self.opts["head_tail"], "plan_quant.head_tail")
@@ -68,6 +72,10 @@ class PlanQuant(Pass):
 
     def run(self, gm, ctx):
         specs = self.specs()
+        weighted = [n for n in gm.graph.nodes if ir.info(n).get("kind") in ir.WEIGHTED_KINDS]
+        if not weighted and specs["body"] != FP:
+            raise BqcError("this model has no conv or linear layers to quantize",
+                           hint="bqc quantizes conv/linear/matmul layers of diffusion UNets; check the model you passed")
         for node in gm.graph.nodes:
             ni = ir.info(node)
             if ni.get("kind") not in ir.QUANTIZABLE_KINDS:

@@ -1,0 +1,278 @@
+"""Quantization passes and recipes: golden graphs, every recipe on every zoo model, bad input."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bqc import frontend, ir, transform as tf
+from bqc.errors import BqcError
+from bqc.graph import BqcModel
+from bqc.pipeline import PassContext, PassManager, get_pass, load_recipe, recipe_names
+
+
+def _run(src, recipe, **kw):
+    return tf.transform(src, recipe, **kw)
+
+
+def _forward_backward(gm, shape, steps=2):
+    model = BqcModel(gm).train()
+    x = torch.randn(2, *shape)
+    t = torch.tensor([3, 700])
+    eps, state = model(x, t)
+    loss = eps.square().mean()
+    for _ in range(steps - 1):  # a second sampling step consumes the TBS state
+        eps, state = model(x, t, state=state)
+        loss = loss + eps.square().mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p for p in gm.parameters() if p.requires_grad]
+    assert grads and all(p.grad is not None for p in grads if p.requires_grad and p.grad is not None)
+    return eps, state
+
+
+# golden graphs ------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", ["baseline", "binarydm", "bidm"])
+def test_golden_recipe_graphs(tiny_source, golden, tmp_path, recipe):
+    """One golden file per pass of the recipe: the graph after each pass (--dump-dir)."""
+    _run(tiny_source, recipe, dump_dir=tmp_path)
+    for path in sorted(tmp_path.iterdir()):
+        if path.name == "00_input.txt":
+            continue
+        golden(f"{recipe}/{path.stem}", path.read_text())
+
+
+def test_plan_and_insert_on_reference_unet(tiny_source):
+    recipe = load_recipe("binarydm")
+    recipe.passes[0][1]["head_tail_blocks"] = 2  # the tiny UNet has 9 blocks
+    res = _run(tiny_source, recipe)
+    by_module = {r["module"]: r for r in res.layers}
+    assert (by_module["input_blocks.0.0"]["w_bits"], by_module["input_blocks.0.0"]["a_bits"]) == (8, 8)
+    assert (by_module["out.2"]["w_bits"], by_module["out.2"]["a_bits"]) == (8, 8)
+    assert by_module["time_embed.0"]["w_bits"] == 32
+    mods = dict(res.gm.named_modules())
+    from bqc.quant.binary import EBB, SignScale
+
+    head = mods["quant." + by_module["input_blocks.1.0.in_layers.2"]["name"]]
+    assert isinstance(head.wq, EBB)  # EBB only on the first/last N blocks
+    body = mods["quant." + by_module["middle_block.0.in_layers.2"]["name"]]
+    assert type(body.wq) is SignScale
+    # attention matmuls get LSQ operands at the activation bits
+    assert all(r["a_bits"] == 4 for r in res.layers if r["kind"] == "matmul")
+
+
+def test_fp_recipe_is_bit_identical(tiny_source, tiny_unet):
+    gm = _run(tiny_source, "fp").gm
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
+    assert torch.equal(BqcModel(gm)(x, t)[0], tiny_unet(x, t))
+
+
+def test_tbs_with_zero_blend_equals_untransformed(tiny_source):
+    bidm = _run(tiny_source, "bidm").gm
+    no_tbs = load_recipe("bidm")
+    no_tbs.passes = [(n, o) for n, o in no_tbs.passes if n != "tbs_edges"]
+    plain = _run(tiny_source, no_tbs).gm
+    plain.load_state_dict({k: v for k, v in bidm.state_dict().items() if not k.startswith("tbs.")})
+    meta = ir.graph_meta(bidm)
+    assert len(meta["state_inputs"]) == 4 and meta["state_flag"] == "tbs_flag"
+    model, ref = BqcModel(bidm).eval(), BqcModel(plain).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([40, 41])
+    _, state = model(x, t)
+    fake_state = [torch.randn_like(s) for s in state]
+    with torch.no_grad():
+        for blend in bidm.tbs.children():
+            blend.alpha.zero_()
+    assert torch.equal(model(x, t, state=fake_state)[0], ref(x, t)[0])
+    with torch.no_grad():
+        for blend in bidm.tbs.children():
+            blend.alpha.fill_(0.3)
+    assert not torch.equal(model(x, t, state=fake_state)[0], ref(x, t)[0])
+    # the first step (no state) is the un-blended network whatever alpha is
+    assert torch.equal(model(x, t)[0], ref(x, t)[0])
+
+
+def test_state_dict_round_trip_every_recipe(tiny_source, tmp_path):
+    """Every recipe: transform, perturb all state, write an artifact, load it: identical."""
+    from bqc import artifact
+
+    src = copy.copy(tiny_source)
+    src.exported = frontend.capture(tiny_source)  # capture once
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 600])
+    for name in recipe_names():
+        res = _run(src, name)
+        model = BqcModel(res.gm).train()
+        model(x, t)  # first batch initialises LSQ steps etc.
+        with torch.no_grad():
+            for p in res.gm.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        out = tf.save(res, tmp_path / name)
+        art = artifact.load_artifact(out)
+        sd1, sd2 = res.gm.state_dict(), art.gm.state_dict()
+        assert sd1.keys() == sd2.keys()
+        assert all(torch.equal(sd1[k], sd2[k]) for k in sd1), name
+        m1, m2 = BqcModel(res.gm).eval(), art.model.eval()
+        assert torch.equal(m1(x, t)[0], m2(x, t)[0]), name
+
+
+def test_ebb_stage_switch_pass(tiny_source):
+    from bqc.quant.binary import EBB
+
+    res = _run(tiny_source, "binarydm")
+    ebbs = [m for m in res.gm.modules() if isinstance(m, EBB)]
+    assert ebbs and not any(bool(m.stage2) for m in ebbs)
+    ctx = PassContext()
+    get_pass("ebb_stage")().run(res.gm, ctx)
+    assert all(bool(m.stage2) for m in ebbs)
+    w = res.gm.get_submodule("quant." + next(r["name"] for r in res.layers if r["role"] == "head" and r["kind"] == "conv"))
+    per_channel = w.qweight().detach().flatten(1)
+    assert all(len(torch.unique(row)) <= 2 for row in per_channel)
+
+
+def test_distill_taps_cover_every_block(tiny_source):
+    res = _run(tiny_source, "bidm")
+    meta = ir.graph_meta(res.gm)
+    assert [tp["block"] for tp in meta["taps"]] == [b["id"] for b in meta["blocks"]]
+    assert meta["distill"] == {"loss": "spd", "patches": 4, "weight": 1e-2}
+    view = ir.with_outputs(res.gm, [tp["node"] for tp in meta["taps"]])
+    phs = [n.name for n in view.graph.nodes if n.op == "placeholder"]
+    b = 2
+    args = [torch.randn(b, 1, 8, 8), torch.tensor([5, 6])] + [torch.zeros(b, *s["shape"]) for s in meta["state_inputs"]] + [torch.tensor(0.0)]
+    assert len(args) == len(phs)
+    outs = view(*args)
+    assert len(outs) == 1 + len(meta["state_outputs"]) + len(meta["taps"])
+
+
+def test_mixed_precision_overrides(tiny_source):
+    res = _run(tiny_source, "bidm", keep_fp=["middle_block.*"], bits=["output_blocks.3.*=8/8"])
+    for r in res.layers:
+        if r["module"].startswith("middle_block.") and r["kind"] != "matmul":
+            assert (r["w_bits"], r["a_bits"]) == (32, 32), r
+        if r["module"].startswith("output_blocks.3.") and r["kind"] == "conv":
+            assert (r["w_bits"], r["a_bits"]) == (8, 8), r
+    _forward_backward(res.gm, (1, 8, 8))
+
+
+def test_wbits_abits_override(tiny_source):
+    res = _run(tiny_source, "baseline", abits=32)  # W1A32
+    inner = [r for r in res.layers if r["role"] in ("head", "body", "tail") and r["kind"] == "conv"]
+    assert inner and all((r["w_bits"], r["a_bits"]) == (1, 32) for r in inner)
+    res = _run(tiny_source, "baseline", abits=8)
+    assert all(r["a_bits"] == 8 for r in res.layers if r["role"] in ("head", "body", "tail") and r["kind"] == "conv")
+
+
+# every recipe on every model -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo_sources():
+    """The three zoo models (ldm4-bedrooms and ddim-cifar10 captured at a smaller image size:
+    the graph has every layer of the real model, at a fraction of the compute)."""
+    out = {}
+    for name, size in (("mnist16", 16), ("ddim-cifar10", 8), ("ldm4-bedrooms", 8)):
+        src = frontend.load_source(name)
+        src.image_size = size
+        src.exported = frontend.capture(src)  # capture once per module; recipes replay on it
+        out[name] = src
+    return out
+
+
+@pytest.fixture(scope="module")
+def diffusers_source():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    m = diffusers.UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8,
+    ).eval()
+    src = frontend._from_module(m, "diffusers", "tiny diffusers UNet2DModel", call="diffusers")
+    src.exported = frontend.capture(src)
+    return src
+
+
+@pytest.mark.parametrize("recipe", recipe_names())
+def test_every_recipe_on_mnist16_and_diffusers(zoo_sources, diffusers_source, recipe):
+    for src in (zoo_sources["mnist16"], diffusers_source):
+        res = _run(src, recipe)
+        nq = sum(r["w_bits"] < 32 or r["a_bits"] < 32 for r in res.layers)
+        assert (nq == 0) == (recipe == "fp"), (src.description, nq)
+        _forward_backward(res.gm, (src.in_channels, src.image_size, src.image_size))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["ddim-cifar10", "ldm4-bedrooms"])
+def test_every_recipe_on_large_zoo_models(zoo_sources, model):
+    src = zoo_sources[model]
+    for recipe in recipe_names():
+        res = _run(src, recipe)
+        _forward_backward(res.gm, (src.in_channels, src.image_size, src.image_size), steps=1)
+        del res
+
+
+@pytest.mark.parametrize("model,n_blocks", [("mnist16", 19), ("ddim-cifar10", 25)])
+def test_roles_by_layer_name(zoo_sources, model, n_blocks):
+    src = zoo_sources[model]
+    gm = ir.from_exported(frontend.capture(src))
+    ir.annotate(gm, head_tail_blocks=6)
+    by_module = {r["module"]: r for r in ir.layers(gm)}
+    blocks = ir.graph_meta(gm)["blocks"]
+    assert len(blocks) == n_blocks
+    assert by_module["input_blocks.0.0"]["role"] == "input"
+    assert by_module["out.2"]["role"] == "output"
+    assert by_module["time_embed.0"]["role"] == by_module["time_embed.2"]["role"] == "time-embed"
+    assert by_module["input_blocks.1.0.emb_layers.1"]["role"] == "emb-proj"
+    assert by_module["input_blocks.5.0.in_layers.2"]["role"] == "head"  # 6th block (index 5)
+    assert by_module["input_blocks.6.0.op"]["role"] == "body"
+    last = blocks[-1]["name"]
+    assert by_module[f"{last}.0.in_layers.2"]["role"] == "tail"
+    assert by_module[f"{blocks[-7]['name']}.0.in_layers.2"]["role"] == "body"
+
+
+def test_roles_ldm4_bedrooms(zoo_sources):
+    gm = ir.from_exported(frontend.capture(zoo_sources["ldm4-bedrooms"]))
+    ir.annotate(gm, head_tail_blocks=6)
+    by_module = {r["module"]: r for r in ir.layers(gm)}
+    assert len(ir.graph_meta(gm)["blocks"]) == 25
+    assert by_module["input_blocks.0.0"]["role"] == "input"
+    assert by_module["input_blocks.5.0.in_layers.2"]["role"] == "head"
+    assert by_module["input_blocks.7.0.in_layers.2"]["role"] == "body"
+    assert by_module["output_blocks.6.0.in_layers.2"]["role"] == "tail"  # last 6 = output_blocks 6..11
+    assert by_module["output_blocks.5.0.in_layers.2"]["role"] == "body"
+    assert by_module["out.2"]["role"] == "output"
+    assert by_module["time_embed.2"]["role"] == "time-embed"
+
+
+# bad input ----------------------------------------------------------------------------------
+def test_unknown_recipe_lists_valid(tiny_source):
+    with pytest.raises(BqcError, match="valid recipes: .*bidm.*binarydm"):
+        _run(tiny_source, "bidn")
+
+
+def test_unsupported_bits(tiny_source):
+    with pytest.raises(BqcError, match="unsupported abits 5.*|supported"):
+        _run(tiny_source, "baseline", abits=5)
+    with pytest.raises(BqcError, match="supported: 1"):
+        _run(tiny_source, "bidm", wbits=2)  # BiDM's binarizer is 1-bit only
+
+
+def test_recipe_typo_key_named(tmp_path, tiny_source):
+    r = tmp_path / "r.toml"
+    r.write_text('extends = "baseline"\n[options.plan_quant]\nbody = { wieght = "ebb" }\n')
+    with pytest.raises(BqcError, match="'wieght'"):
+        _run(tiny_source, str(r))
+
+
+def test_keep_fp_matching_nothing(tiny_source):
+    with pytest.raises(BqcError, match="matches no layer"):
+        _run(tiny_source, "bidm", keep_fp=["no_such_layer*"])
+
+
+def test_model_without_convs():
+    class MLP(torch.nn.Module):
+        in_channels, image_size = 1, 4
+
+        def forward(self, x, t):
+            return x * 2
+
+    src = frontend._from_module(MLP(), "pickle", "no-conv toy")
+    with pytest.raises(BqcError, match="no conv"):
+        _run(src, "baseline")
