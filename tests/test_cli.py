@@ -1,0 +1,92 @@
+"""The command line: JSON contracts, exit codes and one-paragraph errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bqc import cli
+
+
+def run(args, capsys):
+    """Run `bqc ARGS` in-process; returns (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["bqc", *args]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_json_mnist16(capsys):
+    code, out, _ = run(["inspect", "mnist16", "--json"], capsys)
+    assert code == 0
+    d = json.loads(out)
+    assert sum(layer["params"] for layer in d["layers"]) < d["params"]  # norms are not layers
+    assert 500_000 <= d["params"] <= 1_500_000
+    assert {"name", "kind", "role", "level", "block", "params", "macs"} <= set(d["layers"][0])
+    roles = {layer["role"] for layer in d["layers"]}
+    assert {"input", "output", "time-embed", "head", "tail"} <= roles
+    assert d["blocks"] and d["blocks"][0]["section"] == "input"
+
+
+def test_inspect_ldm4_bedrooms_param_count():
+    """The published LDM-4 LSUN-Bedrooms UNet has 274,056,163 parameters."""
+    out = subprocess.run([sys.executable, "-m", "bqc", "inspect", "--model", "ldm4-bedrooms", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["params"] == 274_056_163
+
+
+def test_inspect_table(capsys):
+    code, out, _ = run(["inspect", "mnist16"], capsys)
+    assert code == 0 and "timestep-embedded blocks" in out and "input_blocks.0" in out
+
+
+def test_missing_model_exit_2_no_traceback(capsys):
+    code, out, err = run(["inspect", "/no/such/model.pt2"], capsys)
+    assert code == 2
+    assert "not found" in err and "Traceback" not in err
+
+
+def test_debug_shows_traceback(capsys):
+    from bqc.errors import BqcError
+
+    with pytest.raises(BqcError):
+        run(["--debug", "inspect", "/no/such/model.pt2"], capsys)
+
+
+def test_unknown_recipe_exit_2(capsys, tmp_path):
+    code, _, err = run(["transform", "mnist16", "--recipe", "bidn", "-o", str(tmp_path / "a")], capsys)
+    assert code == 2 and "valid recipes" in err and not (tmp_path / "a").exists()
+
+
+def test_transform_explain_and_report(capsys, tmp_path):
+    art = tmp_path / "art"
+    code, out, _ = run(["transform", "mnist16", "--recipe", "binarydm", "-o", str(art), "--explain"], capsys)
+    assert code == 0 and (art / "bqc.json").exists() and (art / "model.safetensors").exists()
+    assert "--explain" in out and "ebb" in out and "role input" in out
+    code, out, _ = run(["report", str(art), "--json"], capsys)
+    rep = json.loads(out)
+    for key in ("params", "size_mb", "fp32_size_mb", "ops", "fp32_ops", "size_saving", "ops_saving", "layers"):
+        assert key in rep
+    assert {"name", "role", "w_bits", "a_bits", "params", "macs"} <= set(rep["layers"][0])
+    assert rep["size_saving"] > 5 and rep["ops_saving"] > 3
+    plot = tmp_path / "r.png"
+    code, _, _ = run(["report", str(art), "--plot", str(plot)], capsys)
+    assert code == 0 and plot.stat().st_size > 1000
+
+
+def test_recipes_and_passes_list(capsys):
+    code, out, _ = run(["recipes", "--json"], capsys)
+    names = {r["name"] for r in json.loads(out)}
+    assert {"fp", "baseline", "xnor", "xnor++", "dorefa", "reactnet", "reste", "lsq", "binarydm", "binarydm-lmb", "bidm"} <= names
+    code, out, _ = run(["passes"], capsys)
+    assert code == 0 and "plan_quant" in out and "tbs_edges" in out
