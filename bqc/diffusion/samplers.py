@@ -1,0 +1,222 @@
+"""DDIM and DDPM samplers with explicit cross-timestep state.
+
+Every sampler calls the network through one protocol::
+
+    step_model(x, t, y, state) -> (eps, new_state)
+
+``x`` is the current noisy batch, ``t`` a ``(B,)`` long tensor of the current timestep,
+``y`` the class labels or ``None``, and ``state`` an opaque list of tensors or ``None``
+(``None`` on the first step). The sampler never looks inside the state: whatever the model
+returns at step k is handed back to it at step k+1. This is how BiDM's cross-timestep
+(TBS) caches travel: the UNet's block outputs of one sampling step become its cache inputs
+at the next. A plain ``module(x, t[, y]) -> eps`` is adapted with :func:`as_step_model`.
+
+Randomness comes only from a ``torch.Generator`` (seeded from ``seed`` when none is given),
+drawn on the CPU and moved to the target device, so a seed gives the same samples on any
+device and the global RNG is never touched.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Protocol, Sequence
+
+import torch
+
+from bqc.errors import BqcError
+from bqc.diffusion.schedule import NoiseSchedule, randn
+
+__all__ = [
+    "StepModel", "as_step_model", "ddim_timesteps", "step_gap",
+    "ddim_sample", "ddpm_sample", "generate",
+]
+
+State = Optional[List[torch.Tensor]]
+
+
+class StepModel(Protocol):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor],
+                 state: State) -> tuple[torch.Tensor, State]: ...
+
+
+def as_step_model(module: Callable) -> StepModel:
+    """Adapt a plain ``module(x, t)`` / ``module(x, t, y)`` epsilon predictor to the step
+    protocol (its state is always ``None``). ``y`` is passed only when it is not ``None``."""
+
+    def step(x, t, y, state):
+        eps = module(x, t) if y is None else module(x, t, y)
+        return eps, None
+
+    step.module = module  # for introspection (e.g. to switch it to eval mode)
+    return step
+
+
+def _check_steps(T: int, steps: int) -> int:
+    if int(steps) != steps or not (1 <= steps <= T):
+        raise BqcError(f"sampler: steps must be an integer in [1, {T}], got {steps!r}")
+    return int(steps)
+
+
+def ddim_timesteps(T: int, steps: int) -> List[int]:
+    """The timesteps a ``steps``-step sampler visits, in visiting order (descending).
+
+    Uniform spacing ``i * T // steps`` for ``i = 0 .. steps-1`` (for ``T % steps == 0`` this
+    is DDIM's ``range(0, T, T // steps)``), so the last visited step is always ``t = 0``."""
+    steps = _check_steps(T, steps)
+    return [i * T // steps for i in range(steps)][::-1]
+
+
+def step_gap(T: int, steps: int) -> int:
+    """The gap between consecutive sampling timesteps, ``round(T / steps)`` (exact when
+    ``steps`` divides ``T``). BiDM's TBS is trained with this ``d``."""
+    steps = _check_steps(T, steps)
+    return max(1, int(round(T / steps)))
+
+
+def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+    if generator is not None:
+        return generator
+    return torch.Generator("cpu").manual_seed(0 if seed is None else int(seed))
+
+
+def _x_T(shape, x_T, g, device, dtype):
+    if x_T is not None:
+        if tuple(x_T.shape) != tuple(shape):
+            raise BqcError(f"sampler: x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+        return x_T.to(device=device, dtype=dtype)
+    return randn(shape, generator=g, device=device, dtype=dtype)
+
+
+def _call(step_model, x, t: int, y, state):
+    tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    out = step_model(x, tt, y, state)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError("step_model must return (eps, new_state); wrap plain modules with as_step_model()")
+    eps, new_state = out
+    if eps.shape != x.shape:
+        raise BqcError(f"sampler: the model returned eps of shape {tuple(eps.shape)} for input {tuple(x.shape)}")
+    return eps, new_state
+
+
+@torch.no_grad()
+def ddim_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseSchedule | None = None,
+                steps: int = 50, eta: float = 0.0, seed: int | None = 0,
+                generator: torch.Generator | None = None, y: torch.Tensor | None = None,
+                x_T: torch.Tensor | None = None, device="cpu", dtype=torch.float32,
+                clip_x0: float | None = None, return_state: bool = False,
+                callback: Callable[[int, int, torch.Tensor], None] | None = None):
+    """DDIM (Song et al. 2021) with ``steps`` uniformly spaced steps; ``eta = 0`` is the
+    deterministic sampler, ``eta = 1`` with ``steps = T`` is DDPM ancestral sampling.
+
+    Returns the final ``x_0`` batch (and the last state when ``return_state``).
+    ``callback(i, t, x)`` is called after each step. ``clip_x0`` clamps the predicted x0
+    to ``[-clip_x0, clip_x0]`` (off by default).
+    """
+    schedule = schedule or NoiseSchedule()
+    ts = ddim_timesteps(schedule.T, steps)
+    g = _generator(seed, generator)
+    x = _x_T(shape, x_T, g, device, dtype)
+    abar = schedule.alphas_cumprod
+    state: State = None
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        a_t = float(abar[t])
+        a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
+        eps, state = _call(step_model, x, t, y, state)
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if clip_x0 is not None:
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t)) * math.sqrt(max(0.0, 1 - a_t / a_prev))
+        x = math.sqrt(a_prev) * x0 + math.sqrt(max(0.0, 1 - a_prev - sigma ** 2)) * eps
+        if sigma > 0:
+            x = x + sigma * randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        if callback is not None:
+            callback(i, t, x)
+    return (x, state) if return_state else x
+
+
+@torch.no_grad()
+def ddpm_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseSchedule | None = None,
+                seed: int | None = 0, generator: torch.Generator | None = None,
+                y: torch.Tensor | None = None, x_T: torch.Tensor | None = None, device="cpu",
+                dtype=torch.float32, variance: str = "posterior", clip_x0: float | None = None,
+                return_state: bool = False,
+                callback: Callable[[int, int, torch.Tensor], None] | None = None):
+    """DDPM ancestral sampling over all ``T`` steps (Ho et al. 2020, algorithm 2).
+
+    ``variance`` is ``"posterior"`` (beta~_t, the default) or ``"beta"`` (beta_t); no noise
+    is added at ``t = 0``."""
+    if variance not in ("posterior", "beta"):
+        raise BqcError(f"ddpm_sample: variance must be 'posterior' or 'beta', got {variance!r}")
+    schedule = schedule or NoiseSchedule()
+    g = _generator(seed, generator)
+    x = _x_T(shape, x_T, g, device, dtype)
+    abar, betas = schedule.alphas_cumprod, schedule.betas
+    var = schedule.posterior_variance if variance == "posterior" else betas
+    state: State = None
+    for i, t in enumerate(range(schedule.T - 1, -1, -1)):
+        a_t = float(abar[t])
+        a_prev = float(abar[t - 1]) if t > 0 else 1.0
+        beta = float(betas[t])
+        eps, state = _call(step_model, x, t, y, state)
+        if clip_x0 is None:
+            mean = (x - beta / math.sqrt(1 - a_t) * eps) / math.sqrt(1 - beta)
+        else:
+            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-clip_x0, clip_x0)
+            mean = (beta * math.sqrt(a_prev) / (1 - a_t)) * x0 + ((1 - a_prev) * math.sqrt(1 - beta) / (1 - a_t)) * x
+        if t > 0:
+            x = mean + math.sqrt(float(var[t])) * randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        else:
+            x = mean
+        if callback is not None:
+            callback(i, t, x)
+    return (x, state) if return_state else x
+
+
+@torch.no_grad()
+def generate(step_model: StepModel, n: int, shape: Sequence[int], *, schedule: NoiseSchedule | None = None,
+             sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0, batch: int = 256,
+             y: torch.Tensor | None = None, device="cpu", clip_x0: float | None = None,
+             progress: bool = False) -> torch.Tensor:
+    """Draw ``n`` samples of per-sample ``shape`` (C, H, W) in batches.
+
+    All starting noise ``x_T`` is drawn up front from ``seed``, so deterministic DDIM
+    (``eta = 0``) gives the same images whatever ``batch`` is; the per-step noise of a
+    stochastic sampler is drawn per batch from a generator seeded with ``(seed, batch index)``.
+    Returns a CPU tensor ``(n, *shape)``.
+    """
+    schedule = schedule or NoiseSchedule()
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    x_T_all = torch.randn((n, *shape), generator=g)
+    if y is not None and len(y) != n:
+        raise BqcError(f"generate: got {len(y)} labels for {n} samples")
+    outs = []
+    nb = (n + batch - 1) // batch
+    it = range(nb)
+    bar = None
+    if progress:
+        from rich.progress import Progress
+        bar = Progress(transient=True)
+        bar.start()
+        task = bar.add_task(f"sampling {n} ({sampler}, {steps if sampler == 'ddim' else schedule.T} steps)", total=nb)
+    try:
+        for b in it:
+            sl = slice(b * batch, min(n, (b + 1) * batch))
+            xT = x_T_all[sl]
+            yb = None if y is None else y[sl].to(device)
+            gb = torch.Generator("cpu").manual_seed(int(seed) * 1_000_003 + b + 1)
+            if sampler == "ddim":
+                x = ddim_sample(step_model, xT.shape, schedule=schedule, steps=steps, eta=eta, generator=gb,
+                                y=yb, x_T=xT, device=device, clip_x0=clip_x0)
+            elif sampler == "ddpm":
+                x = ddpm_sample(step_model, xT.shape, schedule=schedule, generator=gb, y=yb, x_T=xT,
+                                device=device, clip_x0=clip_x0)
+            else:
+                raise BqcError(f"unknown sampler {sampler!r}", hint="use 'ddim' or 'ddpm'")
+            outs.append(x.float().cpu())
+            if bar is not None:
+                bar.advance(task)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return torch.cat(outs)

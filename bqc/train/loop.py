@@ -1,0 +1,464 @@
+"""The generic training loop shared by FP pretraining and QAT.
+
+``train_loop(model, data, loss_fn, config, out_dir)`` runs ``config.steps`` optimizer steps
+*in total* (a resumed run continues up to that count) with:
+
+- AdamW, linear warm-up (then constant or cosine), gradient-norm clipping;
+- an EMA of the weights (``ema_decay``; started from the weights after the first step, so a
+  quantizer that initialises its scales from the first batch is captured);
+- ``loss_fn(model, batch, step) -> (loss, {name: value})``;
+- a rich progress bar (loss terms, it/s) on a terminal, plain lines otherwise, and a CSV log
+  (``metrics.csv``: step, loss, terms, lr, grad_norm, it/s, elapsed seconds);
+- checkpoints every ``checkpoint_every`` steps, at the end, and on Ctrl-C / SIGTERM /
+  KeyboardInterrupt (``checkpoint.safetensors`` via :mod:`bqc.checkpoint`, atomic, no pickle).
+  A signal is deferred to the end of the current step, so the saved state is never half-updated;
+  the loop then raises KeyboardInterrupt.
+
+Exact resume: the data order is a per-epoch permutation from a generator seeded with
+``(seed, epoch)``, and the global torch RNG is re-seeded from ``(seed, step)`` at the start of
+every step (so ``loss_fn`` may draw timesteps/noise from the global RNG, and the draws of step
+s do not depend on history). RNG states, optimizer moments and the EMA are checkpointed, so
+N steps + resume to 2N gives bit-identical weights to 2N steps in one run (same device and
+thread count). Resuming refuses when the caller's ``fingerprint`` (model/recipe identity),
+the optimisation settings or the data size differ, naming each mismatch.
+
+A non-finite loss or gradient norm stops the run with a :class:`BqcError` before the update;
+the last checkpoint on disk is left untouched.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from bqc.checkpoint import (
+    flatten_optimizer_state, get_rng_state, load_checkpoint, save_checkpoint, set_rng_state, split_prefix,
+    unflatten_optimizer_state,
+)
+from bqc.errors import BqcError
+
+__all__ = ["LoopConfig", "LoopResult", "train_loop", "batch_indices", "derive_seed", "CHECKPOINT_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+METRICS_NAME = "metrics.csv"
+LossFn = Callable[[torch.nn.Module, Any, int], "tuple[torch.Tensor, dict]"]
+
+# settings that must match for an exact resume (steps may grow; logging/checkpoint cadence may change)
+_RESUME_KEYS = ("batch_size", "lr", "weight_decay", "betas", "eps", "warmup_steps", "lr_schedule",
+                "min_lr_ratio", "grad_clip", "ema_decay", "ema_warmup", "seed")
+
+
+@dataclass
+class LoopConfig:
+    steps: int                           # total optimizer steps (a resumed run stops here too)
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0                # linear warm-up from lr/warmup to lr
+    lr_schedule: str = "constant"        # "constant" or "cosine" (to min_lr_ratio*lr at decay_steps)
+    min_lr_ratio: float = 0.0
+    decay_steps: Optional[int] = None    # cosine horizon; None = steps (then a longer resumed run
+                                         # would change the schedule, so resume refuses it)
+    grad_clip: Optional[float] = 1.0     # max global grad norm; None = no clipping
+    ema_decay: Optional[float] = 0.999   # None = no EMA
+    ema_warmup: bool = False             # decay min(ema_decay, (1+k)/(10+k)) at the k-th EMA update
+    seed: int = 0
+    checkpoint_every: int = 1000         # 0 = only at the end / on interrupt
+    log_every: int = 10                  # CSV row (window means) every this many steps
+    print_every: int = 0                 # plain progress lines when not on a terminal; 0 = auto
+    progress: bool = True
+
+    def validate(self) -> None:
+        if int(self.steps) != self.steps or self.steps < 0:
+            raise BqcError(f"steps must be a non-negative integer (the total step count), got {self.steps!r}")
+        if self.batch_size < 1:
+            raise BqcError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise BqcError(f"learning rate must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise BqcError(f"unknown lr schedule {self.lr_schedule!r}", hint="use 'constant' or 'cosine'")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise BqcError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+
+    def horizon(self) -> Optional[int]:
+        if self.lr_schedule != "cosine":
+            return None
+        return int(self.decay_steps if self.decay_steps is not None else self.steps)
+
+    def resume_view(self) -> dict:
+        d = asdict(self)
+        view = {k: d[k] for k in _RESUME_KEYS}
+        view["cosine_horizon"] = self.horizon()
+        return json.loads(json.dumps(view))
+
+
+@dataclass
+class LoopResult:
+    step: int
+    out_dir: Path
+    checkpoint: Optional[Path]
+    ema: Optional[dict]                  # name -> tensor for the EMA'd floating-point entries
+    last_terms: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+    resumed_from: Optional[int] = None
+
+    def ema_state_dict(self, model: torch.nn.Module) -> dict:
+        """``model.state_dict()`` with the EMA values substituted (the model itself is untouched)."""
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.ema:
+            sd.update({k: v.clone() for k, v in self.ema.items()})
+        return sd
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A 63-bit seed from ``seed`` and any labels (stable across runs and platforms)."""
+    h = hashlib.blake2b(repr((int(seed),) + tuple(parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class _Sampler:
+    """Batch indices of global step s: the s-th batch of per-epoch seeded permutations (drop last)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        if n < batch:
+            raise BqcError(f"the data set has {n} items, fewer than one batch of {batch}", hint="lower the batch size")
+        self.n, self.batch, self.seed = n, batch, seed
+        self.spe = n // batch
+        self._epoch, self._perm = None, None
+
+    def position(self, step: int) -> dict:
+        return {"epoch": step // self.spe, "index_in_epoch": step % self.spe, "steps_per_epoch": self.spe,
+                "n": self.n, "batch": self.batch}
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.spe)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm[i * self.batch:(i + 1) * self.batch]
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """The data indices the loop uses at global step ``step`` (for tests and tools)."""
+    return _Sampler(n, batch, seed).indices(step)
+
+
+def _data_len(data) -> int:
+    if isinstance(data, torch.Tensor):
+        return len(data)
+    lens = {len(t) for t in data if t is not None}
+    if len(lens) != 1:
+        raise BqcError(f"training data tensors have different lengths: {sorted(lens)}")
+    return lens.pop()
+
+
+def _take(data, idx, device):
+    if isinstance(data, torch.Tensor):
+        return data[idx].to(device)
+    items = [None if t is None else t[idx].to(device) for t in data]
+    if hasattr(data, "_fields"):  # NamedTuple (bqc.data.Dataset)
+        return type(data)(*items)
+    return tuple(items)
+
+
+def _lr_factor(cfg: LoopConfig, step: int) -> float:
+    f = 1.0
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        f = (step + 1) / cfg.warmup_steps
+    h = cfg.horizon()
+    if h is not None and h > cfg.warmup_steps:
+        p = min(1.0, max(0.0, (step - cfg.warmup_steps) / (h - cfg.warmup_steps)))
+        f *= cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+class _InterruptGuard:
+    """Defers the first SIGINT/SIGTERM to the next step boundary, where the loop saves a
+    checkpoint and raises KeyboardInterrupt (a second signal interrupts at once)."""
+
+    SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+
+    def __init__(self):
+        self.requested = False
+        self._prev: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                if self.requested:
+                    raise KeyboardInterrupt
+                self.requested = True
+
+            for s in self.SIGNALS:
+                self._prev[s] = signal.getsignal(s)
+                signal.signal(s, handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._prev.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        return False
+
+
+class _CsvLog:
+    def __init__(self, path: Path, resume_step: Optional[int]):
+        self.path = path
+        self.fields: list[str] = []
+        self.rows: list[dict] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                r = csv.DictReader(f)
+                self.fields = list(r.fieldnames or [])
+                self.rows = [row for row in r if row.get("step") and int(row["step"]) <= resume_step]
+            self._rewrite()
+        elif path.exists():
+            path.unlink()
+
+    def _rewrite(self):
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows(self.rows)
+
+    def write(self, row: dict):
+        new = [k for k in row if k not in self.fields]
+        row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+        self.rows.append(row)
+        if new or not self.path.exists():
+            self.fields += new
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
+
+
+def _normalise(d) -> Any:
+    return json.loads(json.dumps(d, sort_keys=True, default=str))
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: checkpoint has {va!r}, this run has {vb!r}")
+    return out
+
+
+def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig, out_dir, *,
+               fingerprint: Optional[dict] = None, resume: bool | str = False,
+               param_groups: Optional[Sequence[dict]] = None,
+               callbacks: Iterable[Callable[[int, torch.nn.Module, dict], None]] = (),
+               device: str | torch.device = "cpu", extra_meta: Optional[dict] = None) -> LoopResult:
+    """Train ``model`` on ``data`` (a tensor, or a tuple/NamedTuple of equal-length tensors,
+    ``None`` entries allowed; the batch passed to ``loss_fn`` has the same structure).
+
+    ``resume``: ``False`` refuses to overwrite an existing checkpoint in ``out_dir``; ``True``
+    requires one and continues from it; ``"auto"`` continues when one exists.
+    ``param_groups``: AdamW groups (``{"params": [...], "lr": ...}``), default all trainable
+    parameters. ``callbacks(step, model, terms)`` run after each completed step.
+    ``fingerprint``: JSON-able identity of the model/recipe/data, checked on resume.
+    """
+    config.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    fingerprint = _normalise(fingerprint or {})
+    n = _data_len(data)
+    sampler = _Sampler(n, config.batch_size, config.seed)
+    model.to(device)
+
+    if param_groups is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    opt = torch.optim.AdamW(param_groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                            weight_decay=config.weight_decay)
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    # ---- resume ------------------------------------------------------------------------------
+    if resume not in (True, False, "auto"):
+        raise BqcError(f"resume must be True, False or 'auto', got {resume!r}")
+    start, ema, resumed_from = 0, None, None
+    if ckpt_path.exists() and resume is False:
+        raise BqcError(f"{out_dir} already holds a training checkpoint ({ckpt_path.name})",
+                       hint="pass --resume to continue it, or choose another output folder")
+    if resume is True and not ckpt_path.exists():
+        raise BqcError(f"nothing to resume: no {CHECKPOINT_NAME} in {out_dir}")
+    if resume and ckpt_path.exists():
+        tensors, meta = load_checkpoint(ckpt_path)
+        problems = _diff({"fingerprint": meta.get("fingerprint", {}), "loop": meta.get("loop", {})},
+                         {"fingerprint": fingerprint, "loop": config.resume_view()})
+        if meta.get("data_n") != n:
+            problems.append(f"data set size: checkpoint has {meta.get('data_n')}, this run has {n}")
+        if problems:
+            raise BqcError(f"cannot resume from {ckpt_path}: the checkpoint was made with different settings:\n  - "
+                           + "\n  - ".join(problems),
+                           hint="use the original settings, or start a new run in another folder")
+        msd = split_prefix(tensors, "model/")
+        want = model.state_dict()
+        bad = [k for k in want if k not in msd or msd[k].shape != want[k].shape] + [k for k in msd if k not in want]
+        if bad:
+            raise BqcError(f"cannot resume from {ckpt_path}: model tensors differ from the checkpoint "
+                           f"({len(bad)} mismatched, e.g. {bad[:3]})")
+        model.load_state_dict(msd)
+        try:
+            opt.load_state_dict(unflatten_optimizer_state(split_prefix(tensors, "optim/"), meta["optimizer"], prefix=""))
+        except ValueError as e:
+            raise BqcError(f"cannot resume from {ckpt_path}: the optimizer's parameter groups differ from the "
+                           f"checkpoint ({e})") from None
+        ema_t = split_prefix(tensors, "ema/")
+        ema = {k: v.to(device) for k, v in ema_t.items()} if meta.get("has_ema") else None
+        set_rng_state(tensors, meta["rng"])
+        start = resumed_from = int(meta["step"])
+
+    # ---- state helpers -----------------------------------------------------------------------
+    def ema_keys():
+        return [k for k, v in model.state_dict().items() if v.is_floating_point()]
+
+    def write_checkpoint(step: int) -> Path:
+        tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+        ot, oj = flatten_optimizer_state(opt.state_dict(), prefix="optim/")
+        tensors.update(ot)
+        if ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in ema.items()})
+        rt, rj = get_rng_state()
+        tensors.update(rt)
+        meta = {"step": step, "steps_total": config.steps, "loop": config.resume_view(), "config": _normalise(asdict(config)),
+                "fingerprint": fingerprint, "optimizer": oj, "rng": rj, "has_ema": ema is not None,
+                "sampler": sampler.position(step), "data_n": n, "torch": torch.__version__,
+                "extra": _normalise(extra_meta or {})}
+        return save_checkpoint(ckpt_path, tensors, meta)
+
+    csvlog = _CsvLog(out_dir / METRICS_NAME, resumed_from)
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    interactive = config.progress and console.is_terminal
+    print_every = config.print_every or max(config.log_every * 10, 1)
+    bar = task = None
+    if interactive:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                       TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), console=console)
+        task = bar.add_task("train", total=config.steps, completed=start, rate="", terms="")
+        bar.start()
+    elif config.progress and start < config.steps:
+        console.print(f"training steps {start}..{config.steps} -> {out_dir}" + (f" (resumed at {start})" if start else ""))
+
+    t_begin = time.time()
+    win_t, win_steps, win_sums = time.time(), 0, {}
+    last_terms: dict = {}
+    step = start
+    last_ckpt = ckpt_path if ckpt_path.exists() and resumed_from is not None else None
+    in_update = False
+    callbacks = list(callbacks)
+    try:
+        with _InterruptGuard() as guard:
+            model.train()
+            while step < config.steps:
+                if guard.requested:
+                    raise KeyboardInterrupt
+                torch.manual_seed(derive_seed(config.seed, "step", step))
+                batch = _take(data, sampler.indices(step), device)
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * _lr_factor(config, step)
+                out = loss_fn(model, batch, step)
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError("loss_fn must return (loss, dict_of_terms)")
+                loss, terms = out
+                lval = float(loss.detach())
+                terms = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
+                if not math.isfinite(lval):
+                    raise _NonFinite(step, "loss", lval, terms)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip else float("inf"))
+                gn = float(gn)
+                if not math.isfinite(gn):
+                    raise _NonFinite(step, "gradient norm", gn, terms)
+                in_update = True
+                opt.step()
+                if config.ema_decay is not None:
+                    with torch.no_grad():
+                        sd = model.state_dict()
+                        if ema is None:
+                            ema = {k: sd[k].detach().clone() for k in ema_keys()}
+                        else:
+                            d = config.ema_decay
+                            if config.ema_warmup:  # k-th update (the EMA was created after step 1)
+                                k_upd = step
+                                d = min(d, (1 + k_upd) / (10 + k_upd))
+                            for k, v in ema.items():
+                                v.mul_(d).add_(sd[k].detach(), alpha=1 - d)
+                step += 1
+                in_update = False
+
+                last_terms = {"loss": lval, **terms}
+                for k, v in last_terms.items():
+                    win_sums[k] = win_sums.get(k, 0.0) + v
+                win_steps += 1
+                for cb in callbacks:
+                    cb(step, model, last_terms)
+                if step % config.log_every == 0 or step == config.steps:
+                    now = time.time()
+                    rate = win_steps / max(now - win_t, 1e-9)
+                    means = {k: v / win_steps for k, v in win_sums.items()}
+                    csvlog.write({"step": step, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
+                                  "it_s": rate, "elapsed_s": now - t_begin})
+                    txt = " ".join(f"{k} {v:.4g}" for k, v in means.items())
+                    if bar is not None:
+                        bar.update(task, completed=step, rate=f"{rate:.2f} it/s", terms=txt)
+                    elif config.progress and (step % print_every == 0 or step == config.steps):
+                        console.print(f"step {step}/{config.steps}  {txt}  {rate:.3g} it/s  {now - t_begin:.0f}s", highlight=False)
+                    win_t, win_steps, win_sums = now, 0, {}
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
+                    last_ckpt = write_checkpoint(step)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.stop()
+            bar = None
+        if in_update:
+            console.print(f"[yellow]interrupted during an update; the last checkpoint ({last_ckpt}) is kept[/]")
+        elif step > (resumed_from or 0) or last_ckpt is None:
+            last_ckpt = write_checkpoint(step)
+            console.print(f"[yellow]interrupted: saved a checkpoint at step {step} in {out_dir}; continue with --resume[/]")
+        raise
+    except _NonFinite as e:
+        where = f"the last good checkpoint (step {_ckpt_step(last_ckpt)}) is kept at {last_ckpt}" if last_ckpt else \
+            "no checkpoint had been written yet"
+        raise BqcError(f"training stopped at step {e.step}: non-finite {e.what} ({e.value}); terms {e.terms}. {where}.",
+                       hint="lower the learning rate, enable --grad-clip or a longer warm-up, then resume") from None
+    finally:
+        if bar is not None:
+            bar.stop()
+    return LoopResult(step=step, out_dir=out_dir, checkpoint=last_ckpt, ema=ema, last_terms=last_terms,
+                      wall_s=time.time() - t_begin, resumed_from=resumed_from)
+
+
+def _ckpt_step(p) -> Any:
+    from bqc.checkpoint import read_checkpoint_meta
+
+    try:
+        return read_checkpoint_meta(p)["step"]
+    except Exception:
+        return "?"
+
+
+class _NonFinite(Exception):
+    def __init__(self, step, what, value, terms):
+        self.step, self.what, self.value, self.terms = step, what, value, terms

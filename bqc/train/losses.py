@@ -1,0 +1,81 @@
+"""Distillation losses of the two papers (METHODS.md §4 and §6).
+
+* LRM (BinaryDM): per tap, a PCA projection E of the teacher feature over channels, computed
+  once from the first batch and then frozen (buffers: saved in checkpoints), keeping
+  ``ceil(c / k)`` directions; loss = mean over taps of MSE(F_s E, F_t E).
+* SPD (BiDM): split each feature map into a p x p grid of patches; per patch P (B, C, h*w),
+  the Gram matrix over the spatial axis G = P P^T (B, C, C), normalised by its Frobenius
+  norm; loss = mean over taps and patches of ||G_s - G_t||_F (mean over the batch).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _channels_last_2d(f: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) or (B, L, C)-free shapes -> (N, C) rows of channel vectors."""
+    if f.dim() == 4:
+        return f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
+    if f.dim() == 3:  # (B, C, L)
+        return f.permute(0, 2, 1).reshape(-1, f.shape[1])
+    return f.reshape(f.shape[0], -1)
+
+
+class LRMProjections(nn.Module):
+    """Frozen PCA projections, one per tap, initialised from the first teacher batch."""
+
+    def __init__(self, channels: list[int], k: int = 4):
+        super().__init__()
+        self.k = int(k)
+        for i, c in enumerate(channels):
+            self.register_buffer(f"proj_{i}", torch.zeros(c, math.ceil(c / self.k)))
+            self.register_buffer(f"mean_{i}", torch.zeros(c))
+        self.register_buffer("initialised", torch.tensor(False))
+        self.n = len(channels)
+
+    @torch.no_grad()
+    def init_from(self, teacher_feats: list[torch.Tensor]) -> None:
+        for i, f in enumerate(teacher_feats):
+            rows = _channels_last_2d(f.float())
+            mean = rows.mean(0)
+            # principal directions of the channel covariance (eigh: ascending eigenvalues)
+            cov = (rows - mean).T @ (rows - mean) / max(rows.shape[0] - 1, 1)
+            _, vecs = torch.linalg.eigh(cov.double())
+            r = getattr(self, f"proj_{i}").shape[1]
+            getattr(self, f"proj_{i}").copy_(vecs[:, -r:].flip(1).to(rows.dtype))
+            getattr(self, f"mean_{i}").copy_(mean)
+        self.initialised.fill_(True)
+
+    def loss(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        if not bool(self.initialised):
+            self.init_from(teacher)
+        total = 0.0
+        for i, (fs, ft) in enumerate(zip(student, teacher)):
+            e, m = getattr(self, f"proj_{i}"), getattr(self, f"mean_{i}")
+            total = total + F.mse_loss((_channels_last_2d(fs) - m) @ e, (_channels_last_2d(ft) - m) @ e)
+        return total / max(self.n, 1)
+
+
+def _patch_grams(f: torch.Tensor, p: int) -> torch.Tensor:
+    """Normalised Gram matrices of a p x p grid of patches: (B, p*p, C, C)."""
+    if f.dim() != 4:
+        raise ValueError("SPD needs (B, C, H, W) features")
+    b, c, h, w = f.shape
+    ph, pw = max(h // p, 1), max(w // p, 1)
+    gh, gw = h // ph, w // pw
+    f = f[:, :, : gh * ph, : gw * pw]
+    patches = f.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, ph * pw)
+    g = patches @ patches.transpose(-1, -2)
+    return g / g.flatten(2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
+
+
+def spd_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], patches: int = 4) -> torch.Tensor:
+    total = 0.0
+    for fs, ft in zip(student, teacher):
+        d = _patch_grams(fs.float(), patches) - _patch_grams(ft.float(), patches)
+        total = total + d.flatten(2).norm(dim=-1).mean()
+    return total / max(len(student), 1)

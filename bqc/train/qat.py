@@ -1,0 +1,240 @@
+"""Quantization-aware training of a transformed artifact, with the FP model as frozen teacher.
+
+``loss = L_simple + w * L_distill + tau * L_EBB`` where the recipe decides the terms:
+
+* L_simple: DDPM epsilon MSE.
+* L_distill: LRM (BinaryDM) or SPD (BiDM) between the student's and the teacher's block
+  outputs, read from the graphs through ``ir.with_outputs`` (no hooks); LRM's PCA
+  projections are initialised from the first batch and saved with the checkpoints.
+* L_EBB: tau * mean over EBB layers of s2, until the stage switch (``ebb_switch`` of training),
+  when s2 is dropped.
+* BiDM TBS: two timesteps sharing the noise: the student runs at t+d without cache (no grad;
+  the cache is stop-gradient anyway) to produce the cache, then at t with it. d defaults to
+  the sampler's step gap (T / sampling steps).
+* LMB: progressive warm-up: layers become binary block by block from the middle outwards
+  over ``progressive_warmup`` of training.
+* ReSTE: the estimator's exponent is annealed with progress.
+
+The generic loop (``bqc.train.loop``) provides AdamW, warm-up, clipping, EMA, atomic
+checkpoints, exact resume and the NaN stop. ``OUT/model.safetensors`` holds the **EMA**
+weights of the student; ``OUT`` is an artifact that ``sample``/``eval``/``report``/``lower``
+accept.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bqc import artifact, ir
+from bqc.data import load_dataset
+from bqc.diffusion.schedule import NoiseSchedule, q_sample
+from bqc.diffusion.samplers import step_gap
+from bqc.errors import BqcError
+from bqc.graph import BqcModel
+from bqc.quant.layers import _Quantized
+from bqc.quant.training import anneal, ebb_modules, ebb_regulariser, switch_ebb_to_stage2
+from bqc.train.loop import LoopConfig, train_loop
+from bqc.train.losses import LRMProjections, spd_loss
+
+
+@dataclass
+class QATOptions:
+    steps: int
+    batch: int = 64
+    lr: float = 1e-4
+    seed: int = 0
+    warmup: int = 50
+    ema_decay: float | None = 0.999
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    sample_steps: int = 50  # the sampler's step count: sets BiDM's training gap d = T / steps
+    tbs_gap: int | None = None
+    distill: bool = True
+    progress: bool = True
+
+
+def _args(meta: dict, x, t, y, state=None):
+    """Positional graph inputs for (x, t, y, state) following the graph's signature."""
+    args = [x, t] + ([y] if meta.get("conditional") else [])
+    specs = meta.get("state_inputs", [])
+    if specs:
+        b = x.shape[0]
+        if state is None:
+            args += [torch.zeros((b, *s["shape"]), dtype=x.dtype) for s in specs] + [torch.zeros((), dtype=x.dtype)]
+        else:
+            args += list(state) + [torch.ones((), dtype=x.dtype)]
+    return args
+
+
+class QATModel(nn.Module):
+    """What the loop trains: the student graph plus training-only state (LRM projections).
+
+    ``student`` is the transformed graph itself, so its state dict keys are the artifact's
+    with a ``student.`` prefix.
+    """
+
+    def __init__(self, student: torch.fx.GraphModule, lrm: LRMProjections | None):
+        super().__init__()
+        self.student = student
+        self.lrm = lrm
+
+
+def _tap_views(student, teacher):
+    meta = ir.graph_meta(student)
+    taps = meta.get("taps", [])
+    if not taps:
+        return None, None, []
+    from bqc.passes.tbs_edges import block_output
+
+    s_view = ir.with_outputs(student, [tp["node"] for tp in taps])
+    t_names = [block_output(teacher, tp["block"]).name for tp in taps]
+    t_view = ir.with_outputs(teacher, t_names)
+    return s_view, t_view, taps
+
+
+def _warmup_order(gm) -> dict[str, float]:
+    """LMB warm-up: each quantized layer's distance from the middle block, scaled to [0, 1]."""
+    blocks = ir.graph_meta(gm).get("blocks", [])
+    mid = next((b["id"] for b in blocks if b["section"] == "middle"), len(blocks) // 2)
+    far = max((abs(b["id"] - mid) for b in blocks), default=1) or 1
+    order = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), _Quantized):
+            b = ir.info(n).get("block", -1)
+            order[n.target] = 1.0 if b < 0 else abs(b - mid) / far
+    return order
+
+
+def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule, total_steps: int):
+    meta = ir.graph_meta(student)
+    s_view, t_view, taps = _tap_views(student, teacher) if opts.distill else (None, None, [])
+    distill = meta.get("distill") if taps else None
+    has_tbs = bool(meta.get("state_inputs"))
+    gap = opts.tbs_gap or step_gap(schedule.T, opts.sample_steps)
+    tau = float(recipe_train.get("ebb_tau", 0.0))
+    n_out = 1 + len(meta.get("state_outputs", []))
+
+    def loss_fn(model: QATModel, batch, step):
+        x0, y = batch
+        y = y if meta.get("conditional") else None
+        b = x0.shape[0]
+        t = torch.randint(0, schedule.T, (b,))
+        noise = torch.randn_like(x0)
+        x_t = q_sample(schedule, x0, t, noise)
+        state = None
+        if has_tbs:  # the cache: the student's block outputs one sampling step earlier (t + d)
+            t2 = (t + gap).clamp(max=schedule.T - 1)
+            x_t2 = q_sample(schedule, x0, t2, noise)
+            with torch.no_grad():
+                out2 = model.student(*_args(meta, x_t2, t2, y))
+            state = list(out2[1:n_out])
+        args = _args(meta, x_t, t, y, state)
+        terms = {}
+        if distill:
+            outs = s_view(*args)
+            eps, s_feats = outs[0], list(outs[n_out:])
+            with torch.no_grad():
+                t_outs = t_view(*_args(ir.graph_meta(teacher), x_t, t, y))
+            t_feats = list(t_outs[1:])
+            if distill["loss"] == "lrm":
+                ld = model.lrm.loss(s_feats, t_feats)
+            else:
+                ld = spd_loss(s_feats, t_feats, int(distill.get("patches", 4)))
+            terms[distill["loss"]] = float(ld.detach())
+        else:
+            eps = model.student(*args)[0]
+            ld = torch.zeros(())
+        l_simple = F.mse_loss(eps, noise)
+        terms["simple"] = float(l_simple)
+        loss = l_simple + float(distill["weight"] if distill else 0.0) * ld
+        if tau > 0 and ebb_modules(model.student):
+            reg = ebb_regulariser(model.student)
+            terms["ebb"] = float(reg)
+            loss = loss + tau * reg
+        return loss, terms
+
+    return loss_fn
+
+
+def _schedule_callbacks(student, recipe_train: dict, total: int):
+    switch_at = float(recipe_train.get("ebb_switch", -1))
+    warm = float(recipe_train.get("progressive_warmup", 0.0))
+    order = _warmup_order(student) if warm > 0 else {}
+    mods = {name: student.get_submodule(name) for name in order}
+
+    def before(step: int):
+        """Everything that depends on the step is a function of the step (so resume is exact)."""
+        progress = step / max(total, 1)
+        anneal(student, progress)
+        if order:
+            frac = progress / warm
+            for name, m in mods.items():
+                m.set_active(order[name] <= frac)
+        if switch_at >= 0 and step >= int(switch_at * total) and ebb_modules(student):
+            if any(not bool(m.stage2) for m in ebb_modules(student)):
+                switch_ebb_to_stage2(student)
+
+    return before
+
+
+def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -> Path:
+    art = artifact.load_artifact(art_dir)
+    student = art.gm.train()
+    teacher = art.teacher().gm.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    train = dict(art.recipe.train)
+    ds = load_dataset(data, "train")
+    shape = tuple(ds.images.shape[1:])
+    if shape != tuple(art.model.input_shape):
+        raise BqcError(f"data {data!r} has images of shape {shape}, the model takes {tuple(art.model.input_shape)}")
+    meta = ir.graph_meta(student)
+    schedule = NoiseSchedule()
+    lrm = None
+    if opts.distill and meta.get("distill", {}).get("loss") == "lrm":
+        s_view, _, taps = _tap_views(student, teacher)
+        chans = []
+        for tp in taps:
+            node = {n.name: n for n in student.graph.nodes}[tp["node"]]
+            chans.append(int(node.meta["val"].shape[1]))
+        lrm = LRMProjections(chans, k=int(meta["distill"].get("k", 4)))
+    model = QATModel(student, lrm)
+    before = _schedule_callbacks(student, train, opts.steps)
+    base_loss = make_loss(student, teacher, train, opts, schedule, opts.steps)
+
+    def loss_fn(m, batch, step):
+        before(step)
+        return base_loss(m, batch, step)
+
+    out = Path(out)
+    cfg = LoopConfig(steps=opts.steps, batch_size=opts.batch, lr=opts.lr, warmup_steps=opts.warmup,
+                     grad_clip=opts.grad_clip, ema_decay=opts.ema_decay, seed=opts.seed,
+                     checkpoint_every=opts.checkpoint_every, progress=opts.progress)
+    fingerprint = {"task": "qat", "recipe": art.recipe.to_dict(), "wbits": art.manifest["wbits"],
+                   "abits": art.manifest["abits"], "source": art.manifest["source"], "data": data,
+                   "gap": opts.tbs_gap or step_gap(schedule.T, opts.sample_steps), "distill": opts.distill}
+    t0 = time.time()
+    res = train_loop(model, (ds.images, ds.labels), loss_fn, cfg, out / "train", fingerprint=fingerprint, resume=resume)
+    wall = time.time() - t0
+    before(res.step)  # the final schedule state (stage switch etc.) belongs to the saved model
+    sd = res.ema_state_dict(model)
+    model.load_state_dict(sd)
+    student.eval()
+    info = {"steps": res.step, "data": data, "wall_s_this_run": round(wall, 1), "resumed_from": res.resumed_from,
+            "weights": "ema" if res.ema else "raw", "options": {k: v for k, v in vars(opts).items()},
+            "from": str(art_dir)}
+    artifact.save_artifact(out / ".artifact", base_ep=art.base_ep, gm=student, recipe=art.recipe,
+                           wbits=art.manifest["wbits"], abits=art.manifest["abits"],
+                           source=art.manifest["source"], extra={"train": info})
+    for f in (out / ".artifact").iterdir():  # artifact files next to train/ (checkpoints, log)
+        shutil.move(str(f), out / f.name)
+    (out / ".artifact").rmdir()
+    (out / "train.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return out

@@ -1,0 +1,134 @@
+"""QAT trainer: losses, exact resume, NaN stop, mismatch refusal, trained artifacts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bqc import artifact, transform as tf
+from bqc.errors import BqcError
+from bqc.train.losses import LRMProjections, spd_loss
+from bqc.train.qat import QATOptions, train_artifact
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A folder of 8x8 grayscale images, so the tiny UNet trains on real files."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):
+        arr = (torch.rand(8, 8, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr, mode="L").save(d / f"{i:02d}.png")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from conftest import TINY_CONFIG
+    from bqc import frontend
+    from bqc.models.unet import UNetModel
+
+    torch.manual_seed(0)
+    m = UNetModel(**TINY_CONFIG).eval()
+    src = frontend._from_module(m, "zoo", "tiny")
+    src.exported = frontend.capture(src)
+    out = {}
+    root = tmp_path_factory.mktemp("arts")
+    for r in ("binarydm", "bidm", "baseline"):
+        out[r] = tf.save(tf.transform(src, r), root / r)
+    return out
+
+
+def _opts(steps, **kw):
+    return QATOptions(steps=steps, batch=4, lr=1e-3, warmup=1, checkpoint_every=2, progress=False, **kw)
+
+
+def _weights(path):
+    from bqc.frontend import load_safetensors
+
+    return load_safetensors(path / "model.safetensors")
+
+
+@pytest.mark.parametrize("recipe", ["binarydm", "bidm"])
+def test_resume_is_exact(artifacts, tiny_data, tmp_path, recipe):
+    one = train_artifact(artifacts[recipe], tiny_data, tmp_path / "one", _opts(4))
+    two = train_artifact(artifacts[recipe], tiny_data, tmp_path / "two", _opts(2))
+    two = train_artifact(artifacts[recipe], tiny_data, tmp_path / "two", _opts(4), resume=True)
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the trained artifact loads and differs from the untrained one
+    art = artifact.load_artifact(one)
+    before = _weights(artifacts[recipe])
+    assert any(not torch.equal(before[k], a[k]) for k in before if before[k].is_floating_point())
+    assert art.manifest["train"]["steps"] == 4
+
+
+def test_binarydm_switches_ebb_and_keeps_lrm_state(artifacts, tiny_data, tmp_path):
+    from bqc.quant.binary import EBB
+
+    out = train_artifact(artifacts["binarydm"], tiny_data, tmp_path / "r", _opts(3))
+    art = artifact.load_artifact(out)
+    ebbs = [m for m in art.gm.modules() if isinstance(m, EBB)]
+    assert ebbs and all(bool(m.stage2) for m in ebbs)  # ebb_switch = 0.1 of 3 steps
+    from bqc.checkpoint import load_checkpoint
+
+    tensors, meta = load_checkpoint(out / "train" / "checkpoint.safetensors")
+    assert any(k.startswith("model/lrm.proj_") for k in tensors)  # PCA projections are checkpointed
+    assert bool(tensors["model/lrm.initialised"])
+
+
+def test_resume_other_recipe_refused(artifacts, tiny_data, tmp_path):
+    train_artifact(artifacts["binarydm"], tiny_data, tmp_path / "r", _opts(2))
+    with pytest.raises(BqcError, match="different settings"):
+        train_artifact(artifacts["baseline"], tiny_data, tmp_path / "r", _opts(4), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(artifacts, tiny_data, tmp_path):
+    out = tmp_path / "r"
+    train_artifact(artifacts["baseline"], tiny_data, out, _opts(2))
+    ck = (out / "train" / "checkpoint.safetensors").read_bytes()
+    art = artifact.load_artifact(artifacts["baseline"])
+    with torch.no_grad():
+        for p in art.gm.parameters():
+            p.fill_(float("nan"))
+    bad = tmp_path / "nan_art"
+    art.gm.recompile()
+    artifact.save_artifact(bad, base_ep=art.base_ep, gm=art.gm, recipe=art.recipe, wbits=1, abits=4,
+                           source=art.manifest["source"])
+    with pytest.raises(BqcError, match="(?i)non-finite|nan"):
+        train_artifact(bad, tiny_data, tmp_path / "r2", _opts(2))
+    assert (out / "train" / "checkpoint.safetensors").read_bytes() == ck
+
+
+def test_wrong_data_shape(artifacts, tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "big"
+    d.mkdir()
+    for i in range(4):
+        Image.new("L", (16, 16)).save(d / f"{i}.png")
+    with pytest.raises(BqcError, match="shape"):
+        train_artifact(artifacts["baseline"], str(d), tmp_path / "r", _opts(1))
+
+
+def test_lrm_projection_is_frozen_pca():
+    lrm = LRMProjections([8], k=4)
+    f = torch.randn(4, 8, 5, 5)
+    loss0 = lrm.loss([f], [f])
+    assert loss0 == 0 and bool(lrm.initialised)
+    e = lrm.proj_0.clone()
+    assert e.shape == (8, 2) and torch.allclose(e.T @ e, torch.eye(2), atol=1e-5)
+    lrm.loss([torch.randn(4, 8, 5, 5)], [torch.randn(4, 8, 5, 5)])
+    assert torch.equal(lrm.proj_0, e)  # computed once, then frozen
+
+
+def test_spd_loss_properties():
+    f = torch.randn(2, 4, 8, 8)
+    assert spd_loss([f], [f]).item() == 0
+    assert spd_loss([f], [3 * f]).item() < 1e-5  # Gram normalisation: scale invariant
+    assert spd_loss([f], [torch.randn_like(f)]).item() > 0.1
+    assert math.isfinite(spd_loss([torch.zeros_like(f)], [f]).item())
