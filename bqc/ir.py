@@ -106,8 +106,21 @@ def graph_meta(gm: fx.GraphModule) -> dict:
 
 # normalisation --------------------------------------------------------------------------------
 def from_exported(ep, *, conditional: bool | None = None) -> fx.GraphModule:
-    """Normalise ``ep.module()`` into the bqc IR form (see module docstring)."""
+    """Normalise ``ep.module()`` into the bqc IR form (see module docstring).
+
+    Every call returns a graph with its *own* parameters: ``ep.module()`` hands out the
+    program's tensors themselves, and a student and its teacher built from one program must
+    not share (and co-train) their float weights.
+    """
     gm = ep.module()
+    with torch.no_grad():
+        for mod in gm.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            for name, b in list(mod._buffers.items()):
+                if b is not None:
+                    mod._buffers[name] = b.clone()
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":

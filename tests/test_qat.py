@@ -67,6 +67,18 @@ def test_resume_is_exact(artifacts, tiny_data, tmp_path, recipe):
     assert art.manifest["train"]["steps"] == 4
 
 
+def test_teacher_is_not_trained(artifacts, tiny_data, tmp_path):
+    """Student and teacher come from one captured program; they must not share weights."""
+    before = artifact.load_artifact(artifacts["baseline"]).teacher().gm.state_dict()
+    out = train_artifact(artifacts["baseline"], tiny_data, tmp_path / "r", _opts(2))
+    art = artifact.load_artifact(out)
+    after = art.teacher().gm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    student = art.gm.state_dict()
+    shared = [k for k in student if k in before and before[k].is_floating_point()]
+    assert shared and any(not torch.equal(before[k], student[k]) for k in shared)  # student's float params trained
+
+
 def test_binarydm_switches_ebb_and_keeps_lrm_state(artifacts, tiny_data, tmp_path):
     from bqc.quant.binary import EBB
 

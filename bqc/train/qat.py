@@ -152,7 +152,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
             eps = model.student(*args)[0]
             ld = torch.zeros(())
         l_simple = F.mse_loss(eps, noise)
-        terms["simple"] = float(l_simple)
+        terms["simple"] = float(l_simple.detach())
         loss = l_simple + float(distill["weight"] if distill else 0.0) * ld
         if tau > 0 and ebb_modules(model.student):
             reg = ebb_regulariser(model.student)

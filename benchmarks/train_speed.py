@@ -1,0 +1,98 @@
+"""Training step time: FP vs baseline W1A4 vs binarydm W1A4 vs bidm W1A1 on mnist16.
+
+One process, same batch, threads and data; each configuration runs ``--warmup`` untimed steps
+then ``--steps`` timed optimizer steps of the real QAT loss (``bqc.train.qat.make_loss``:
+teacher forward, distillation, BiDM's extra no-grad forward at t+d). Reports the median step
+time and the ratio to the FP step, and writes ``benchmarks/results/train_speed.{json,md}``
+with the command line that produced them.
+
+    python benchmarks/train_speed.py --threads 2 --batch 64 --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bqc import frontend, ir, transform as tf
+from bqc.data import load_dataset
+from bqc.diffusion.schedule import NoiseSchedule
+from bqc.pipeline import load_recipe
+from bqc.train.losses import LRMProjections
+from bqc.train.qat import QATModel, QATOptions, _tap_views, make_loss
+
+CONFIGS = [("fp", None), ("baseline", None), ("binarydm", None), ("bidm", None)]
+
+
+def time_recipe(src, recipe: str, data, args) -> float:
+    res = tf.transform(src, recipe)
+    student = res.gm.train()
+    teacher = tf.transform(src, "fp").gm.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    meta = ir.graph_meta(student)
+    lrm = None
+    if meta.get("distill", {}).get("loss") == "lrm":
+        _, _, taps = _tap_views(student, teacher)
+        nodes = {n.name: n for n in student.graph.nodes}
+        lrm = LRMProjections([int(nodes[tp["node"]].meta["val"].shape[1]) for tp in taps])
+    model = QATModel(student, lrm)
+    opts = QATOptions(steps=args.steps, batch=args.batch, progress=False)
+    if recipe == "fp":  # plain DDPM loss on the FP graph: the baseline the ratios refer to
+        opts.distill = False
+    loss_fn = make_loss(student, teacher, dict(load_recipe(recipe).train), opts, NoiseSchedule(), args.steps)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for i in range(args.warmup + args.steps):
+        idx = torch.randint(0, len(data), (args.batch,), generator=g)
+        t0 = time.perf_counter()
+        loss, _ = loss_fn(model, (data[idx], None), i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    src = frontend.load_source("mnist16")
+    src.exported = frontend.capture(src)
+    data = load_dataset("mnist16", "train").images[:4096]
+    rows = []
+    for recipe, _ in CONFIGS:
+        ms = 1000 * time_recipe(src, recipe, data, args)
+        rows.append({"recipe": recipe, "bits": f"W{load_recipe(recipe).wbits}A{load_recipe(recipe).abits}", "step_ms": round(ms, 1)})
+        print(f"{recipe:10s} {ms:8.1f} ms/step", flush=True)
+    fp = rows[0]["step_ms"]
+    for r in rows:
+        r["ratio_vs_fp"] = round(r["step_ms"] / fp, 2)
+    cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"command": cmd, "threads": args.threads, "batch": args.batch, "timed_steps": args.steps,
+              "model": "mnist16", "torch": torch.__version__, "rows": rows}
+    (out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = [f"Command: `{cmd}` (median of {args.steps} steps, batch {args.batch}, {args.threads} threads)", "",
+          "| recipe | bits | step (ms) | vs FP |", "|---|---|---|---|"]
+    md += [f"| {r['recipe']} | {r['bits']} | {r['step_ms']} | {r['ratio_vs_fp']}x |" for r in rows]
+    (out / "train_speed.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
