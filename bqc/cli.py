@@ -393,6 +393,26 @@ def evaluate_cmd(
     console.print(f"class histogram {m['class_hist']}")
 
 
+@app.command()
+def demo(
+    steps: int = typer.Option(120, "--steps", help="QAT steps per recipe"),
+    n: int = typer.Option(256, "-n", help="samples per evaluation"),
+    sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps"),
+    recipes: str = typer.Option("bidm,binarydm", "--recipes", help="comma-separated recipes"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
+    lower: bool = typer.Option(True, "--lower/--no-lower", help="lower to tvm-x86 and benchmark when available"),
+):
+    """The whole flow on the shipped mnist16: transform, QAT, sample, eval, report (and lower + bench)."""
+    from bqc.demo import DemoOptions, run_demo
+
+    names = tuple(r.strip() for r in recipes.split(",") if r.strip())
+    from bqc.pipeline import load_recipe
+
+    for r in names:
+        load_recipe(r)  # unknown names fail before any work
+    run_demo(DemoOptions(recipes=names, steps=steps, n=n, sample_steps=sample_steps, out=out, lower=lower), console)
+
+
 def main() -> None:
     """Console entry point: BqcError -> one paragraph on stderr, exit 2."""
     try:
