@@ -41,7 +41,7 @@ def time_recipe(src, recipe: str, data, args) -> float:
         _, _, taps = _tap_views(student, teacher)
         nodes = {n.name: n for n in student.graph.nodes}
         lrm = LRMProjections([int(nodes[tp["node"]].meta["val"].shape[1]) for tp in taps])
-    model = QATModel(student, lrm)
+    model = QATModel(student, lrm, _tap_views(student, teacher)[0] if lrm is not None or ir.graph_meta(student).get('taps') else None)
     opts = QATOptions(steps=args.steps, batch=args.batch, progress=False)
     if recipe == "fp":  # plain DDPM loss on the FP graph: the baseline the ratios refer to
         opts.distill = False

@@ -258,6 +258,69 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
+@dataclass
+class DistContext:
+    """torchrun's environment: ``rank``/``world``; world 1 means a single process."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_env(cls, device) -> "DistContext":
+        import os
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def check_replicas(self, model: torch.nn.Module, out_dir: Path) -> None:
+        """All ranks must hold identical weights at the end; rank 0 records the checksums."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        # DDP broadcasts rank 0's buffers (e.g. running activation ranges) at the start of each
+        # forward, so after the last step each rank still holds its own: adopt rank 0's.
+        with torch.no_grad():
+            for b in model.buffers():
+                dist.broadcast(b, 0)
+        h = hashlib.blake2b(digest_size=8)
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        mine = h.hexdigest()
+        all_sums: list = [None] * self.world
+        dist.all_gather_object(all_sums, mine)
+        if self.main:
+            (out_dir / "replicas.json").write_text(json.dumps({"world": self.world, "checksums": all_sums}) + "\n")
+        if len(set(all_sums)) != 1:
+            raise RuntimeError(f"replicas diverged: {all_sums}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
 def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig, out_dir, *,
                fingerprint: Optional[dict] = None, resume: bool | str = False,
                param_groups: Optional[Sequence[dict]] = None,
@@ -273,6 +336,10 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     ``fingerprint``: JSON-able identity of the model/recipe/data, checked on resume.
     """
     config.validate()
+    dctx = DistContext.from_env(device)
+    if config.batch_size % dctx.world:
+        raise BqcError(f"batch {config.batch_size} does not split over {dctx.world} processes",
+                       hint="use a batch size that is a multiple of --nproc_per_node")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
@@ -325,11 +392,19 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
         set_rng_state(tensors, meta["rng"])
         start = resumed_from = int(meta["step"])
 
+    train_model = model
+    if dctx.world > 1:  # gradients are averaged by DDP; every rank starts from the same weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, find_unused_parameters=True)
+
     # ---- state helpers -----------------------------------------------------------------------
     def ema_keys():
         return [k for k, v in model.state_dict().items() if v.is_floating_point()]
 
-    def write_checkpoint(step: int) -> Path:
+    def write_checkpoint(step: int) -> Path | None:
+        if not dctx.main:  # rank 0 checkpoints; the replicas are identical
+            return None
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
         ot, oj = flatten_optimizer_state(opt.state_dict(), prefix="optim/")
         tensors.update(ot)
@@ -343,11 +418,11 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                 "extra": _normalise(extra_meta or {})}
         return save_checkpoint(ckpt_path, tensors, meta)
 
-    csvlog = _CsvLog(out_dir / METRICS_NAME, resumed_from)
+    csvlog = _CsvLog(out_dir / METRICS_NAME, resumed_from) if dctx.main else None
     from rich.console import Console
 
     console = Console(stderr=True)
-    interactive = config.progress and console.is_terminal
+    interactive = config.progress and console.is_terminal and dctx.main
     print_every = config.print_every or max(config.log_every * 10, 1)
     bar = task = None
     if interactive:
@@ -357,7 +432,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                        TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), console=console)
         task = bar.add_task("train", total=config.steps, completed=start, rate="", terms="")
         bar.start()
-    elif config.progress and start < config.steps:
+    elif config.progress and start < config.steps and dctx.main:
         console.print(f"training steps {start}..{config.steps} -> {out_dir}" + (f" (resumed at {start})" if start else ""))
 
     t_begin = time.time()
@@ -373,15 +448,20 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
             while step < config.steps:
                 if guard.requested:
                     raise KeyboardInterrupt
-                torch.manual_seed(derive_seed(config.seed, "step", step))
-                batch = _take(data, sampler.indices(step), device)
+                if dctx.world == 1:
+                    torch.manual_seed(derive_seed(config.seed, "step", step))
+                    idx = sampler.indices(step)
+                else:  # each rank takes its shard of the same global batch, with its own draws
+                    torch.manual_seed(derive_seed(config.seed, "step", step, "rank", dctx.rank))
+                    idx = sampler.indices(step)[dctx.rank::dctx.world]
+                batch = _take(data, idx, device)
                 for g in opt.param_groups:
                     g["lr"] = g["initial_lr"] * _lr_factor(config, step)
-                out = loss_fn(model, batch, step)
+                out = loss_fn(train_model, batch, step)
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise TypeError("loss_fn must return (loss, dict_of_terms)")
                 loss, terms = out
-                lval = float(loss.detach())
+                lval = dctx.mean(float(loss.detach()))  # every rank sees the same value (and stops together)
                 terms = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
                 if not math.isfinite(lval):
                     raise _NonFinite(step, "loss", lval, terms)
@@ -418,12 +498,13 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                     now = time.time()
                     rate = win_steps / max(now - win_t, 1e-9)
                     means = {k: v / win_steps for k, v in win_sums.items()}
-                    csvlog.write({"step": step, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
-                                  "it_s": rate, "elapsed_s": now - t_begin})
+                    if csvlog is not None:
+                        csvlog.write({"step": step, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
+                                      "it_s": rate, "elapsed_s": now - t_begin})
                     txt = " ".join(f"{k} {v:.4g}" for k, v in means.items())
                     if bar is not None:
                         bar.update(task, completed=step, rate=f"{rate:.2f} it/s", terms=txt)
-                    elif config.progress and (step % print_every == 0 or step == config.steps):
+                    elif config.progress and dctx.main and (step % print_every == 0 or step == config.steps):
                         console.print(f"step {step}/{config.steps}  {txt}  {rate:.3g} it/s  {now - t_begin:.0f}s", highlight=False)
                     win_t, win_steps, win_sums = now, 0, {}
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
@@ -446,6 +527,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     finally:
         if bar is not None:
             bar.stop()
+    dctx.check_replicas(model, out_dir)
     return LoopResult(step=step, out_dir=out_dir, checkpoint=last_ckpt, ema=ema, last_terms=last_terms,
                       wall_s=time.time() - t_begin, resumed_from=resumed_from)
 

@@ -40,7 +40,7 @@ from bqc.errors import BqcError
 from bqc.graph import BqcModel
 from bqc.quant.layers import _Quantized
 from bqc.quant.training import anneal, ebb_modules, ebb_regulariser, switch_ebb_to_stage2
-from bqc.train.loop import LoopConfig, train_loop
+from bqc.train.loop import DistContext, LoopConfig, train_loop, unwrap
 from bqc.train.losses import LRMProjections, spd_loss
 
 
@@ -80,10 +80,15 @@ class QATModel(nn.Module):
     with a ``student.`` prefix.
     """
 
-    def __init__(self, student: torch.fx.GraphModule, lrm: LRMProjections | None):
+    def __init__(self, student: torch.fx.GraphModule, lrm: LRMProjections | None, tap_view=None):
         super().__init__()
         self.student = student
         self.lrm = lrm
+        object.__setattr__(self, "_tap_view", tap_view)  # shares the student's parameters: not a submodule
+
+    def forward(self, *args, taps: bool = False):
+        """Student outputs (and its distillation taps): the call DDP wraps."""
+        return (self._tap_view if taps else self.student)(*args)
 
 
 def _tap_views(student, teacher):
@@ -121,7 +126,8 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
     tau = float(recipe_train.get("ebb_tau", 0.0))
     n_out = 1 + len(meta.get("state_outputs", []))
 
-    def loss_fn(model: QATModel, batch, step):
+    def loss_fn(model, batch, step):
+        core = unwrap(model)  # model may be DDP(QATModel): grads flow through model(...)
         x0, y = batch
         y = y if meta.get("conditional") else None
         b = x0.shape[0]
@@ -133,29 +139,29 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
             t2 = (t + gap).clamp(max=schedule.T - 1)
             x_t2 = q_sample(schedule, x0, t2, noise)
             with torch.no_grad():
-                out2 = model.student(*_args(meta, x_t2, t2, y))
+                out2 = core.student(*_args(meta, x_t2, t2, y))
             state = list(out2[1:n_out])
         args = _args(meta, x_t, t, y, state)
         terms = {}
         if distill:
-            outs = s_view(*args)
+            outs = model(*args, taps=True)
             eps, s_feats = outs[0], list(outs[n_out:])
             with torch.no_grad():
                 t_outs = t_view(*_args(ir.graph_meta(teacher), x_t, t, y))
             t_feats = list(t_outs[1:])
             if distill["loss"] == "lrm":
-                ld = model.lrm.loss(s_feats, t_feats)
+                ld = core.lrm.loss(s_feats, t_feats)
             else:
                 ld = spd_loss(s_feats, t_feats, int(distill.get("patches", 4)))
             terms[distill["loss"]] = float(ld.detach())
         else:
-            eps = model.student(*args)[0]
+            eps = model(*args)[0]
             ld = torch.zeros(())
         l_simple = F.mse_loss(eps, noise)
         terms["simple"] = float(l_simple.detach())
         loss = l_simple + float(distill["weight"] if distill else 0.0) * ld
-        if tau > 0 and ebb_modules(model.student):
-            reg = ebb_regulariser(model.student)
+        if tau > 0 and ebb_modules(core.student):
+            reg = ebb_regulariser(core.student)
             terms["ebb"] = float(reg)
             loss = loss + tau * reg
         return loss, terms
@@ -205,7 +211,7 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
             node = {n.name: n for n in student.graph.nodes}[tp["node"]]
             chans.append(int(node.meta["val"].shape[1]))
         lrm = LRMProjections(chans, k=int(meta["distill"].get("k", 4)))
-    model = QATModel(student, lrm)
+    model = QATModel(student, lrm, _tap_views(student, teacher)[0] if opts.distill else None)
     before = _schedule_callbacks(student, train, opts.steps)
     base_loss = make_loss(student, teacher, train, opts, schedule, opts.steps)
 
@@ -223,6 +229,8 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
     t0 = time.time()
     res = train_loop(model, (ds.images, ds.labels), loss_fn, cfg, out / "train", fingerprint=fingerprint, resume=resume)
     wall = time.time() - t0
+    if not DistContext.from_env("cpu").main:
+        return out  # rank 0 writes the trained artifact
     before(res.step)  # the final schedule state (stage switch etc.) belongs to the saved model
     sd = res.ema_state_dict(model)
     model.load_state_dict(sd)
