@@ -1,0 +1,234 @@
+"""Replication study on mnist16: the papers' comparisons and ablations, at this machine's scale.
+
+Every run trains from the same pretrained FP ``mnist16`` teacher with the same step budget,
+seed(s), batch and learning rate, and is evaluated the same way (same N samples, same DDIM
+steps, same classifier features, real-vs-real floor). Resumable: each run lives in
+``OUT/<run>/seed<k>/`` with its artifact, training checkpoints/log, ``eval.json``, sample grid
+and a ``done.json`` marker; finished runs are skipped on rerun, unfinished ones resume from
+their checkpoint.
+
+    python benchmarks/replicate.py --steps 1000 --n 1000                 # everything
+    python benchmarks/replicate.py --only table-a --steps 1000           # one table
+    python benchmarks/replicate.py --smoke --out /tmp/rep                # CI: 2 recipes, 2 steps
+    python benchmarks/replicate.py --report                              # tables -> docs/RESULTS.md
+
+Rows whose difference is within the seed spread are reported as ties, not wins.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Run:
+    name: str
+    table: str  # table-a | table-b | ablation
+    recipe: str
+    wbits: int | None = None
+    abits: int | None = None
+    overrides: str = ""  # TOML appended to `extends = recipe` (options, or a full pass list)
+    distill: bool = True
+    main: bool = True  # main rows run with every seed; ablations with the first only
+    train: bool = True
+
+
+_BIDM_NO_TBS = """
+[[passes]]
+name = "annotate"
+[[passes]]
+name = "conv1d_to_conv2d"
+[[passes]]
+name = "decompose_sdpa"
+[[passes]]
+name = "plan_quant"
+body = { weight = "bidm", act = "bidm", kmap = "learned", shortcut = "scaled" }
+[[passes]]
+name = "mixed_precision"
+[[passes]]
+name = "insert_quantizers"
+[[passes]]
+name = "distill_taps"
+loss = "spd"
+"""
+
+RUNS: list[Run] = [
+    # Table A: binary weights, 4-bit and 32-bit activations
+    Run("fp", "table-a", "fp", train=False),
+    Run("lsq-w2a4", "table-a", "lsq"),
+    Run("baseline-w1a4", "table-a", "baseline"),
+    Run("binarydm-w1a4", "table-a", "binarydm"),
+    Run("binarydm-lmb-w1a4", "table-a", "binarydm-lmb"),
+    Run("baseline-w1a32", "table-a", "baseline", abits=32),
+    Run("binarydm-w1a32", "table-a", "binarydm", abits=32),
+    # Table B: fully binary
+    Run("xnor", "table-b", "xnor"),
+    Run("dorefa", "table-b", "dorefa"),
+    Run("reactnet", "table-b", "reactnet"),
+    Run("reste", "table-b", "reste"),
+    Run("bidm", "table-b", "bidm"),
+    # Ablations
+    Run("binarydm-no-ebb", "ablation", "binarydm", overrides='[options.plan_quant]\nhead_tail = { weight = "sign_scale", act = "lsq" }\n', main=False),
+    Run("binarydm-no-lrm", "ablation", "binarydm", distill=False, main=False),
+    Run("binarydm-lrm-k2", "ablation", "binarydm", overrides="[options.distill_taps]\nk = 2\n", main=False),
+    Run("binarydm-lrm-k8", "ablation", "binarydm", overrides="[options.distill_taps]\nk = 8\n", main=False),
+    Run("binarydm-ebb-3", "ablation", "binarydm", overrides="[options.annotate]\nhead_tail_blocks = 3\n", main=False),
+    Run("bidm-no-tbs", "ablation", "bidm", overrides=_BIDM_NO_TBS, main=False),
+    Run("bidm-no-spd", "ablation", "bidm", distill=False, main=False),
+    Run("bidm-tbs-1", "ablation", "bidm", overrides="[options.tbs_edges]\nconnections = 1\n", main=False),
+]
+SMOKE = ["baseline-w1a4", "bidm"]
+
+
+@dataclass
+class Settings:
+    steps: int = 1000
+    batch: int = 64
+    lr: float = 5e-4
+    n: int = 1000
+    sample_steps: int = 50
+    seeds: tuple[int, ...] = (0, 1)
+    out: Path = ROOT / "runs" / "replicate"
+    extra: dict = field(default_factory=dict)
+
+
+def _recipe_file(run: Run, d: Path) -> str:
+    if not run.overrides:
+        return run.recipe
+    p = d / "recipe.toml"
+    p.write_text(f'extends = "{run.recipe}"\nname = "{run.name}"\n{run.overrides}')
+    return str(p)
+
+
+def do_run(run: Run, seed: int, s: Settings, src) -> dict:
+    import torch
+
+    from bqc import artifact, transform as tf
+    from bqc.data import load_dataset
+    from bqc.diffusion.grid import save_grid
+    from bqc.diffusion.samplers import generate
+    from bqc.graph import BqcModel
+    from bqc.metrics import evaluate
+    from bqc.report import cost_report
+    from bqc.train.qat import QATOptions, train_artifact
+
+    d = s.out / run.name / f"seed{seed}"
+    done = d / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    art_dir = d / "artifact"
+    if not artifact.is_artifact(art_dir):
+        tf.save(tf.transform(src, _recipe_file(run, d), wbits=run.wbits, abits=run.abits), art_dir)
+    if run.train:
+        trained = d / "trained"
+        train_artifact(art_dir, "mnist16", trained,
+                       QATOptions(steps=s.steps, batch=s.batch, lr=s.lr, seed=seed, warmup=min(50, s.steps),
+                                  sample_steps=s.sample_steps, distill=run.distill, checkpoint_every=max(100, s.steps // 10)),
+                       resume="auto")
+        model_dir = trained
+    else:
+        model_dir = art_dir
+    art = artifact.load_artifact(model_dir)
+    model = BqcModel(art.gm).eval()
+    with torch.no_grad():
+        x = generate(model, s.n, tuple(model.input_shape), steps=s.sample_steps, seed=seed, batch=250)
+    save_grid(x[:64], d / "samples.png", nrow=8, scale=4)
+    m = evaluate(x, load_dataset("mnist16", "test").images, n=s.n, seed=seed)
+    rep = cost_report(art.gm)
+    result = {"run": run.name, "table": run.table, "seed": seed, "recipe": art.recipe.name,
+              "bits": f"W{art.manifest['wbits']}A{art.manifest['abits']}", "steps": s.steps if run.train else 0,
+              "n": s.n, "sample_steps": s.sample_steps, "wall_s": round(time.time() - t0, 1),
+              "metrics": {k: m[k] for k in ("fid", "fid_floor", "kid", "precision", "recall", "is", "confident")},
+              "size_mb": rep["size_mb"], "ops": rep["ops"], "size_saving": rep["size_saving"], "ops_saving": rep["ops_saving"]}
+    (d / "eval.json").write_text(json.dumps(m, indent=2, default=float) + "\n")
+    done.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    return result
+
+
+def summarise(results: list[dict]) -> dict[str, dict]:
+    """Per run: mean and spread (max - min over seeds) of each metric."""
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["run"], []).append(r)
+    out = {}
+    for name, rs in by.items():
+        row = {"run": name, "table": rs[0]["table"], "bits": rs[0]["bits"], "seeds": len(rs),
+               "size_mb": rs[0]["size_mb"], "size_saving": rs[0]["size_saving"], "ops_saving": rs[0]["ops_saving"]}
+        for k in rs[0]["metrics"]:
+            vals = [r["metrics"][k] for r in rs]
+            row[k] = statistics.mean(vals)
+            row[k + "_spread"] = max(vals) - min(vals)
+        out[name] = row
+    return out
+
+
+def compare(a: dict, b: dict, key: str = "fid") -> str:
+    """'a' / 'b' wins (lower FID), or 'tie' when the gap is within the larger seed spread."""
+    spread = max(a.get(key + "_spread", 0.0), b.get(key + "_spread", 0.0))
+    if a["seeds"] < 2 or b["seeds"] < 2:
+        spread = max(spread, 0.0)
+    gap = a[key] - b[key]
+    if abs(gap) <= spread:
+        return "tie"
+    return a["run"] if gap < 0 else b["run"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("-n", "--n", type=int, default=1000)
+    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--only", default="", help="table-a, table-b, ablation, or run names (comma-separated)")
+    p.add_argument("--out", default=str(ROOT / "runs" / "replicate"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="CI smoke: two recipes, 2 steps, tiny eval")
+    p.add_argument("--report", action="store_true", help="only aggregate finished runs (no training)")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, n=args.n, sample_steps=args.sample_steps,
+                 seeds=tuple(int(x) for x in args.seeds.split(",")), out=Path(args.out))
+    runs = RUNS
+    if args.smoke:
+        s.steps, s.batch, s.n, s.sample_steps, s.seeds = 2, 8, 16, 4, (0,)
+        runs = [r for r in RUNS if r.name in SMOKE]
+    elif args.only:
+        keys = set(args.only.split(","))
+        runs = [r for r in RUNS if r.table in keys or r.name in keys]
+    results = []
+    if not args.report:
+        from bqc import frontend
+
+        src = frontend.load_source("mnist16")
+        src.exported = frontend.capture(src)
+        for run in runs:
+            for seed in (s.seeds if run.main else s.seeds[:1]):
+                print(f"== {run.name} seed {seed}", flush=True)
+                results.append(do_run(run, seed, s, src))
+    else:
+        results = [json.loads(f.read_text()) for f in sorted(Path(s.out).glob("*/seed*/done.json"))]
+    summary = summarise(results)
+    cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    Path(s.out).mkdir(parents=True, exist_ok=True)
+    (Path(s.out) / "summary.json").write_text(json.dumps({"command": cmd, "settings": {k: str(v) for k, v in vars(s).items()},
+                                                           "rows": summary}, indent=2, default=float) + "\n")
+    for name, row in summary.items():
+        print(f"{name:22s} {row['bits']:7s} FID {row['fid']:8.2f} ±{row['fid_spread']:.2f}  "
+              f"prec {row['precision']:.2f} rec {row['recall']:.2f}  size {row['size_mb']:.3f} MiB")
+
+
+if __name__ == "__main__":
+    main()
