@@ -17,8 +17,8 @@
 Everything is read from the trained modules' state; the training modules themselves are
 dropped (the ``quant`` container disappears). Activation quantizers must be calibrated
 (their first forward sets the step): an uninitialised one is an error, not a silent step 1.
-The pass is meant for trained graphs (``bqc.deploy.to_deploy``); a recipe that lists it gets
-the inference form of its freshly initialised quantizers.
+The pass is meant for trained graphs, through ``bqc.deploy.to_deploy`` (on a copy); it is not a
+recipe step (a recipe replays on freshly initialised, uncalibrated quantizers).
 """
 from __future__ import annotations
 
