@@ -1,0 +1,407 @@
+"""Hand-written ``tvm.s_tir.Schedule`` schedules of the bqc kernels for x86 CPUs.
+
+Every schedule takes the PrimFunc made by ``te.create_prim_func`` from the TE computes in
+``backends/tvm/kernels`` and returns the scheduled PrimFunc. They build for any LLVM CPU
+target; on AVX-512 VNNI targets (``mcpu=cascadelake``) the int8 kernels use ``vpdpbusd``.
+
+W1A1 conv / dense (``schedule_binary_conv2d``, ``schedule_binary_dense``): output channels
+are vectorised as ``L = 16`` uint32 lanes (one zmm); loops ``(n*oh) [parallel], ob, ow``;
+the padded input rows a row of outputs needs are built per parallel iteration
+(``compute_at``); the accumulator is a register tile (``local``); the epilogue
+(``base - 2 * acc``) is fused under the ``ow`` loop. The reduction over ``(kh, kw, cw)`` for one
+output position and 16 output channels is blockized and its body replaced by a Harley-Seal
+carry-save popcount micro-kernel (``microkernel="harley-seal"``; on VNNI targets the few
+remaining popcounts are a byte LUT + one ``vpdpbusd``), or kept as the plain vectorised
+``popcount`` loop (``microkernel="popcount"``, the first simple schedule; the better choice
+where the target has VPOPCNTDQ). ``microkernel="auto"`` (default) picks between them.
+(``sch.tensorize`` would be the natural primitive, but it segfaults in apache-tvm
+0.27.0.post1; see ``kernels/microkernel.py``.)
+
+int8 / W1Ak conv and dense (``schedule_int8_conv2d``, ``schedule_int8_dense``): a register
+tile of ``T`` output pixels x 16 output channels (int32 zmm accumulators); for every group of
+4 input channels, one ``vpdpbusd`` per pixel (u8 activations broadcast, int8 weights
+``[16, 4]``). Without VNNI the same loop nest is vectorised over the 16 channels.
+
+Order that works in TVM 0.27: loop transforms, vectorize/unroll, then decompose_reduction,
+then blockize + micro-kernel replacement.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+import tvm.s_tir as s_tir
+
+from ..kernels.microkernel import (SlotPool, best_counter_depth, carry_save_popcount, find_region,
+                                   replace_block_body)
+from ..target import as_target, has_feature, has_vnni
+
+__all__ = [
+    "schedule_bitpack", "schedule_quantize", "schedule_binary_conv2d", "schedule_binary_dense",
+    "schedule_int8_conv2d", "schedule_int8_dense", "pick_tile", "pick_microkernel",
+]
+
+
+def _sched(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, str]:
+    name = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else "main"
+    sch = s_tir.Schedule(tvm.IRModule({name: func}))
+    sch.work_on(name)
+    return sch, name
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def pick_tile(n: int, max_tile: int) -> int:
+    """Largest divisor of ``n`` that is <= ``max_tile``."""
+    for t in range(min(n, max_tile), 0, -1):
+        if n % t == 0:
+            return t
+    return 1
+
+
+# --------------------------------------------------------------------------------------
+# activation packing / quantisation
+# --------------------------------------------------------------------------------------
+
+def schedule_bitpack(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
+    """Block ``bitpack`` (loops n, h, w, cw, b): parallel over rows, vectorise w, unroll bits."""
+    sch, _ = _sched(func)
+    blk = sch.get_sblock("bitpack")
+    n, h, w, cw, b = sch.get_loops(blk)
+    vw = pick_tile(_extent(sch, w), 16)
+    wo, wi = sch.split(w, [None, vw])
+    sch.reorder(n, h, cw, wo, b, wi)
+    row = sch.fuse(n, h)
+    sch.parallel(row)
+    if vw > 1:
+        sch.vectorize(wi)
+    sch.unroll(b)
+    sch.decompose_reduction(blk, b)
+    return sch.mod[sch.func_working_on]
+
+
+def schedule_quantize(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
+    """Block ``quantize``: parallel over rows (conv) or over all (dense), vectorised inner axis."""
+    sch, _ = _sched(func)
+    blk = sch.get_sblock("quantize")
+    loops = sch.get_loops(blk)
+    if len(loops) == 4:
+        n, h, w, c = loops
+        row = sch.fuse(n, h)
+        sch.parallel(row)
+        vc = pick_tile(_extent(sch, c), 16)
+        co, ci = sch.split(c, [None, vc])
+        if vc > 1:
+            sch.vectorize(ci)
+    else:
+        m, k = loops
+        sch.parallel(m)
+        vk = pick_tile(_extent(sch, k), 16)
+        ko, ki = sch.split(k, [None, vk])
+        if vk > 1:
+            sch.vectorize(ki)
+    return sch.mod[sch.func_working_on]
+
+
+# --------------------------------------------------------------------------------------
+# W1A1
+# --------------------------------------------------------------------------------------
+
+def _hs_body(acc_name: str, x_name: str, w_name: str, x_taps, w_taps, lanes: int, top=None,
+             vnni_popcount: bool = False, tile: int = 1, tile_axis: int | None = None):
+    """Micro-kernel for a blockized ``acc[..., 0:L] += sum_taps popcount(x[tap] ^ w[tap, 0:L])``.
+
+    Written directly as ``L``-lane vector TIR: each tap is ``broadcast(x word) ^ w[16 lanes]``,
+    combined by :func:`carry_save_popcount`; the intermediate vectors live in small ``local``
+    buffers of ``uint32xL`` (promoted to registers by LLVM), popcounts are added to the
+    accumulator tile as soon as they are known. ``x_taps(mins, extents, t)`` and
+    ``w_taps(mins)`` give, per tap, the element index of the x word (of tile element ``t``) and
+    of lane 0 of the weight vector, from the block's region mins/extents. ``tile`` independent networks (accumulator axis ``tile_axis``) are interleaved.
+    """
+
+    def make(blk):
+        cbuf, cmin, _ = find_region(blk, acc_name)
+        xbuf, xmin, xext = find_region(blk, x_name)
+        wbuf, wmin, _ = find_region(blk, w_name)
+        wdt = str(wbuf.dtype)
+        streams, buffers = [], []
+        for t in range(tile):
+            stmts, pool = make_one(cbuf, cmin, xbuf, xmin, xext, wbuf, wmin, wdt, t)
+            streams.append(stmts)
+            buffers += pool.buffers
+        # interleave the independent networks of the tile (more independent work in flight)
+        out = []
+        for i in range(max(len(s_) for s_ in streams)):
+            out += [s_[i] for s_ in streams if i < len(s_)]
+        return (tirx.SeqStmt(out) if len(out) > 1 else out[0]), buffers
+
+    def make_one(cbuf, cmin, xbuf, xmin, xext, wbuf, wmin, wdt, t):
+        words = []
+        for xi, wi in zip(x_taps(xmin, xext, t), w_taps(wmin)):
+            xv = tirx.Broadcast(tirx.BufferLoad(xbuf, list(xi)), lanes)
+            wv = tirx.BufferLoad(wbuf, list(wi[:-1]) + [tirx.Ramp(wi[-1], 1, lanes)])
+            words.append(xv ^ wv)
+        pool = SlotPool(f"{wdt}x{lanes}", prefix=f"cs{t}_r")
+        cidx = list(cmin[:-1]) + [tirx.Ramp(cmin[-1], 1, lanes)]
+        if tile_axis is not None:
+            cidx[tile_axis] = cmin[tile_axis] + t
+
+        def popcount(v):
+            return tirx.popcount(v).astype(f"int32x{lanes}")
+
+        def accumulate(term):
+            return tirx.BufferStore(cbuf, tirx.BufferLoad(cbuf, cidx) + term, cidx)
+
+        if vnni_popcount and lanes == 16:
+            # popcount per byte (vpshufb nibble LUT), then one vpdpbusd sums the 4 byte counts
+            # of each 32-bit lane, times the word's weight 2**k, into the int32 accumulator
+            # (instead of the ~6-instruction unpack/vpsadbw/pack horizontal sum).
+            def vnni_acc(word, k):
+                bytes_ = tirx.popcount(tirx.reinterpret("uint8x64", word))
+                mult = tirx.Broadcast(tirx.const(1 << k, "int8"), 64)
+                val = tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512",
+                                                 tirx.BufferLoad(cbuf, cidx), bytes_, mult)
+                return tirx.BufferStore(cbuf, val, cidx)
+
+            stmts, _ = carry_save_popcount(words, top=top, pool=pool, accumulate_word=vnni_acc)
+        else:
+            stmts, _ = carry_save_popcount(words, top=top, popcount=popcount, pool=pool,
+                                           accumulate=accumulate)
+        return stmts, pool
+
+    return make
+
+
+def _popcount_cost(target) -> int:
+    """Instructions per popcount-and-accumulate of one vector (VNNI: LUT + vpdpbusd)."""
+    return 7 if has_vnni(target) else 12
+
+
+def pick_microkernel(target, microkernel: str = "auto") -> str:
+    """``"auto"``: the plain vector popcount where the target has AVX-512 VPOPCNTDQ (one
+    instruction per vector: e.g. ``mcpu=icelake-server``), else the Harley-Seal network
+    (Cascade Lake, generic x86-64)."""
+    if microkernel == "auto":
+        return "popcount" if has_feature(target, "avx512vpopcntdq") else "harley-seal"
+    if microkernel not in ("harley-seal", "popcount"):
+        raise ValueError(f"unknown microkernel {microkernel!r}")
+    return microkernel
+
+
+def schedule_binary_conv2d(func: tirx.PrimFunc, target=None, microkernel: str = "auto",
+                           counter_depth: int | None = None, tile: int | None = None) -> tirx.PrimFunc:
+    """Schedule the ``binary_conv2d_nhwc`` PrimFunc (blocks ``xpad``, ``acc``, ``out``).
+
+    ``tile``: output pixels per micro-kernel call (Harley-Seal: that many independent adder
+    networks interleaved; default 1: measured no faster at 2 and slower at 4, the kernel is
+    bound by vector ALU throughput, not latency), ``counter_depth``: the carry-save counter
+    depth (default: chosen by op count).
+    """
+    target = as_target(target)
+    microkernel = pick_microkernel(target, microkernel)
+    sch, _ = _sched(func)
+    acc = sch.get_sblock("acc")
+    n, oh, ow, ob, l, kh, kw, cw = sch.get_loops(acc)
+    KH, KW, CW, L, OW = (_extent(sch, v) for v in (kh, kw, cw, l, ow))
+    OC = int(func.params[-1].shape[-1])
+    T = pick_tile(OW, tile if tile is not None else 1) if microkernel == "harley-seal" else 1
+    owo, owi = sch.split(ow, [None, T])
+    sch.reorder(n, oh, ob, owo, owi, l, kh, kw, cw)
+    row = sch.fuse(n, oh)
+    sch.parallel(row)
+    sch.set_scope(acc, 0, "local")
+    xpad = sch.get_sblock("xpad")
+    sch.compute_at(xpad, row)
+    sch.set_scope(xpad, 0, "local")
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, owo)
+    if OC % L == 0:
+        sch.vectorize(sch.get_loops(out)[-1])
+    if microkernel == "popcount":
+        sch.reorder(kh, kw, cw, l)
+        sch.vectorize(l)
+        sch.unroll(cw)
+        init = sch.decompose_reduction(acc, kh)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch.mod[sch.func_working_on]
+    init = sch.decompose_reduction(acc, owi)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.blockize(owi)
+    func = sch.mod[sch.func_working_on]
+    wname = str(func.params[1].name)
+    taps = [(a, b, c) for a in range(KH) for b in range(KW) for c in range(CW)]
+    top = counter_depth if counter_depth is not None else best_counter_depth(len(taps), _popcount_cost(target))
+
+    def x_taps(m, ext, t):
+        s = (int(ext[2]) - KW) // (T - 1) if T > 1 else 0  # region columns: (T-1)*stride + KW
+        return [[m[0], m[1] + a, m[2] + t * s + b, m[3] + c] for a, b, c in taps]
+
+    make = _hs_body(
+        "acc", "xpad", wname, x_taps,
+        lambda m: [[m[0], m[1] + a, m[2] + b, m[3] + c, m[4]] for a, b, c in taps],
+        L, top, vnni_popcount=has_vnni(target), tile=T, tile_axis=2)
+    return replace_block_body(func, "acc_update_o", make)
+
+
+def schedule_binary_dense(func: tirx.PrimFunc, target=None, microkernel: str = "auto",
+                          counter_depth: int | None = None) -> tirx.PrimFunc:
+    """Schedule the ``binary_dense`` PrimFunc (blocks ``acc`` ``[M, NB, L]``, ``out``)."""
+    target = as_target(target)
+    microkernel = pick_microkernel(target, microkernel)
+    sch, _ = _sched(func)
+    acc = sch.get_sblock("acc")
+    m, nb, l, k = sch.get_loops(acc)
+    K, L = _extent(sch, k), _extent(sch, l)
+    N = int(func.params[-1].shape[-1])
+    outer = sch.fuse(m, nb)
+    sch.parallel(outer)
+    sch.set_scope(acc, 0, "local")
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, outer)
+    if N % L == 0:
+        sch.vectorize(sch.get_loops(out)[-1])
+    if microkernel == "popcount":
+        sch.reorder(k, l)
+        sch.vectorize(l)
+        init = sch.decompose_reduction(acc, k)
+        sch.vectorize(sch.get_loops(init)[-1])
+        return sch.mod[sch.func_working_on]
+    init = sch.decompose_reduction(acc, l)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.blockize(l)
+    func = sch.mod[sch.func_working_on]
+    xname = str(func.params[0].name)
+    wname = str(func.params[1].name)
+    top = counter_depth if counter_depth is not None else best_counter_depth(K, _popcount_cost(target))
+    make = _hs_body(
+        "acc", xname, wname,
+        lambda mm, ext, t: [[mm[0], mm[1] + c] for c in range(K)],
+        lambda mm: [[mm[0], mm[1] + c, mm[2]] for c in range(K)],
+        L, top, vnni_popcount=has_vnni(target))
+    return replace_block_body(func, "acc_update_o", make)
+
+
+# --------------------------------------------------------------------------------------
+# int8 / W1Ak
+# --------------------------------------------------------------------------------------
+
+def _vnni_body(acc_name: str, x_name: str, w_name: str, tile: int, x_step, lanes: int):
+    """``acc[t, 0:16] = vpdpbusd(acc[t, 0:16], broadcast(x[t, 0:4]), w[0:16, 0:4])`` for t < tile.
+
+    ``x_step(mins, extents, t) -> index list`` of the 4 activation bytes of tile element ``t``;
+    the accumulator's tile axis is the last region axis of extent ``tile`` before the lane axis.
+    """
+
+    def make(blk):
+        cbuf, cmin, cext = find_region(blk, acc_name)
+        xbuf, xmin, xext = find_region(blk, x_name)
+        wbuf, wmin, _ = find_region(blk, w_name)
+        tile_axis = [i for i, e in enumerate(cext) if int(e) == tile and i != len(cext) - 1]
+        tile_axis = tile_axis[-1] if tile_axis else None
+        wvec = wbuf.vload(list(wmin), f"int8x{4 * lanes}")
+        stmts = []
+        for t in range(tile):
+            a = tirx.reinterpret("int32", xbuf.vload(x_step(xmin, xext, t), "uint8x4"))
+            a = tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(a, lanes))
+            cidx = list(cmin[:-1]) + [tirx.Ramp(cmin[-1], 1, lanes)]
+            if tile_axis is not None:
+                cidx[tile_axis] = cmin[tile_axis] + t
+            cv = tirx.BufferLoad(cbuf, cidx)
+            val = tirx.call_llvm_pure_intrin(f"int32x{lanes}", "llvm.x86.avx512.vpdpbusd.512", cv, a, wvec)
+            stmts.append(tirx.BufferStore(cbuf, val, cidx))
+        return tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
+
+    return make
+
+
+def schedule_int8_conv2d(func: tirx.PrimFunc, target=None, stride: int | None = None,
+                         tile: int | None = None) -> tirx.PrimFunc:
+    """Schedule ``int8_conv2d_nhwc`` (blocks ``xpad``, ``acc`` ``[N, OH, OW, OCB, L]``, ``out``).
+
+    ``tile``: at most this many output pixels per register tile (the largest divisor of OW
+    not above it; default 16).
+    ``stride`` is read off the blockized input region (``(tile - 1) * stride + 1`` columns)
+    when not given."""
+    target = as_target(target)
+    vnni = has_vnni(target)
+    sch, _ = _sched(func)
+    acc = sch.get_sblock("acc")
+    n, oh, ow, ob, l, kh, kw, cg, j = sch.get_loops(acc)
+    OW, L = _extent(sch, ow), _extent(sch, l)
+    OC = int(func.params[-1].shape[-1])
+    T = pick_tile(OW, tile or 16)
+    owo, owi = sch.split(ow, [None, T])
+    sch.reorder(n, oh, ob, owo, kh, kw, cg, owi, l, j)
+    row = sch.fuse(n, oh)
+    sch.parallel(row)
+    sch.set_scope(acc, 0, "local")
+    xpad = sch.get_sblock("xpad")
+    sch.compute_at(xpad, row)
+    sch.set_scope(xpad, 0, "local")
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, owo)
+    if OC % L == 0:
+        sch.vectorize(sch.get_loops(out)[-1])
+    use_vnni = vnni and L == 16
+    if not use_vnni:
+        sch.reorder(owi, j, l)
+        sch.vectorize(l)
+        sch.unroll(j)
+        sch.unroll(owi)
+    init = sch.decompose_reduction(acc, kh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if not use_vnni:
+        return sch.mod[sch.func_working_on]
+    sch.blockize(owi)
+    func = sch.mod[sch.func_working_on]
+    wname = str(func.params[1].name)
+
+    def x_step(m, ext, t):
+        s = stride
+        if T > 1:
+            s_region = (int(ext[2]) - 1) // (T - 1)
+            if s is not None and s != s_region:
+                raise ValueError(f"stride {s} disagrees with the input region (stride {s_region})")
+            s = s_region
+        return [m[0], m[1], m[2] + t * (s or 1), m[3]]
+
+    make = _vnni_body("acc", "xpad", wname, T, x_step, L)
+    return replace_block_body(func, "acc_update_o", make)
+
+
+def schedule_int8_dense(func: tirx.PrimFunc, target=None, tile: int | None = None) -> tirx.PrimFunc:
+    """Schedule ``int8_dense`` (blocks ``acc`` ``[M, NB, L]``, ``out``)."""
+    target = as_target(target)
+    vnni = has_vnni(target)
+    sch, _ = _sched(func)
+    acc = sch.get_sblock("acc")
+    m, nb, l, kg, j = sch.get_loops(acc)
+    M, L = _extent(sch, m), _extent(sch, l)
+    N = int(func.params[-1].shape[-1])
+    T = pick_tile(M, tile or 8)
+    mo, mi = sch.split(m, [None, T])
+    sch.reorder(mo, nb, kg, mi, l, j)
+    outer = sch.fuse(mo, nb)
+    sch.parallel(outer)
+    sch.set_scope(acc, 0, "local")
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, outer)
+    if N % L == 0:
+        sch.vectorize(sch.get_loops(out)[-1])
+    use_vnni = vnni and L == 16
+    if not use_vnni:
+        sch.reorder(mi, j, l)
+        sch.vectorize(l)
+        sch.unroll(j)
+        sch.unroll(mi)
+    init = sch.decompose_reduction(acc, kg)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if not use_vnni:
+        return sch.mod[sch.func_working_on]
+    sch.blockize(mi)
+    func = sch.mod[sch.func_working_on]
+    xname = str(func.params[0].name)
+    wname = str(func.params[1].name)
+    make = _vnni_body("acc", xname, wname, T, lambda mm, ext, t: [mm[0] + t, mm[1]], L)
+    return replace_block_body(func, "acc_update_o", make)

@@ -1,0 +1,212 @@
+"""CUDA build of the binary kernels without a GPU: the CUDA source uses `__popc`, nvcc turns it
+into PTX with `popc.b32`, and the module exports (to be JIT-compiled on a GPU machine).
+
+nvcc is needed for the PTX test: without it that test FAILS with a clear message unless
+BQC_SKIP_CUDA=1. A last test runs the kernels on a GPU when one is present (skipped otherwise).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from bqc import packing as P  # noqa: E402
+from bqc.backends.tvm import cuda  # noqa: E402
+from bqc.backends.tvm.schedules import cuda as S  # noqa: E402
+from bqc.errors import BqcError  # noqa: E402
+
+# the kernel builders and reference cases are shared with the ARM tests
+from test_arm import (  # noqa: E402
+    LANES,
+    bitpack_kernel,
+    conv_inputs,
+    conv_kernel,
+    dense_inputs,
+    dense_kernel,
+    int8_conv_kernel,
+    int8_dense_kernel,
+)
+
+DENSE = dict(m=8, k=512, n=64)
+CONV = dict(n=1, c=128, h=8, w=8, oc=32, kh=3, stride=1, pad=1)
+
+
+def _module(arch="sm_80"):
+    funcs = {
+        "bdense": S.schedule_binary_dense(dense_kernel(**DENSE)),
+        "bconv": S.schedule_binary_conv2d(conv_kernel(**CONV)),
+        "bitpack": S.schedule_bitpack(bitpack_kernel(1, 70, 8, 8)),
+        "i8conv": S.schedule_int8_conv2d(int8_conv_kernel(**CONV)),
+        "bdense_mma": S.binary_dense_mma(DENSE["m"], DENSE["k"], DENSE["n"], form=S.mma_form(arch)),
+    }
+    return tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()})
+
+
+@pytest.fixture(scope="module", params=["sm_80", "sm_90"])
+def cuda_build(request):
+    return request.param, cuda.build_cuda(_module(request.param), request.param)
+
+
+def _require_nvcc():
+    if os.environ.get("BQC_SKIP_CUDA") == "1":
+        pytest.skip("BQC_SKIP_CUDA=1: nvcc tests skipped")
+    try:
+        return cuda.find_nvcc()
+    except BqcError as e:
+        pytest.fail(f"{e}")
+
+
+def test_cuda_source_uses_popc_and_thread_binding(cuda_build):
+    _, ex = cuda_build
+    src = cuda.cuda_source(ex)
+    for name in ("bdense", "bconv"):
+        m = re.search(rf'void __launch_bounds__\(\d+\) {name}_kernel\([^;{{]*\)\s*{{.*?\n}}\n', src, re.S)
+        assert m, f"no CUDA kernel {name}_kernel"
+        body = m.group(0)
+        assert "__popc(" in body, f"{name}: no __popc in the CUDA source"
+        assert "threadIdx.x" in body and "blockIdx.x" in body
+        assert "acc_local" in body, f"{name}: accumulator is not thread-local"
+    assert re.search(r"__global__ void __launch_bounds__\(\d+\) i8conv_kernel", src)
+    assert re.search(r"__global__ void __launch_bounds__\(\d+\) bitpack_kernel", src)
+
+
+def test_cuda_ptx_has_popc(cuda_build):
+    _require_nvcc()
+    arch, ex = cuda_build
+    ev = cuda.popcount_evidence(ex, arch)
+    assert ev["source"], "no __popc in the CUDA source"
+    assert ev["ptx"] and all(re.search(r"popc\.b(32|64)", ln) for ln in ev["ptx"]), "no popc.b32/.b64 in the PTX"
+    assert ev["ptx_target"] == [f".target {arch}"]
+    # the tensor-core kernel: XOR-popc on sm_80, AND-popc on sm_90
+    form = S.mma_form(arch)
+    mma = [ln for ln in cuda.compile_ptx(ex, arch).splitlines() if "mma.sync" in ln]
+    assert mma and all(f"m16n8k128.row.col.s32.b1.b1.s32.{form}.popc" in ln for ln in mma), mma[:2]
+
+
+def test_cuda_fatbin_compiles(cuda_build):
+    """ptxas accepts the kernels too (SASS for the arch)."""
+    _require_nvcc()
+    arch, ex = cuda_build
+    assert len(cuda.compile_fatbin(ex, arch)) > 1000
+
+
+def test_cuda_export_without_gpu(cuda_build, tmp_path):
+    _, ex = cuda_build
+    lib = cuda.export_cuda_library(ex, tmp_path / "kernels.so")
+    data = lib.read_bytes()
+    assert lib.stat().st_size > 0
+    # the device code travels as CUDA source (JIT-compiled when loaded on a GPU machine)
+    assert b"bconv_kernel" in data and b"__popc" in data
+
+
+EMU_CASES = [
+    ("bconv", dict(n=2, c=70, h=9, w=7, oc=16, kh=3, stride=2, pad=1)),
+    ("bconv", dict(n=1, c=64, h=6, w=6, oc=40, kh=3, stride=1, pad=1)),
+    ("bdense", dict(m=5, k=100, n=40)),
+    ("i8conv", dict(n=1, c=70, h=5, w=5, oc=40, kh=3, stride=1, pad=1)),
+    ("i8dense", dict(m=5, k=100, n=40)),
+    ("bitpack", dict(n=2, c=70, h=5, w=6)),
+    ("quantize", dict(n=1, c=70, h=5, w=6)),
+    ("mma_xor", dict(m=20, k=200, n=40)),
+    ("mma_and", dict(m=20, k=200, n=40)),
+]
+
+
+def _emu_case(kind, case, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "bconv":
+        inputs, ref = conv_inputs(seed=seed, **case)
+        return S.schedule_binary_conv2d(conv_kernel(**case)), inputs, ref
+    if kind == "bdense":
+        inputs, ref = dense_inputs(seed=seed, **case)
+        return S.schedule_binary_dense(dense_kernel(**case)), inputs, ref
+    if kind.startswith("mma_"):
+        inputs, ref = dense_inputs(seed=seed, **case)
+        return S.binary_dense_mma(case["m"], case["k"], case["n"], form=kind[4:]), inputs, ref
+    if kind == "i8conv":
+        q = rng.integers(-8, 8, (case["n"], case["c"], case["h"], case["w"]))
+        w = rng.choice([-1, 1], (case["oc"], case["c"], case["kh"], case["kh"]))
+        ref = P.ref_w1ak_conv2d(q, w, case["stride"], case["pad"])
+        return S.schedule_int8_conv2d(int8_conv_kernel(**case)), [P.pack_codes(q), P.block_oc_int8(w), P.int8_bias(w)], ref
+    if kind == "i8dense":
+        q, w = rng.integers(-8, 8, (case["m"], case["k"])), rng.choice([-1, 1], (case["n"], case["k"]))
+        return (S.schedule_int8_dense(int8_dense_kernel(case["m"], case["k"], case["n"])),
+                [P.pack_codes(q), P.block_oc_int8(w), P.int8_bias(w)], P.ref_w1ak_dense(q, w))
+    if kind == "bitpack":
+        x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(np.float32)
+        tau = (0.1 * rng.standard_normal(case["c"])).astype(np.float32)
+        return S.schedule_bitpack(bitpack_kernel(**case)), [x, tau], P.pack_activations(x, tau)
+    if kind == "quantize":
+        from tvm import te
+
+        from bqc.backends.tvm.kernels.int8 import quantize_u8
+
+        x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(np.float32)
+        scale = np.array([0.37], np.float32)
+        xp, sp = te.placeholder(x.shape, "float32", name="x"), te.placeholder((1,), "float32", name="scale")
+        func = te.create_prim_func([xp, sp, quantize_u8(xp, sp, bits=4)])
+        q = np.clip(np.round(x / scale[0]), -8, 7).astype(np.int32)
+        return S.schedule_quantize(func), [x, scale], P.pack_codes(q)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind,case", EMU_CASES, ids=[f"{k}{i}" for i, (k, _) in enumerate(EMU_CASES)])
+def test_cuda_kernels_emulated_on_cpu(kind, case):
+    """The generated CUDA C, run on the CPU (one std::thread per CUDA thread, the b1 mma.sync
+    emulated per the PTX fragment layout), equals bqc.packing's numpy reference."""
+    func, inputs, ref = _emu_case(kind, case, seed=len(kind) + sum(case.values()))
+    arch = "sm_90" if kind == "mma_and" else "sm_80"
+    (got,) = cuda.emulate_kernel(func, inputs, [ref.shape], [ref.dtype], arch=arch)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_mma_form_by_arch():
+    assert S.mma_form("sm_80") == "xor" and S.mma_form("sm_86") == "xor" and S.mma_form("sm_90") == "and"
+    with pytest.raises(ValueError):
+        S.mma_form("sm_100")
+
+
+def test_bad_arch_is_a_bqc_error():
+    with pytest.raises(BqcError, match="arch"):
+        cuda.cuda_target("ampere")
+
+
+def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(cuda, "_CUDA_HOMES", ())
+    with pytest.raises(BqcError, match="nvcc") as e:
+        cuda.find_nvcc()
+    assert "BQC_SKIP_CUDA" in str(e.value)
+
+
+def _have_gpu() -> bool:
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _have_gpu(), reason="no CUDA GPU here (build-only checks and the CPU emulation above still ran)")
+def test_cuda_kernels_on_gpu(tmp_path):
+    """On a GPU machine: every emulated case, exported, loaded (JIT-compiled) and run on the GPU."""
+    dev = tvm.cuda(0)
+    arch = "sm_" + dev.compute_version.replace(".", "")
+    try:
+        form = S.mma_form(arch)
+    except ValueError:
+        form = None
+    for i, (kind, case) in enumerate(EMU_CASES):
+        if kind.startswith("mma_") and kind[4:] != form:
+            continue
+        func, inputs, ref = _emu_case(kind, case, seed=len(kind) + sum(case.values()))
+        ex = cuda.build_cuda(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), arch)
+        lib = cuda.load_cuda_library(cuda.export_cuda_library(ex, tmp_path / f"k{i}.so"))
+        args = [tvm.runtime.tensor(a, dev) for a in inputs] + [tvm.runtime.tensor(np.zeros(ref.shape, ref.dtype), dev)]
+        lib["k"](*args)
+        np.testing.assert_array_equal(args[-1].numpy(), ref, err_msg=f"{kind}{i} on {arch}")
