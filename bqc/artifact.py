@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from bqc import __version__, ir
-from bqc.errors import BqcError, require_file
+from bqc.errors import BqcError, normal_permissions, require_file
 from bqc.graph import BqcModel
 
 FORMAT_VERSION = 1
@@ -76,6 +76,8 @@ def save_artifact(out: str | Path, *, base_ep, gm: fx.GraphModule, recipe, wbits
     try:
         torch.export.save(base_ep, str(tmp / "base.pt2"))
         save_file(state_dict_for_save(gm), str(tmp / "model.safetensors"))
+        normal_permissions(tmp / "model.safetensors")
+        os.chmod(tmp, 0o755)  # mkdtemp makes the directory 0700
         (tmp / "graph.txt").write_text(ir.dump(gm))
         meta = ir.graph_meta(gm)
         manifest = {

@@ -26,3 +26,16 @@ def require_file(path, what: str = "file"):
     if not p.exists():
         raise BqcError(f"{what} not found: {p}", hint="check the path (relative paths are taken from the current directory)")
     return p
+
+
+def normal_permissions(path) -> None:
+    """Give a freshly written file the usual rw-r--r-- (umask-respecting) permissions.
+
+    safetensors writes its files 0600, which makes shipped checkpoints and artifacts
+    unreadable for other users.
+    """
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

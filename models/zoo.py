@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from bqc.errors import BqcError
+from bqc.errors import BqcError, normal_permissions
 
 from .unet import UNetModel
 
@@ -289,6 +289,7 @@ def save_model(model: torch.nn.Module, config: str | Mapping[str, Any], dir: str
             seen.add(key)
         tensors[k] = v
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "bqc_model_config": json.dumps(cfg, sort_keys=True)})
+    normal_permissions(out / WEIGHTS_FILE)
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
 

@@ -110,7 +110,8 @@ class LoopResult:
     checkpoint: Optional[Path]
     ema: Optional[dict]                  # name -> tensor for the EMA'd floating-point entries
     last_terms: dict = field(default_factory=dict)
-    wall_s: float = 0.0
+    wall_s: float = 0.0                  # this run
+    wall_s_total: float = 0.0            # all runs that led to this checkpoint (resumes add up)
     resumed_from: Optional[int] = None
 
     def ema_state_dict(self, model: torch.nn.Module) -> dict:
@@ -359,7 +360,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     # ---- resume ------------------------------------------------------------------------------
     if resume not in (True, False, "auto"):
         raise BqcError(f"resume must be True, False or 'auto', got {resume!r}")
-    start, ema, resumed_from = 0, None, None
+    start, ema, resumed_from, wall_before = 0, None, None, 0.0
     if ckpt_path.exists() and resume is False:
         raise BqcError(f"{out_dir} already holds a training checkpoint ({ckpt_path.name})",
                        hint="pass --resume to continue it, or choose another output folder")
@@ -391,6 +392,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
         ema = {k: v.to(device) for k, v in ema_t.items()} if meta.get("has_ema") else None
         set_rng_state(tensors, meta["rng"])
         start = resumed_from = int(meta["step"])
+        wall_before = float(meta.get("wall_s", 0.0))
 
     train_model = model
     if dctx.world > 1:  # gradients are averaged by DDP; every rank starts from the same weights
@@ -415,6 +417,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
         meta = {"step": step, "steps_total": config.steps, "loop": config.resume_view(), "config": _normalise(asdict(config)),
                 "fingerprint": fingerprint, "optimizer": oj, "rng": rj, "has_ema": ema is not None,
                 "sampler": sampler.position(step), "data_n": n, "torch": torch.__version__,
+                "wall_s": round(wall_before + time.time() - t_begin, 3),
                 "extra": _normalise(extra_meta or {})}
         return save_checkpoint(ckpt_path, tensors, meta)
 
@@ -500,12 +503,12 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                     means = {k: v / win_steps for k, v in win_sums.items()}
                     if csvlog is not None:
                         csvlog.write({"step": step, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
-                                      "it_s": rate, "elapsed_s": now - t_begin})
+                                      "it_s": rate, "elapsed_s": wall_before + now - t_begin})
                     txt = " ".join(f"{k} {v:.4g}" for k, v in means.items())
                     if bar is not None:
                         bar.update(task, completed=step, rate=f"{rate:.2f} it/s", terms=txt)
                     elif config.progress and dctx.main and (step % print_every == 0 or step == config.steps):
-                        console.print(f"step {step}/{config.steps}  {txt}  {rate:.3g} it/s  {now - t_begin:.0f}s", highlight=False)
+                        console.print(f"step {step}/{config.steps}  {txt}  {rate:.3g} it/s  {wall_before + now - t_begin:.0f}s", highlight=False)
                     win_t, win_steps, win_sums = now, 0, {}
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
                     last_ckpt = write_checkpoint(step)
@@ -529,7 +532,8 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
             bar.stop()
     dctx.check_replicas(model, out_dir)
     return LoopResult(step=step, out_dir=out_dir, checkpoint=last_ckpt, ema=ema, last_terms=last_terms,
-                      wall_s=time.time() - t_begin, resumed_from=resumed_from)
+                      wall_s=time.time() - t_begin, wall_s_total=wall_before + time.time() - t_begin,
+                      resumed_from=resumed_from)
 
 
 def _ckpt_step(p) -> Any:

@@ -80,13 +80,14 @@ def pretrain(model_name: str = "mnist16", data: str = "mnist16", steps: int = 12
     model.load_state_dict(res.ema_state_dict(model))
     model.eval()
     info = {"steps": res.step, "batch": batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay, "ema_warmup": ema_warmup, "seed": seed,
-            "data": data, "schedule": schedule.to_dict(), "wall_s_this_run": round(wall, 1),
-            "resumed_from": res.resumed_from, "weights": "ema" if res.ema else "raw"}
+            "data": data, "threads": torch.get_num_threads(), "train_wall_s": round(res.wall_s_total, 1),
+            "weights": "ema" if res.ema else "raw", "torch": torch.__version__}
     config = dict(model_config)
     config["meta"] = {**config.get("meta", {}), "diffusion": {"objective": "eps", **schedule.to_dict()},
                       "pretrain": info}
     zoo.save_model(model, config, out_dir)
-    (out_dir / "train" / "pretrain_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    run_info = {**info, "wall_s_this_run": round(wall, 1), "resumed_from": res.resumed_from}
+    (out_dir / "train" / "pretrain_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
     return out_dir
 
 
