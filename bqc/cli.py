@@ -299,11 +299,12 @@ def pretrain(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/mnist16-fp"), "--out", "-o"),
     resume: bool = typer.Option(False, "--resume", help="continue the checkpoint in OUT/train"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (1 is faster on a busy machine)"),
 ):
     """Train a full-precision zoo UNet (EMA weights) — how the shipped mnist16 was made."""
     from bqc.train.pretrain import pretrain as run
 
-    path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume)
+    path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume, threads=threads)
     console.print(f"[bold]wrote[/] {path} (config.json + model.safetensors, EMA weights)")
 
 
@@ -393,14 +394,53 @@ def evaluate_cmd(
     console.print(f"class histogram {m['class_hist']}")
 
 
+# lowering -----------------------------------------------------------------------------------
+BACKENDS = ("onnx", "tvm-x86", "tvm-arm", "tvm-cuda")
+
+
+@app.command()
+def lower(
+    target: str = typer.Argument(..., help="artifact (transformed or trained)"),
+    backend: str = typer.Option("tvm-x86", "--backend", "-b", help="onnx | tvm-x86 | tvm-arm | tvm-cuda"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (library, packed params, manifest.json)"),
+    batch: int = typer.Option(16, "--batch", help="batch size compiled into the TVM module"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="threads the CPU target is built for"),
+):
+    """Fold the trained quantizers into packed/integer form and compile for a target."""
+    if backend not in BACKENDS:
+        raise BqcError(f"unknown backend {backend!r}", hint=f"valid backends: {', '.join(BACKENDS)}")
+    from bqc.backends.tvm import lower as tvm_lower
+
+    path = tvm_lower.lower(target, backend, out, batch=batch, threads=threads)
+    console.print(f"[bold]wrote[/] {path}")
+
+
+@app.command()
+def bench(
+    target: str = typer.Argument(..., help="compiled directory from `bqc lower`"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="threads for both bqc and torch (default: all cores)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Time the compiled UNet step against PyTorch FP32 eager at the same threads and batch."""
+    from bqc.backends.tvm import lower as tvm_lower
+
+    r = tvm_lower.bench(target, threads=threads)
+    if as_json:
+        sys.stdout.write(json.dumps(r, default=float) + "\n")
+        return
+    console.print(f"{r['backend']}: {r['bqc_ms']:.2f} ms vs torch fp32 {r['torch_fp32_ms']:.2f} ms "
+                  f"({r['speedup']:.2f}x) at {r['threads']} threads, batch {r['batch']}; "
+                  f"size {r['size_mb']:.3f} MiB vs {r['fp32_size_mb']:.3f} MiB fp32")
+
+
 @app.command()
 def demo(
-    steps: int = typer.Option(120, "--steps", help="QAT steps per recipe"),
+    steps: int = typer.Option(60, "--steps", help="QAT steps per recipe"),
     n: int = typer.Option(256, "-n", help="samples per evaluation"),
     sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps"),
     recipes: str = typer.Option("bidm,binarydm", "--recipes", help="comma-separated recipes"),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
-    lower: bool = typer.Option(True, "--lower/--no-lower", help="lower to tvm-x86 and benchmark when available"),
+    lower: bool = typer.Option(True, "--lower/--no-lower", help="lower the first recipe to tvm-x86 and benchmark it"),
 ):
     """The whole flow on the shipped mnist16: transform, QAT, sample, eval, report (and lower + bench)."""
     from bqc.demo import DemoOptions, run_demo

@@ -1,0 +1,130 @@
+"""Load a lowered (compiled) bqc model: the TVM runtime and numpy only, no training code.
+
+``load_compiled(dir) -> CompiledModel``: a sampler step model
+``model(x, t, y=None, state=None) -> (eps, new_state)`` (torch tensors in and out when given
+torch tensors, numpy otherwise), with ``.input_shape``, ``.conditional``, ``.batch``,
+``.num_state``. Like :class:`bqc.graph.BqcModel`, the first step (``state=None``) feeds zero
+caches and flag 0; later steps pass the returned state back. The library is compiled for a
+static batch (``manifest["batch"]``): smaller batches are zero-padded, larger ones split.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CompiledModel", "load_compiled"]
+
+
+def _np(a, dtype=None):
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    return np.array(a if dtype is None else a.astype(dtype, copy=False), order="C")  # keeps 0-d
+
+
+class CompiledModel:
+    def __init__(self, path):
+        import tvm
+        from tvm import relax
+
+        self.path = Path(path)
+        self.manifest = json.loads((self.path / "manifest.json").read_text())
+        m = self.manifest
+        if m.get("format") != "bqc-tvm":
+            raise ValueError(f"{self.path}: not a bqc TVM library (format {m.get('format')!r})")
+        if m["backend"] == "tvm-cuda":
+            from .tvm.cuda import load_cuda_library
+
+            lib = load_cuda_library(self.path / m["files"]["library"])
+            self.dev = tvm.cuda(0)
+        else:
+            lib = tvm.runtime.load_module(str(self.path / m["files"]["library"]))
+            self.dev = tvm.cpu(0)
+        self.lib = lib
+        self.vm = relax.VirtualMachine(lib, self.dev)
+        self._main = self.vm["main"]
+        self.batch = int(m["batch"])
+        self.input_shape = tuple(m["input_shape"])
+        self.conditional = bool(m["conditional"])
+        self.state_specs = m.get("state_inputs", [])
+        self.num_state = len(m.get("state_outputs", []))
+
+    def eval(self):  # sampler convenience, like nn.Module
+        return self
+
+    def raw_inputs(self, x, t, y=None, state=None) -> list:
+        """TVM tensors for ``main`` for exactly ``self.batch`` rows (numpy/torch inputs)."""
+        import tvm
+
+        b = self.batch
+        x = _np(x, np.float32)
+        t = _np(t, np.int64)
+        if t.ndim == 0:
+            t = np.full((b,), t, np.int64)
+        args = [x, t]
+        if self.conditional:
+            if y is None:
+                raise ValueError("this model is class-conditional: pass class labels y")
+            y = _np(y, np.int64)
+            args.append(np.full((b,), y, np.int64) if y.ndim == 0 else y)
+        if self.state_specs:
+            if state is None:
+                args += [np.zeros((b, *s["shape"]), np.float32) for s in self.state_specs]
+                args.append(np.zeros((), np.float32))
+            else:
+                args += [_np(s, np.float32) for s in state]
+                args.append(np.ones((), np.float32))
+        return [tvm.runtime.tensor(np.array(a, order="C"), self.dev) for a in args]
+
+    def _run(self, x, t, y, state):
+        out = self._main(*self.raw_inputs(x, t, y, state))
+        outs = [out] if hasattr(out, "numpy") else list(out)
+        return [o.numpy() for o in outs]
+
+    def __call__(self, x, t, y=None, state=None):
+        torch_in = hasattr(x, "detach")
+        xn = _np(x, np.float32)
+        n = xn.shape[0]
+        if tuple(xn.shape[1:]) != self.input_shape:
+            raise ValueError(f"input of shape {xn.shape} does not fit this model, which takes "
+                             f"(N, {', '.join(map(str, self.input_shape))})")
+        tn = _np(t, np.int64)
+        tn = np.full((n,), tn, np.int64) if tn.ndim == 0 else tn
+        yn = None
+        if self.conditional:
+            if y is None:
+                raise ValueError("this model is class-conditional: pass class labels y")
+            yn = _np(y, np.int64)
+            yn = np.full((n,), yn, np.int64) if yn.ndim == 0 else yn
+        sn = None if state is None else [_np(s, np.float32) for s in state]
+        b = self.batch
+        eps_parts, state_parts = [], []
+        for i in range(0, n, b):
+            j = min(i + b, n)
+            pad = b - (j - i)
+
+            def cut(a):
+                a = a[i:j]
+                if pad:
+                    a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)], axis=0)
+                return a
+
+            outs = self._run(cut(xn), cut(tn), None if yn is None else cut(yn),
+                             None if sn is None else [cut(s) for s in sn])
+            eps_parts.append(outs[0][: j - i])
+            state_parts.append([o[: j - i] for o in outs[1:]])
+        eps = np.concatenate(eps_parts, axis=0)
+        new_state = [np.concatenate([p[k] for p in state_parts], axis=0) for k in range(self.num_state)]
+        if torch_in:
+            import torch
+
+            eps = torch.from_numpy(eps)
+            new_state = [torch.from_numpy(s) for s in new_state]
+        return eps, (new_state if new_state else None)
+
+
+def load_compiled(dir) -> CompiledModel:
+    """A sampler-ready step model from a ``bqc lower`` output directory."""
+    return CompiledModel(dir)

@@ -1,0 +1,646 @@
+"""CPU schedules for the floating-point part of a lowered UNet (TVM 0.27, ``tvm.s_tir``).
+
+``tvm.compile`` leaves every legalized PrimFunc as plain single-threaded loops; this module
+gives each fused float PrimFunc a rule-based schedule (no tuning run):
+
+* **conv** (``bqc_fconv_*`` blocks, produced by :func:`conv_packed_compute` from the Relax
+  rewrite in :mod:`.relax_import`): the weight is pre-packed to ``[OC/B, IC, KH, KW, B]``
+  (``B`` = 16 output channels = one AVX-512 float vector); the accumulator is a register tile
+  of ``OT x B`` output channels by ``HT x WT`` output pixels kept in a ``local`` buffer,
+  reduced over ``(ic, kh, kw)`` with one broadcast input load per ``OT`` FMAs, then written back
+  to NCHW together with the fused epilogue (bias, time-embedding add, residual add).
+  The outer tiles (batch x channel blocks x rows x column blocks) run in parallel.
+* **gemm** (a reduction block whose body is ``sum(a * b)``: dense layers, attention
+  ``bmm``, a topi conv left as is): output-stationary register tile with the innermost output
+  axis vectorised, epilogue computed per tile.
+* **reduction** (GroupNorm statistics, softmax, anything else with a reduction): every block
+  at root, outer spatial loops parallel, reduction loops inner; spatial blocks vectorised.
+  ``tvm.s_tir.dlight.cpu.Reduction`` is tried first for the softmax-like pattern.
+* **injective** (SiLU, adds, concat, split, transpose, nearest upsample, the sin/cos time
+  embedding): every remaining block fused flat, a 16-lane vectorised inner chunk where the
+  trailing extent allows, the rest parallel.
+
+Producers/consumers that are pure elementwise or reindexing (reshape, expand_dims, broadcast
+adds) are inlined first. Small blocks (less than :data:`PARALLEL_MIN_WORK` scalar operations at
+batch 1) are not parallelised: a fork/join costs more than they do.
+
+Functions already scheduled are left untouched: :func:`is_scheduled` is true for a PrimFunc
+with a ``tirx.is_scheduled``/``tir.is_scheduled``/``bqc.scheduled`` attribute, with any
+non-serial loop (someone already parallelised/vectorised it), or with ``op_pattern == 8`` *and*
+a ``global_symbol`` (a hand-written opaque kernel, e.g. from
+:mod:`bqc.backends.tvm.kernels.build`; legalized TOPI functions such as ``group_norm`` are also
+opaque but private, and those we do schedule).
+
+Every schedule falls back to a simpler one if a primitive fails, down to "leave unchanged",
+so a new op pattern costs speed, never correctness. The rule used is recorded in the
+function attribute ``bqc.float_rule``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+import tvm
+from tvm import s_tir, te, tirx, topi
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.target import Target
+
+log = logging.getLogger(__name__)
+
+OP_PATTERN_OPAQUE = 8
+OP_PATTERN_OUT_EWISE_FUSABLE = 4
+#: output channels per packed weight block (16 float32 = one zmm register)
+OC_BLOCK = 16
+#: blocks doing less work than this (at batch 1) run single-threaded
+PARALLEL_MIN_WORK = 1 << 14
+#: maximum register accumulators (vectors) of a conv / gemm tile
+MAX_ACC = 16
+#: block-name prefix of the packed conv compute
+CONV_PREFIX = "bqc_fconv"
+SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled", "bqc.scheduled")
+
+
+# ----------------------------------------------------------------------------- conv compute
+
+
+def conv_block_size(out_channels: int) -> int:
+    """Packed output-channel block: 16, or the next power of two for a narrower conv."""
+    if out_channels >= OC_BLOCK:
+        return OC_BLOCK
+    b = 1
+    while b < out_channels:
+        b *= 2
+    return b
+
+
+def pack_conv_weight(w: np.ndarray, block: int | None = None) -> np.ndarray:
+    """``[OC, IC, *K]`` -> ``[ceil(OC/B), *K, IC, B]`` (zero-padded output channels)."""
+    w = np.asarray(w)
+    oc = w.shape[0]
+    nd = w.ndim - 2
+    block = block or conv_block_size(oc)
+    ocp = -(-oc // block) * block
+    if ocp != oc:
+        w = np.concatenate([w, np.zeros((ocp - oc,) + w.shape[1:], w.dtype)], axis=0)
+    w = w.reshape((ocp // block, block) + w.shape[1:])  # [OCB, B, IC, *K]
+    axes = (0,) + tuple(range(3, 3 + nd)) + (2, 1)
+    return np.ascontiguousarray(w.transpose(axes))
+
+
+def conv_packed_compute(x: te.Tensor, wp: te.Tensor, out_channels: int, strides: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int],
+                        out_dtype: str | None = None) -> te.Tensor:
+    """NC[H]W convolution with a packed weight ``wp[OC/B, *K, IC, B]`` (groups = 1).
+
+    ``padding`` is Relax's ``[before..., after...]``. Stages: ``bqc_fconv_pad`` (the input
+    zero-padded *and* transposed to channels-last ``[N, *IN_PADDED, IC]``, so that the reduction
+    over input channels reads contiguous memory), ``bqc_fconv_acc[N, OC/B, *OUT, B]`` (the
+    reduction, blocked layout, reduction order ``kh, kw, ic``), ``bqc_fconv_out[N, OC, *OUT]``
+    (back to NCHW; the scheduler inlines it into the epilogue).
+    """
+    nd = len(x.shape) - 2
+    out_dtype = out_dtype or x.dtype
+    ic = x.shape[1]
+    kernel = [int(k) for k in wp.shape[1:1 + nd]]
+    block = int(wp.shape[-1])
+    before = [int(p) for p in padding[:nd]]
+    after = [int(p) for p in padding[nd:2 * nd]]
+    strides = [int(s) for s in strides]
+    dilation = [int(d) for d in dilation]
+    in_sp = list(x.shape[2:])
+    pad_shape = [in_sp[i] + before[i] + after[i] for i in range(nd)]
+
+    def pad_f(*idx):
+        n, sp, c = idx[0], idx[1:1 + nd], idx[-1]
+        src = [sp[i] - before[i] for i in range(nd)]
+        conds = []
+        for i in range(nd):
+            if before[i]:
+                conds.append(sp[i] >= before[i])
+            if after[i]:
+                conds.append(sp[i] < before[i] + in_sp[i])
+        val = x[(n, c, *src)]
+        if not conds:
+            return val
+        return tirx.if_then_else(tirx.all(*conds), val, tirx.const(0, x.dtype))
+
+    xp = te.compute((x.shape[0], *pad_shape, ic), pad_f, name=f"{CONV_PREFIX}_pad")
+    out_sp = [
+        (pad_shape[i] - dilation[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+        for i in range(nd)
+    ]
+    rk = [te.reduce_axis((0, kernel[i]), name=f"rk{i}") for i in range(nd)]
+    rc = te.reduce_axis((0, ic), name="rc")
+
+    def acc_f(*idx):
+        n, o = idx[0], idx[1]
+        sp = idx[2:2 + nd]
+        b = idx[-1]
+        xi = [sp[i] * strides[i] + rk[i] * dilation[i] for i in range(nd)]
+        return te.sum(xp[(n, *xi, rc)].astype(out_dtype) * wp[(o, *rk, rc, b)].astype(out_dtype),
+                      axis=[*rk, rc])
+
+    acc = te.compute((x.shape[0], wp.shape[0], *out_sp, block), acc_f, name=f"{CONV_PREFIX}_acc")
+    return te.compute((x.shape[0], out_channels, *out_sp),
+                      lambda *i: acc[(i[0], i[1] // block, *i[2:], i[1] % block)],
+                      name=f"{CONV_PREFIX}_out")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _int(e) -> int | None:
+    if isinstance(e, int):
+        return e
+    if isinstance(e, tirx.IntImm):
+        return int(e.value)
+    return None
+
+
+def _extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
+    return _int(sch.get(loop).extent)
+
+
+def _extent1(sch, loop) -> int:
+    """Extent with symbolic extents counted as 1 (work estimates at batch 1)."""
+    e = _extent(sch, loop)
+    return 1 if e is None else e
+
+
+def _root(sch: s_tir.Schedule) -> SBlockRV:
+    return sch.get_sblock(sch.mod["main"].body.block.name_hint)
+
+
+def _blocks(sch: s_tir.Schedule) -> list[SBlockRV]:
+    return list(sch.get_child_blocks(_root(sch)))
+
+
+def _name(sch, block) -> str:
+    return sch.get(block).name_hint
+
+
+def _iter_kinds(sch, block) -> list[int]:
+    """Iter types of a block: 0 data-parallel, 2 reduction (others: opaque etc.)."""
+    return [int(iv.iter_type) for iv in sch.get(block).iter_vars]
+
+
+def _is_spatial(sch, block) -> bool:
+    return all(k == 0 for k in _iter_kinds(sch, block))
+
+
+def _is_reduction(sch, block) -> bool:
+    kinds = _iter_kinds(sch, block)
+    return any(k == 2 for k in kinds) and all(k in (0, 2) for k in kinds)
+
+
+def _all_blocks_recursive(sch) -> list[SBlockRV]:
+    out, todo = [], _blocks(sch)
+    while todo:
+        b = todo.pop()
+        out.append(b)
+        todo.extend(sch.get_child_blocks(b))
+    return out
+
+
+def is_scheduled(func: tirx.PrimFunc) -> bool:
+    """True if ``func`` must not be touched (see the module docstring)."""
+    attrs = func.attrs or {}
+    for key in SCHEDULED_ATTRS:
+        if key in attrs and bool(attrs[key]):
+            return True
+    if "op_pattern" in attrs and int(attrs["op_pattern"]) == OP_PATTERN_OPAQUE and "global_symbol" in attrs:
+        return True
+    try:
+        sch = s_tir.Schedule(func)
+        for b in _all_blocks_recursive(sch):
+            for lp in sch.get_loops(b):
+                if int(sch.get(lp).kind) != 0:
+                    return True
+    except Exception:  # not a schedulable (sblock) function: leave it alone
+        return True
+    return False
+
+
+def _vec_lanes(target: Target | None, bits: int = 32) -> int:
+    if target is None:
+        return 16
+    try:
+        from tvm.target.codegen import llvm_get_vector_width
+
+        w = int(llvm_get_vector_width(target))
+    except Exception:
+        w = 0
+    if w <= 0:
+        w = 512
+    return max(4, w // bits)
+
+
+def _largest_divisor(n: int | None, limit: int) -> int:
+    if n is None:
+        return 1
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _inline_injective(sch: s_tir.Schedule, keep: Callable[[str], bool] = lambda n: False) -> None:
+    """Inline every spatial non-output block (compute_inline, else reverse_compute_inline)."""
+    changed = True
+    while changed:
+        changed = False
+        outputs = {_name(sch, b) for b in sch.get_output_blocks(_root(sch))}
+        for b in _blocks(sch):
+            name = _name(sch, b)
+            if keep(name) or not _is_spatial(sch, b):
+                continue
+            if name not in outputs:
+                try:
+                    sch.compute_inline(b)
+                    changed = True
+                    break
+                except Exception:
+                    pass
+            try:
+                sch.reverse_compute_inline(b)
+                changed = True
+                break
+            except Exception:
+                pass
+
+
+def _work(sch, block) -> int:
+    return int(np.prod([_extent1(sch, lp) for lp in sch.get_loops(block)] or [1]))
+
+
+def _parallel(sch, loop, work: int) -> None:
+    if work >= PARALLEL_MIN_WORK:
+        sch.parallel(loop)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _schedule_injective_block(sch, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    work = _work(sch, block)
+    # trailing constant extent: how many inner elements we may vectorise across
+    trailing = 1
+    for lp in reversed(loops):
+        e = _extent(sch, lp)
+        if e is None:
+            break
+        trailing *= e
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    vec = 0
+    for v in (lanes, 8, 4):
+        if trailing % v == 0 and trailing >= v:
+            vec = v
+            break
+    if vec:
+        outer, inner = sch.split(fused, factors=[None, vec])
+        _parallel(sch, outer, work)
+        sch.vectorize(inner)
+    else:
+        _parallel(sch, fused, work)
+
+
+def _schedule_reduction_block(sch, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    kinds = _iter_kinds(sch, block)
+    # loops are in iter order for TOPI blocks: leading spatial loops then reductions
+    nlead = 0
+    for k in kinds:
+        if k != 0:
+            break
+        nlead += 1
+    if nlead == 0 or len(loops) != len(kinds):
+        return
+    work = _work(sch, block)
+    lead = sch.fuse(*loops[:nlead]) if nlead > 1 else loops[0]
+    _parallel(sch, lead, work)
+    inner = sch.get_loops(block)[-1]
+    e = _extent(sch, inner)
+    if e is not None and e > 4 and kinds[-1] == 2:
+        sch.annotate(inner, "pragma_auto_unroll_max_step", min(e, 16))
+        sch.annotate(inner, "pragma_unroll_explicit", 0)
+
+
+def schedule_elementwise(sch, target) -> str:
+    lanes = _vec_lanes(target)
+    _inline_injective(sch)
+    for b in _blocks(sch):
+        _schedule_injective_block(sch, b, lanes)
+    return "injective"
+
+
+def schedule_generic_reduction(sch, target) -> str:
+    lanes = _vec_lanes(target)
+    _inline_injective(sch)
+    for b in _blocks(sch):
+        if _is_spatial(sch, b):
+            _schedule_injective_block(sch, b, lanes)
+        elif _is_reduction(sch, b):
+            _schedule_reduction_block(sch, b, lanes)
+    return "reduction"
+
+
+def _gemm_like(sch, block) -> bool:
+    """A reduction block whose value is ``acc + a * b`` (two loads multiplied)."""
+    if not _is_reduction(sch, block):
+        return False
+    st = sch.get(block)
+    body = st.body
+    if not isinstance(body, tirx.BufferStore) or len(st.writes) != 1:
+        return False
+    v = body.value
+    if not isinstance(v, tirx.Add):
+        return False
+    terms = [v.a, v.b]
+    prod = [t for t in terms if isinstance(t, tirx.Mul)]
+    return len(prod) == 1 and len(st.reads) >= 2
+
+
+def _tile_reduction_under(sch, acc: SBlockRV, out: SBlockRV, lanes: int, *,
+                          vec_acc_axis: int, out_tiles: list[tuple[int, int]],
+                          n_parallel: int, work: int) -> None:
+    """Shared core of the conv and gemm rules.
+
+    ``out_tiles``: for each loop of the consumer block ``out`` (in order), the inner tile
+    size (1 = no split). The outer parts of the first ``n_parallel`` loops and of the others
+    form the tile loop nest (first ``n_parallel`` fused and parallel); ``acc`` is computed at
+    the innermost outer loop, its reduction loops hoisted above its spatial loops, the
+    ``vec_acc_axis``-th spatial loop of ``acc`` vectorised and the rest unrolled.
+    """
+    loops = sch.get_loops(out)
+    assert len(loops) == len(out_tiles)
+    outers, inners = [], []
+    for lp, (tile, _) in zip(loops, out_tiles):
+        if tile > 1:
+            o, i = sch.split(lp, factors=[None, tile])
+        else:
+            o, i = lp, None
+        outers.append(o)
+        if i is not None:
+            inners.append(i)
+    sch.reorder(*outers, *inners)
+    par = sch.fuse(*outers[:n_parallel]) if n_parallel > 1 else outers[0]
+    rest = outers[n_parallel:]
+    if rest:
+        at = sch.fuse(*rest) if len(rest) > 1 else rest[0]
+        par = sch.fuse(par, at)
+    _parallel(sch, par, work)
+    sch.compute_at(acc, par, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    aloops = sch.get_loops(acc)[1:]  # under `par`
+    kinds = _iter_kinds(sch, acc)
+    sp = [lp for lp, k in zip(aloops, kinds) if k == 0]
+    rd = [lp for lp, k in zip(aloops, kinds) if k == 2]
+    vec = sp[vec_acc_axis]
+    others = [lp for lp in sp if not sch.get(lp).same_as(sch.get(vec)) and _extent(sch, lp) != 1]
+    sch.reorder(*rd, *others, vec)
+    sch.vectorize(vec)
+    for lp in others:
+        sch.unroll(lp)
+    sch.decompose_reduction(acc, rd[0])
+    # write-back + epilogue: vectorise its innermost tile loop if it is wide enough
+    oloops = sch.get_loops(out)
+    last = oloops[-1]
+    e = _extent(sch, last)
+    if e is not None and e >= 4 and len(inners) > 0:
+        sch.vectorize(last)
+
+
+def schedule_conv(sch, target) -> str:
+    lanes = _vec_lanes(target)
+    pad_name, acc_name = f"{CONV_PREFIX}_pad", f"{CONV_PREFIX}_acc"
+    _inline_injective(sch, keep=lambda n: n in (pad_name, acc_name))
+    acc = sch.get_sblock(acc_name)
+    consumers = sch.get_consumers(acc)
+    if len(consumers) != 1 or not _is_spatial(sch, consumers[0]):
+        raise RuntimeError("conv epilogue is not a single spatial block")
+    out = consumers[0]
+    acc_st = sch.get(acc)
+    a_ext = [_int(iv.dom.extent) for iv, k in zip(acc_st.iter_vars, _iter_kinds(sch, acc)) if k == 0]
+    # acc: [N, OCB, *OUT, B]
+    block, ocb, out_sp = a_ext[-1], a_ext[1], a_ext[2:-1]
+    oloops = sch.get_loops(out)
+    o_ext = [_extent(sch, lp) for lp in oloops]
+    if len(oloops) != 2 + len(out_sp) or o_ext[2:] != out_sp:
+        raise RuntimeError("conv epilogue does not have the conv output shape")
+    oc = o_ext[1]
+    nvec = max(1, block // lanes)
+    ot = 2 if (ocb % 2 == 0 and oc == ocb * block) else 1
+    budget = max(1, MAX_ACC // (ot * nvec))
+    wt = _largest_divisor(out_sp[-1], min(8, budget))
+    ht = _largest_divisor(out_sp[0], max(1, budget // wt)) if len(out_sp) == 2 else 1
+    tiles = [(1, 0), (ot * block if oc == ocb * block else oc, 0)]
+    if len(out_sp) == 2:
+        tiles.append((ht, 0))
+    tiles.append((wt, 0))
+    work = _work(sch, out) * int(np.prod([_extent1(sch, lp) for lp in sch.get_loops(acc)
+                                          ][-(len(out_sp) + 1):]))
+    _tile_reduction_under(sch, acc, out, lanes, vec_acc_axis=-1, out_tiles=tiles,
+                          n_parallel=2, work=work)
+    try:
+        pad = sch.get_sblock(pad_name)
+        _schedule_pad(sch, pad)
+    except Exception:  # no pad stage (1x1 conv)
+        pass
+    return "conv"
+
+
+def _schedule_pad(sch, pad) -> None:
+    """Channels-last padded copy ``[N, *SP, C]``: rows in parallel, channels inner."""
+    loops = sch.get_loops(pad)
+    work = _work(sch, pad)
+    nh = sch.fuse(loops[0], loops[1])
+    _parallel(sch, nh, work)
+
+
+def schedule_gemm(sch, target) -> str:
+    lanes = _vec_lanes(target)
+    _inline_injective(sch)
+    red = [b for b in _blocks(sch) if not _is_spatial(sch, b)]
+    if len(red) != 1 or not _gemm_like(sch, red[0]):
+        raise RuntimeError("not a single gemm-like block")
+    acc = red[0]
+    outputs = {_name(sch, b) for b in sch.get_output_blocks(_root(sch))}
+    if _name(sch, acc) in outputs:
+        sch.cache_write(acc, 0, "local")
+        acc = red[0]
+    consumers = sch.get_consumers(acc)
+    if len(consumers) != 1 or not _is_spatial(sch, consumers[0]):
+        raise RuntimeError("gemm epilogue is not a single spatial block")
+    out = consumers[0]
+    a_kinds = _iter_kinds(sch, acc)
+    a_sp = [_int(iv.dom.extent) for iv, k in zip(sch.get(acc).iter_vars, a_kinds) if k == 0]
+    oloops = sch.get_loops(out)
+    o_ext = [_extent(sch, lp) for lp in oloops]
+    if len(o_ext) != len(a_sp) or o_ext[-1] != a_sp[-1] or o_ext[-1] is None:
+        raise RuntimeError("gemm epilogue shape differs")
+    j = o_ext[-1]
+    vj = next((v for v in (2 * lanes, lanes, 8, 4) if j % v == 0), 0)
+    if not vj:
+        raise RuntimeError("gemm inner axis not vectorisable")
+    nvec = max(1, vj // lanes)
+    ti = _largest_divisor(o_ext[-2], max(1, MAX_ACC // nvec)) if len(o_ext) >= 2 else 1
+    tiles = [(1, 0)] * (len(o_ext) - 2) + ([(ti, 0)] if len(o_ext) >= 2 else []) + [(vj, 0)]
+    red_work = int(np.prod([_extent1(sch, lp) for lp, k in zip(sch.get_loops(acc), a_kinds) if k == 2]))
+    work = _work(sch, out) * red_work
+    n_par = max(1, len(o_ext) - 1)
+    _tile_reduction_under(sch, acc, out, lanes, vec_acc_axis=-1, out_tiles=tiles,
+                          n_parallel=n_par, work=work)
+    return "gemm"
+
+
+def schedule_groupnorm(sch, target) -> str:
+    """GroupNorm (+ fused elementwise epilogue, e.g. SiLU): per (batch, group) in parallel,
+    statistics then normalisation, both over vectors of the contiguous spatial axis."""
+    lanes = _vec_lanes(target)
+    _inline_injective(sch)
+    blocks = _blocks(sch)
+    red = [b for b in blocks if _is_reduction(sch, b)]
+    sp = [b for b in blocks if _is_spatial(sch, b)]
+    if len(red) != 1 or len(sp) != 1 or len(blocks) != 2:
+        raise RuntimeError("not a statistics + normalisation pair")
+    red, out = red[0], sp[0]
+    kinds = _iter_kinds(sch, red)
+    ivs = sch.get(red).iter_vars
+    if kinds[:2] != [0, 0] or any(k != 2 for k in kinds[2:]) or len(kinds) < 3:
+        raise RuntimeError("statistics block is not [N, G] x reductions")
+    groups = _int(ivs[1].dom.extent)
+    cpg = _int(ivs[2].dom.extent)
+    oloops = sch.get_loops(out)
+    o_ext = [_extent(sch, lp) for lp in oloops]
+    if len(oloops) < 3 or groups is None or cpg is None or o_ext[1] != groups * cpg:
+        raise RuntimeError("normalisation block does not match the groups")
+    work = _work(sch, out)
+    # statistics at root, (batch, group) in parallel; the contiguous reduction is split into
+    # vec-wide partial sums (rfactor) so that it vectorises. (rfactor/compute_at under a fused
+    # symbolic-batch loop derives out-of-bounds regions in TVM 0.27, so everything stays at root.)
+    rl = sch.get_loops(red)
+    red_par = sch.fuse(rl[0], rl[1])
+    _parallel(sch, red_par, work)
+    rl = sch.get_loops(red)[1:]
+    try:
+        inner = sch.fuse(*rl) if len(rl) > 1 else rl[0]
+        r_ext = _extent(sch, inner)
+        rvec = next((v for v in (lanes, 8, 4) if r_ext and r_ext % v == 0), 0)
+        if rvec:
+            _, ri = sch.split(inner, factors=[None, rvec])
+            rf = sch.rfactor(ri, factor_axis=2)
+            rf_loops = sch.get_loops(rf)
+            sch.vectorize(rf_loops[-1])
+            sch.decompose_reduction(rf, rf_loops[-2])
+    except Exception as e:  # noqa: BLE001 - scalar statistics are still correct
+        log.debug("groupnorm rfactor failed: %s", e)
+    # normalisation (+ epilogue): (batch, group) in parallel, spatial axis vectorised
+    g, _ci = sch.split(oloops[1], factors=[groups, cpg])
+    spatial = oloops[2:]
+    hw = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    hw_ext = _extent(sch, hw)
+    vec = next((v for v in (lanes, 8, 4) if hw_ext and hw_ext % v == 0), 0)
+    if vec:
+        _, hw_i = sch.split(hw, factors=[None, vec])
+        sch.vectorize(hw_i)
+    par = sch.fuse(oloops[0], g)
+    _parallel(sch, par, work * 8)
+    return "groupnorm"
+
+
+def schedule_dlight_reduction(sch_unused, target, func) -> s_tir.Schedule | None:
+    from tvm.s_tir.dlight.cpu import Reduction
+
+    return Reduction().apply(func, target, False)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _try(rule, func, target) -> tuple[s_tir.Schedule, str] | None:
+    sch = s_tir.Schedule(func)
+    try:
+        name = rule(sch, target)
+        return sch, name
+    except Exception as e:  # noqa: BLE001 - any schedule error: fall back to the next rule
+        log.debug("rule %s failed: %s", getattr(rule, "__name__", rule), e)
+        return None
+
+
+def schedule_primfunc(func: tirx.PrimFunc, target: Target | None = None) -> tirx.PrimFunc:
+    """A CPU schedule for one float PrimFunc (unchanged if :func:`is_scheduled`)."""
+    if is_scheduled(func):
+        return func
+    target = target or Target.current(allow_none=True)
+    sch0 = s_tir.Schedule(func)
+    try:
+        names = [_name(sch0, b) for b in _all_blocks_recursive(sch0)]
+        has_red = any(_is_reduction(sch0, b) for b in _all_blocks_recursive(sch0))
+    except Exception:
+        return func
+    rules: list = []
+    if any(n.startswith(f"{CONV_PREFIX}_acc") for n in names):
+        rules.append(schedule_conv)
+    if has_red:
+        rules.append(schedule_gemm)
+        rules.append(schedule_groupnorm)
+        rules.append("dlight")
+        rules.append(schedule_generic_reduction)
+    else:
+        rules.append(schedule_elementwise)
+    for rule in rules:
+        if rule == "dlight":
+            try:
+                got = schedule_dlight_reduction(None, target, func)
+            except Exception:
+                got = None
+            if got is not None:
+                return _finish(got.mod["main"], func, "dlight-reduction")
+            continue
+        res = _try(rule, func, target)
+        if res is not None:
+            sch, name = res
+            try:
+                new = sch.mod["main"]
+                return _finish(new, func, name)
+            except Exception:
+                continue
+    return func.with_attr("bqc.float_rule", "none")
+
+
+def _finish(new: tirx.PrimFunc, old: tirx.PrimFunc, rule: str) -> tirx.PrimFunc:
+    return new.with_attr("tirx.is_scheduled", True).with_attr("bqc.float_rule", rule)
+
+
+@tvm.transform.module_pass(opt_level=0, name="BqcScheduleFloatCPU")
+class ScheduleFloatCPU:
+    """Apply :func:`schedule_primfunc` to every PrimFunc of an IRModule."""
+
+    def __init__(self, target: Target | None = None):
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        target = self.target or Target.current(allow_none=True)
+        updates = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc):
+                new = schedule_primfunc(func, target)
+                if not new.same_as(func):
+                    updates[gv] = new
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+
+def rules_used(mod: tvm.IRModule) -> dict[str, str]:
+    """``{function name: rule}`` for the PrimFuncs of a scheduled module."""
+    out = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc):
+            attrs = func.attrs or {}
+            out[gv.name_hint] = str(attrs["bqc.float_rule"]) if "bqc.float_rule" in attrs else "skipped"
+    return out
