@@ -173,7 +173,7 @@ def transform(
     trust_pickle: bool = TrustOpt,
 ):
     """Apply a recipe (a pipeline of passes) and write a transformed-model artifact."""
-    from bqc import frontend, transform as tf
+    from bqc import transform as tf
 
     src = _source(model, model_opt, config, weights, trust_pickle)
     res = tf.transform(src, recipe, wbits=wbits, abits=abits, keep_fp=keep_fp, bits=bits, dump_dir=dump_dir)
@@ -183,7 +183,6 @@ def transform(
     n_q = sum(1 for r in res.layers if r["w_bits"] < 32 or r["a_bits"] < 32)
     console.print(f"[bold]wrote[/] {path}  recipe {res.recipe.name} W{res.ctx.wbits}A{res.ctx.abits}: "
                   f"{n_q}/{len(res.layers)} layers quantized")
-    del frontend
 
 
 def _print_explain(res) -> None:

@@ -203,15 +203,13 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
         raise BqcError(f"data {data!r} has images of shape {shape}, the model takes {tuple(art.model.input_shape)}")
     meta = ir.graph_meta(student)
     schedule = NoiseSchedule()
+    s_view, _, taps = _tap_views(student, teacher) if opts.distill else (None, None, [])
     lrm = None
-    if opts.distill and meta.get("distill", {}).get("loss") == "lrm":
-        s_view, _, taps = _tap_views(student, teacher)
-        chans = []
-        for tp in taps:
-            node = {n.name: n for n in student.graph.nodes}[tp["node"]]
-            chans.append(int(node.meta["val"].shape[1]))
+    if taps and meta.get("distill", {}).get("loss") == "lrm":
+        nodes = {n.name: n for n in student.graph.nodes}
+        chans = [int(nodes[tp["node"]].meta["val"].shape[1]) for tp in taps]
         lrm = LRMProjections(chans, k=int(meta["distill"].get("k", 4)))
-    model = QATModel(student, lrm, _tap_views(student, teacher)[0] if opts.distill else None)
+    model = QATModel(student, lrm, s_view)
     before = _schedule_callbacks(student, train, opts.steps)
     base_loss = make_loss(student, teacher, train, opts, schedule, opts.steps)
 
