@@ -144,3 +144,28 @@ def test_spd_loss_properties():
     assert spd_loss([f], [3 * f]).item() < 1e-5  # Gram normalisation: scale invariant
     assert spd_loss([f], [torch.randn_like(f)]).item() > 0.1
     assert math.isfinite(spd_loss([torch.zeros_like(f)], [f]).item())
+
+
+def test_spd_small_patch_form_equals_gram_form():
+    """Patches with fewer pixels than channels use n x n inner products: same distances and
+    gradients as the written C x C Gram formula, finite gradient when student == teacher."""
+    from bqc.train.losses import _patch_grams, spd_distances
+
+    torch.manual_seed(0)
+    fs = torch.randn(3, 32, 8, 8, requires_grad=True)  # 2x2-pixel patches (n = 4 < C = 32)
+    ft = fs.detach() + 0.5 * torch.randn(3, 32, 8, 8)
+    ref_fs = fs.detach().clone().requires_grad_(True)
+    ref = (_patch_grams(ref_fs, 4) - _patch_grams(ft, 4)).flatten(2).norm(dim=-1)
+    got = spd_distances(fs, ft, 4)
+    assert got.shape == ref.shape == (3, 16)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+    got.mean().backward()
+    ref.mean().backward()
+    assert torch.allclose(fs.grad, ref_fs.grad, rtol=1e-3, atol=1e-6)
+    same = fs.detach().clone().requires_grad_(True)
+    d = spd_distances(same, fs.detach(), 4)
+    assert d.max() < 1e-3
+    d.mean().backward()
+    assert torch.isfinite(same.grad).all()
+    zero = spd_distances(torch.zeros(1, 32, 8, 8), ft[:1], 4)
+    assert torch.allclose(zero, torch.ones_like(zero))

@@ -206,6 +206,37 @@ def test_lsq_grid_and_gradients(seed, bits, scale, signed):
     assert torch.allclose(lsq.scale.grad, (up * ds).sum() * g)
 
 
+@FAST
+@given(seed=seeds, bits=st.integers(2, 8))
+def test_lsq_weight_gradients_per_channel(seed, bits):
+    """Per-output-channel LSQ: the fused estimator reduces the step gradient per channel."""
+    w0 = rand(seed, 4, 3, 2, 2).double()
+    lw = q.LSQWeight(w0.float(), bits).double()
+    w = w0.clone().requires_grad_(True)
+    up = rand(seed + 1, 4, 3, 2, 2).double()
+    (lw(w) * up).sum().backward()
+    s = lw.scale.detach().view(-1, 1, 1, 1)
+    qn, qp = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    v = w0 / s
+    inside = (v >= qn) & (v <= qp)
+    ds = torch.where(v < qn, float(qn), torch.where(v > qp, float(qp), v.round() - v))
+    g = 1 / math.sqrt(w0[0].numel() * qp)
+    assert torch.allclose(w.grad, up * inside)
+    assert torch.allclose(lw.scale.grad, (up * ds).sum(dim=(1, 2, 3)) * g)
+
+
+@FAST
+@given(seed=seeds, c=st.sampled_from([2, 3, 4, 6, 8, 12]), out=st.sampled_from([2, 3, 4, 6, 8, 12]))
+def test_pool_channels_matches_adaptive_pooling(seed, c, out):
+    """The group-mean / repeat fast paths equal adaptive average pooling over channels."""
+    from bqc.quant.parts import pool_channels
+
+    x = rand(seed, 2, c, 3, 5)
+    ref = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(2, 15, c), out).reshape(2, 3, 5, out).permute(0, 3, 1, 2)
+    assert pool_channels(x, out).shape == ref.shape
+    assert torch.allclose(pool_channels(x, out), ref, atol=1e-6)
+
+
 def test_lsq_initialises_once_and_not_after_reload():
     lsq = q.LSQ(4)
     x1, x2 = rand(0, 2, 8, scale=3.0), rand(1, 2, 8, scale=0.1)

@@ -73,7 +73,8 @@ class RPReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         view = lambda p: channel_view(p, x.dim(), self.ch_axis)  # noqa: E731
         z = x - view(self.gamma)
-        return torch.where(z >= 0, z, view(self.slope) * z) + view(self.zeta)
+        # z for z >= 0, slope z below (clamps, not torch.where: that is slow on CPU)
+        return z.clamp_min(0) + view(self.slope) * z.clamp_max(0) + view(self.zeta)
 
     def describe(self) -> dict:
         return {"kind": self.kind}

@@ -7,6 +7,12 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 
+def _pair2(v) -> tuple[int, int]:
+    """(a, b) from an int, a pair, or a 1-element list (aten's conv2d accepts ``stride=[1]``)."""
+    v = _pair(v)
+    return (int(v[0]),) * 2 if len(v) == 1 else (int(v[0]), int(v[1]))
+
+
 def _param_or_buffer(module: nn.Module, name: str, value: torch.Tensor, learnable: bool) -> None:
     if learnable:
         setattr(module, name, nn.Parameter(value))
@@ -32,7 +38,9 @@ class KMap(nn.Module):
         _param_or_buffer(self, "weight", torch.full((1, 1, kh, kw), 1.0 / (kh * kw)), self.learnable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = x.abs().mean(dim=1, keepdim=True)
+        # sum / C, not mean: the same values, but the backward divides the small (B, 1, H, W)
+        # gradient instead of the expanded full-size one
+        a = x.abs().sum(dim=1, keepdim=True) / x.shape[1]
         return F.conv2d(a, self.weight, None, self.stride, self.padding, self.dilation)
 
     def describe(self) -> dict:
@@ -63,6 +71,22 @@ class FactorisedScale(nn.Module):
         return {"kind": self.kind, "shape": [self.alpha.numel(), self.beta.numel(), self.gamma.numel()]}
 
 
+def pool_channels(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """Adaptive average over the channel axis of (B, C, H, W) to ``out_channels``.
+
+    When one count divides the other, adaptive pooling is a mean over groups of C / out
+    consecutive channels (reducing) or a repetition of each channel out / C times (expanding);
+    those two cases (every UNet layer's) avoid the permute + adaptive_avg_pool1d round trip.
+    """
+    b, c, h, w = x.shape
+    if c % out_channels == 0:
+        return x.reshape(b, out_channels, c // out_channels, h, w).sum(dim=2) / (c // out_channels)
+    if out_channels % c == 0:
+        return x.repeat_interleave(out_channels // c, dim=1)
+    x = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(b, h * w, c), out_channels)
+    return x.reshape(b, h, w, out_channels).permute(0, 3, 1, 2)
+
+
 class Shortcut(nn.Module):
     """|s| * shortcut(x), shaped like the conv output (BiDM; ReActNet with a fixed s = 1).
 
@@ -83,7 +107,7 @@ class Shortcut(nn.Module):
         super().__init__()
         if channels not in ("pool", "conv"):
             raise ValueError(f"shortcut channels must be 'pool' or 'conv', got {channels!r}")
-        self.stride = _pair(stride)
+        self.stride = _pair2(stride)  # (1,) would read as "strided" and run a 1x1 avg-pool
         self.learnable = bool(learnable)
         self.out_channels = int(out_channels)
         change = in_channels != out_channels
@@ -99,9 +123,7 @@ class Shortcut(nn.Module):
         if self.proj is not None:
             x = self.proj(x)
         elif self.channels == "pool":
-            b, c, h, w = x.shape
-            x = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(b, h * w, c), self.out_channels)
-            x = x.reshape(b, h, w, self.out_channels).permute(0, 3, 1, 2)
+            x = pool_channels(x, self.out_channels)
         return self.s.abs() * x
 
     def describe(self) -> dict:

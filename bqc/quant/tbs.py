@@ -27,7 +27,7 @@ class TBSBlend(nn.Module):
 
     def forward(self, feat: torch.Tensor, cache: torch.Tensor, t: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
         a = (self.coefficient(t) * flag).view(-1, *([1] * (feat.dim() - 1))).to(feat.dtype)
-        return feat + a * (cache.detach() - feat)
+        return torch.lerp(feat, cache.detach(), a)  # feat + a (cache - feat), one fused op
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, timesteps={self.timesteps}"

@@ -11,13 +11,9 @@ import math
 import torch
 from torch import nn
 
-from .ste import channel_view, check_bits, grad_scale, round_ste
+from .ste import channel_view, check_bits, fake_quant, grad_scale
 
 MULTIBIT = tuple(range(2, 9))
-
-
-def fake_quant(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    return round_ste(torch.clamp(x / step, qn, qp)) * step
 
 
 def int_codes(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> torch.Tensor:

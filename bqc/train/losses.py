@@ -60,22 +60,54 @@ class LRMProjections(nn.Module):
         return total / max(self.n, 1)
 
 
-def _patch_grams(f: torch.Tensor, p: int) -> torch.Tensor:
-    """Normalised Gram matrices of a p x p grid of patches: (B, p*p, C, C)."""
+def _patches(f: torch.Tensor, p: int) -> torch.Tensor:
+    """A p x p grid of patches of (B, C, H, W) as (B, p*p, C, h*w)."""
     if f.dim() != 4:
         raise ValueError("SPD needs (B, C, H, W) features")
     b, c, h, w = f.shape
     ph, pw = max(h // p, 1), max(w // p, 1)
     gh, gw = h // ph, w // pw
     f = f[:, :, : gh * ph, : gw * pw]
-    patches = f.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, ph * pw)
+    return f.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, ph * pw)
+
+
+def _patch_grams(f: torch.Tensor, p: int) -> torch.Tensor:
+    """Normalised Gram matrices of a p x p grid of patches: (B, p*p, C, C)."""
+    patches = _patches(f, p)
     g = patches @ patches.transpose(-1, -2)
     return g / g.flatten(2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
+
+
+def _sq_frobenius(m: torch.Tensor) -> torch.Tensor:
+    return m.double().square().sum(dim=(-1, -2))
+
+
+def spd_distances(fs: torch.Tensor, ft: torch.Tensor, p: int = 4) -> torch.Tensor:
+    """(B, p*p) distances || G_s/|G_s| - G_t/|G_t| ||_F between normalised patch Grams.
+
+    With P (C, n) a patch's channel x pixel matrix, G = P P^T is C x C, but every quantity the
+    distance needs is an inner product of Grams, and <P P^T, Q Q^T> = ||P^T Q||_F^2 only needs
+    n x n matrices: |G_s - G_t|^2 = u_s + u_t - 2 <G_s, G_t> / (|G_s| |G_t|) with u = 1 (0 for
+    an all-zero patch, like the clamped normalisation). That is n^2 C instead of C^2 n work,
+    and no (B, p*p, C, C) tensors, when the patches have fewer pixels than channels (the usual
+    case: 4x4-pixel patches of 64-512 channels); otherwise the Grams are formed directly.
+    The inner products are accumulated in float64 so the difference keeps its precision.
+    """
+    ps, pt = _patches(fs, p), _patches(ft, p)
+    c, n = ps.shape[-2:]
+    if n >= c:
+        return (_patch_grams(fs, p) - _patch_grams(ft, p)).flatten(2).norm(dim=-1)
+    a = _sq_frobenius(ps.transpose(-1, -2) @ ps).sqrt()
+    b = _sq_frobenius(pt.transpose(-1, -2) @ pt).sqrt()
+    x = _sq_frobenius(ps.transpose(-1, -2) @ pt)
+    ua, ub = (a > 1e-12).double(), (b > 1e-12).double()
+    d2 = ua + ub - 2 * x / (a.clamp_min(1e-12) * b.clamp_min(1e-12))
+    pos = d2 > 0
+    return torch.where(pos, d2.clamp_min(1e-30).sqrt(), d2.new_zeros(())).to(fs.dtype)
 
 
 def spd_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], patches: int = 4) -> torch.Tensor:
     total = 0.0
     for fs, ft in zip(student, teacher):
-        d = _patch_grams(fs.float(), patches) - _patch_grams(ft.float(), patches)
-        total = total + d.flatten(2).norm(dim=-1).mean()
+        total = total + spd_distances(fs.float(), ft.float(), patches).mean()
     return total / max(len(student), 1)
