@@ -318,7 +318,7 @@ def train(
     batch: int = typer.Option(64, "--batch"),
     lr: float = typer.Option(1e-4, "--lr"),
     warmup: int = typer.Option(50, "--warmup"),
-    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights (0 disables)"),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights (0 disables); warmed up as min(decay, (1+k)/(10+k)) at update k"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
     sample_steps: int = typer.Option(50, "--sample-steps", help="sampler steps the model is trained for (BiDM's TBS gap d = 1000/steps)"),
     no_distill: bool = typer.Option(False, "--no-distill", help="train without the recipe's distillation loss (ablation)"),

@@ -52,6 +52,9 @@ class QATOptions:
     seed: int = 0
     warmup: int = 50
     ema_decay: float | None = 0.999
+    # decay min(ema_decay, (1+k)/(10+k)) at the k-th update: without it a 500-step run's EMA
+    # would still be 0.999^500 = 61% the weights after step 1 (the nearly untrained student)
+    ema_warmup: bool = True
     grad_clip: float = 1.0
     checkpoint_every: int = 500
     sample_steps: int = 50  # the sampler's step count: sets BiDM's training gap d = T / steps
@@ -219,7 +222,7 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
 
     out = Path(out)
     cfg = LoopConfig(steps=opts.steps, batch_size=opts.batch, lr=opts.lr, warmup_steps=opts.warmup,
-                     grad_clip=opts.grad_clip, ema_decay=opts.ema_decay, seed=opts.seed,
+                     grad_clip=opts.grad_clip, ema_decay=opts.ema_decay, ema_warmup=opts.ema_warmup, seed=opts.seed,
                      checkpoint_every=opts.checkpoint_every, progress=opts.progress)
     fingerprint = {"task": "qat", "recipe": art.recipe.to_dict(), "wbits": art.manifest["wbits"],
                    "abits": art.manifest["abits"], "source": art.manifest["source"], "data": data,
