@@ -568,8 +568,10 @@ class _DeployConv(_DeployLayer):
                 f"padding={self.padding}, input={self.input_kind}")
 
 
-class BinaryConv2d(_DeployConv):
-    """1-bit conv: packed sign bits per basis, per-(basis, channel) scale."""
+class _BinaryWeights:
+    """Weights of :class:`BinaryConv2d` / :class:`BinaryLinear` (a mixin before the layer base):
+    packed sign words per basis ``w_packed`` (uint32 words stored as int32) and a per-(basis,
+    channel) scale ``w_scale [B, OC]``."""
 
     weight_kind = "binary"
     w_bits = 1
@@ -586,6 +588,36 @@ class BinaryConv2d(_DeployConv):
     def scale(self, dtype) -> torch.Tensor:
         """Combined per-(basis, channel) scale s_a * w_scale ``[B, OC]``."""
         return self.act_scale(dtype) * self.w_scale.to(dtype)
+
+    def weight_bytes(self) -> int:
+        return self.w_packed.numel() * 4
+
+
+class _IntWeights:
+    """Weights of :class:`IntConv2d` / :class:`IntLinear` (a mixin before the layer base): int8
+    weight codes ``w_codes`` of ``w_bits`` bits and a per-channel scale ``w_scale``."""
+
+    weight_kind = "int"
+
+    def __init__(self, w_codes: torch.Tensor, w_scale: torch.Tensor, w_bits: int, *args, **kw):
+        super().__init__(*args, **kw)
+        self.register_buffer("w_codes", w_codes.detach().clone().to(torch.int8))
+        self.register_buffer("w_scale", w_scale.detach().clone().float())
+        self.w_bits = int(w_bits)
+
+    @property
+    def bases(self) -> int:
+        return 1
+
+    def scale(self, dtype) -> torch.Tensor:
+        return self.act_scale(dtype) * self.w_scale.to(dtype)
+
+    def weight_bytes(self) -> int:
+        return self.w_codes.numel()
+
+
+class BinaryConv2d(_BinaryWeights, _DeployConv):
+    """1-bit conv: packed sign bits per basis, per-(basis, channel) scale."""
 
     def core(self, x):
         s, p, d, g = self._geometry()
@@ -621,27 +653,9 @@ class BinaryConv2d(_DeployConv):
             outs.append(torch.from_numpy(o).permute(0, 3, 1, 2))
         return torch.stack(outs)
 
-    def weight_bytes(self) -> int:
-        return self.w_packed.numel() * 4
 
-
-class IntConv2d(_DeployConv):
+class IntConv2d(_IntWeights, _DeployConv):
     """k-bit integer weights (codes) with a per-channel scale (8-bit input/output convs)."""
-
-    weight_kind = "int"
-
-    def __init__(self, w_codes: torch.Tensor, w_scale: torch.Tensor, w_bits: int, *args, **kw):
-        super().__init__(*args, **kw)
-        self.register_buffer("w_codes", w_codes.detach().clone().to(torch.int8))
-        self.register_buffer("w_scale", w_scale.detach().clone().float())
-        self.w_bits = int(w_bits)
-
-    @property
-    def bases(self) -> int:
-        return 1
-
-    def scale(self, dtype) -> torch.Tensor:
-        return self.act_scale(dtype) * self.w_scale.to(dtype)
 
     def core(self, x):
         s, p, d, g = self._geometry()
@@ -661,9 +675,6 @@ class IntConv2d(_DeployConv):
         stride, pad = self._packing_geometry()
         o = packing.ref_int_conv2d(q.numpy(), self.w_codes.numpy(), stride, pad)
         return torch.from_numpy(o).permute(0, 3, 1, 2).unsqueeze(0)
-
-    def weight_bytes(self) -> int:
-        return self.w_codes.numel()
 
 
 class FloatConv2d(_DeployConv):
@@ -701,21 +712,8 @@ class _DeployLinear(_DeployLayer):
         return f"{self.in_features}, {self.out_features}, input={self.input_kind}"
 
 
-class BinaryLinear(_DeployLinear):
-    weight_kind = "binary"
-    w_bits = 1
-
-    def __init__(self, w_packed: torch.Tensor, w_scale: torch.Tensor, *args, **kw):
-        super().__init__(*args, **kw)
-        self.register_buffer("w_packed", w_packed)
-        self.register_buffer("w_scale", w_scale.detach().clone().float())
-
-    @property
-    def bases(self) -> int:
-        return int(self.w_packed.shape[0])
-
-    def scale(self, dtype):
-        return self.act_scale(dtype) * self.w_scale.to(dtype)
+class BinaryLinear(_BinaryWeights, _DeployLinear):
+    """1-bit linear: packed sign bits per basis, per-(basis, output) scale."""
 
     def core(self, x):
         return torch.ops.bqc.binary_dense(self.quantize(x), self.w_packed, self.scale(x.dtype),
@@ -743,25 +741,9 @@ class BinaryLinear(_DeployLinear):
             outs.append(torch.from_numpy(o).reshape(*lead, -1))
         return torch.stack(outs)
 
-    def weight_bytes(self) -> int:
-        return self.w_packed.numel() * 4
 
-
-class IntLinear(_DeployLinear):
-    weight_kind = "int"
-
-    def __init__(self, w_codes, w_scale, w_bits: int, *args, **kw):
-        super().__init__(*args, **kw)
-        self.register_buffer("w_codes", w_codes.detach().clone().to(torch.int8))
-        self.register_buffer("w_scale", w_scale.detach().clone().float())
-        self.w_bits = int(w_bits)
-
-    @property
-    def bases(self) -> int:
-        return 1
-
-    def scale(self, dtype):
-        return self.act_scale(dtype) * self.w_scale.to(dtype)
+class IntLinear(_IntWeights, _DeployLinear):
+    """k-bit integer weights (codes) with a per-output scale."""
 
     def core(self, x):
         return torch.ops.bqc.int_dense(self.quantize(x), self.w_codes, self.scale(x.dtype), self.input_kind)
@@ -776,9 +758,6 @@ class IntLinear(_DeployLinear):
             return torch.matmul(q.double(), self.w_codes.double().t()).to(torch.int32).unsqueeze(0)
         o = packing.ref_int_dense(q.reshape(-1, q.shape[-1]).numpy(), self.w_codes.numpy())
         return torch.from_numpy(o).reshape(*q.shape[:-1], -1).unsqueeze(0)
-
-    def weight_bytes(self) -> int:
-        return self.w_codes.numel()
 
 
 class FloatLinear(_DeployLinear):

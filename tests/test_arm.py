@@ -93,6 +93,16 @@ def int8_dense_kernel(m, k, n):
     return te.create_prim_func([x, wt, bias, int8_dense(x, wt, bias, n)])
 
 
+def int_matmul_kernel(bt, m, k, n):
+    from tvm import te
+
+    from bqc.backends.tvm.kernels.int8 import int_matmul
+
+    a = te.placeholder((bt, m, k), "int8", name="a")
+    b = te.placeholder((bt, k, n), "int8", name="b")
+    return te.create_prim_func([a, b, int_matmul(a, b)])
+
+
 def bitpack_kernel(n, c, h, w):
     from tvm import te
 
@@ -116,13 +126,16 @@ def run_x86(func, inputs, ref):
     return args[-1].numpy()
 
 
-def _require_arm():
+def _require_arm(vm: bool = False):
+    """Skip with BQC_SKIP_ARM=1; else FAIL unless the toolchain + qemu (``vm``: the arm64
+    Python root of the full route) are there."""
     if os.environ.get("BQC_SKIP_ARM") == "1":
         pytest.skip("BQC_SKIP_ARM=1: aarch64 run tests skipped")
+    what = "arm64 Python root" if vm else "aarch64 toolchain/emulator"
     try:
-        arm.check_arm_env()
+        arm.check_arm_vm_env() if vm else arm.check_arm_env()
     except BqcError as e:
-        pytest.fail(f"aarch64 toolchain/emulator missing ({e}); run `bash .ci/arm_setup.sh` or set BQC_SKIP_ARM=1")
+        pytest.fail(f"{what} missing ({e}); run `bash .ci/arm_setup.sh` or set BQC_SKIP_ARM=1")
 
 
 def _named(func, name):
@@ -150,6 +163,10 @@ def arm_build():
     q, w = rng.integers(-8, 8, (5, 100)), rng.choice([-1, 1], (40, 100))
     funcs["i8dense"] = arm_sched.schedule_int8_dense(int8_dense_kernel(5, 100, 40))
     cases["i8dense"] = (None, [P.pack_codes(q), P.block_oc_int8(w), P.int8_bias(w)], P.ref_w1ak_dense(q, w))
+    # exact int32 matmul of codes (attention), K > 1024
+    a, b = rng.integers(-128, 128, (2, 3, 1100), dtype=np.int8), rng.integers(-128, 128, (2, 1100, 20), dtype=np.int8)
+    funcs["imatmul"] = arm_sched.schedule_int_matmul(int_matmul_kernel(2, 3, 1100, 20))
+    cases["imatmul"] = (None, [a, b], np.matmul(a.astype(np.int64), b.astype(np.int64)).astype(np.int32))
     x = rng.standard_normal((2, 70, 5, 6)).astype(np.float32)
     tau = (0.1 * rng.standard_normal(70)).astype(np.float32)
     funcs["bitpack"] = arm_sched.schedule_bitpack(bitpack_kernel(2, 70, 5, 6))
@@ -186,9 +203,9 @@ def test_arm_kernels_match_reference_and_x86(arm_build, arm_lib, kind, count):
         np.testing.assert_array_equal(got, run_x86(func, inputs, ref), err_msg=f"{name}: aarch64 differs from x86")
 
 
-def test_arm_int8_and_bitpack_match_reference(arm_build, arm_lib):
+def test_arm_int8_matmul_and_bitpack_match_reference(arm_build, arm_lib):
     cases, _ = arm_build
-    for name in ("i8conv", "i8dense", "bitpack"):
+    for name in ("i8conv", "i8dense", "imatmul", "bitpack"):
         _, inputs, ref = cases[name]
         (got,) = arm.run_under_qemu(arm_lib, name, inputs, [ref.shape], [ref.dtype])
         np.testing.assert_array_equal(got, ref, err_msg=f"{name}: aarch64 output differs from numpy")
@@ -197,12 +214,7 @@ def test_arm_int8_and_bitpack_match_reference(arm_build, arm_lib):
 def test_arm_relax_vm_with_binary_conv(arm_build, tmp_path):
     """A Relax VM executable (call_tir of the NEON binary conv + a float epilogue) run by TVM's
     real aarch64 runtime in the arm64 root (the full route of .ci/arm_setup.sh)."""
-    if os.environ.get("BQC_SKIP_ARM") == "1":
-        pytest.skip("BQC_SKIP_ARM=1: aarch64 run tests skipped")
-    try:
-        arm.check_arm_vm_env()
-    except BqcError as e:
-        pytest.fail(f"arm64 Python root missing ({e}); run `bash .ci/arm_setup.sh` or set BQC_SKIP_ARM=1")
+    _require_arm(vm=True)
     from tvm import relax
 
     cases, _ = arm_build
@@ -220,6 +232,28 @@ def test_arm_relax_vm_with_binary_conv(arm_build, tmp_path):
     lib = arm.export_arm_library(tvm.compile(bb.get(), arm.arm_target(2)), tmp_path / "vm.so")
     (got,) = arm.run_vm_under_qemu(lib, [xb])
     np.testing.assert_array_equal(got, (ref.astype(np.float32) * scale).transpose(0, 3, 1, 2))
+
+
+def test_arm_vm_keeps_0d_inputs(tmp_path):
+    """run_vm_under_qemu passes a 0-d input (the TBS flag of bidm models) as 0-d: the VM checks
+    ranks, and np.ascontiguousarray would make it shape (1,)."""
+    _require_arm(vm=True)
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3), "float32"))
+    flag = relax.Var("flag", relax.TensorType((), "float32"))
+    with bb.function("main", [x, flag]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.add(relax.op.multiply(x, flag), relax.const(np.float32(1))))
+            out = bb.emit_output(bb.emit(relax.op.multiply(flag, relax.const(np.float32(3)))))
+            y = bb.emit_output(y)
+        bb.emit_func_output(relax.Tuple([y, out]))
+    lib = arm.export_arm_library(tvm.compile(bb.get(), arm.arm_target(2)), tmp_path / "flag.so")
+    xs = np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::-1]  # not C-contiguous either
+    got_y, got_f = arm.run_vm_under_qemu(lib, [xs, np.array(2.0, np.float32)])
+    np.testing.assert_array_equal(got_y, xs * 2 + 1)
+    assert got_f.shape == () and float(got_f) == 6.0
 
 
 def test_arm_runner_reports_kernel_errors(arm_lib):

@@ -103,12 +103,52 @@ def test_cuda_export_without_gpu(cuda_build, tmp_path):
     assert b"bconv_kernel" in data and b"__popc" in data
 
 
+# Shapes whose reduction is a single step (1x1 conv / dense whose input fits one packed word,
+# int8 with one 4-channel group): the CUDA schedule used to fail on them (IndexError in
+# _acc_under_thread: compute_at leaves no reduction loop), and whole-model lowerings fell back
+# to float for these layers (tiny bidm: the 1x1 convs [2, 32 -> 96 / 32, 16x1]).
+SINGLE_STEP = [
+    ("binary_conv2d", (2, 32, 96, 16, 1), dict(kernel_size=1, stride=1, padding=0)),
+    ("binary_conv2d", (2, 32, 32, 16, 1), dict(kernel_size=1, stride=1, padding=0)),
+    ("binary_conv2d", (1, 20, 24, 5, 3), dict(kernel_size=1, stride=1, padding=0)),
+    ("binary_dense", (1, 8, 8), {}),
+    ("binary_dense", (3, 32, 40), {}),
+    ("int8_conv2d", (2, 3, 16, 4, 1), dict(kernel_size=1, stride=1, padding=0)),
+    ("int8_conv2d", (1, 4, 8, 3, 3), dict(kernel_size=3, stride=1, padding=1)),
+    ("int8_dense", (1, 4, 8), {}),
+    ("int8_dense", (2, 1, 1), {}),
+]
+
+
+def test_cuda_single_step_reduction_shapes_build():
+    """Every kernel builder schedules and builds for cuda (no GPU) on single-step reductions;
+    the binary kernels' CUDA source uses __popc with thread-local accumulators."""
+    from bqc.backends.tvm.kernels import build as B
+
+    target = cuda.cuda_target("sm_80")
+    funcs = {}
+    for i, (kind, args, kw) in enumerate(SINGLE_STEP):
+        funcs[f"k{i}"] = getattr(B, f"{kind}_primfunc")(*args, target=target, name=f"k{i}", **kw)
+    src = cuda.cuda_source(cuda.build_cuda(tvm.IRModule(funcs), "sm_80"))
+    for i, (kind, _, _) in enumerate(SINGLE_STEP):
+        m = re.search(rf'void __launch_bounds__\(\d+\) k{i}_kernel\([^;{{]*\)\s*{{.*?\n}}\n', src, re.S)
+        assert m, f"no CUDA kernel k{i}_kernel ({kind})"
+        assert "acc_local" in m.group(0), f"k{i} ({kind}): accumulator is not thread-local"
+        if kind.startswith("binary"):
+            assert "__popc(" in m.group(0), f"k{i} ({kind}): no __popc in the CUDA source"
+
+
 EMU_CASES = [
     ("bconv", dict(n=2, c=70, h=9, w=7, oc=16, kh=3, stride=2, pad=1)),
     ("bconv", dict(n=1, c=64, h=6, w=6, oc=40, kh=3, stride=1, pad=1)),
+    ("bconv", dict(n=2, c=32, h=4, w=1, oc=40, kh=1, stride=1, pad=0)),  # single-step reduction
     ("bdense", dict(m=5, k=100, n=40)),
+    ("bdense", dict(m=1, k=20, n=24)),  # single-step reduction
     ("i8conv", dict(n=1, c=70, h=5, w=5, oc=40, kh=3, stride=1, pad=1)),
+    ("i8conv", dict(n=1, c=3, h=4, w=2, oc=24, kh=1, stride=1, pad=0)),  # single-step reduction
     ("i8dense", dict(m=5, k=100, n=40)),
+    ("i8dense", dict(m=2, k=3, n=20)),  # single-step reduction
+    ("imatmul", dict(bt=2, m=3, k=1100, n=40)),  # K > 1024: exact int32 accumulation
     ("bitpack", dict(n=2, c=70, h=5, w=6)),
     ("quantize", dict(n=1, c=70, h=5, w=6)),
     ("mma_xor", dict(m=20, k=200, n=40)),
@@ -136,6 +176,15 @@ def _emu_case(kind, case, seed):
         q, w = rng.integers(-8, 8, (case["m"], case["k"])), rng.choice([-1, 1], (case["n"], case["k"]))
         return (S.schedule_int8_dense(int8_dense_kernel(case["m"], case["k"], case["n"])),
                 [P.pack_codes(q), P.block_oc_int8(w), P.int8_bias(w)], P.ref_w1ak_dense(q, w))
+    if kind == "imatmul":
+        from bqc.backends.tvm.kernels.build import int_matmul_primfunc
+
+        a = rng.integers(-128, 128, (case["bt"], case["m"], case["k"]), dtype=np.int8)
+        b = rng.integers(-128, 128, (case["bt"], case["k"], case["n"]), dtype=np.int8)
+        a[0, 0], b[0, :, 0] = -128, -128  # one output at K * 2^14 > 2^24
+        func = int_matmul_primfunc(case["bt"], case["m"], case["k"], case["n"], target=cuda.cuda_target(),
+                                   with_scale=False)
+        return func, [a, b], np.matmul(a.astype(np.int64), b.astype(np.int64)).astype(np.int32)
     if kind == "bitpack":
         x = rng.standard_normal((case["n"], case["c"], case["h"], case["w"])).astype(np.float32)
         tau = (0.1 * rng.standard_normal(case["c"])).astype(np.float32)

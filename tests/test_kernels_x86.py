@@ -332,3 +332,36 @@ def test_schedule_options_exact():
     kern = K.build_int8_conv2d(1, 20, 16, 7, 7, 3, 2, 1, target=tgt, tile=3)  # OW=4: tile 3 -> 2
     np.testing.assert_array_equal(kern(P.pack_codes(q), P.block_oc_int8(w8), P.int8_bias(w8)),
                                   P.ref_int_conv2d(q, w8, 2, 1))
+
+
+@pytest.mark.parametrize("tname", list(TARGETS))
+def test_int_matmul_exact_beyond_float32(tname):
+    """Attention on codes: the int32 kernel is exact where a float32 matmul of the codes is
+    not (K = 2048 with all codes -128: partial sums pass 2^24; one odd product makes the
+    exact sum unrepresentable in float32)."""
+    target = TARGETS[tname]
+    a = np.full((2, 3, 2048), -128, np.int8)
+    b = np.full((2, 2048, 20), -128, np.int8)
+    a[0, 0, 5], b[0, 5, 0] = 1, 1
+    exact = np.matmul(a.astype(np.int64), b.astype(np.int64))
+    assert exact.max() > 2**24 and not np.array_equal(np.matmul(a.astype(np.float32), b.astype(np.float32)), exact)
+    got = K.build_int_matmul(2, 3, 2048, 20, target=target, with_scale=False)(a, b)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, exact)
+    # the scaled form rounds once, like the reference op (bqc.int_matmul: f32(acc) * scale)
+    scale = np.array([0.0123], np.float32)
+    from bqc import deploy as D
+
+    want = D.int_matmul(torch.from_numpy(a), torch.from_numpy(b), torch.tensor(scale[0])).numpy()
+    np.testing.assert_array_equal(K.build_int_matmul(2, 3, 2048, 20, target=target)(a, b, scale), want)
+
+
+@pytest.mark.parametrize("tname", list(TARGETS))
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 100, 7), (2, 16, 64, 48)])
+def test_int_matmul_random(tname, shape):
+    bt, m, k, n = shape
+    rng = np.random.default_rng(k)
+    a = rng.integers(-128, 128, (bt, m, k), dtype=np.int8)
+    b = rng.integers(-128, 128, (bt, k, n), dtype=np.int8)
+    got = K.build_int_matmul(bt, m, k, n, target=TARGETS[tname], with_scale=False)(a, b)
+    np.testing.assert_array_equal(got, np.matmul(a.astype(np.int64), b.astype(np.int64)))

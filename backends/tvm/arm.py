@@ -393,7 +393,7 @@ def run_under_qemu(
             if isinstance(x, (float, np.floating)):
                 specs.append(f"af,{float(x)!r}")
                 continue
-            a = np.ascontiguousarray(x)
+            a = _c_array(x)
             code, bits = _dl_dtype(a.dtype)
             f = td / f"in{i}.bin"
             a.tofile(f)
@@ -433,7 +433,8 @@ import tvm_ffi
 ctypes.CDLL(os.path.join(site, "tvm", "lib", "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
 vm = tvm_ffi.load_module(lib)["vm_load_executable"]()
 vm["vm_initialization"](1, 0, 2)  # kDLCPU, device 0, pooled allocator
-args = [tvm_ffi.from_dlpack(np.ascontiguousarray(np.load(os.path.join(io_dir, f"in{i}.npy")))) for i in range(int(n_in))]
+# np.asarray(order="C"), not np.ascontiguousarray: the latter makes 0-d arrays 1-d (the TBS flag)
+args = [tvm_ffi.from_dlpack(np.asarray(np.load(os.path.join(io_dir, f"in{i}.npy")), order="C")) for i in range(int(n_in))]
 out = vm[func](*args)
 def flat(o):
     if hasattr(o, "__dlpack__"):
@@ -467,6 +468,14 @@ def check_arm_vm_env(root: Path | None = None) -> None:
             raise BqcError(f"the arm64 Python root is incomplete ({f} is missing)", hint=FULL_HINT)
 
 
+def _c_array(x) -> np.ndarray:
+    """``x`` as a C-contiguous numpy array of the same shape: 0-d arrays stay 0-d (the VM
+    checks ranks; ``np.ascontiguousarray`` would turn a 0-d flag into shape ``(1,)``)."""
+    if hasattr(x, "numpy") and not isinstance(x, np.ndarray):  # tvm.runtime.Tensor, torch.Tensor
+        x = x.numpy()
+    return np.asarray(x, order="C")
+
+
 def run_vm_under_qemu(lib_path, inputs: Sequence[np.ndarray], *, func: str = "main",
                       timeout: float = 900.0) -> list[np.ndarray]:
     """Run function ``func`` of an exported aarch64 Relax VM executable; return its outputs.
@@ -485,7 +494,7 @@ def run_vm_under_qemu(lib_path, inputs: Sequence[np.ndarray], *, func: str = "ma
         drv = td / "driver.py"
         drv.write_text(_VM_DRIVER)
         for i, x in enumerate(inputs):
-            np.save(td / f"in{i}.npy", np.ascontiguousarray(x))
+            np.save(td / f"in{i}.npy", _c_array(x))
         py = root / "usr" / "bin" / "python3.11"
         cmd = ([str(py)] if _native() else [shutil.which(QEMU) or QEMU, "-L", str(root), str(py)])
         cmd += ["-S", "-E", str(drv), str(site), str(lib_path), func, str(td), str(len(inputs))]

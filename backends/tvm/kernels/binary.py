@@ -33,6 +33,18 @@ def _clip(e, lo, hi):
     return tirx.max(tirx.min(e, hi), lo)
 
 
+def pad_nhwc(x: te.Tensor, padding: int, fill, name: str = "xpad") -> te.Tensor:
+    """``x [N, H, W, C]`` padded by ``padding`` rows/columns of ``fill`` (a TIR constant of
+    ``x``'s dtype) on each side: the ``"xpad"`` stage of the conv kernels."""
+    n, h, w, ch = (int(v) for v in x.shape)
+    p = padding
+    return te.compute(
+        (n, h + 2 * p, w + 2 * p, ch),
+        lambda i, y, z, c: tirx.if_then_else(
+            tirx.all(y >= p, y < h + p, z >= p, z < w + p), x[i, y - p, z - p, c], fill),
+        name=name)
+
+
 def affine_epilogue(value, oc, scale=None, bias=None, kmap=None, pos=None):
     """Optional float epilogue of an exact integer result: ``value * scale[oc] * kmap[pos] +
     bias[oc]`` in float32 (each factor only if its tensor is given); ``value`` unchanged
@@ -101,12 +113,7 @@ def binary_conv2d_nhwc(x_bits: te.Tensor, w_blk: te.Tensor, base: te.Tensor, in_
     if tuple(int(v) for v in base.shape) != g["table"] + (ocb * lanes,):
         raise ValueError(f"base table shape {tuple(base.shape)} != {g['table'] + (ocb * lanes,)}")
     p, s = padding, stride
-    zero = tirx.const(0, "uint32")
-    xpad = te.compute(
-        (n, h + 2 * p, w + 2 * p, cw),
-        lambda i, y, z, c: tirx.if_then_else(
-            tirx.all(y >= p, y < h + p, z >= p, z < w + p), x_bits[i, y - p, z - p, c], zero),
-        name="xpad")
+    xpad = pad_nhwc(x_bits, p, tirx.const(0, "uint32"))
     rkh = te.reduce_axis((0, kh_), name="kh")
     rkw = te.reduce_axis((0, kw_), name="kw")
     rcw = te.reduce_axis((0, cw), name="cw")

@@ -13,6 +13,8 @@ then the output (destination-passing style, as ``relax.call_tir`` expects):
 ``int8_conv2d_primfunc`` (W1Ak too)   ``x u8[N,H,W,C4]``, ``w i8[OCB,KH,KW,C4/4,L,4]``,
                                       ``bias i32[OCB*L]`` -> ``i32[N,OH,OW,OC]``
 ``int8_dense_primfunc`` (W1Ak too)    ``x u8[M,K4]``, ``w i8[NB,K4/4,L,4]``, ``bias i32[NB*L]`` -> ``i32[M,N]``
+``int_matmul_primfunc``               ``a i8[BT,M,K]``, ``b i8[BT,K,N]`` [, ``scale f32[1]``] -> ``i32[BT,M,N]``
+                                      (``f32`` with the scale: ``f32(acc) * scale``)
 ====================================  ====================================================
 
 Conv and dense builders take ``epilogue="scale_bias"`` (or ``"scale_bias_kmap"`` for conv):
@@ -205,6 +207,21 @@ def int8_dense_primfunc(batch: int, in_features: int, out_features: int, target=
     return _finish(_schedule(target, "int8_dense", func, tile=tile), name)
 
 
+def int_matmul_primfunc(batch: int, m: int, k: int, n: int, target=None, with_scale: bool = True,
+                        dtype: str = "int8", lanes: int | None = None, name: str | None = None) -> tirx.PrimFunc:
+    """Batched matmul of integer codes (``bqc.int_matmul``, attention on codes) with an exact
+    int32 accumulator for any ``K``; with ``with_scale`` the output is float32
+    ``f32(acc) * scale[0]`` (bit-identical to the reference executor). ``lanes`` is unused
+    (no weight blocking; accepted so all builders share the converter's call signature)."""
+    a = te.placeholder((batch, m, k), dtype, name="a")
+    b = te.placeholder((batch, k, n), dtype, name="b")
+    scale = te.placeholder((1,), "float32", name="scale") if with_scale else None
+    out = _i8.int_matmul(a, b, scale)
+    name = name or f"bqc_imatmul_b{batch}_m{m}_k{k}_n{n}" + ("_scale" if with_scale else "")
+    func = _create([a, b, scale, out] if with_scale else [a, b, out], name)
+    return _finish(_schedule(target, "int_matmul", func), name)
+
+
 # W1Ak uses the int8 route on x86: same kernels, +-1 int8 weights.
 w1ak_conv2d_primfunc = int8_conv2d_primfunc
 w1ak_dense_primfunc = int8_dense_primfunc
@@ -266,6 +283,7 @@ def _build_cached(kind: str, key: tuple, target_key: str):
         "bitpack": bitpack_primfunc, "binary_conv2d": binary_conv2d_primfunc,
         "binary_dense": binary_dense_primfunc, "quantize": quantize_primfunc,
         "int8_conv2d": int8_conv2d_primfunc, "int8_dense": int8_dense_primfunc,
+        "int_matmul": int_matmul_primfunc,
     }[kind]
     args, kwargs = key
     return Kernel(builder(*args, target=target, **dict(kwargs)), target)
@@ -308,3 +326,7 @@ def build_int8_dense(batch, in_features, out_features, target=None, tile=None, e
 
 build_w1ak_conv2d = build_int8_conv2d
 build_w1ak_dense = build_int8_dense
+
+
+def build_int_matmul(batch, m, k, n, target=None, with_scale=True, dtype="int8") -> Kernel:
+    return _build("int_matmul", target, batch, m, k, n, with_scale=with_scale, dtype=dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from bqc.packing import INT8_GROUP, ZERO_POINT
-from .binary import affine_epilogue, conv_geometry
+from .binary import affine_epilogue, conv_geometry, pad_nhwc
 
 
 def quantize_u8(x: te.Tensor, scale: te.Tensor, bits: int, layout: str = "NCHW",
@@ -80,13 +80,8 @@ def int8_conv2d_nhwc(x_u8: te.Tensor, w_blk: te.Tensor, bias: te.Tensor, out_cha
         raise ValueError("w_blk/bias hold a different number of output channels")
     g = conv_geometry(h, w, kh_, kw_, stride, padding)
     oh, ow = g["oh"], g["ow"]
-    p, s = padding, stride
-    zp = tirx.const(ZERO_POINT, "uint8")
-    xpad = te.compute(
-        (n, h + 2 * p, w + 2 * p, c4),
-        lambda i, y, z, c: tirx.if_then_else(
-            tirx.all(y >= p, y < h + p, z >= p, z < w + p), x_u8[i, y - p, z - p, c], zp),
-        name="xpad")
+    s = stride
+    xpad = pad_nhwc(x_u8, padding, tirx.const(ZERO_POINT, "uint8"))
     rkh = te.reduce_axis((0, kh_), name="kh")
     rkw = te.reduce_axis((0, kw_), name="kw")
     rcg = te.reduce_axis((0, cg), name="cg")
@@ -124,3 +119,24 @@ def int8_dense(x_u8: te.Tensor, w_blk: te.Tensor, bias: te.Tensor, out_features:
     return te.compute((m, out_features),
                       lambda i, j: affine_epilogue(acc[i, j // lanes, j % lanes] + bias[j], j, out_scale, out_bias),
                       name="out")
+
+
+def int_matmul(a: te.Tensor, b: te.Tensor, scale: te.Tensor | None = None) -> te.Tensor:
+    """Batched matmul of integer codes with an exact int32 accumulator (attention on codes).
+
+    ``a int8[BT, M, K]`` x ``b int8[BT, K, N]`` -> ``out int32[BT, M, N]`` (stages ``"acc"``,
+    ``"out"``); with ``scale f32[1]``, ``out`` is float32 ``f32(acc) * scale[0]``: the same one
+    rounding as the reference ``bqc.int_matmul`` (``acc.to(f32) * scale``). Exact for any ``K``
+    while ``K * 2^14 < 2^31`` (int8 codes), unlike a float32 matmul of the codes, whose partial
+    sums stop being exact integers above ``2^24`` (``K >= 1024`` in the worst case).
+    """
+    bt, m, k = (int(v) for v in a.shape)
+    bt2, k2, n = (int(v) for v in b.shape)
+    if bt != bt2 or k != k2:
+        raise ValueError(f"int_matmul shapes disagree: a {tuple(a.shape)}, b {tuple(b.shape)}")
+    rk = te.reduce_axis((0, k), name="k")
+    acc = te.compute((bt, m, n), lambda i, r, c: te.sum(a[i, r, rk].astype("int32") * b[i, rk, c].astype("int32"),
+                                                       axis=rk), name="acc")
+    if scale is None:
+        return te.compute((bt, m, n), lambda i, r, c: acc[i, r, c], name="out")
+    return te.compute((bt, m, n), lambda i, r, c: acc[i, r, c].astype("float32") * scale[0], name="out")

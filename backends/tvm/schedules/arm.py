@@ -24,34 +24,15 @@ schedules (vectorised over the 16 lanes; NEON has no ``vpdpbusd``).
 """
 from __future__ import annotations
 
-import tvm
-import tvm.s_tir as s_tir
 from tvm import tirx
 
 from . import x86 as _x86
+from .common import cpu_register_tile, new_schedule, pick_tile, reduce_then_tile
 
 __all__ = [
     "schedule_binary_conv2d", "schedule_binary_dense", "schedule_bitpack", "schedule_quantize",
-    "schedule_int8_conv2d", "schedule_int8_dense", "default_tile",
+    "schedule_int8_conv2d", "schedule_int8_dense", "schedule_int_matmul", "default_tile", "pick_tile",
 ]
-
-pick_tile = _x86.pick_tile
-
-
-def _sched(func: tirx.PrimFunc) -> s_tir.Schedule:
-    name = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else "main"
-    sch = s_tir.Schedule(tvm.IRModule({name: func}))
-    sch.work_on(name)
-    return sch
-
-
-def _extent(sch, loop) -> int:
-    return int(sch.get(loop).extent)
-
-
-def _out_channels(sch) -> int:
-    """Extent of the last axis of the ``out`` block (OC or N)."""
-    return _extent(sch, sch.get_loops(sch.get_sblock("out"))[-1])
 
 
 def default_tile(lanes: int) -> int:
@@ -59,55 +40,26 @@ def default_tile(lanes: int) -> int:
     return max(1, min(8, 64 // max(lanes, 1)))
 
 
-def schedule_binary_conv2d(func: tirx.PrimFunc, target=None, tile: int | None = None) -> tirx.PrimFunc:
-    """Schedule ``binary_conv2d_nhwc`` (blocks ``xpad``, ``acc`` ``[N, OH, OW, OCB, L]``, ``out``)."""
-    sch = _sched(func)
-    OC = _out_channels(sch)
-    acc = sch.get_sblock("acc")
-    n, oh, ow, ob, l, kh, kw, cw = sch.get_loops(acc)
-    OW, L = _extent(sch, ow), _extent(sch, l)
-    T = pick_tile(OW, tile or default_tile(L))
-    owo, owi = sch.split(ow, [None, T])
-    sch.reorder(n, oh, ob, owo, kh, kw, cw, owi, l)
-    row = sch.fuse(n, oh)
-    sch.parallel(row)
-    sch.set_scope(acc, 0, "local")
-    xpad = sch.get_sblock("xpad")
-    sch.compute_at(xpad, row)
-    sch.set_scope(xpad, 0, "local")
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, owo)
-    if OC % L == 0:
-        sch.vectorize(sch.get_loops(out)[-1])
-    sch.unroll(owi)
-    sch.vectorize(l)
-    init = sch.decompose_reduction(acc, kh)
+def _binary(func: tirx.PrimFunc, tile: int | None, conv: bool) -> tirx.PrimFunc:
+    """The ``T x L`` register tile of :func:`~.common.cpu_register_tile`, reduction outside
+    the tile; tile rows unrolled, lanes vectorised (``eor, cnt, uaddlp, uadalp``)."""
+    sch = new_schedule(func)
+    acc, _, ti, lane, red = cpu_register_tile(sch, tile or default_tile, conv=conv, arrange=reduce_then_tile)
+    sch.unroll(ti)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(acc, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
     return sch.mod[sch.func_working_on]
+
+
+def schedule_binary_conv2d(func: tirx.PrimFunc, target=None, tile: int | None = None) -> tirx.PrimFunc:
+    """Schedule ``binary_conv2d_nhwc`` (blocks ``xpad``, ``acc`` ``[N, OH, OW, OCB, L]``, ``out``)."""
+    return _binary(func, tile, conv=True)
 
 
 def schedule_binary_dense(func: tirx.PrimFunc, target=None, tile: int | None = None) -> tirx.PrimFunc:
     """Schedule ``binary_dense`` (blocks ``acc`` ``[M, NB, L]``, ``out``)."""
-    sch = _sched(func)
-    OC = _out_channels(sch)
-    acc = sch.get_sblock("acc")
-    m, nb, l, k = sch.get_loops(acc)
-    M, L = _extent(sch, m), _extent(sch, l)
-    T = pick_tile(M, tile or default_tile(L))
-    mo, mi = sch.split(m, [None, T])
-    sch.reorder(mo, nb, k, mi, l)
-    outer = sch.fuse(mo, nb)
-    sch.parallel(outer)
-    sch.set_scope(acc, 0, "local")
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, outer)
-    if OC % L == 0:
-        sch.vectorize(sch.get_loops(out)[-1])
-    sch.unroll(mi)
-    sch.vectorize(l)
-    init = sch.decompose_reduction(acc, k)
-    sch.vectorize(sch.get_loops(init)[-1])
-    return sch.mod[sch.func_working_on]
+    return _binary(func, tile, conv=False)
 
 
 def schedule_bitpack(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
@@ -117,6 +69,11 @@ def schedule_bitpack(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
 
 def schedule_quantize(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
     return _x86.schedule_quantize(func, target)
+
+
+def schedule_int_matmul(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
+    """Exact int32 matmul of codes: the x86 schedule (target-generic; NEON ``smlal``-style code)."""
+    return _x86.schedule_int_matmul(func, target)
 
 
 def schedule_int8_conv2d(func: tirx.PrimFunc, target=None, tile: int | None = None) -> tirx.PrimFunc:

@@ -27,27 +27,16 @@ is checked numerically by :func:`bqc.backends.tvm.cuda.emulate_kernel`.
 """
 from __future__ import annotations
 
-import tvm
-import tvm.s_tir as s_tir
 from tvm import tirx
 
-from .x86 import pick_tile
+from .common import loop_extent as _extent
+from .common import new_schedule as _sched
+from .common import pick_tile, reduce_extents
 
 __all__ = [
     "schedule_binary_conv2d", "schedule_binary_dense", "schedule_int8_conv2d", "schedule_int8_dense",
-    "schedule_bitpack", "schedule_quantize",
+    "schedule_bitpack", "schedule_quantize", "schedule_int_matmul",
 ]
-
-
-def _sched(func: tirx.PrimFunc) -> s_tir.Schedule:
-    name = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else "main"
-    sch = s_tir.Schedule(tvm.IRModule({name: func}))
-    sch.work_on(name)
-    return sch
-
-
-def _extent(sch, loop) -> int:
-    return int(sch.get(loop).extent)
 
 
 def _lane_groups(n_blocks: int, lanes: int) -> int:
@@ -55,22 +44,34 @@ def _lane_groups(n_blocks: int, lanes: int) -> int:
     return pick_tile(n_blocks, max(1, 32 // lanes))
 
 
-def _n_reduce(sch, block) -> int:
-    return sum(1 for iv in sch.get(block).iter_vars if int(iv.iter_type) == 2)
+def _acc_under_thread(sch, acc, tx, unroll_group: bool):
+    """``acc`` computed per thread under ``tx``, in local registers, reduction outermost.
 
-
-def _acc_under_thread(sch, acc, tx, n_reduce: int, unroll_last_reduce: bool):
-    """``acc`` computed per thread under ``tx``, in local registers, reduction outermost."""
+    ``compute_at`` creates a loop only for the axes of extent > 1: every reduction axis of
+    extent > 1 (in order, after the spatial ones) and the per-thread spatial axes left (the
+    ``row_inner`` outputs). A reduction of one step (e.g. a 1x1 conv or a dense whose input
+    fits one packed word) gets a unit loop (``add_unit_loop``), so that the init can still be
+    split off. ``unroll_group``: unroll the last reduction axis (the int8 4-channel group) when
+    it has a loop.
+    """
+    red_ext = reduce_extents(sch, acc)
     sch.compute_at(acc, tx)
     sch.set_scope(acc, 0, "local")
     loops = sch.get_loops(acc)
     pos = [i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(tx))][0]
     inner = loops[pos + 1:]
-    sp, red = inner[:-n_reduce], inner[-n_reduce:]
-    sch.reorder(*red, *sp)
+    n_red = sum(1 for e in red_ext if e > 1)
+    sp, red = inner[:len(inner) - n_red], inner[len(inner) - n_red:]
+    got = [_extent(sch, lp) for lp in red]
+    if got != [e for e in red_ext if e > 1]:
+        raise RuntimeError(f"unexpected loops under the thread: reduction extents {got}, wanted {red_ext}")
+    if red:
+        sch.reorder(*red, *sp)
+    else:
+        red = [sch.add_unit_loop(acc)]
     for lp in sp:
         sch.unroll(lp)
-    if unroll_last_reduce:
+    if unroll_group and red_ext[-1] > 1:
         sch.unroll(red[-1])
     sch.decompose_reduction(acc, red[0])
     return sch.mod[sch.func_working_on]
@@ -92,26 +93,7 @@ def _conv(func, row_tile, row_inner):
     (Tiling ``out`` and computing ``acc`` at the thread, rather than the other way round,
     keeps each thread's epilogue on its own accumulators also when ``OC % L != 0``.)
     """
-    sch = _sched(func)
-    sch.compute_inline(sch.get_sblock("xpad"))
-    acc = sch.get_sblock("acc")
-    n_red = _n_reduce(sch, acc)
-    _, _, _, ob_l, l_l = sch.get_loops(acc)[:5]
-    OB, L = _extent(sch, ob_l), _extent(sch, l_l)
-    out = sch.get_sblock("out")
-    n, oh, ow, oc = sch.get_loops(out)
-    OW = _extent(sch, ow)
-    ri = pick_tile(OW, row_inner)
-    rt = pick_tile(OW // ri, row_tile)
-    g = _lane_groups(OB, L)
-    owo, owt, owi = sch.split(ow, [None, rt, ri])
-    oco, ocg, ocl = sch.split(oc, [None, g, L])
-    sch.reorder(n, oh, owo, oco, owt, ocg, ocl, owi)
-    sch.bind(sch.fuse(n, oh, owo, oco), "blockIdx.x")
-    sch.bind(owt, "threadIdx.y")
-    tx = sch.fuse(ocg, ocl)
-    sch.bind(tx, "threadIdx.x")
-    return _acc_under_thread(sch, acc, tx, n_red, unroll_last_reduce=n_red == 4)
+    return _thread_tiles(func, row_tile, row_inner, conv=True)
 
 
 def schedule_binary_dense(func: tirx.PrimFunc, target=None, row_tile: int = 8, row_inner: int = 2) -> tirx.PrimFunc:
@@ -125,25 +107,51 @@ def schedule_int8_dense(func: tirx.PrimFunc, target=None, row_tile: int = 8, row
 
 
 def _dense(func, row_tile, row_inner):
+    """Tile ``out`` ``[M, N]`` into threads (rows ``m`` along ``threadIdx.y``), ``acc`` per thread."""
+    return _thread_tiles(func, row_tile, row_inner, conv=False)
+
+
+def _thread_tiles(func, row_tile, row_inner, conv: bool):
+    """The thread mapping of the module docstring. The row axis (conv: ``ow``; dense: ``m``)
+    is split ``[blocks, row_tile (threadIdx.y), row_inner (per thread)]``, the channel axis
+    ``[blocks, G lane blocks, L lanes]`` (``threadIdx.x`` = ``G * L``); the conv's leading
+    ``n, oh`` join the block index."""
+    sch = _sched(func)
+    if conv:
+        sch.compute_inline(sch.get_sblock("xpad"))
+    acc = sch.get_sblock("acc")
+    int8 = len(reduce_extents(sch, acc)) == (4 if conv else 2)  # int8: (kh, kw,) c4/4, group
+    ob_l, l_l = sch.get_loops(acc)[3:5] if conv else sch.get_loops(acc)[1:3]
+    OB, L = _extent(sch, ob_l), _extent(sch, l_l)
+    *lead, row, ch = sch.get_loops(sch.get_sblock("out"))
+    R = _extent(sch, row)
+    ri = pick_tile(R, row_inner)
+    rt = pick_tile(R // ri, row_tile)
+    g = _lane_groups(OB, L)
+    ro, rtl, ril = sch.split(row, [None, rt, ri])
+    co, cg, cl = sch.split(ch, [None, g, L])
+    sch.reorder(*lead, ro, co, rtl, cg, cl, ril)
+    sch.bind(sch.fuse(*lead, ro, co), "blockIdx.x")
+    sch.bind(rtl, "threadIdx.y")
+    tx = sch.fuse(cg, cl)
+    sch.bind(tx, "threadIdx.x")
+    return _acc_under_thread(sch, acc, tx, unroll_group=int8)
+
+
+def schedule_int_matmul(func: tirx.PrimFunc, target=None, row_tile: int = 8) -> tirx.PrimFunc:
+    """Schedule ``int_matmul`` (``acc``/``out`` ``[BT, M, N]``): ``threadIdx.x`` up to 32
+    consecutive columns, ``threadIdx.y`` ``row_tile`` rows, one exact int32 accumulator per
+    thread (``local``), the reduction over ``k`` in the thread."""
     sch = _sched(func)
     acc = sch.get_sblock("acc")
-    n_red = _n_reduce(sch, acc)
-    _, nb_l, l_l = sch.get_loops(acc)[:3]
-    NB, L = _extent(sch, nb_l), _extent(sch, l_l)
-    out = sch.get_sblock("out")
-    m, j = sch.get_loops(out)
-    M = _extent(sch, m)
-    ri = pick_tile(M, row_inner)
-    rt = pick_tile(M // ri, row_tile)
-    g = _lane_groups(NB, L)
-    mo, mt, mi = sch.split(m, [None, rt, ri])
-    jo, jg, jl = sch.split(j, [None, g, L])
-    sch.reorder(mo, jo, mt, jg, jl, mi)
-    sch.bind(sch.fuse(mo, jo), "blockIdx.x")
+    b, m, n = sch.get_loops(sch.get_sblock("out"))
+    mo, mt = sch.split(m, [None, pick_tile(_extent(sch, m), row_tile)])
+    no, nt = sch.split(n, [None, pick_tile(_extent(sch, n), 32)])
+    sch.reorder(b, mo, no, mt, nt)
+    sch.bind(sch.fuse(b, mo, no), "blockIdx.x")
     sch.bind(mt, "threadIdx.y")
-    tx = sch.fuse(jg, jl)
-    sch.bind(tx, "threadIdx.x")
-    return _acc_under_thread(sch, acc, tx, n_red, unroll_last_reduce=n_red == 2)
+    sch.bind(nt, "threadIdx.x")
+    return _acc_under_thread(sch, acc, nt, unroll_group=False)
 
 
 def _flat_threads(sch, block, threads: int = 128):
@@ -226,56 +234,33 @@ def binary_dense_mma(m: int, k: int, n: int, lanes: int = 16, form: str = "xor",
     M, N, K, KW, L, W = m, n, k, kw_words, lanes, warps  # noqa: N806 (TVMScript closure names)
     zero = tirx.const(0, "uint32")
 
-    if form == "xor":
-        @T.prim_func(check_well_formed=False)
-        def func(x: T.Buffer((M, KW), "uint32"), w: T.Buffer((nb, KW, L), "uint32"), out: T.Buffer((M, N), "int32")):
-            T.func_attr({"tirx.noalias": True})
-            for bx in T.thread_binding(gm, thread="blockIdx.x"):
-                for by in T.thread_binding(gn, thread="blockIdx.y"):
-                    for ty in T.thread_binding(W, thread="threadIdx.y"):
-                        for tx in T.thread_binding(32, thread="threadIdx.x"):
-                            acc = T.alloc_buffer((4,), "uint32", scope="local")
-                            a = T.alloc_buffer((2,), "uint32", scope="local")
-                            b = T.alloc_buffer((1,), "uint32", scope="local")
-                            for i in range(4):
-                                acc[i] = zero
-                            for s in range(steps):
-                                for r in range(2):
-                                    a[r] = T.if_then_else(
-                                        bx * 16 + tx // 4 + r * 8 < M and s * 4 + tx % 4 < KW,
-                                        x[T.min(bx * 16 + tx // 4 + r * 8, M - 1), T.min(s * 4 + tx % 4, KW - 1)], zero)
-                                b[0] = T.if_then_else(
-                                    (by * W + ty) * 8 + tx // 4 < N and s * 4 + tx % 4 < KW,
-                                    w[T.min((by * W + ty) * 8 + tx // 4, N - 1) // L, T.min(s * 4 + tx % 4, KW - 1),
-                                      T.min((by * W + ty) * 8 + tx // 4, N - 1) % L], zero)
+    XOR = form == "xor"  # noqa: N806 (a Python bool: TVMScript keeps only the taken branch)
+
+    @T.prim_func(check_well_formed=False)
+    def func(x: T.Buffer((M, KW), "uint32"), w: T.Buffer((nb, KW, L), "uint32"), out: T.Buffer((M, N), "int32")):
+        T.func_attr({"tirx.noalias": True})
+        for bx in T.thread_binding(gm, thread="blockIdx.x"):
+            for by in T.thread_binding(gn, thread="blockIdx.y"):
+                for ty in T.thread_binding(W, thread="threadIdx.y"):
+                    for tx in T.thread_binding(32, thread="threadIdx.x"):
+                        acc = T.alloc_buffer((4,), "uint32", scope="local")
+                        a = T.alloc_buffer((2,), "uint32", scope="local")
+                        b = T.alloc_buffer((1,), "uint32", scope="local")
+                        for i in range(4):
+                            acc[i] = zero
+                        for s in range(steps):
+                            for r in range(2):
+                                a[r] = T.if_then_else(
+                                    bx * 16 + tx // 4 + r * 8 < M and s * 4 + tx % 4 < KW,
+                                    x[T.min(bx * 16 + tx // 4 + r * 8, M - 1), T.min(s * 4 + tx % 4, KW - 1)], zero)
+                            b[0] = T.if_then_else(
+                                (by * W + ty) * 8 + tx // 4 < N and s * 4 + tx % 4 < KW,
+                                w[T.min((by * W + ty) * 8 + tx // 4, N - 1) // L, T.min(s * 4 + tx % 4, KW - 1),
+                                  T.min((by * W + ty) * 8 + tx // 4, N - 1) % L], zero)
+                            if XOR:
                                 T.ptx.mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.xor.popc(
                                     acc[0], acc[1], acc[2], acc[3], a[0], a[1], b[0], acc[0], acc[1], acc[2], acc[3])
-                            for i in range(4):
-                                if bx * 16 + tx // 4 + (i // 2) * 8 < M and (by * W + ty) * 8 + (tx % 4) * 2 + i % 2 < N:
-                                    out[bx * 16 + tx // 4 + (i // 2) * 8, (by * W + ty) * 8 + (tx % 4) * 2 + i % 2] = (
-                                        K - 2 * T.Cast("int32", acc[i]))
-    else:
-        @T.prim_func(check_well_formed=False)
-        def func(x: T.Buffer((M, KW), "uint32"), w: T.Buffer((nb, KW, L), "uint32"), out: T.Buffer((M, N), "int32")):
-            T.func_attr({"tirx.noalias": True})
-            for bx in T.thread_binding(gm, thread="blockIdx.x"):
-                for by in T.thread_binding(gn, thread="blockIdx.y"):
-                    for ty in T.thread_binding(W, thread="threadIdx.y"):
-                        for tx in T.thread_binding(32, thread="threadIdx.x"):
-                            acc = T.alloc_buffer((4,), "uint32", scope="local")
-                            a = T.alloc_buffer((2,), "uint32", scope="local")
-                            b = T.alloc_buffer((1,), "uint32", scope="local")
-                            for i in range(4):
-                                acc[i] = zero
-                            for s in range(steps):
-                                for r in range(2):
-                                    a[r] = T.if_then_else(
-                                        bx * 16 + tx // 4 + r * 8 < M and s * 4 + tx % 4 < KW,
-                                        x[T.min(bx * 16 + tx // 4 + r * 8, M - 1), T.min(s * 4 + tx % 4, KW - 1)], zero)
-                                b[0] = T.if_then_else(
-                                    (by * W + ty) * 8 + tx // 4 < N and s * 4 + tx % 4 < KW,
-                                    w[T.min((by * W + ty) * 8 + tx // 4, N - 1) // L, T.min(s * 4 + tx % 4, KW - 1),
-                                      T.min((by * W + ty) * 8 + tx // 4, N - 1) % L], zero)
+                            else:  # agreements = popc(a & w) + popc(~a & ~w)
                                 T.ptx.mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and_.popc(
                                     acc[0], acc[1], acc[2], acc[3], a[0], a[1], b[0], acc[0], acc[1], acc[2], acc[3])
                                 a[0] = ~a[0]
@@ -283,8 +268,12 @@ def binary_dense_mma(m: int, k: int, n: int, lanes: int = 16, form: str = "xor",
                                 b[0] = ~b[0]
                                 T.ptx.mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.and_.popc(
                                     acc[0], acc[1], acc[2], acc[3], a[0], a[1], b[0], acc[0], acc[1], acc[2], acc[3])
-                            for i in range(4):
-                                if bx * 16 + tx // 4 + (i // 2) * 8 < M and (by * W + ty) * 8 + (tx % 4) * 2 + i % 2 < N:
+                        for i in range(4):
+                            if bx * 16 + tx // 4 + (i // 2) * 8 < M and (by * W + ty) * 8 + (tx % 4) * 2 + i % 2 < N:
+                                if XOR:
+                                    out[bx * 16 + tx // 4 + (i // 2) * 8, (by * W + ty) * 8 + (tx % 4) * 2 + i % 2] = (
+                                        K - 2 * T.Cast("int32", acc[i]))
+                                else:
                                     out[bx * 16 + tx // 4 + (i // 2) * 8, (by * W + ty) * 8 + (tx % 4) * 2 + i % 2] = (
                                         2 * (T.Cast("int32", acc[i]) - pad) - K)
     return func

@@ -22,42 +22,32 @@ tile of ``T`` output pixels x 16 output channels (int32 zmm accumulators); for e
 4 input channels, one ``vpdpbusd`` per pixel (u8 activations broadcast, int8 weights
 ``[16, 4]``). Without VNNI the same loop nest is vectorised over the 16 channels.
 
+``schedule_int_matmul`` (attention on integer codes, exact int32 accumulation for any K):
+parallel rows, a vectorised ``local`` accumulator of up to 16 columns.
+
+The loop nest shared by the conv / dense schedules here and in ``arm.py`` is
+:func:`.common.cpu_register_tile`.
+
 Order that works in TVM 0.27: loop transforms, vectorize/unroll, then decompose_reduction,
 then blockize + micro-kernel replacement.
 """
 from __future__ import annotations
 
-import tvm
 from tvm import tirx
-import tvm.s_tir as s_tir
 
 from ..kernels.microkernel import (SlotPool, best_counter_depth, carry_save_popcount, find_region,
                                    replace_block_body)
 from ..target import as_target, has_feature, has_vnni
+from .common import (cpu_register_tile, loop_extent, new_schedule, pick_tile, reduce_then_tile_then_group,
+                     tile_then_reduce)
 
 __all__ = [
     "schedule_bitpack", "schedule_quantize", "schedule_binary_conv2d", "schedule_binary_dense",
-    "schedule_int8_conv2d", "schedule_int8_dense", "pick_tile", "pick_microkernel",
+    "schedule_int8_conv2d", "schedule_int8_dense", "schedule_int_matmul", "pick_tile", "pick_microkernel",
 ]
 
 
-def _sched(func: tirx.PrimFunc) -> tuple[s_tir.Schedule, str]:
-    name = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else "main"
-    sch = s_tir.Schedule(tvm.IRModule({name: func}))
-    sch.work_on(name)
-    return sch, name
-
-
-def _extent(sch, loop) -> int:
-    return int(sch.get(loop).extent)
-
-
-def pick_tile(n: int, max_tile: int) -> int:
-    """Largest divisor of ``n`` that is <= ``max_tile``."""
-    for t in range(min(n, max_tile), 0, -1):
-        if n % t == 0:
-            return t
-    return 1
+_extent = loop_extent
 
 
 # --------------------------------------------------------------------------------------
@@ -66,7 +56,7 @@ def pick_tile(n: int, max_tile: int) -> int:
 
 def schedule_bitpack(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
     """Block ``bitpack`` (loops n, h, w, cw, b): parallel over rows, vectorise w, unroll bits."""
-    sch, _ = _sched(func)
+    sch = new_schedule(func)
     blk = sch.get_sblock("bitpack")
     n, h, w, cw, b = sch.get_loops(blk)
     vw = pick_tile(_extent(sch, w), 16)
@@ -83,7 +73,7 @@ def schedule_bitpack(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
 
 def schedule_quantize(func: tirx.PrimFunc, target=None) -> tirx.PrimFunc:
     """Block ``quantize``: parallel over rows (conv) or over all (dense), vectorised inner axis."""
-    sch, _ = _sched(func)
+    sch = new_schedule(func)
     blk = sch.get_sblock("quantize")
     loops = sch.get_loops(blk)
     if len(loops) == 4:
@@ -189,6 +179,25 @@ def pick_microkernel(target, microkernel: str = "auto") -> str:
     return microkernel
 
 
+def _w1a1_reduction(sch, acc, red, lane, tile_loop, microkernel: str, unroll_last: bool):
+    """The reduction of a W1A1 kernel. ``"popcount"``: reduction loops outside the vectorised
+    lanes (the last one unrolled if ``unroll_last``), init split off: the schedule is done.
+    ``"harley-seal"``: init split off at ``tile_loop`` and the body from there blockized into
+    the block ``acc_update_o`` that :func:`_hs_body` fills. Returns the PrimFunc."""
+    if microkernel == "popcount":
+        sch.reorder(*red, lane)
+        sch.vectorize(lane)
+        if unroll_last:
+            sch.unroll(red[-1])
+        init = sch.decompose_reduction(acc, red[0])
+    else:
+        init = sch.decompose_reduction(acc, tile_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if microkernel != "popcount":
+        sch.blockize(tile_loop)
+    return sch.mod[sch.func_working_on]
+
+
 def schedule_binary_conv2d(func: tirx.PrimFunc, target=None, microkernel: str = "auto",
                            counter_depth: int | None = None, tile: int | None = None) -> tirx.PrimFunc:
     """Schedule the ``binary_conv2d_nhwc`` PrimFunc (blocks ``xpad``, ``acc``, ``out``).
@@ -200,35 +209,13 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target=None, microkernel: str = 
     """
     target = as_target(target)
     microkernel = pick_microkernel(target, microkernel)
-    sch, _ = _sched(func)
-    acc = sch.get_sblock("acc")
-    n, oh, ow, ob, l, kh, kw, cw = sch.get_loops(acc)
-    KH, KW, CW, L, OW = (_extent(sch, v) for v in (kh, kw, cw, l, ow))
-    OC = int(func.params[-1].shape[-1])
-    T = pick_tile(OW, tile if tile is not None else 1) if microkernel == "harley-seal" else 1
-    owo, owi = sch.split(ow, [None, T])
-    sch.reorder(n, oh, ob, owo, owi, l, kh, kw, cw)
-    row = sch.fuse(n, oh)
-    sch.parallel(row)
-    sch.set_scope(acc, 0, "local")
-    xpad = sch.get_sblock("xpad")
-    sch.compute_at(xpad, row)
-    sch.set_scope(xpad, 0, "local")
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, owo)
-    if OC % L == 0:
-        sch.vectorize(sch.get_loops(out)[-1])
+    sch = new_schedule(func)
+    max_tile = (tile if tile is not None else 1) if microkernel == "harley-seal" else 1
+    acc, T, owi, l, (kh, kw, cw) = cpu_register_tile(sch, max_tile, conv=True, arrange=tile_then_reduce)
+    KH, KW, CW, L = (_extent(sch, v) for v in (kh, kw, cw, l))
+    func = _w1a1_reduction(sch, acc, [kh, kw, cw], l, owi, microkernel, unroll_last=True)
     if microkernel == "popcount":
-        sch.reorder(kh, kw, cw, l)
-        sch.vectorize(l)
-        sch.unroll(cw)
-        init = sch.decompose_reduction(acc, kh)
-        sch.vectorize(sch.get_loops(init)[-1])
-        return sch.mod[sch.func_working_on]
-    init = sch.decompose_reduction(acc, owi)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.blockize(owi)
-    func = sch.mod[sch.func_working_on]
+        return func
     wname = str(func.params[1].name)
     taps = [(a, b, c) for a in range(KH) for b in range(KW) for c in range(CW)]
     top = counter_depth if counter_depth is not None else best_counter_depth(len(taps), _popcount_cost(target))
@@ -249,7 +236,7 @@ def schedule_binary_dense(func: tirx.PrimFunc, target=None, microkernel: str = "
     """Schedule the ``binary_dense`` PrimFunc (blocks ``acc`` ``[M, NB, L]``, ``out``)."""
     target = as_target(target)
     microkernel = pick_microkernel(target, microkernel)
-    sch, _ = _sched(func)
+    sch = new_schedule(func)
     acc = sch.get_sblock("acc")
     m, nb, l, k = sch.get_loops(acc)
     K, L = _extent(sch, k), _extent(sch, l)
@@ -261,16 +248,9 @@ def schedule_binary_dense(func: tirx.PrimFunc, target=None, microkernel: str = "
     sch.reverse_compute_at(out, outer)
     if N % L == 0:
         sch.vectorize(sch.get_loops(out)[-1])
+    func = _w1a1_reduction(sch, acc, [k], l, l, microkernel, unroll_last=False)
     if microkernel == "popcount":
-        sch.reorder(k, l)
-        sch.vectorize(l)
-        init = sch.decompose_reduction(acc, k)
-        sch.vectorize(sch.get_loops(init)[-1])
-        return sch.mod[sch.func_working_on]
-    init = sch.decompose_reduction(acc, l)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.blockize(l)
-    func = sch.mod[sch.func_working_on]
+        return func
     xname = str(func.params[0].name)
     wname = str(func.params[1].name)
     top = counter_depth if counter_depth is not None else best_counter_depth(K, _popcount_cost(target))
@@ -315,6 +295,24 @@ def _vnni_body(acc_name: str, x_name: str, w_name: str, tile: int, x_step, lanes
     return make
 
 
+def _int8_register_tile(sch, max_tile: int, vnni: bool, *, conv: bool):
+    """Loop nest of the int8 conv / dense: :func:`cpu_register_tile` with the 4-channel group
+    innermost, accumulator init split off. With VNNI (and 16 lanes) the tile is left for the
+    ``vpdpbusd`` micro-kernel (returns ``(acc, T, ti, L)``); otherwise it is vectorised over
+    the lanes, group and tile unrolled, and the schedule is complete (returns ``acc = None``)."""
+    acc, T, ti, lane, red = cpu_register_tile(sch, max_tile, conv=conv, arrange=reduce_then_tile_then_group)
+    L, group = _extent(sch, lane), red[-1]
+    use_vnni = vnni and L == 16
+    if not use_vnni:
+        sch.reorder(ti, group, lane)
+        sch.vectorize(lane)
+        sch.unroll(group)
+        sch.unroll(ti)
+    init = sch.decompose_reduction(acc, red[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    return (acc if use_vnni else None), T, ti, L
+
+
 def schedule_int8_conv2d(func: tirx.PrimFunc, target=None, stride: int | None = None,
                          tile: int | None = None) -> tirx.PrimFunc:
     """Schedule ``int8_conv2d_nhwc`` (blocks ``xpad``, ``acc`` ``[N, OH, OW, OCB, L]``, ``out``).
@@ -325,33 +323,9 @@ def schedule_int8_conv2d(func: tirx.PrimFunc, target=None, stride: int | None = 
     when not given."""
     target = as_target(target)
     vnni = has_vnni(target)
-    sch, _ = _sched(func)
-    acc = sch.get_sblock("acc")
-    n, oh, ow, ob, l, kh, kw, cg, j = sch.get_loops(acc)
-    OW, L = _extent(sch, ow), _extent(sch, l)
-    OC = int(func.params[-1].shape[-1])
-    T = pick_tile(OW, tile or 16)
-    owo, owi = sch.split(ow, [None, T])
-    sch.reorder(n, oh, ob, owo, kh, kw, cg, owi, l, j)
-    row = sch.fuse(n, oh)
-    sch.parallel(row)
-    sch.set_scope(acc, 0, "local")
-    xpad = sch.get_sblock("xpad")
-    sch.compute_at(xpad, row)
-    sch.set_scope(xpad, 0, "local")
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, owo)
-    if OC % L == 0:
-        sch.vectorize(sch.get_loops(out)[-1])
-    use_vnni = vnni and L == 16
-    if not use_vnni:
-        sch.reorder(owi, j, l)
-        sch.vectorize(l)
-        sch.unroll(j)
-        sch.unroll(owi)
-    init = sch.decompose_reduction(acc, kh)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if not use_vnni:
+    sch = new_schedule(func)
+    acc, T, owi, L = _int8_register_tile(sch, tile or 16, vnni, conv=True)
+    if acc is None:
         return sch.mod[sch.func_working_on]
     sch.blockize(owi)
     func = sch.mod[sch.func_working_on]
@@ -374,30 +348,9 @@ def schedule_int8_dense(func: tirx.PrimFunc, target=None, tile: int | None = Non
     """Schedule ``int8_dense`` (blocks ``acc`` ``[M, NB, L]``, ``out``)."""
     target = as_target(target)
     vnni = has_vnni(target)
-    sch, _ = _sched(func)
-    acc = sch.get_sblock("acc")
-    m, nb, l, kg, j = sch.get_loops(acc)
-    M, L = _extent(sch, m), _extent(sch, l)
-    N = int(func.params[-1].shape[-1])
-    T = pick_tile(M, tile or 8)
-    mo, mi = sch.split(m, [None, T])
-    sch.reorder(mo, nb, kg, mi, l, j)
-    outer = sch.fuse(mo, nb)
-    sch.parallel(outer)
-    sch.set_scope(acc, 0, "local")
-    out = sch.get_sblock("out")
-    sch.reverse_compute_at(out, outer)
-    if N % L == 0:
-        sch.vectorize(sch.get_loops(out)[-1])
-    use_vnni = vnni and L == 16
-    if not use_vnni:
-        sch.reorder(mi, j, l)
-        sch.vectorize(l)
-        sch.unroll(j)
-        sch.unroll(mi)
-    init = sch.decompose_reduction(acc, kg)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if not use_vnni:
+    sch = new_schedule(func)
+    acc, T, mi, L = _int8_register_tile(sch, tile or 8, vnni, conv=False)
+    if acc is None:
         return sch.mod[sch.func_working_on]
     sch.blockize(mi)
     func = sch.mod[sch.func_working_on]
@@ -405,3 +358,27 @@ def schedule_int8_dense(func: tirx.PrimFunc, target=None, tile: int | None = Non
     wname = str(func.params[1].name)
     make = _vnni_body("acc", xname, wname, T, lambda mm, ext, t: [mm[0] + t, mm[1]], L)
     return replace_block_body(func, "acc_update_o", make)
+
+
+def schedule_int_matmul(func: tirx.PrimFunc, target=None, vector: int = 16) -> tirx.PrimFunc:
+    """Schedule ``int_matmul`` (blocks ``acc`` int32 ``[BT, M, N]``, ``out``): rows ``(bt*m)``
+    parallel, a ``local`` accumulator of ``V`` columns vectorised (int8 -> int32 multiply-add),
+    the reduction over ``k`` outside it, the epilogue fused per vector. Any CPU target."""
+    sch = new_schedule(func)
+    acc = sch.get_sblock("acc")
+    b, m, n, k = sch.get_loops(acc)
+    V = pick_tile(_extent(sch, n), vector)
+    no, ni = sch.split(n, [None, V])
+    sch.reorder(b, m, no, k, ni)
+    row = sch.fuse(b, m)
+    sch.parallel(row)
+    sch.set_scope(acc, 0, "local")
+    out = sch.get_sblock("out")
+    sch.reverse_compute_at(out, no)
+    if V > 1:
+        sch.vectorize(sch.get_loops(out)[-1])
+        sch.vectorize(ni)
+    init = sch.decompose_reduction(acc, k)
+    if V > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    return sch.mod[sch.func_working_on]
