@@ -11,13 +11,19 @@ their checkpoint.
     python benchmarks/replicate.py --only table-a --steps 1000           # one table
     python benchmarks/replicate.py --smoke --out /tmp/rep                # CI: 2 recipes, 2 steps
     python benchmarks/replicate.py --report                              # tables -> docs/RESULTS.md
+    python benchmarks/replicate.py --report --out DIR --doc /tmp/R.md    # another study / page
 
-Rows whose difference is within the seed spread are reported as ties, not wins.
+Every training invocation appends its command line to ``OUT/commands.txt`` (and stores it in each
+``done.json`` it writes). ``--report`` trains nothing: it aggregates the finished runs into
+``OUT/summary.json`` and writes the results page (``--doc``, images in ``img/`` beside it) with
+``benchmarks/replicate_report.py``. Rows whose difference is within the seed spread are
+reported as ties, not wins.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -147,6 +153,7 @@ def do_run(run: Run, seed: int, s: Settings, src) -> dict:
     result = {"run": run.name, "table": run.table, "seed": seed, "recipe": art.recipe.name,
               "bits": f"W{art.manifest['wbits']}A{art.manifest['abits']}", "steps": s.steps if run.train else 0,
               "n": s.n, "sample_steps": s.sample_steps, "wall_s": round(time.time() - t0, 1),
+              **({"command": s.extra["command"]} if s.extra.get("command") else {}),
               "metrics": {k: m[k] for k in ("fid", "fid_floor", "kid", "precision", "recall", "is", "confident")},
               "size_mb": rep["size_mb"], "ops": rep["ops"], "size_saving": rep["size_saving"], "ops_saving": rep["ops_saving"]}
     (d / "eval.json").write_text(json.dumps(m, indent=2, default=float) + "\n")
@@ -194,11 +201,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(ROOT / "runs" / "replicate"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="CI smoke: two recipes, 2 steps, tiny eval")
-    p.add_argument("--report", action="store_true", help="only aggregate finished runs (no training)")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: aggregate finished runs into OUT/summary.json and write the results page")
+    p.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"),
+                   help="with --report: the page to write (images go to img/ next to it)")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
+    cmd = _command_line(argv if argv is not None else sys.argv[1:])
     s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, n=args.n, sample_steps=args.sample_steps,
                  seeds=tuple(int(x) for x in args.seeds.split(",")), out=Path(args.out))
     runs = RUNS
@@ -208,26 +219,72 @@ def main(argv=None) -> None:
     elif args.only:
         keys = set(args.only.split(","))
         runs = [r for r in RUNS if r.table in keys or r.name in keys]
+    out = Path(s.out)
+    prev = _read_json(out / "summary.json") or {}
     results = []
     if not args.report:
+        s.extra["command"] = cmd
+        out.mkdir(parents=True, exist_ok=True)
+        cf = out / "commands.txt"
+        if cmd not in (cf.read_text().splitlines() if cf.exists() else []):
+            with open(cf, "a") as f:
+                f.write(cmd + "\n")
         from bqc import frontend
 
         src = frontend.load_source("mnist16")
         src.exported = frontend.capture(src)
-        for run in runs:
-            for seed in (s.seeds if run.main else s.seeds[:1]):
-                print(f"== {run.name} seed {seed}", flush=True)
-                results.append(do_run(run, seed, s, src))
+        # seed-major: every row's first seed finishes before any row's second seed starts
+        for i, seed in enumerate(s.seeds):
+            for run in runs:
+                if run.main or i == 0:
+                    print(f"== {run.name} seed {seed}", flush=True)
+                    results.append(do_run(run, seed, s, src))
     else:
         results = [json.loads(f.read_text()) for f in sorted(Path(s.out).glob("*/seed*/done.json"))]
     summary = summarise(results)
-    cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    Path(s.out).mkdir(parents=True, exist_ok=True)
-    (Path(s.out) / "summary.json").write_text(json.dumps({"command": cmd, "settings": {k: str(v) for k, v in vars(s).items()},
-                                                           "rows": summary}, indent=2, default=float) + "\n")
+    report = _report_module()
+    settings = {k: str(v) for k, v in vars(s).items()}
+    if args.report and prev.get("settings"):
+        settings = prev["settings"]  # the training invocation's settings, not this one's defaults
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps({"command": cmd, "train_commands": report.train_commands(out, prev, results),
+                                                  "settings": settings, "rows": summary}, indent=2, default=float) + "\n")
     for name, row in summary.items():
         print(f"{name:22s} {row['bits']:7s} FID {row['fid']:8.2f} ±{row['fid_spread']:.2f}  "
               f"prec {row['precision']:.2f} rec {row['recall']:.2f}  size {row['size_mb']:.3f} MiB")
+    if args.report:
+        report_cmd = _command_line(["--report", "--out", _show(out), "--doc", _show(Path(args.doc))])
+        doc = report.write_report(out, Path(args.doc), RUNS, summarise, compare, report_cmd=report_cmd)
+        print(f"wrote {doc}")
+
+
+def _read_json(p: Path):
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _show(p: Path) -> str:
+    """A path as the page shows it: relative to the repository when inside it."""
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def _command_line(args) -> str:
+    return "python " + shlex.join(["benchmarks/replicate.py", *map(str, args)])
+
+
+def _report_module():
+    """``benchmarks/replicate_report.py`` (this directory is not a package)."""
+    import importlib
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module("replicate_report")
 
 
 if __name__ == "__main__":

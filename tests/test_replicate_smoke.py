@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +32,44 @@ def test_replicate_smoke(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == rows
     for run in rep.SMOKE:
         assert (tmp_path / run / "seed0" / "samples.png").exists()
+    # the training command is recorded for the report
+    cmd = "python benchmarks/replicate.py --smoke --out " + str(tmp_path) + " --threads 1"
+    assert (tmp_path / "commands.txt").read_text().splitlines() == [cmd]
+    assert json.loads((tmp_path / "bidm" / "seed0" / "done.json").read_text())["command"] == cmd
+
+    # --report writes the results page from the finished runs
+    doc = tmp_path / "doc" / "RESULTS.md"
+    rep.main(["--report", "--out", str(tmp_path), "--doc", str(doc), "--threads", "1"])
+    assert json.loads((tmp_path / "summary.json").read_text())["train_commands"] == [cmd]
+    text = doc.read_text()
+    assert text.startswith("<!-- generated")
+    for heading in ("## Settings", "## Table A", "## Table B", "## Ablations", "## Verdicts", "## Sample grids",
+                    "## Training curves", "## Wall times"):
+        assert heading in text, heading
+    assert cmd in text and "Real-vs-real floor" in text
+    cells = {}
+    for line in text.splitlines():
+        parts = [c.strip() for c in line.split("|")]
+        if line.startswith("| `") and len(parts) > 6:
+            cells.setdefault(parts[1], parts)
+    assert cells["`baseline-w1a4`"][3] == "W1A4" and cells["`bidm`"][3] == "W1A1"
+    for run in rep.SMOKE:
+        row = cells[f"`{run}`"]
+        assert row[4] == "1" and math.isfinite(float(row[5])), row  # seeds, FID of the one seed
+    for run in ("fp", "binarydm-w1a4", "xnor", "binarydm-no-ebb", "bidm-tbs-1"):
+        assert cells[f"`{run}`"][5] == "not run yet", run
+    assert re.search(r"^\| Table B \| BiDM beats XNOR-Net at W1A1 \| \*\*not run yet\*\* \|", text, re.M)
+    assert re.search(r"^\| Table A \| BinaryDM beats the baseline binarizer at W1A4 \| \*\*not run yet\*\* \|", text, re.M)
+    images = re.findall(r"img/(rep_[\w.-]+\.png)", text)
+    assert "rep_bidm.png" in images and "rep_curves_table-b.png" in images
+    from PIL import Image
+
+    for name in images:
+        p = doc.parent / "img" / name
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(p) as im:
+            im.verify()
+    # deterministic: the same runs give the same page and images
+    before = {p.name: p.read_bytes() for p in [doc, *(doc.parent / "img").iterdir()]}
+    rep.main(["--report", "--out", str(tmp_path), "--doc", str(doc), "--threads", "1"])
+    assert before == {p.name: p.read_bytes() for p in [doc, *(doc.parent / "img").iterdir()]}
