@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -288,10 +288,16 @@ def _samples(target: str, n: int, steps: int, seed: int, batch: int):
     return x
 
 
+def _resize_option():
+    return typer.Option(None, "--resize", metavar="H W",
+                        help="image folders only: resize every image to H x W (bicubic) instead of refusing mixed sizes")
+
+
 @app.command()
 def pretrain(
     model: str = typer.Option("mnist16", "--model", "-m", help="zoo model name"),
     data: str = typer.Option("mnist16", "--data", help="mnist16 or a folder of images"),
+    resize: Optional[Tuple[int, int]] = _resize_option(),
     steps: int = typer.Option(12000, "--steps", help="total optimizer steps"),
     batch: int = typer.Option(64, "--batch"),
     lr: float = typer.Option(1e-3, "--lr"),
@@ -303,7 +309,8 @@ def pretrain(
     """Train a full-precision zoo UNet (EMA weights) — how the shipped mnist16 was made."""
     from bqc.train.pretrain import pretrain as run
 
-    path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume, threads=threads)
+    path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume, threads=threads,
+               resize=resize)
     console.print(f"[bold]wrote[/] {path} (config.json + model.safetensors, EMA weights)")
 
 
@@ -311,6 +318,7 @@ def pretrain(
 def train(
     target: str = typer.Argument(..., help="artifact from `bqc transform`"),
     data: str = typer.Option("mnist16", "--data", help="mnist16 or a folder of images"),
+    resize: Optional[Tuple[int, int]] = _resize_option(),
     steps: int = typer.Option(..., "--steps", help="TOTAL optimizer steps (resuming a 3-step run with --steps 6 runs steps 4-6)"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(..., "--out", "-o", help="output: checkpoints, log, and a trained artifact (EMA weights)"),
@@ -331,7 +339,8 @@ def train(
         if res_dir.resolve() != out.resolve():
             raise BqcError(f"--resume {resume} is not the run in --out {out}", hint="pass the same directory to both")
     opts = QATOptions(steps=steps, batch=batch, lr=lr, seed=seed, warmup=warmup, ema_decay=ema or None,
-                      checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill)
+                      checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,
+                      resize=resize)
     path = train_artifact(target, data, out, opts, resume=resume is not None)
     console.print(f"[bold]wrote[/] {path}: model.safetensors (EMA weights), train/ (checkpoints, metrics.csv)")
 
@@ -363,6 +372,7 @@ def sample(
 def evaluate_cmd(
     target: str = typer.Argument(..., help="artifact, trained run, compiled dir, or model"),
     data: str = typer.Option("mnist16", "--data"),
+    resize: Optional[Tuple[int, int]] = _resize_option(),
     n: int = typer.Option(1000, "-n", help="samples (and real images) to compare"),
     steps: int = typer.Option(50, "--steps"),
     seed: int = typer.Option(0, "--seed"),
@@ -373,7 +383,7 @@ def evaluate_cmd(
     from bqc.data import load_dataset
     from bqc.metrics import evaluate
 
-    real = load_dataset(data, "test").images
+    real = load_dataset(data, "test", resize=resize).images
     if len(real) < 2 * n:
         raise BqcError(f"{data} has {len(real)} test images; -n {n} needs {2 * n} (two disjoint real sets)")
     x = _samples(target, n, steps, seed, batch)

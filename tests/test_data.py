@@ -100,3 +100,23 @@ def test_folder_errors(tmp_path):
     (bad / "x.png").write_bytes(b"not a png")
     with pytest.raises(BqcError, match="cannot read"):
         load_dataset(str(bad))
+
+
+def test_cli_resize_flag_for_mixed_folders(tmp_path):
+    """`bqc pretrain --data FOLDER`: mixed sizes raise the BqcError (exit 2 in ``bqc``) naming
+    --resize; with the flag, training runs."""
+    from typer.testing import CliRunner
+
+    from bqc import cli
+
+    f = tmp_path / "mixed"
+    f.mkdir()
+    for i in range(4):
+        _img(f / f"a{i}.png", (8, 8))
+        _img(f / f"b{i}.png", (10, 6))
+    base = ["pretrain", "--data", str(f), "--steps", "1", "--batch", "2", "--threads", "1", "-o", str(tmp_path / "out")]
+    r = CliRunner().invoke(cli.app, base)
+    assert isinstance(r.exception, BqcError) and "--resize" in str(r.exception)
+    r = CliRunner().invoke(cli.app, base + ["--resize", "16", "16"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -188,3 +188,36 @@ def test_signal_is_deferred_to_step_boundary(tmp_path, sig):
         train_loop(make_model(), DATA, signalling, cfg(checkpoint_every=0), tmp_path)
     assert read_checkpoint_meta(tmp_path / CHECKPOINT_NAME)["step"] == 7  # step 6 completed, then saved
     assert signal.getsignal(getattr(signal, sig)) == before
+
+
+def test_metrics_mirrored_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    """With the optional tensorboard package present, each CSV row is written as scalars.
+
+    tensorboard is not a dependency: a stand-in ``torch.utils.tensorboard`` module records
+    what the loop writes (the real SummaryWriter has this interface)."""
+    import sys
+    import types
+
+    calls = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("open", log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train_loop(make_model(), DATA, loss_fn, cfg(steps=6), tmp_path / "run", fingerprint={"m": "tiny"})
+    assert calls[0] == ("open", str(tmp_path / "run" / "tensorboard")) and calls[-1] == ("close",)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    logged = {(tag, step): v for tag, v, step in (c for c in calls if len(c) == 3)}
+    for r in rows:
+        for k in ("loss", "mse", "lr", "grad_norm"):
+            assert abs(logged[(k, int(r["step"]))] - float(r[k])) <= 1e-5 * max(1.0, abs(float(r[k]))), (k, r["step"])

@@ -8,7 +8,8 @@
   quantizer that initialises its scales from the first batch is captured);
 - ``loss_fn(model, batch, step) -> (loss, {name: value})``;
 - a rich progress bar (loss terms, it/s) on a terminal, plain lines otherwise, and a CSV log
-  (``metrics.csv``: step, loss, terms, lr, grad_norm, it/s, elapsed seconds);
+  (``metrics.csv``: step, loss, terms, lr, grad_norm, it/s, elapsed seconds; the same
+  scalars go to TensorBoard under ``tensorboard/`` when the ``tensorboard`` package is installed);
 - checkpoints every ``checkpoint_every`` steps, at the end, and on Ctrl-C / SIGTERM /
   KeyboardInterrupt (``checkpoint.safetensors`` via :mod:`bqc.checkpoint`, atomic, no pickle).
   A signal is deferred to the end of the current step, so the saved state is never half-updated;
@@ -244,6 +245,25 @@ class _CsvLog:
                 csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
 
+def _tensorboard_writer(log_dir: Path):
+    """A ``SummaryWriter`` on ``log_dir`` when TensorBoard is installed, else None (optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's module needs the tensorboard package
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def _log_scalars(writer, row: dict) -> None:
+    """Every numeric column of a metrics row as a TensorBoard scalar at its step."""
+    if writer is None:
+        return
+    for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)):
+            writer.add_scalar(k, v, row["step"])
+    writer.flush()
+
+
 def _normalise(d) -> Any:
     return json.loads(json.dumps(d, sort_keys=True, default=str))
 
@@ -422,6 +442,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
         return save_checkpoint(ckpt_path, tensors, meta)
 
     csvlog = _CsvLog(out_dir / METRICS_NAME, resumed_from) if dctx.main else None
+    tb = _tensorboard_writer(out_dir / "tensorboard") if dctx.main else None
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -502,8 +523,10 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                     rate = win_steps / max(now - win_t, 1e-9)
                     means = {k: v / win_steps for k, v in win_sums.items()}
                     if csvlog is not None:
-                        csvlog.write({"step": step, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
-                                      "it_s": rate, "elapsed_s": wall_before + now - t_begin})
+                        row = {"step": step, **means, "lr": opt.param_groups[0]["lr"], "grad_norm": gn,
+                               "it_s": rate, "elapsed_s": wall_before + now - t_begin}
+                        csvlog.write(row)
+                        _log_scalars(tb, row)
                     txt = " ".join(f"{k} {v:.4g}" for k, v in means.items())
                     if bar is not None:
                         bar.update(task, completed=step, rate=f"{rate:.2f} it/s", terms=txt)
@@ -530,6 +553,8 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     finally:
         if bar is not None:
             bar.stop()
+        if tb is not None:
+            tb.close()
     dctx.check_replicas(model, out_dir)
     return LoopResult(step=step, out_dir=out_dir, checkpoint=last_ckpt, ema=ema, last_terms=last_terms,
                       wall_s=time.time() - t_begin, wall_s_total=wall_before + time.time() - t_begin,

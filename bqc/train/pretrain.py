@@ -50,7 +50,7 @@ def pretrain(model_name: str = "mnist16", data: str = "mnist16", steps: int = 12
              ema_decay: float = 0.999, ema_warmup: bool = True, grad_clip: float = 1.0, weight_decay: float = 0.0,
              checkpoint_every: int = 1000, log_every: int = 50, resume: bool | str = False,
              schedule: NoiseSchedule | None = None, threads: int | None = None,
-             progress: bool = True, device: str = "cpu") -> Path:
+             progress: bool = True, device: str = "cpu", resize=None) -> Path:
     """Train ``model_name`` (a zoo name) on ``data`` for ``steps`` total steps; returns ``out_dir``."""
     zoo = _zoo()
     if threads:
@@ -60,7 +60,7 @@ def pretrain(model_name: str = "mnist16", data: str = "mnist16", steps: int = 12
     model_config = zoo.model_config(model_name)
     model = zoo.build_model(model_config)
     conditional = getattr(model, "num_classes", None) is not None
-    ds = load_dataset(data, "train")
+    ds = load_dataset(data, "train", resize=resize)
     if conditional and ds.labels is None:
         raise BqcError(f"{model_name} is class-conditional but the data set {data!r} has no labels")
     shape = tuple(ds.images.shape[1:])

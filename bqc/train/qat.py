@@ -61,6 +61,7 @@ class QATOptions:
     tbs_gap: int | None = None
     distill: bool = True
     progress: bool = True
+    resize: tuple[int, int] | None = None  # image folders: resize to (h, w)
 
 
 def _args(meta: dict, x, t, y, state=None):
@@ -200,7 +201,7 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
     for p in teacher.parameters():
         p.requires_grad_(False)
     train = dict(art.recipe.train)
-    ds = load_dataset(data, "train")
+    ds = load_dataset(data, "train", resize=opts.resize)
     shape = tuple(ds.images.shape[1:])
     if shape != tuple(art.model.input_shape):
         raise BqcError(f"data {data!r} has images of shape {shape}, the model takes {tuple(art.model.input_shape)}")
