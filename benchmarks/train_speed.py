@@ -1,7 +1,8 @@
 """Training step time: FP vs baseline W1A4 vs binarydm W1A4 vs bidm W1A1 on mnist16.
 
-One process, same batch, threads and data; each configuration runs ``--warmup`` untimed steps
-then ``--steps`` timed optimizer steps of the real QAT loss (``bqc.train.qat.make_loss``:
+One process, same batch, threads and data; the configurations take turns, one optimizer step
+each per round (``--warmup`` untimed rounds, then ``--steps`` timed ones), so a change in
+machine load hits all of them alike. Each step is the real QAT loss (``bqc.train.qat.make_loss``:
 teacher forward, distillation, BiDM's extra no-grad forward at t+d). Reports the median step
 time and the ratio to the FP step, and writes ``benchmarks/results/train_speed.{json,md}``
 with the command line that produced them.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,36 +31,50 @@ from bqc.train.qat import QATModel, QATOptions, _tap_views, make_loss
 CONFIGS = [("fp", None), ("baseline", None), ("binarydm", None), ("bidm", None)]
 
 
-def time_recipe(src, recipe: str, data, args) -> float:
+def make_stepper(src, recipe: str, data, args):
+    """One optimizer step of ``recipe``'s real QAT loss, as a closure ``step(i)``."""
     res = tf.transform(src, recipe)
     student = res.gm.train()
     teacher = tf.transform(src, "fp").gm.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     meta = ir.graph_meta(student)
+    s_view, _, taps = _tap_views(student, teacher)
     lrm = None
     if meta.get("distill", {}).get("loss") == "lrm":
-        _, _, taps = _tap_views(student, teacher)
         nodes = {n.name: n for n in student.graph.nodes}
         lrm = LRMProjections([int(nodes[tp["node"]].meta["val"].shape[1]) for tp in taps])
-    model = QATModel(student, lrm, _tap_views(student, teacher)[0] if lrm is not None or ir.graph_meta(student).get('taps') else None)
+    model = QATModel(student, lrm, s_view)
     opts = QATOptions(steps=args.steps, batch=args.batch, progress=False)
     if recipe == "fp":  # plain DDPM loss on the FP graph: the baseline the ratios refer to
         opts.distill = False
     loss_fn = make_loss(student, teacher, dict(load_recipe(recipe).train), opts, NoiseSchedule(), args.steps)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(args.warmup + args.steps):
+
+    def step(i: int) -> float:
         idx = torch.randint(0, len(data), (args.batch,), generator=g)
         t0 = time.perf_counter()
         loss, _ = loss_fn(model, (data[idx], None), i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def time_recipes(src, recipes: list[str], data, args) -> dict[str, float]:
+    """Median step time per recipe, the recipes' steps interleaved (fp, baseline, ..., fp, ...)
+    so that a change in machine load hits every recipe alike and the ratios stay fair."""
+    steppers = {r: make_stepper(src, r, data, args) for r in recipes}
+    times = {r: [] for r in recipes}
+    for i in range(args.warmup + args.steps):
+        for r, step in steppers.items():
+            dt = step(i)
+            if i >= args.warmup:
+                times[r].append(dt)
+    return {r: statistics.median(v) for r, v in times.items()}
 
 
 def main(argv=None) -> None:
@@ -74,8 +90,9 @@ def main(argv=None) -> None:
     src.exported = frontend.capture(src)
     data = load_dataset("mnist16", "train").images[:4096]
     rows = []
+    medians = time_recipes(src, [r for r, _ in CONFIGS], data, args)
     for recipe, _ in CONFIGS:
-        ms = 1000 * time_recipe(src, recipe, data, args)
+        ms = 1000 * medians[recipe]
         rows.append({"recipe": recipe, "bits": f"W{load_recipe(recipe).wbits}A{load_recipe(recipe).abits}", "step_ms": round(ms, 1)})
         print(f"{recipe:10s} {ms:8.1f} ms/step", flush=True)
     fp = rows[0]["step_ms"]
@@ -84,10 +101,11 @@ def main(argv=None) -> None:
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": cmd, "threads": args.threads, "batch": args.batch, "timed_steps": args.steps,
+    result = {"command": cmd, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "threads": args.threads, "batch": args.batch, "timed_steps": args.steps,
               "model": "mnist16", "torch": torch.__version__, "rows": rows}
     (out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"Command: `{cmd}` (median of {args.steps} steps, batch {args.batch}, {args.threads} threads)", "",
+    md = [f"Command: `{cmd}` (median of {args.steps} interleaved steps, batch {args.batch}, {args.threads} threads;"
+          f" 1-minute load average {os.getloadavg()[0]:.2f} at the end)", "",
           "| recipe | bits | step (ms) | vs FP |", "|---|---|---|---|"]
     md += [f"| {r['recipe']} | {r['bits']} | {r['step_ms']} | {r['ratio_vs_fp']}x |" for r in rows]
     (out / "train_speed.md").write_text("\n".join(md) + "\n")

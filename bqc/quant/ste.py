@@ -98,10 +98,9 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, step, qn, qp):
         v = x / step
-        q = v.clamp(qn, qp).round_()
         ctx.save_for_backward(v, step)
         ctx.qn, ctx.qp = qn, qp
-        return q * step
+        return v.clamp(qn, qp).round_().mul_(step)  # one new tensor besides v
 
     @staticmethod
     def backward(ctx, g):
