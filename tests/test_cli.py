@@ -90,3 +90,14 @@ def test_recipes_and_passes_list(capsys):
     assert {"fp", "baseline", "xnor", "xnor++", "dorefa", "reactnet", "reste", "lsq", "binarydm", "binarydm-lmb", "bidm"} <= names
     code, out, _ = run(["passes"], capsys)
     assert code == 0 and "plan_quant" in out and "tbs_edges" in out
+
+
+def test_eval_json_is_one_object_on_stdout():
+    """`bqc eval ... --json`: stdout is exactly one JSON object with the contract's keys
+    (progress bars go to stderr)."""
+    out = subprocess.run([sys.executable, "-m", "bqc", "eval", "mnist16", "-n", "16", "--steps", "2", "--json"],
+                         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("{") and out.stdout.count("\n") == 1
+    m = json.loads(out.stdout)
+    assert {"fid", "kid", "precision", "recall", "is", "n", "fid_floor"} <= set(m) and m["n"] == 16

