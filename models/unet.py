@@ -108,8 +108,8 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv."""
+class _Resample(nn.Module):
+    """What Upsample and Downsample share: channel bookkeeping and the no-conv check."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None):
         super().__init__()
@@ -118,10 +118,17 @@ class Upsample(nn.Module):
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         self.dims = dims
+        if not use_conv and self.out_channels != self.channels:
+            raise ValueError(f"{type(self).__name__} without a conv cannot change the channel count")
+
+
+class Upsample(_Resample):
+    """Nearest-neighbour 2x upsampling, optionally followed by a 3x3 conv."""
+
+    def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None):
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.conv = nn.Conv2d(self.channels, self.out_channels, 3, padding=1)
-        elif self.out_channels != self.channels:
-            raise ValueError("Upsample without a conv cannot change the channel count")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape[1] == self.channels
@@ -131,21 +138,14 @@ class Upsample(nn.Module):
         return x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """2x downsampling: a stride-2 3x3 conv, or 2x2 average pooling."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None):
-        super().__init__()
-        _check_dims(dims)
-        self.channels = channels
-        self.out_channels = out_channels or channels
-        self.use_conv = use_conv
-        self.dims = dims
+        super().__init__(channels, use_conv, dims, out_channels)
         if use_conv:
             self.op = nn.Conv2d(self.channels, self.out_channels, 3, stride=2, padding=1)
         else:
-            if self.out_channels != self.channels:
-                raise ValueError("Downsample without a conv cannot change the channel count")
             self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

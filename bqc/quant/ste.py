@@ -29,33 +29,35 @@ def hard_sign(x: torch.Tensor) -> torch.Tensor:
     return (x >= 0).to(x.dtype).mul_(2).sub_(1)
 
 
-class _SignClippedSTE(torch.autograd.Function):
-    """Forward sign, backward clipped identity: grad * 1[|x| <= 1]."""
+class _SignEstimator(torch.autograd.Function):
+    """Forward sign(x); subclasses give the backward as ``surrogate(x, g)``."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
         return hard_sign(x)
 
-    @staticmethod
-    def backward(ctx, g):
+    @classmethod
+    def backward(cls, ctx, g):
         (x,) = ctx.saved_tensors
+        return cls.surrogate(x, g)
+
+
+class _SignClippedSTE(_SignEstimator):
+    """Backward: clipped identity, grad * 1[|x| <= 1]."""
+
+    @staticmethod
+    def surrogate(x, g):
         return (x.abs() <= 1).to(g.dtype).mul_(g)
 
 
-class _ApproxSign(torch.autograd.Function):
-    """Forward sign, backward Bi-Real ApproxSign: 2+2x on [-1,0), 2-2x on [0,1), 0 elsewhere."""
+class _ApproxSign(_SignEstimator):
+    """Backward: Bi-Real ApproxSign, 2+2x on [-1,0), 2-2x on [0,1), 0 elsewhere."""
 
     @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return hard_sign(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        # 2 + 2x on [-1, 0) and 2 - 2x on [0, 1) is max(2 - 2|x|, 0) (both ends give 0), computed
-        # in place in one temporary: the estimator's backward is a hot loop of BiDM training.
-        (x,) = ctx.saved_tensors
+    def surrogate(x, g):
+        # that is max(2 - 2|x|, 0) (both ends give 0), computed in place in one temporary:
+        # the estimator's backward is a hot loop of BiDM training
         return x.abs().mul_(-2).add_(2).clamp_(min=0).mul_(g)
 
 
