@@ -138,9 +138,17 @@ def test_cuda_lowering_builds_without_gpu(tmp_path_factory):
     src = (out / "model.cu").read_text()
     assert "__popc" in src
     assert (out / "model.so").exists()
+    # every binary layer has a CUDA kernel (the 1x1 convs whose input fits one word used to
+    # fail to schedule and fall back to float)
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["kernel_failures"] == [] and man["fallbacks"] == []
+    nbin = sum(isinstance(m, (D.BinaryConv2d, D.BinaryLinear)) for _, m in D.deploy_layers(D.to_deploy(gm)))
+    assert man["kernels"]["binary_conv2d"] + man["kernels"]["binary_dense"] == nbin
 
 
 def test_arm_lowering(tmp_path_factory):
+    """tvm-arm of the tiny bidm model (TBS: state inputs and a 0-d flag) run under qemu with
+    TVM's aarch64 runtime: both TBS steps (no state, then the cached state) match the x86 library."""
     from bqc.backends.tvm import arm
     from bqc.errors import BqcError
 
@@ -148,9 +156,7 @@ def test_arm_lowering(tmp_path_factory):
         arm.check_arm_env(need_run=False)
     except BqcError as e:
         pytest.skip(f"no aarch64 cross compiler: {e}")
-    # baseline: no 0-d TBS flag input (arm.run_vm_under_qemu saves inputs with
-    # np.ascontiguousarray, which turns a 0-d array into 1-d; reported to its owner)
-    gm, dg, x86 = lowered("baseline", tmp_path_factory)
+    gm, dg, x86 = lowered("bidm", tmp_path_factory)
     out = lower(gm, "tvm-arm", tmp_path_factory.mktemp("lower_arm"), batch=BATCH)
     lib = out / "model.so"
     assert lib.exists() and lib.read_bytes()[:4] == b"\x7fELF" and lib.read_bytes()[18] == 183  # EM_AARCH64
@@ -161,10 +167,18 @@ def test_arm_lowering(tmp_path_factory):
     except BqcError as e:
         pytest.skip(f"aarch64 library built; no arm64 root to run it: {e}")
     model = load_compiled(x86)
+    assert model.state_specs, "bidm should have TBS state inputs"
     x, t = example_inputs(gm, batch=BATCH, seed=1)[:2]
-    args = [a.numpy() for a in model.raw_inputs(x, t)]
-    outs = arm.run_vm_under_qemu(lib, args)
-    want = [o.numpy() for o in model._main(*model.raw_inputs(x, t))]
-    assert len(outs) == len(want)
-    for a, b in zip(outs, want):
-        assert rel(a, b) <= 1e-4, rel(a, b)
+    first = model._main(*model.raw_inputs(x, t))
+    state = [o.numpy() for o in first][1:]
+    x2 = example_inputs(gm, batch=BATCH, seed=7)[0]
+    for step, raw in enumerate([model.raw_inputs(x, t), model.raw_inputs(x2, t - 1, state=state)]):
+        args = [a.numpy() for a in raw]
+        assert args[-1].shape == ()  # the 0-d TBS flag: 0 on the first step, 1 with a state
+        assert float(args[-1]) == step
+        outs = arm.run_vm_under_qemu(lib, args)
+        want = [o.numpy() for o in model._main(*raw)]
+        assert len(outs) == len(want)
+        for a, b in zip(outs, want):
+            assert a.shape == b.shape
+            assert rel(a, b) <= 1e-4, (step, rel(a, b))

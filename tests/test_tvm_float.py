@@ -6,7 +6,10 @@
 * an opaque hand-scheduled ``call_tir`` kernel inside the module is left untouched by the
   scheduler and computes correctly, while the float ops around it are fused and scheduled;
 * single ops the rules special-case (packed conv: stride 2, 1x1, OC not a multiple of 16,
-  conv1d; GroupNorm with several channels per group; dense; softmax) against torch.
+  conv1d; GroupNorm with several channels per group; dense; softmax) against torch;
+* the rewrites of the lowering path: ``mean(|x|, axis=1)`` -> channel-mean compute (static and
+  dynamic batch), the tiled NHWC -> NCHW transpose schedule, and the converter's adaptive-pool
+  (shortcut channel pooling) and nearest-upsample rewrites (bit-identical to torch).
 """
 from __future__ import annotations
 
@@ -250,3 +253,107 @@ def test_pack_conv_weight_layout():
     assert p.shape == (1, 3, 3, 3, 8)
     assert p[0, 1, 2, 0, 4] == w[4, 0, 1, 2]
     assert np.all(p[..., 5:] == 0)
+
+
+# ----------------------------------------------------------------------------- lowering rewrites
+
+
+class _KMap(torch.nn.Module):
+    """XNOR-Net's K map input ``mean_c |x|`` (rewritten to one channel-mean compute)."""
+
+    def forward(self, x):
+        return x.abs().mean(dim=1, keepdim=True) * x + x.mean(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_channel_mean_rewrite(dynamic):
+    torch.manual_seed(0)
+    x = torch.randn(2, 48, 6, 10)
+    mod, params = import_exported(_KMap().eval(), (x,), dynamic_batch=dynamic)
+    c = compile_relax(mod, params, x86_target(num_cores=2))
+    assert list(c.rules.values()).count("channel-mean") == 2, c.rules
+    for xb in (x, torch.randn(3, 48, 6, 10)) if dynamic else (x,):
+        assert _rel(c(xb), _KMap()(xb).numpy()) <= 1e-6
+
+
+def test_transpose_tiling_rule():
+    """NHWC -> NCHW (+ elementwise): tiled (read axis unrolled, output axis vectorised)."""
+    x = te.placeholder((2, 8, 8, 48), "float32", name="x")
+    s = te.placeholder((48,), "float32", name="s")
+    y = te.compute((2, 48, 8, 8), lambda n, c, h, w: x[n, h, w, c] * s[c], name="y")
+    f = te.create_prim_func([x, s, y]).without_attr("global_symbol")
+    sch = s_tir.Schedule(f)
+    assert fs._schedule_transpose_block(sch, sch.get_sblock("y"), 16)
+    target = x86_target(num_cores=2)
+    g = fs.schedule_primfunc(f, target)
+    assert str(g.attrs["bqc.float_rule"]) == "injective"
+    ex = tvm.compile(tvm.IRModule({"main": g.with_attr("global_symbol", "main")}), target=target)
+    xn = np.random.randn(2, 8, 8, 48).astype("float32")
+    sn = np.random.randn(48).astype("float32")
+    dev = tvm.cpu(0)
+    out = tvm.runtime.tensor(np.zeros((2, 48, 8, 8), "float32"), dev)
+    ex["main"](tvm.runtime.tensor(xn, dev), tvm.runtime.tensor(sn, dev), out)
+    assert np.array_equal(out.numpy(), xn.transpose(0, 3, 1, 2) * sn[None, :, None, None])
+
+
+class _Shortcut(torch.nn.Module):
+    """``Shortcut(channels="pool")``'s channel mapping (NCHW -> [B, HW, C] -> adaptive pool ->
+    NCHW) and a 2x nearest upsample."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = torch.nn.functional.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(b, h * w, c), self.out)
+        y = 0.5 * y.reshape(b, h, w, self.out).permute(0, 3, 1, 2)
+        return torch.nn.functional.interpolate(y, scale_factor=2, mode="nearest")
+
+
+@pytest.mark.parametrize("c,o", [(16, 48), (48, 16), (48, 32), (32, 48), (24, 6)])
+def test_channel_pool_and_upsample_rewrites_exact(c, o):
+    """The converter's adaptive-pool (repeat / regular windows / irregular windows) and
+    upsample rewrites are injective ops, bit-identical to torch."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from bqc.backends.tvm.convert import Converter
+
+    x = torch.randn(2, c, 4, 4)
+    m = _Shortcut(o).eval()
+    ep = torch.export.export(m, (x,))
+    target = x86_target(num_cores=2)
+    conv = Converter(ep, target)
+    mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=conv.convert_map())
+    mod, params = relax.frontend.detach_params(mod)
+    assert conv.counts == {"channel_pool": 1, "upsample_nearest": 1}
+    c_ = compile_relax(mod, params, target)
+    assert not any("adaptive" in n or "resize" in n for n in c_.rules), c_.rules
+    assert np.array_equal(c_(x), m(x).numpy())
+
+
+@pytest.mark.parametrize("k", [64, 1100])
+def test_int_matmul_lowering_exact_for_any_k(k):
+    """bqc.int_matmul through the converter: float32 matmul while exact, our int32 kernel for
+    K >= 1024 (where float32 sums of int8 products can round): equal to the int64 reference."""
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from bqc import deploy  # noqa: F401 - registers the bqc:: ops
+    from bqc.backends.tvm.convert import Converter
+
+    class M(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.ops.bqc.int_matmul(a, b, torch.tensor([0.5]))
+
+    a = torch.full((2, 3, k), -128, dtype=torch.int8)
+    b = torch.full((2, k, 5), -128, dtype=torch.int8)
+    a[0, 0, 0], b[0, 0, 0] = 1, 1  # an odd product: the exact sum is not a multiple of 2^14
+    ep = torch.export.export(M(), (a, b))
+    target = x86_target(1)
+    conv = Converter(ep, target)
+    mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=conv.convert_map())
+    mod, params = relax.frontend.detach_params(mod)
+    got = compile_relax(mod, params, target)(a.numpy(), b.numpy())
+    ref = (a.long() @ b.long()).double().float() * 0.5
+    assert conv.counts.get("int_matmul_kernel", 0) == (1 if k >= 1024 else 0)
+    assert np.array_equal(np.asarray(got), ref.numpy())

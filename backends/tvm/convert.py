@@ -10,19 +10,32 @@ batch), and emits into ``importer.block_builder``:
                             NHWC-packed words.
 ``bqc.binary_conv2d``       per basis ``b``: ``call_tir`` of ``binary_conv2d_primfunc`` with the
                             packed weights re-laid out by :func:`bqc.packing.block_oc` and the
-                            border table :func:`bqc.packing.conv_base_table` as ``relax.const``
-                            -> exact int32 NHWC; then Relax ``astype(f32) * scale[b]`` summed
-                            over bases in order, and ``permute_dims`` back to NCHW.
+                            border table :func:`bqc.packing.conv_base_table` as ``relax.const``,
+                            and the fused ``epilogue="scale_bias"`` (``scale[b]``, zero bias)
+                            -> float32 NHWC ``f32(acc) * scale[b]`` (bit-identical to the
+                            reference); bases summed in order, ``permute_dims`` back to NCHW
+                            (fused with the layer's float epilogue by FuseOps). Without the
+                            epilogue variant (``fuse_epilogue=False`` or its schedule fails):
+                            int32 kernel + Relax ``astype(f32) * scale[b]``.
 ``bqc.binary_dense``        same with ``binary_dense_primfunc`` (input reshaped to ``[M, KW]``).
 ``bqc.quantize_codes``      Relax ops: ``round(clip(x / f32(step), qmin, qmax))`` -> int8 codes
                             (round = half-to-even, as ``torch.round``).
 ``bqc.int_conv2d``          codes -> ``uint8 q + 128`` NHWC (channels padded to 4 with 128) by
                             Relax ops, ``call_tir`` of ``int8_conv2d_primfunc`` (VNNI layout from
                             :func:`bqc.packing.block_oc_int8`, zero-point bias
-                            :func:`bqc.packing.int8_bias`) -> int32 NHWC -> ``* scale``, NCHW.
+                            :func:`bqc.packing.int8_bias`), fused ``* scale`` -> NHWC, NCHW.
+                            W1Ak binary layers (codes input) take the same route with +-1 int8
+                            weights per basis.
 ``bqc.int_dense``           same with ``int8_dense_primfunc``.
-``bqc.int_matmul``          Relax ``matmul`` of the codes in float32 (exact while
-                            ``K * 128 * 128 < 2^24``) ``* scale``.
+``bqc.int_matmul``          Relax ``matmul`` of the codes in float32 when that is exact
+                            (``K * 128 * 128 < 2^24``), else ``call_tir`` of
+                            ``int_matmul_primfunc`` (int32 accumulator; float64 matmul if it
+                            does not schedule), then ``* scale``.
+``adaptive_avg_pool{1,2}d`` the shortcut's channel pooling: injective reshape / broadcast /
+                            strided-slice sums when the pooled axis has windows of at most
+                            :data:`MAX_POOL_WINDOW` elements (:meth:`Converter._pool_axis`),
+                            else the frontend's converter.
+``upsample_nearest2d``      integer factors: reshape + broadcast + reshape (exact).
 ==========================  ==================================================================
 
 Shapes the kernels do not cover (dilation, groups, non-square kernels, float/codes inputs to a
@@ -31,6 +44,7 @@ binary layer) fall back to exact Relax float convs / matmuls on unpacked weights
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +54,9 @@ from tvm import relax
 from bqc import packing
 
 __all__ = ["Converter", "BQC_OPS"]
+
+#: adaptive average pools whose windows have at most this many elements become injective ops
+MAX_POOL_WINDOW = 4
 
 BQC_OPS = ("sign_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d",
            "int_dense", "int_matmul")
@@ -76,8 +93,15 @@ class Converter:
     counts: dict = field(default_factory=dict)
     fallbacks: list = field(default_factory=list)
     failures: list = field(default_factory=list)  # kernel schedules that failed (-> fallback)
+    #: use the kernels' fused ``scale_bias`` epilogue (float32 NHWC out) instead of separate
+    #: ``astype * scale`` Relax ops after an int32 kernel
+    fuse_epilogue: bool = True
+    #: layers with several bases (binarydm: 2) run as one kernel call over all bases' output
+    #: channels (fused epilogue only)
+    merge_bases: bool = True
 
     def __post_init__(self):
+        self._kernels = {}
         sig = self.ep.graph_signature
         tensors = dict(self.ep.state_dict)
         tensors.update(dict(self.ep.constants))
@@ -91,7 +115,128 @@ class Converter:
         m = {f"{op}.default": getattr(self, f"_{op}") for op in BQC_OPS}
         m["floor_divide.default"] = self._floor_divide  # frontend bug workaround (see there)
         m["div.Tensor_mode"] = self._floor_divide
+        # the shortcut's channel pooling (``Shortcut(channels="pool")``; torch.export decomposes
+        # adaptive_avg_pool1d to _adaptive_avg_pool2d): reshape/broadcast instead of TOPI's
+        # adaptive pool (a reduction with data-dependent windows, slow)
+        for name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d"):
+            m[f"{name}.default"] = self._adaptive_avg_pool
+            m[f"_{name}.default"] = self._adaptive_avg_pool
+        m["upsample_nearest2d.vec"] = self._upsample_nearest2d
         return m
+
+    def _upsample_nearest2d(self, node, imp):
+        """Nearest upsampling by integer factors (the UNet decoder's 2x): ``y[h, w] = x[h // sh,
+        w // sw]`` (torch's ``floor(dst * in / out)``, exact) as expand_dims + broadcast +
+        reshape: injective, so it fuses with its neighbours with plain integer indexing (TOPI's
+        ``resize2d`` computes float coordinates per element). Other sizes: the frontend's
+        converter."""
+        op = relax.op
+        x = imp.env[node.args[0]]
+        shape = [int(d) for d in x.ty.shape]
+        out = _shape(node)
+        if len(shape) != 4 or len(out) != 4 or any(o % i for o, i in zip(out[2:], shape[2:])):
+            return imp._upsample_nearest2d(node)
+        n, c, h, w = shape
+        sh, sw = out[2] // h, out[3] // w
+        v = self._emit(imp, op.reshape(x, [n, c, h, 1, w, 1]))
+        v = self._emit(imp, op.broadcast_to(v, [n, c, h, sh, w, sw]))
+        self._count("upsample_nearest")
+        return self._emit(imp, op.reshape(v, [n, c, h * sh, w * sw]))
+
+    def _pool_axis(self, imp, x, shape, axis, out):
+        """Adaptive average pooling of one axis as injective ops (they fuse with the
+        surrounding transposes into one pass, where TOPI's adaptive pool is a reduction with
+        data-dependent windows, and slow):
+
+        * ``out = k * n`` (every window one element, ``y[j] = x[j // k]``, exact):
+          expand_dims + broadcast + reshape;
+        * windows of at most :data:`MAX_POOL_WINDOW` elements (torch's ``start = floor(j n /
+          out)``, ``end = ceil((j + 1) n / out)``): the sum of the ``t``-th element of every window
+          (strided slices when all windows have ``k`` elements, else ``take`` with a mask for
+          the shorter windows), added in window order like the adaptive pool's sum, divided by
+          the window sizes afterwards.
+
+        Returns ``(sum_expr, sizes)`` (``sizes``: None when no division is needed, else an int
+        or a per-output list), or None."""
+        op = relax.op
+        n = shape[axis]
+        if out == n:
+            return x, None
+        if out % n == 0:
+            k = out // n
+            v = self._emit(imp, op.expand_dims(x, [axis + 1]))
+            v = self._emit(imp, op.broadcast_to(v, shape[:axis + 1] + [k] + shape[axis + 1:]))
+            return self._emit(imp, op.reshape(v, shape[:axis] + [out] + shape[axis + 1:])), None
+        starts = [(j * n) // out for j in range(out)]
+        ends = [-((-(j + 1) * n) // out) for j in range(out)]
+        sizes = [e - b for b, e in zip(starts, ends)]
+        kmax = max(sizes)
+        if kmax > MAX_POOL_WINDOW:
+            return None
+        regular = n % out == 0
+        g = math.gcd(n, out)
+        period, nper = n // g, out // g
+        if not regular and nper * kmax <= 4 * MAX_POOL_WINDOW:
+            # windows never cross a period of ``n / g`` inputs / ``out / g`` outputs: per output
+            # phase r, the sum of its window's strided slices, divided by the window size,
+            # then the phases interleaved (concat + reshape), all injective
+            xv = self._emit(imp, op.reshape(x, shape[:axis] + [g, period] + shape[axis + 1:]))
+            phases = []
+            for r in range(nper):
+                b, e = (r * n) // out, -((-(r + 1) * n) // out)
+                acc = None
+                for i in range(b, e):
+                    term = self._emit(imp, op.strided_slice(xv, axes=[axis + 1], begin=[i], end=[i + 1]))
+                    acc = term if acc is None else self._emit(imp, op.add(acc, term))
+                phases.append(self._emit(imp, op.divide(acc, relax.const(float(e - b), "float32"))))
+            v = self._emit(imp, op.concat(phases, axis=axis + 1))
+            return self._emit(imp, op.reshape(v, shape[:axis] + [out] + shape[axis + 1:])), None
+        acc = None
+        for t in range(kmax):
+            if regular:  # windows [j k, (j + 1) k): element t of each is x[t::k]
+                term = self._emit(imp, op.strided_slice(x, axes=[axis], begin=[t], end=[n], strides=[kmax]))
+            else:
+                idx = np.array([min(b + t, e - 1) for b, e in zip(starts, ends)], np.int64)
+                term = self._emit(imp, op.take(x, relax.const(idx), axis=axis))
+                if any(b + t >= e for b, e in zip(starts, ends)):
+                    mshape = [1] * len(shape)
+                    mshape[axis] = out
+                    mask = np.array([b + t < e for b, e in zip(starts, ends)]).reshape(mshape)
+                    term = self._emit(imp, op.where(relax.const(mask), term, relax.const(0.0, "float32")))
+            acc = term if acc is None else self._emit(imp, op.add(acc, term))
+        return acc, (kmax if regular else sizes)
+
+    def _adaptive_avg_pool(self, node, imp):
+        """``adaptive_avg_pool{1,2}d`` whose pooled axes have regular windows (at most one axis
+        really pooled; see :meth:`_pool_axis`); anything else goes to the frontend's converter."""
+        op = relax.op
+        name = str(node.target.__name__).lstrip("_").split(".")[0]
+        x = imp.env[node.args[0]]
+        size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
+        size = [int(v) for v in (size if isinstance(size, (list, tuple)) else [size])]
+        shape = [int(d) for d in x.ty.shape]
+        nd = 1 if name.endswith("1d") else 2
+        if len(size) == 1 and nd == 2:
+            size = size * 2
+        axes = list(range(len(shape) - nd, len(shape)))
+        changed = [a for a, o in zip(axes, size) if o != shape[a]]
+        res = None
+        if len(changed) <= 1 and str(x.ty.dtype) == "float32":
+            a = changed[0] if changed else axes[-1]
+            res = self._pool_axis(imp, x, shape, a, size[axes.index(a)])
+        if res is None:
+            fallback = getattr(imp, f"_{name}")
+            return fallback(node)
+        v, sizes = res
+        self._count("channel_pool")
+        if sizes is None:
+            return v
+        if isinstance(sizes, int):
+            return self._emit(imp, op.divide(v, relax.const(float(sizes), "float32")))
+        dshape = [1] * len(shape)
+        dshape[a] = len(sizes)
+        div = relax.const(np.array(sizes, np.float32).reshape(dshape))
+        return self._emit(imp, op.divide(v, div))
 
     def _floor_divide(self, node, imp):
         """``floor_divide`` / ``div(rounding_mode="floor")`` of an int64 tensor by a python int:
@@ -127,14 +272,67 @@ class Converter:
             self.funcs[name] = bb.add_func(func, name)
         return self.funcs[name]
 
-    def _kernel(self, builder, *args):
+    def _kernel(self, builder, *args, **kw):
         """A scheduled kernel PrimFunc, or None (and a recorded failure) when its schedule fails
-        for this shape on this target (the caller then uses the exact float fallback)."""
+        for this shape on this target (the caller then uses the exact float fallback). Built
+        once per (builder, shape, options): the UNets repeat a few layer shapes many times."""
+        key = (builder.__name__, args, tuple(sorted(kw.items())))
+        if key in self._kernels:
+            return self._kernels[key]
         try:
-            return builder(*args, target=self.target, lanes=self.lanes)
+            f = builder(*args, target=self.target, lanes=self.lanes, **kw)
         except Exception as e:  # noqa: BLE001 - a schedule gap costs speed, not correctness
-            self.failures.append((builder.__name__, args, f"{type(e).__name__}: {e}"[:200]))
+            self.failures.append((builder.__name__ + (f"[{kw}]" if kw else ""), args,
+                                  f"{type(e).__name__}: {e}"[:200]))
+            f = None
+        self._kernels[key] = f
+        return f
+
+    def _kernel_epi(self, builder, *args, scale=None):
+        """``(func, fused)``: the kernel with the fused float epilogue ``acc * scale[oc] +
+        out_bias[oc]`` (``epilogue="scale_bias"``, float32 NHWC output) when
+        :attr:`fuse_epilogue` and the scale is float32 and that variant schedules, else the plain
+        int32 kernel (``fused`` False), or ``(None, False)``."""
+        if self.fuse_epilogue and scale is not None and str(scale.ty.dtype) == "float32":
+            f = self._kernel(builder, *args, epilogue="scale_bias")
+            if f is not None:
+                return f, True
+        return self._kernel(builder, *args), False
+
+    def _epi_args(self, imp, scale, b, out_ch):
+        """Epilogue inputs of basis ``b``: ``scale[b] f32[OC]`` and a zero ``out_bias``
+        (``float(acc) * s + 0`` is exactly the reference's ``float(acc) * s``)."""
+        op = relax.op
+        s = self._emit(imp, op.reshape(op.strided_slice(scale, axes=[0], begin=[b], end=[b + 1]), [out_ch]))
+        return [s, relax.const(np.zeros(out_ch, np.float32), "float32")]
+
+    def _merged_bases(self, imp, builder, args, consts, scale, nb, out_ch, out_shape):
+        """All ``nb`` bases of a layer as ONE kernel call with ``nb * out_ch`` output channels
+        (weights concatenated along the output channels, ``consts(nb)`` builds the constant
+        inputs; epilogue scale ``scale.reshape(nb * out_ch)``): the input is read once for all
+        bases. Returns the float32 per-basis terms (``strided_slice`` of the output, summed in
+        basis order by the caller, which FuseOps fuses with the transpose), or None when
+        :attr:`merge_bases` is off or the wide kernel does not schedule."""
+        if not (self.merge_bases and nb > 1):
             return None
+        f = self._kernel(builder, *args, epilogue="scale_bias")
+        if f is None:
+            return None
+        op = relax.op
+        wide = nb * out_ch
+        s = self._emit(imp, op.reshape(scale, [wide]))
+        out = self._call_tir(imp, f, list(consts) + [s, relax.const(np.zeros(wide, np.float32), "float32")],
+                             tuple(out_shape[:-1]) + (wide,), "float32")
+        ax = len(out_shape) - 1
+        self._count("merged_bases")
+        return [self._emit(imp, op.strided_slice(out, axes=[ax], begin=[b * out_ch], end=[(b + 1) * out_ch]))
+                for b in range(nb)]
+
+    def _sum_in_order(self, imp, terms):
+        out = None
+        for t in terms:
+            out = t if out is None else self._emit(imp, relax.op.add(out, t))
+        return out
 
     def _count(self, key):
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -177,6 +375,14 @@ class Converter:
         self._count("sign_pack")
         if nd == 4 and ch_axis == 1:
             n, _, h, w = shape
+            if w == 1 and h > 1:
+                # [N, C, H, 1] (attention / 1-D inputs) is the same memory as [N, C, 1, H], and
+                # the packed [N, 1, H, CW] the same as [N, H, 1, CW]: pack that view, whose
+                # long axis is the one the packer vectorises (W)
+                args[0] = self._emit(imp, relax.op.reshape(x, [n, c, 1, h]))
+                f = bitpack_primfunc(n, c, 1, h, "NCHW", with_tau=tau is not None, target=self.target, dtype=dtype)
+                out = self._call_tir(imp, f, args, (n, 1, h, cw), "uint32")
+                return self._emit(imp, relax.op.reshape(out, [n, h, 1, cw]))
             f = bitpack_primfunc(n, c, h, w, "NCHW", with_tau=tau is not None, target=self.target, dtype=dtype)
             return self._call_tir(imp, f, args, (n, h, w, cw), "uint32")
         # generic: channels last, flatten the rest -> NHWC [M, 1, 1, C]
@@ -224,17 +430,31 @@ class Converter:
         if not (geom and x_kind == "bits"):
             return self._conv_fallback(node, imp, "binary")
         n, h, w, _ = _shape(x_node)
-        f = self._kernel(binary_conv2d_primfunc, n, int(c), oc, h, w, kh, sh, ph)
+        f, fused = self._kernel_epi(binary_conv2d_primfunc, n, int(c), oc, h, w, kh, sh, ph, scale=scale)
         if f is None:
             return self._conv_fallback(node, imp, "binary")
         oh, ow = out_shape[2], out_shape[3]
+        if fused and nb > 1 and self.merge_bases:
+            wall = words.reshape((nb * oc,) + words.shape[2:])
+            terms = self._merged_bases(
+                imp, binary_conv2d_primfunc, (n, int(c), nb * oc, h, w, kh, sh, ph),
+                [x, relax.const(packing.block_oc(wall, self.lanes), "uint32"),
+                 relax.const(packing.conv_base_table(wall, int(c), h, w, sh, ph, lanes=self.lanes), "int32")],
+                scale, nb, oc, (n, oh, ow, oc))
+            if terms is not None:
+                self._count("binary_conv2d")
+                return self._emit(imp, op.permute_dims(self._sum_in_order(imp, terms), [0, 3, 1, 2]))
         accs = []
         for b in range(nb):
             wb = relax.const(packing.block_oc(words[b], self.lanes), "uint32")
             base = relax.const(packing.conv_base_table(words[b], int(c), h, w, sh, ph, lanes=self.lanes), "int32")
-            accs.append(self._call_tir(imp, f, [x, wb, base], (n, oh, ow, oc), "int32"))
+            if fused:
+                accs.append(self._call_tir(imp, f, [x, wb, base] + self._epi_args(imp, scale, b, oc),
+                                           (n, oh, ow, oc), "float32"))
+            else:
+                accs.append(self._call_tir(imp, f, [x, wb, base], (n, oh, ow, oc), "int32"))
         self._count("binary_conv2d")
-        y = self._scaled_sum(imp, accs, scale, oc, 4)
+        y = self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, oc, 4)
         return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
 
     def _binary_dense(self, node, imp):
@@ -252,14 +472,28 @@ class Converter:
         xs = _shape(x_node)
         lead = list(xs[:-1])
         m = int(np.prod(lead, dtype=np.int64)) if lead else 1
-        f = self._kernel(binary_dense_primfunc, m, int(k), nout)
+        f, fused = self._kernel_epi(binary_dense_primfunc, m, int(k), nout, scale=scale)
         if f is None:
             return self._dense_fallback(node, imp, "binary")
         x2 = self._emit(imp, op.reshape(x, [m, kwords]))
-        accs = [self._call_tir(imp, f, [x2, relax.const(packing.block_oc(words[b], self.lanes), "uint32")],
-                               (m, nout), "int32") for b in range(nb)]
+        terms = None
+        if fused and nb > 1 and self.merge_bases:
+            wall = words.reshape(nb * nout, kwords)
+            terms = self._merged_bases(imp, binary_dense_primfunc, (m, int(k), nb * nout),
+                                       [x2, relax.const(packing.block_oc(wall, self.lanes), "uint32")],
+                                       scale, nb, nout, (m, nout))
+        if terms is not None:
+            self._count("binary_dense")
+            return self._emit(imp, op.reshape(self._sum_in_order(imp, terms), lead + [nout]))
+        accs = []
+        for b in range(nb):
+            args = [x2, relax.const(packing.block_oc(words[b], self.lanes), "uint32")]
+            if fused:
+                accs.append(self._call_tir(imp, f, args + self._epi_args(imp, scale, b, nout), (m, nout), "float32"))
+            else:
+                accs.append(self._call_tir(imp, f, args, (m, nout), "int32"))
         self._count("binary_dense")
-        y = self._scaled_sum(imp, accs, scale, nout, 2)
+        y = self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, nout, 2)
         return self._emit(imp, op.reshape(y, lead + [nout]))
 
     # --------------------------------------------------------------- W1Ak (int8 route)
@@ -273,18 +507,31 @@ class Converter:
         nb, oc = words.shape[:2]
         n, _, h, w = _shape(x_node)
         oh, ow = _shape(node)[2:]
-        f = self._kernel(int8_conv2d_primfunc, n, c, oc, h, w, k, stride, pad)
+        f, fused = self._kernel_epi(int8_conv2d_primfunc, n, c, oc, h, w, k, stride, pad, scale=scale)
         if f is None:
             return self._conv_fallback(node, imp, "binary")
         xu = self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1])
+        if fused and nb > 1 and self.merge_bases:
+            sall = packing.unpack_bits(words.reshape((nb * oc,) + words.shape[2:]), c, axis=-1).transpose(0, 3, 1, 2)
+            terms = self._merged_bases(
+                imp, int8_conv2d_primfunc, (n, c, nb * oc, h, w, k, stride, pad),
+                [xu, relax.const(packing.block_oc_int8(sall, self.lanes), "int8"),
+                 relax.const(packing.int8_bias(sall, self.lanes), "int32")],
+                scale, nb, oc, (n, oh, ow, oc))
+            if terms is not None:
+                self._count("w1ak_conv2d")
+                return self._emit(imp, op.permute_dims(self._sum_in_order(imp, terms), [0, 3, 1, 2]))
         accs = []
         for b in range(nb):
             signs = packing.unpack_bits(words[b], c, axis=-1).transpose(0, 3, 1, 2)  # OIHW int8 +-1
-            accs.append(self._call_tir(imp, f, [xu, relax.const(packing.block_oc_int8(signs, self.lanes), "int8"),
-                                                relax.const(packing.int8_bias(signs, self.lanes), "int32")],
-                                       (n, oh, ow, oc), "int32"))
+            args = [xu, relax.const(packing.block_oc_int8(signs, self.lanes), "int8"),
+                    relax.const(packing.int8_bias(signs, self.lanes), "int32")]
+            if fused:
+                accs.append(self._call_tir(imp, f, args + self._epi_args(imp, scale, b, oc), (n, oh, ow, oc), "float32"))
+            else:
+                accs.append(self._call_tir(imp, f, args, (n, oh, ow, oc), "int32"))
         self._count("w1ak_conv2d")
-        y = self._scaled_sum(imp, accs, scale, oc, 4)
+        y = self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, oc, 4)
         return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
 
     def _w1ak_dense(self, node, imp, words, k):
@@ -296,18 +543,30 @@ class Converter:
         nb, nout = words.shape[:2]
         lead = list(_shape(x_node)[:-1])
         m = int(np.prod(lead, dtype=np.int64)) if lead else 1
-        f = self._kernel(int8_dense_primfunc, m, k, nout)
+        f, fused = self._kernel_epi(int8_dense_primfunc, m, k, nout, scale=scale)
         if f is None:
             return self._dense_fallback(node, imp, "binary")
         xu = self._codes_u8(imp, self._emit(imp, op.reshape(x, [m, k])), k, True)
+        if fused and nb > 1 and self.merge_bases:
+            sall = packing.unpack_bits(words.reshape((nb * nout,) + words.shape[2:]), k, axis=-1)
+            terms = self._merged_bases(imp, int8_dense_primfunc, (m, k, nb * nout),
+                                       [xu, relax.const(packing.block_oc_int8(sall, self.lanes), "int8"),
+                                        relax.const(packing.int8_bias(sall, self.lanes), "int32")],
+                                       scale, nb, nout, (m, nout))
+            if terms is not None:
+                self._count("w1ak_dense")
+                return self._emit(imp, op.reshape(self._sum_in_order(imp, terms), lead + [nout]))
         accs = []
         for b in range(nb):
             signs = packing.unpack_bits(words[b], k, axis=-1)  # [N, K] int8 +-1
-            accs.append(self._call_tir(imp, f, [xu, relax.const(packing.block_oc_int8(signs, self.lanes), "int8"),
-                                                relax.const(packing.int8_bias(signs, self.lanes), "int32")],
-                                       (m, nout), "int32"))
+            args = [xu, relax.const(packing.block_oc_int8(signs, self.lanes), "int8"),
+                    relax.const(packing.int8_bias(signs, self.lanes), "int32")]
+            if fused:
+                accs.append(self._call_tir(imp, f, args + self._epi_args(imp, scale, b, nout), (m, nout), "float32"))
+            else:
+                accs.append(self._call_tir(imp, f, args, (m, nout), "int32"))
         self._count("w1ak_dense")
-        y = self._scaled_sum(imp, accs, scale, nout, 2)
+        y = self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, nout, 2)
         return self._emit(imp, op.reshape(y, lead + [nout]))
 
     # --------------------------------------------------------------- int8 conv / dense
@@ -340,16 +599,19 @@ class Converter:
             return self._conv_fallback(node, imp, "int")
         n, _, h, w = _shape(x_node)
         oh, ow = _shape(node)[2:]
-        f = self._kernel(int8_conv2d_primfunc, n, c, oc, h, w, kh, sh, ph)
+        f, fused = self._kernel_epi(int8_conv2d_primfunc, n, c, oc, h, w, kh, sh, ph, scale=scale)
         if f is None:
             return self._conv_fallback(node, imp, "int")
         xu = self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1])
-        acc = self._call_tir(imp, f, [xu, relax.const(packing.block_oc_int8(wc, self.lanes), "int8"),
-                                      relax.const(packing.int8_bias(wc, self.lanes), "int32")],
-                             (n, oh, ow, oc), "int32")
-        self._count("int_conv2d")
+        args = [xu, relax.const(packing.block_oc_int8(wc, self.lanes), "int8"),
+                relax.const(packing.int8_bias(wc, self.lanes), "int32")]
         s2 = self._emit(imp, op.reshape(scale, [1, oc]))
-        y = self._scaled_sum(imp, [acc], s2, oc, 4)
+        self._count("int_conv2d")
+        if fused:
+            y = self._call_tir(imp, f, args + self._epi_args(imp, s2, 0, oc), (n, oh, ow, oc), "float32")
+        else:
+            acc = self._call_tir(imp, f, args, (n, oh, ow, oc), "int32")
+            y = self._scaled_sum(imp, [acc], s2, oc, 4)
         return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
 
     def _int_dense(self, node, imp):
@@ -365,16 +627,20 @@ class Converter:
         xs = _shape(x_node)
         lead = list(xs[:-1])
         m = int(np.prod(lead, dtype=np.int64)) if lead else 1
-        f = self._kernel(int8_dense_primfunc, m, k, nout)
+        f, fused = self._kernel_epi(int8_dense_primfunc, m, k, nout, scale=scale)
         if f is None:
             return self._dense_fallback(node, imp, "int")
         x2 = self._emit(imp, op.reshape(x, [m, k]))
         xu = self._codes_u8(imp, x2, k, True)
-        acc = self._call_tir(imp, f, [xu, relax.const(packing.block_oc_int8(wc, self.lanes), "int8"),
-                                      relax.const(packing.int8_bias(wc, self.lanes), "int32")], (m, nout), "int32")
-        self._count("int_dense")
+        args = [xu, relax.const(packing.block_oc_int8(wc, self.lanes), "int8"),
+                relax.const(packing.int8_bias(wc, self.lanes), "int32")]
         s2 = self._emit(imp, op.reshape(scale, [1, nout]))
-        y = self._scaled_sum(imp, [acc], s2, nout, 2)
+        self._count("int_dense")
+        if fused:
+            y = self._call_tir(imp, f, args + self._epi_args(imp, s2, 0, nout), (m, nout), "float32")
+        else:
+            acc = self._call_tir(imp, f, args, (m, nout), "int32")
+            y = self._scaled_sum(imp, [acc], s2, nout, 2)
         return self._emit(imp, op.reshape(y, lead + [nout]))
 
     def _int_matmul(self, node, imp):
@@ -382,11 +648,38 @@ class Converter:
         a_node, b_node, s_node = node.args
         a, b, scale = imp.env[a_node], imp.env[b_node], imp.env[s_node]
         out_dtype = str(node.meta["val"].dtype).replace("torch.", "")
-        y = self._emit(imp, op.matmul(op.astype(a, "float32"), op.astype(b, "float32")))
-        self._count("int_matmul")
+        k = int(a_node.meta["val"].shape[-1])
+        if k * 128 * 128 < 2 ** 24:  # every partial sum of int8 products is exact in float32
+            y = self._emit(imp, op.matmul(op.astype(a, "float32"), op.astype(b, "float32")))
+            self._count("int_matmul")
+        else:
+            y = self._int_matmul_exact(node, imp, a, b, k)
         if out_dtype != "float32":
             y = self._emit(imp, op.astype(y, out_dtype))
         return self._emit(imp, op.multiply(y, scale))
+
+    def _int_matmul_exact(self, node, imp, a, b, k):
+        """``A @ B`` of int8 codes for K where float32 sums could round: our int32-accumulating
+        ``int_matmul`` kernel on [BT, M, K] x [BT, K, N], or, if it does not schedule, a float64
+        matmul (exact while K * 2^14 < 2^53). float32 result (the caller scales)."""
+        op = relax.op
+        sa, sb = _shape(node.args[0]), _shape(node.args[1])
+        lead = tuple(torch.broadcast_shapes(sa[:-2], sb[:-2]))
+        m, n = sa[-2], sb[-1]
+        bt = int(np.prod(lead)) if lead else 1
+        dt = str(node.args[0].meta["val"].dtype).replace("torch.", "")
+        from .kernels.build import int_matmul_primfunc
+
+        f = self._kernel(int_matmul_primfunc, bt, m, k, n, dtype=dt) if dt == "int8" else None
+        if f is None:
+            self._count("int_matmul_f64")
+            y = self._emit(imp, op.matmul(op.astype(a, "float64"), op.astype(b, "float64")))
+            return self._emit(imp, op.astype(y, "float32"))
+        a3 = self._emit(imp, op.reshape(op.broadcast_to(a, lead + (m, k)), (bt, m, k)))
+        b3 = self._emit(imp, op.reshape(op.broadcast_to(b, lead + (k, n)), (bt, k, n)))
+        out = self._call_tir(imp, f, [a3, b3, relax.const(np.ones(1, np.float32), "float32")], (bt, m, n), "float32")
+        self._count("int_matmul_kernel")
+        return self._emit(imp, op.reshape(out, lead + (m, n)))
 
     # --------------------------------------------------------------- fallbacks (exact float)
     def _float_input(self, imp, x_node, x_kind, channels, conv: bool):

@@ -16,9 +16,14 @@ gives each fused float PrimFunc a rule-based schedule (no tuning run):
 * **reduction** (GroupNorm statistics, softmax, anything else with a reduction): every block
   at root, outer spatial loops parallel, reduction loops inner; spatial blocks vectorised.
   ``tvm.s_tir.dlight.cpu.Reduction`` is tried first for the softmax-like pattern.
+* **channel mean** (``bqc_cmean_*`` blocks from :func:`channel_mean_compute`, the K map's
+  ``mean_c |x|``): channel loop outside, contiguous spatial axis vectorised inside.
 * **injective** (SiLU, adds, concat, split, transpose, nearest upsample, the sin/cos time
-  embedding): every remaining block fused flat, a 16-lane vectorised inner chunk where the
-  trailing extent allows, the rest parallel.
+  embedding): a block whose reads are mostly contiguous along another axis than its output's
+  innermost one (NHWC <-> NCHW transposes, usually fused with a binary layer's epilogue) is
+  tiled ``16 x 16`` (read axis unrolled, output axis vectorised: every read cache line used
+  whole while in L1); every other block fused flat, a 16-lane vectorised inner chunk where
+  the trailing extent allows, the rest parallel.
 
 Producers/consumers that are pure elementwise or reindexing (reshape, expand_dims, broadcast
 adds) are inlined first. Small blocks (less than :data:`PARALLEL_MIN_WORK` scalar operations at
@@ -145,6 +150,27 @@ def conv_packed_compute(x: te.Tensor, wp: te.Tensor, out_channels: int, strides:
     return te.compute((x.shape[0], out_channels, *out_sp),
                       lambda *i: acc[(i[0], i[1] // block, *i[2:], i[1] % block)],
                       name=f"{CONV_PREFIX}_out")
+
+
+CMEAN_PREFIX = "bqc_cmean"
+
+
+def channel_mean_compute(x: te.Tensor, absolute: bool = False) -> te.Tensor:
+    """``mean(|x|, axis=1, keepdims=True)`` (or of ``x``) of an ``[N, C, *SP]`` tensor, as the
+    sum over channels then a division by ``C`` (what Relax's ``mean`` legalizes to). Stages
+    ``bqc_cmean_sum`` / ``bqc_cmean`` (see :func:`schedule_channel_mean`: the channel loop
+    outside, the contiguous spatial axis vectorised, instead of a strided reduction per pixel).
+    XNOR-Net's K map reads ``mean_c |x|`` before every binary conv with a K map."""
+    shape = list(x.shape)  # the batch may be symbolic; C must be static
+    c = int(shape[1])
+    r = te.reduce_axis((0, c), name="rc")
+
+    def f(n, _one, *sp):
+        v = x[(n, r, *sp)]
+        return te.sum(tirx.abs(v) if absolute else v, axis=r)
+
+    s = te.compute([shape[0], 1, *shape[2:]], f, name=f"{CMEAN_PREFIX}_sum")
+    return te.compute(s.shape, lambda *i: s(*i) / tirx.const(float(c), x.dtype), name=CMEAN_PREFIX)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -282,10 +308,145 @@ def _parallel(sch, loop, work: int) -> None:
 # ----------------------------------------------------------------------------- rules
 
 
+def _block_bindings(sch, block) -> list | None:
+    """The loop variables the block's iter vars are bound to (in iter-var order), or None if
+    the block is not directly under its innermost loop or some binding is not a plain loop
+    variable."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return None
+    realize = sch.get(loops[-1]).body
+    if type(realize).__name__ != "SBlockRealize":
+        return None
+    vals = list(realize.iter_values)
+    if not all(isinstance(v, tirx.Var) for v in vals):
+        return None
+    return vals
+
+
+def _is_load(expr) -> bool:
+    # 0.27: tirx.BufferLoad is a constructor function; the node class is ir.expr.TensorLoad
+    return type(expr).__name__ in ("TensorLoad", "BufferLoad")
+
+
+def _load_buffer(ld):
+    src = getattr(ld, "source", None)
+    return src if src is not None else getattr(ld, "buffer", None)
+
+
+def _loads(expr, out: list) -> list:
+    """Every buffer load in a PrimExpr tree (no TVM Python visitor in 0.27's tirx)."""
+    if _is_load(expr):
+        out.append(expr)
+        for i in expr.indices:
+            _loads(i, out)
+        return out
+    for field in ("a", "b", "value", "condition", "true_value", "false_value", "body"):
+        sub = getattr(expr, field, None)
+        if isinstance(sub, tvm.ir.expr.Expr):
+            _loads(sub, out)
+    args = getattr(expr, "args", None)
+    if args is not None:
+        for a in args:
+            if isinstance(a, tvm.ir.expr.Expr):
+                _loads(a, out)
+    return out
+
+
+def _contiguous_read_iter(sch, block) -> int | None:
+    """Index of the block iter var that walks the innermost axis of most of the block's read
+    elements (summed over the loads whose innermost index is a plain iter var, plus a constant);
+    None if there is no such load."""
+    st = sch.get(block)
+    if not isinstance(st.body, tirx.BufferStore):
+        return None
+    loads = _loads(st.body.value, [])
+    weight: dict[int, int] = {}
+    for ld in loads:
+        buf = _load_buffer(ld)
+        if buf is None:
+            continue
+        shape = [_int(d) for d in buf.shape]
+        if any(d is None for d in shape) or not ld.indices:
+            continue
+        last = ld.indices[-1]
+        if isinstance(last, tirx.Add) and isinstance(last.b, tirx.IntImm):
+            last = last.a
+        if not isinstance(last, tirx.Var):
+            continue
+        idx = next((i for i, iv in enumerate(st.iter_vars) if iv.var.same_as(last)), None)
+        if idx is not None:
+            weight[idx] = weight.get(idx, 0) + int(np.prod(shape))  # elements (all 32-bit here)
+    if not weight:
+        return None
+    return max(weight, key=lambda i: weight[i])
+
+
+def _schedule_transpose_block(sch, block, lanes: int) -> bool:
+    """A spatial block whose reads are mostly contiguous along another axis than the output's
+    innermost one (:func:`_contiguous_read_iter`; NHWC <-> NCHW transposes, usually fused
+    with a binary layer's epilogue): tile both
+    axes, ``T x V`` (read axis unrolled, output axis vectorised), so that each read cache
+    line is used whole while it is in L1. False if the block is not of that form."""
+    kinds = _iter_kinds(sch, block)
+    if any(k != 0 for k in kinds):
+        return False
+    loops = sch.get_loops(block)
+    binds = _block_bindings(sch, block)
+    if binds is None or len(binds) != len(loops) or len(loops) < 2:
+        return False
+    loop_vars = [sch.get(lp).loop_var for lp in loops]
+    # iter var i bound to loop pos[i]
+    pos = []
+    for v in binds:
+        j = next((k for k, lv in enumerate(loop_vars) if lv.same_as(v)), None)
+        if j is None:
+            return False
+        pos.append(j)
+    ext = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in ext):
+        return False
+    rd = _contiguous_read_iter(sch, block)
+    if rd is None:
+        return False
+    # innermost output axis with extent > 1 (the write-contiguous one)
+    inner = next((j for j in range(len(loops) - 1, -1, -1) if ext[j] > 1), None)
+    rloop = pos[rd]
+    if inner is None or rloop == inner or ext[rloop] < 4 or ext[inner] < 4:
+        return False
+    vec = next((v for v in (lanes, 8, 4) if ext[inner] % v == 0), 0)
+    tile = _largest_divisor(ext[rloop], lanes)
+    if not vec or tile < 4:
+        return False
+    work = _work(sch, block)
+    io, ii = sch.split(loops[inner], factors=[None, vec])
+    ro, ri = sch.split(loops[rloop], factors=[None, tile])
+    outer = []
+    for j, lp in enumerate(loops):
+        if j == inner:
+            outer.append(io)
+        elif j == rloop:
+            outer.append(ro)
+        else:
+            outer.append(lp)
+    sch.reorder(*outer, ri, ii)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    _parallel(sch, fused, work)
+    sch.unroll(ri)
+    sch.vectorize(ii)
+    return True
+
+
 def _schedule_injective_block(sch, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
+    try:
+        if _schedule_transpose_block(sch, block, lanes):
+            return
+    except Exception as e:  # noqa: BLE001 - fall back to the flat schedule
+        log.debug("transpose tiling failed: %s", e)
+        loops = sch.get_loops(block)
     work = _work(sch, block)
     # trailing constant extent: how many inner elements we may vectorise across
     trailing = 1
@@ -552,6 +713,31 @@ def schedule_groupnorm(sch, target) -> str:
     return "groupnorm"
 
 
+def schedule_channel_mean(sch, target) -> str:
+    """:func:`channel_mean_compute`: per batch row (parallel), the channel loop outside, the
+    flattened spatial axis inside and vectorised (accumulating in the output row, which stays
+    in L1), then the division fused as a vectorised pass."""
+    lanes = _vec_lanes(target)
+    red = sch.get_sblock(f"{CMEAN_PREFIX}_sum")
+    out = sch.get_sblock(CMEAN_PREFIX)
+    loops = sch.get_loops(red)  # n, 1, *sp, rc
+    if len(loops) < 4:
+        raise RuntimeError("channel mean: unexpected loop nest")
+    n, one, sp, rc = loops[0], loops[1], loops[2:-1], loops[-1]
+    spf = sch.fuse(*sp) if len(sp) > 1 else sp[0]
+    sch.reorder(n, one, rc, spf)
+    e = _extent(sch, spf)
+    vec = next((v for v in (lanes, 8, 4) if e and e % v == 0), 0)
+    work = _work(sch, red)
+    _parallel(sch, n, work)
+    if vec:
+        _so, si = sch.split(spf, factors=[None, vec])
+        sch.vectorize(si)  # before decompose_reduction (the other order fails)
+    sch.decompose_reduction(red, rc)
+    _schedule_injective_block(sch, out, lanes)
+    return "channel-mean"
+
+
 def schedule_dlight_reduction(sch_unused, target, func) -> s_tir.Schedule | None:
     from tvm.s_tir.dlight.cpu import Reduction
 
@@ -585,6 +771,8 @@ def schedule_primfunc(func: tirx.PrimFunc, target: Target | None = None) -> tirx
     rules: list = []
     if any(n.startswith(f"{CONV_PREFIX}_acc") for n in names):
         rules.append(schedule_conv)
+    if f"{CMEAN_PREFIX}_sum" in names:
+        rules.append(schedule_channel_mean)
     if has_red:
         rules.append(schedule_gemm)
         rules.append(schedule_groupnorm)

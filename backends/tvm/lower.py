@@ -227,6 +227,16 @@ def _time(fn, repeat: int, warmup: int = 2) -> float:
     return float(np.median(ts))
 
 
+def step_inputs(model, seed: int = 0):
+    """Seeded random (x, t, y) at a compiled model's batch, and the VM's raw argument list."""
+    b = model.batch
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *model.input_shape, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    y = torch.zeros(b, dtype=torch.long) if model.conditional else None
+    return x, t, y, model.raw_inputs(x, t, y, state=None)
+
+
 def bench(dir, threads: int | None = None, *, repeat: int = 10, profile: bool = True) -> dict:
     """Compiled UNet step vs PyTorch FP32 eager of the artifact's teacher (same batch/threads).
 
@@ -252,11 +262,7 @@ def bench(dir, threads: int | None = None, *, repeat: int = 10, profile: bool = 
     torch.set_num_threads(threads)
     model = load_compiled(d)
     b = model.batch
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(b, *model.input_shape, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    y = torch.zeros(b, dtype=torch.long) if model.conditional else None
-    args = model.raw_inputs(x, t, y, state=None)
+    x, t, y, args = step_inputs(model)
     vm_main = model.vm["main"]
     bqc_ms = _time(lambda: vm_main(*args), repeat)
     res = {"backend": man["backend"], "threads": threads, "tvm_threads": tvm_threads,

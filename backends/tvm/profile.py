@@ -204,10 +204,23 @@ def profile_vm(ex, inputs: Sequence[Any], *, func: str = "main", repeat: int = 5
 
 
 def op_kind(name: str) -> str:
-    """Coarse category of a fused function name (for grouping a profile)."""
+    """Coarse category of a fused function name (for grouping a profile): bqc's binary / int8
+    kernels and activation packers by their ``bqc_*`` names, then the float functions by the
+    ops fused into them (``conv`` = float convs incl. their fused epilogue; ``layout`` =
+    anything with a transpose/concat/split/reshape, e.g. the NHWC -> NCHW epilogue of a binary
+    layer)."""
     n = name.lower()
     if n.startswith("vm.builtin") or n.startswith("vm.") or n == OVERHEAD:
         return "runtime"
+    # bqc's own kernels (backends/tvm/kernels): named bqc_<kind>_<shape>[_epilogue]
+    if n.startswith(("bqc_bconv", "bqc_bdense")):
+        return "binary kernels"
+    if n.startswith(("bqc_qconv", "bqc_qdense", "bqc_imatmul")):
+        return "int8 kernels"
+    if n.startswith(("bqc_bitpack", "bqc_quantize")):
+        return "act. packing"
+    if "cmean" in n:
+        return "K-map mean"
     if "fconv" in n or "conv" in n:
         return "conv"
     if "group_norm" in n:

@@ -29,10 +29,14 @@ Public API
        ``bqc_fconv`` TE compute (weight packed to ``[OC/16, KH, KW, IC, 16]`` at compile time,
        input transposed to channels-last inside the kernel); ``sigmoid``/``silu``/``exp``/
        ``softmax`` -> TOPI ``fast_exp`` versions (vectorisable; otherwise each element is a
-       scalar libm ``expf`` call, which made GroupNorm+SiLU 10x slower);
+       scalar libm ``expf`` call, which made GroupNorm+SiLU 10x slower); ``mean(x, axis=1,
+       keepdims=True)`` (and an ``abs`` feeding it: XNOR-Net's K map) -> the channel-mean
+       compute :func:`float_schedules.channel_mean_compute` (with ``prepack_conv``);
     3. ``LegalizeOps``, ``AnnotateTIROpPattern``, :class:`MarkFusable` (packed convs and TOPI
        ``group_norm`` get pattern ``kOutEWiseFusable`` so bias/residual adds fuse into the conv
-       and SiLU into GroupNorm), ``FoldConstant``, ``FuseOps``, ``FuseTIR``,
+       and SiLU into GroupNorm; 1-channel packed convs, the K maps, are made opaque so that a
+       binary layer's epilogue fuses with its NHWC -> NCHW transpose instead), ``FoldConstant``,
+       ``FuseOps``, ``FuseTIR``,
        ``DeadCodeElimination``;
     4. :class:`float_schedules.ScheduleFloatCPU`: a rule-based schedule for every PrimFunc,
        skipping the already-scheduled ones (``tirx.is_scheduled``/``bqc.scheduled`` attribute,
@@ -166,7 +170,28 @@ class _FloatRewriter(relax.PyExprMutator):
         self.conv2d = tvm.ir.Op.get("relax.nn.conv2d")
         self.conv1d = tvm.ir.Op.get("relax.nn.conv1d")
         self.math = {tvm.ir.Op.get(n): n for n in ("relax.sigmoid", "relax.nn.silu", "relax.nn.softmax", "relax.exp")}
+        self.mean = tvm.ir.Op.get("relax.mean")
+        self.abs = tvm.ir.Op.get("relax.abs")
         self.count = 0
+
+    def _channel_mean(self, call):
+        """``mean(x, axis=[1], keepdims=True)`` of a float32 ``[N, C, ...]`` tensor (and the
+        ``abs`` feeding it, XNOR-Net's K map ``mean_c |x|``) -> :func:`fs.channel_mean_compute`;
+        None if the call is not of that form."""
+        a = call.attrs
+        x = call.args[0]
+        ty = getattr(x, "ty", None)
+        if not _is_f32(x) or ty.ndim < 3 or a.axis is None or len(a.axis) != 1 or not bool(a.keepdims):
+            return None
+        if int(a.axis[0]) % ty.ndim != 1 or ty.shape is None or not isinstance(ty.shape[1], tvm.tirx.IntImm):
+            return None
+        absolute = False
+        if isinstance(x, relax.Var):
+            bound = self.lookup_binding(x)
+            if isinstance(bound, relax.Call) and bound.op == self.abs and _is_f32(bound.args[0]):
+                x, absolute = bound.args[0], True
+        return self.builder_.call_te(fs.channel_mean_compute, x, absolute,
+                                     primfunc_name_hint=fs.CMEAN_PREFIX)
 
     def _math(self, call):
         from tvm import topi
@@ -192,6 +217,9 @@ class _FloatRewriter(relax.PyExprMutator):
             return call
         if self.fast_math and call.op in self.math:
             return self._math(call)
+        if self.prepack and call.op == self.mean:
+            new = self._channel_mean(call)
+            return call if new is None else new
         if not self.prepack or call.op not in (self.conv2d, self.conv1d):
             return call
         a = call.attrs
@@ -250,10 +278,19 @@ class FloatRewrite:
 PrepackConv = FloatRewrite
 
 
+def _out_channels(func) -> int | None:
+    """Dim 1 of a PrimFunc's output (its last parameter), if static."""
+    try:
+        return int(func.params[-1].shape[1])
+    except Exception:  # noqa: BLE001
+        return None
+
+
 @tvm.transform.module_pass(opt_level=0, name="BqcMarkFusable")
 class MarkFusable:
     """Give the packed convs and TOPI ``group_norm`` the ``kOutEWiseFusable`` pattern so that
-    FuseOps fuses their elementwise consumers (bias/residual adds; GroupNorm + SiLU).
+    FuseOps fuses their elementwise consumers (bias/residual adds; GroupNorm + SiLU); 1-channel
+    packed convs (K maps) are made opaque instead (see ``transform_module``).
 
     Opaque functions that carry a ``global_symbol`` (hand-written kernels) are left alone."""
 
@@ -266,7 +303,14 @@ class MarkFusable:
             if "global_symbol" in attrs:
                 continue
             name = gv.name_hint
-            if name.startswith(fs.CONV_PREFIX) or name.startswith("group_norm"):
+            if name.startswith(fs.CONV_PREFIX) and _out_channels(func) == 1:
+                # a 1-channel conv (XNOR-Net's K map, ``k * mean_c |x|``): fusing the layer's
+                # elementwise epilogue into it would make the binary conv's NHWC -> NCHW
+                # transpose a pass of its own; left alone, the epilogue fuses with the
+                # transpose instead (one pass over the conv output) and the K conv writes
+                # only [N, 1, H, W]
+                updates[gv] = func.with_attr("op_pattern", fs.OP_PATTERN_OPAQUE)
+            elif name.startswith(fs.CONV_PREFIX) or name.startswith("group_norm"):
                 updates[gv] = func.with_attr("op_pattern", fs.OP_PATTERN_OUT_EWISE_FUSABLE)
         for gv, func in updates.items():
             mod[gv] = func
