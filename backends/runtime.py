@@ -9,12 +9,16 @@ static batch (``manifest["batch"]``): smaller batches are zero-padded, larger on
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CompiledModel", "load_compiled"]
+__all__ = ["CompiledModel", "load_compiled", "drop_native_log_lines"]
 
 
 def _np(a, dtype=None):
@@ -22,6 +26,33 @@ def _np(a, dtype=None):
         a = a.detach().cpu().numpy()
     a = np.asarray(a)
     return np.array(a if dtype is None else a.astype(dtype, copy=False), order="C")  # keeps 0-d
+
+
+@contextlib.contextmanager
+def drop_native_log_lines(marker: str):
+    """Run a block with the process's native stderr (fd 2) captured; afterwards re-emit every
+    line except those containing ``marker``. TVM 0.27 logs one WARNING per memory scope
+    whenever a VM executable is exported ("Scope Saving:") or loaded ("Scope Loaded:"); it
+    carries no information."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real fd (e.g. captured): nothing to filter
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True) if marker not in ln]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 class CompiledModel:
@@ -40,10 +71,12 @@ class CompiledModel:
             lib = load_cuda_library(self.path / m["files"]["library"])
             self.dev = tvm.cuda(0)
         else:
-            lib = tvm.runtime.load_module(str(self.path / m["files"]["library"]))
+            with drop_native_log_lines("Scope Loaded:"):
+                lib = tvm.runtime.load_module(str(self.path / m["files"]["library"]))
             self.dev = tvm.cpu(0)
         self.lib = lib
-        self.vm = relax.VirtualMachine(lib, self.dev)
+        with drop_native_log_lines("Scope Loaded:"):
+            self.vm = relax.VirtualMachine(lib, self.dev)
         self._main = self.vm["main"]
         self.batch = int(m["batch"])
         self.input_shape = tuple(m["input_shape"])

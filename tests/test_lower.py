@@ -128,6 +128,20 @@ def test_lowered_dir_loads_without_training_code(tmp_path_factory):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+    assert "Scope Loaded" not in r.stderr  # TVM's per-memory-scope load warning is filtered
+
+
+def test_bench_reports_the_contract_keys(tmp_path_factory):
+    """`bqc bench DIR --json` fields (the timing values themselves are benchmarks, not asserted)."""
+    from bqc.backends.tvm.lower import bench
+
+    _, _, out = lowered("bidm", tmp_path_factory)
+    r = bench(out, threads=1, repeat=1, profile=False)
+    assert {"backend", "threads", "batch", "bqc_ms", "torch_fp32_ms", "speedup", "size_mb", "fp32_size_mb"} <= set(r)
+    assert r["backend"] == "tvm-x86" and r["threads"] == 1 and r["bqc_ms"] > 0 and r["size_mb"] > 0
+    # lowered from an in-memory graph, not an artifact: no FP model to time (bqc demo's and the
+    # benchmarks' libraries come from artifacts and carry both sides)
+    assert r["torch_fp32_ms"] is None and r["speedup"] is None
 
 
 def test_cuda_lowering_builds_without_gpu(tmp_path_factory):

@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from bqc.errors import BqcError
+from bqc.backends.runtime import drop_native_log_lines
 
 TRIPLE = "aarch64-linux-gnu"
 CROSS_CC = f"{TRIPLE}-gcc"
@@ -138,7 +139,8 @@ def export_arm_library(executable_or_module, path) -> Path:
     check_arm_env(need_run=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    executable_or_module.export_library(str(path), fcompile=cross_compiler())
+    with drop_native_log_lines("Scope Saving:"):
+        executable_or_module.export_library(str(path), fcompile=cross_compiler())
     return path
 
 

@@ -197,7 +197,8 @@ class Converter:
                 term = self._emit(imp, op.strided_slice(x, axes=[axis], begin=[t], end=[n], strides=[kmax]))
             else:
                 idx = np.array([min(b + t, e - 1) for b, e in zip(starts, ends)], np.int64)
-                term = self._emit(imp, op.take(x, relax.const(idx), axis=axis))
+                # indices are in range: "clip" only silences TVM's per-op "fast mode" warning
+                term = self._emit(imp, op.take(x, relax.const(idx), axis=axis, mode="clip"))
                 if any(b + t >= e for b, e in zip(starts, ends)):
                     mshape = [1] * len(shape)
                     mshape[axis] = out
@@ -692,7 +693,7 @@ class Converter:
             return self._emit(imp, op.astype(x, "float32"))
         # bits: [..., CW] -> [..., C] of +-1 (channel c = bit c % 32 of word c // 32)
         idx = np.arange(channels)
-        words = self._emit(imp, op.take(x, relax.const((idx // 32).astype("int64")), axis=-1))
+        words = self._emit(imp, op.take(x, relax.const((idx // 32).astype("int64")), axis=-1, mode="clip"))
         shift = relax.const((idx % 32).astype(np.uint32), "uint32")
         bits = self._emit(imp, op.bitwise_and(op.right_shift(words, shift), relax.const(1, "uint32")))
         v = self._emit(imp, op.subtract(op.multiply(op.astype(bits, "float32"), relax.const(2.0, "float32")),

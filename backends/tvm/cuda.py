@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bqc.errors import BqcError
+from bqc.backends.runtime import drop_native_log_lines
 
 DEFAULT_ARCH = "sm_80"
 NVCC_HINT = (
@@ -150,7 +151,8 @@ def export_cuda_library(executable_or_module, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not _cuda_modules(executable_or_module):
         raise BqcError("export_cuda_library: this build has no CUDA device module")
-    executable_or_module.export_library(str(path))
+    with drop_native_log_lines("Scope Saving:"):
+        executable_or_module.export_library(str(path))
     return path
 
 

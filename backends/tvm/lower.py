@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from bqc.errors import BqcError
+from bqc.backends.runtime import drop_native_log_lines
 
 __all__ = ["BACKENDS", "DEFAULT_BATCH", "lower", "bench", "build_relax", "lowered_module"]
 
@@ -178,7 +179,8 @@ def lower(artifact_dir, backend: str, out_dir, *, batch: int = DEFAULT_BATCH, ca
     build_s = time.perf_counter() - t0
     files = {}
     if backend == "tvm-x86":
-        ex.export_library(str(out / "model.so"))
+        with drop_native_log_lines("Scope Saving:"):
+            ex.export_library(str(out / "model.so"))
         files["library"] = "model.so"
     elif backend == "tvm-arm":
         from .arm import export_arm_library
@@ -229,6 +231,8 @@ def _time(fn, repeat: int, warmup: int = 2) -> float:
 
 def step_inputs(model, seed: int = 0):
     """Seeded random (x, t, y) at a compiled model's batch, and the VM's raw argument list."""
+    import torch
+
     b = model.batch
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, *model.input_shape, generator=g)

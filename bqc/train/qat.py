@@ -166,7 +166,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
         loss = l_simple + float(distill["weight"] if distill else 0.0) * ld
         if tau > 0 and ebb_modules(core.student):
             reg = ebb_regulariser(core.student)
-            terms["ebb"] = float(reg)
+            terms["ebb"] = float(reg.detach())
             loss = loss + tau * reg
         return loss, terms
 
