@@ -288,12 +288,14 @@ def _settings(out: Path, results: list[dict]) -> list[tuple[str, str]]:
         info = _read_json(Path(out) / r["run"] / f"seed{r['seed']}" / "trained" / "train.json") or {}
         o = info.get("options") or {}
         for k, label in (("batch", "batch"), ("lr", "learning rate"), ("warmup", "LR warm-up steps"),
-                         ("ema_decay", "EMA decay"), ("grad_clip", "gradient clip")):
+                         ("ema_decay", "EMA decay"), ("ema_warmup", "EMA warm-up (decay min(d, (1+k)/(10+k)))"),
+                         ("grad_clip", "gradient clip")):
             add(label, o.get(k))
         add("evaluated weights", info.get("weights"))
         add("data", info.get("data"))
     add("seeds (main rows; ablations use the first)", ", ".join(str(s) for s in sorted({int(r["seed"]) for r in results})) or None)
-    order = ["training steps", "batch", "learning rate", "LR warm-up steps", "EMA decay", "evaluated weights",
+    order = ["training steps", "batch", "learning rate", "LR warm-up steps", "EMA decay",
+             "EMA warm-up (decay min(d, (1+k)/(10+k)))", "evaluated weights",
              "gradient clip", "data", "N samples evaluated (and 2N real test images for the floor)",
              "DDIM sampling steps", "seeds (main rows; ablations use the first)"]
     outl = []
