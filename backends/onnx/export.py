@@ -200,12 +200,18 @@ class _Adapter(nn.Module):
             fn = ops.BinaryConv2d if isinstance(m, D.BinaryConv2d) else ops.IntConv2d
             w = m.w_packed if isinstance(m, D.BinaryConv2d) else m.w_codes
             return fn.apply(xin, w, self.scale, m, self.layer)
-        weights = self.signs if isinstance(m, D.BinaryConv2d) else self.wq.unsqueeze(0)
-        scale = self.scale if isinstance(m, D.BinaryConv2d) else self.scale.unsqueeze(0)
+        return self._sum_bases(isinstance(m, D.BinaryConv2d),
+                               lambda w: F.conv2d(xin, w, None, m.stride, m.padding, m.dilation, m.groups),
+                               lambda s: s.view(1, -1, 1, 1))
+
+    def _sum_bases(self, binary: bool, op, per_channel):
+        """Fake-quant form: sum over weight bases of ``op(W_b) * scale_b`` (one basis for
+        integer weights), ``per_channel`` shaping the scale for the output."""
+        weights = self.signs if binary else self.wq.unsqueeze(0)
+        scale = self.scale if binary else self.scale.unsqueeze(0)
         y = None
         for b in range(weights.shape[0]):
-            term = F.conv2d(xin, weights[b], None, m.stride, m.padding, m.dilation, m.groups) \
-                * scale[b].view(1, -1, 1, 1)
+            term = op(weights[b]) * per_channel(scale[b])
             y = term if y is None else y + term
         return y
 
@@ -218,13 +224,7 @@ class _Adapter(nn.Module):
             fn = ops.BinaryGemm if isinstance(m, D.BinaryLinear) else ops.IntGemm
             w = m.w_packed if isinstance(m, D.BinaryLinear) else m.w_codes
             return fn.apply(xin, w, self.scale, m, self.layer)
-        weights = self.signs if isinstance(m, D.BinaryLinear) else self.wq.unsqueeze(0)
-        scale = self.scale if isinstance(m, D.BinaryLinear) else self.scale.unsqueeze(0)
-        y = None
-        for b in range(weights.shape[0]):
-            term = torch.matmul(xin, weights[b].t()) * scale[b]
-            y = term if y is None else y + term
-        return y
+        return self._sum_bases(isinstance(m, D.BinaryLinear), lambda w: torch.matmul(xin, w.t()), lambda s: s)
 
     def _matmul(self, a, b):
         m = self.m
