@@ -334,6 +334,9 @@ def _floor(out: Path, results: list[dict]) -> str:
             f"IS of real digits {st('is_real', '.2f')}, confident % of real digits {st('confident_real', '.1f', 100)}.")
 
 
+DISCUSSION = "replicate_discussion.md"
+
+
 def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
                  report_cmd: str = "python benchmarks/replicate.py --report") -> Path:
     """Write ``doc`` (markdown) and ``<doc dir>/img/rep_*.png`` from the finished runs in ``out``."""
@@ -402,6 +405,13 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
         counts[v] = counts.get(v, 0) + 1
         L.append(f"| {c.section} | {c.text} | **{v}** | {ev} |")
     L += ["", "Totals: " + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + ".", ""]
+
+    # --- the hand-written reading of the numbers (kept in its own file: this page is generated)
+    notes = Path(__file__).resolve().parent / DISCUSSION
+    if notes.is_file():
+        L += ["## Discussion", "", f"Hand-written (`benchmarks/{DISCUSSION}`), about the runs named in it; the "
+              "tables and verdicts above are regenerated from the data and win if the two disagree.", "",
+              notes.read_text().strip(), ""]
 
     # --- sample grids (main rows)
     L += ["## Sample grids", "", "64 samples per run (first seed, usually seed 0), same sampler and noise for every row.", ""]
