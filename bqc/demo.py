@@ -9,6 +9,7 @@ paths of everything written.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,13 @@ def print_summary(rows: list[DemoRow], console: Console, wall: float, out: Path)
     console.print(t)
     console.print("FID/precision/recall on the features of the shipped MNIST classifier; 'floor' is real-vs-real at the same N; "
                   "'readable' is the fraction of samples the classifier labels with > 90% confidence.")
+    benched = [r.bench for r in rows if r.bench]
+    if benched:
+        b = benched[0]
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        console.print(f"TVM speedup: compiled UNet step {b['bqc_ms']:.1f} ms vs torch FP32 eager {b['torch_fp32_ms']:.1f} ms, "
+                      f"{b['threads']} threads, batch {b['batch']} (load average {load:.1f}). On a busy machine multi-thread "
+                      "torch waits for cores; `bqc bench DIR --threads 1` gives the single-core ratio.")
     console.print(f"wrote {out}/summary.json and:")
     for r in rows:
         for k, v in r.paths.items():

@@ -101,3 +101,19 @@ def test_eval_json_is_one_object_on_stdout():
     assert out.stdout.startswith("{") and out.stdout.count("\n") == 1
     m = json.loads(out.stdout)
     assert {"fid", "kid", "precision", "recall", "is", "n", "fid_floor"} <= set(m) and m["n"] == 16
+
+
+def test_demo_summary_names_what_the_speedup_compares(tmp_path):
+    """The demo's closing table and notes (the whole demo is the README's main job, minutes)."""
+    from rich.console import Console
+
+    from bqc.demo import DemoRow, print_summary
+
+    m = {"fid": 30.0, "fid_floor": 2.0, "precision": 0.8, "recall": 0.9, "confident": 0.7}
+    rep = {"size_mb": 0.29, "size_saving": 14.4, "ops_saving": 24.8}
+    bench = {"bqc_ms": 11.0, "torch_fp32_ms": 33.0, "speedup": 3.0, "threads": 1, "batch": 16}
+    con = Console(record=True, width=200)
+    print_summary([DemoRow("bidm", "W1A1", m, rep, bench=bench), DemoRow("binarydm", "W1A4", m, rep)], con, 90.0, tmp_path)
+    text = con.export_text()
+    assert "3.00x" in text and "11.0 ms vs torch FP32 eager 33.0 ms, 1 threads, batch 16" in text
+    assert "--threads 1" in text
