@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_model  # benchmarks/machine.py (this directory is on sys.path when run as a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -257,7 +259,7 @@ def main(argv=None) -> None:
     import tvm
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *(argv or sys.argv[1:])])
-    data = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {_cpu_model()}",
+    data = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {cpu_model()}",
             "versions": {"torch": torch.__version__, "tvm": tvm.__version__},
             "load_start": _loadavg(), "compile": {}, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,16 +283,6 @@ def main(argv=None) -> None:
     out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     write_md(data, out.with_suffix(".md"))
     print(f"[float_path] wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

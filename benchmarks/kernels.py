@@ -43,6 +43,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/machine.py (this directory is on sys.path when run as a script)
+
 MODELS = {
     "ddim-cifar10": [(128, 32), (256, 16), (256, 8), (256, 4)],
     "ldm4-bedrooms": [(224, 64), (448, 32), (672, 16), (896, 8)],
@@ -323,7 +325,7 @@ def main(argv=None):
     result = {
         "command": command.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cpus",
+        "machine": f"{platform.machine()} {cpu_model()}, {os.cpu_count()} cpus",
         "target": '{"kind": "llvm", "mcpu": "cascadelake", "num-cores": T}',
         "torch": torch.__version__, "tvm": tvm.__version__, "layout_version": LAYOUT_VERSION,
         "loadavg": [load0, _loadavg()],
@@ -344,16 +346,6 @@ def _host_isa() -> list:
     """The host ISA extensions that matter for these comparisons."""
     return [f for f in ("avx512f", "avx512bw", "avx512_vnni", "avx512_vpopcntdq", "amx_int8", "amx_bf16")
             if _host_has(f)]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -79,16 +79,9 @@ def load_inception(device: str | None = None):
 
 
 def _to_rgb(x, what: str) -> torch.Tensor:
-    if hasattr(x, "images"):
-        x = x.images
-    x = torch.as_tensor(x).detach().float().cpu()
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    if x.dim() != 4 or x.shape[1] not in (1, 3):
-        raise BqcError(f"inception FID: {what} have shape {tuple(x.shape)}; expected (N, 1 or 3, H, W)")
-    if not torch.isfinite(x).all():
-        raise BqcError(f"inception FID: {what} contain NaN or infinite values")
-    x = x.clamp(-1, 1)
+    from bqc.metrics.scoring import image_batch
+
+    x = image_batch(x, what, "inception FID", lambda s: s[1] in (1, 3), "; expected (N, 1 or 3, H, W)")
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 

@@ -10,18 +10,26 @@ from bqc.metrics.stats import fid_from_features, inception_score, kid_from_featu
 __all__ = ["evaluate", "format_metrics", "real_split"]
 
 
-def _as_images(x, what: str) -> torch.Tensor:
+def image_batch(x, what: str, context: str, ok, expected: str, hint: str | None = None) -> torch.Tensor:
+    """Images (a Dataset, array or tensor; (N, H, W) or (N, C, H, W)) as a float CPU (N, C, H, W)
+    tensor clamped to [-1, 1]; a shape ``ok(shape)`` rejects or a non-finite value is a BqcError
+    (``context: what have shape ...<expected>``)."""
     if hasattr(x, "images"):
         x = x.images
     x = torch.as_tensor(x).detach().float().cpu()
     if x.dim() == 3:
         x = x.unsqueeze(1)
-    if x.dim() != 4 or tuple(x.shape[1:]) != (1, 16, 16):
-        raise BqcError(f"evaluate: {what} have shape {tuple(x.shape)}, but the metrics classifier takes (N, 1, 16, 16)",
-                       hint="the built-in metrics are for the mnist16 data set")
+    if x.dim() != 4 or not ok(tuple(x.shape)):
+        raise BqcError(f"{context}: {what} have shape {tuple(x.shape)}{expected}", hint=hint)
     if not torch.isfinite(x).all():
-        raise BqcError(f"evaluate: {what} contain NaN or infinite values")
+        raise BqcError(f"{context}: {what} contain NaN or infinite values")
     return x.clamp(-1, 1)
+
+
+def _as_images(x, what: str) -> torch.Tensor:
+    return image_batch(x, what, "evaluate", lambda s: s[1:] == (1, 16, 16),
+                       ", but the metrics classifier takes (N, 1, 16, 16)",
+                       hint="the built-in metrics are for the mnist16 data set")
 
 
 def real_split(r: torch.Tensor, n: int, seed: int = 0, *, need: int = 2):

@@ -71,11 +71,15 @@ def _patches(f: torch.Tensor, p: int) -> torch.Tensor:
     return f.reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c, ph * pw)
 
 
-def _patch_grams(f: torch.Tensor, p: int) -> torch.Tensor:
-    """Normalised Gram matrices of a p x p grid of patches: (B, p*p, C, C)."""
-    patches = _patches(f, p)
+def _grams(patches: torch.Tensor) -> torch.Tensor:
+    """Normalised Gram matrices P P^T of (B, p*p, C, n) patches: (B, p*p, C, C)."""
     g = patches @ patches.transpose(-1, -2)
     return g / g.flatten(2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
+
+
+def _patch_grams(f: torch.Tensor, p: int) -> torch.Tensor:
+    """Normalised Gram matrices of a p x p grid of patches: (B, p*p, C, C)."""
+    return _grams(_patches(f, p))
 
 
 def _sq_frobenius(m: torch.Tensor) -> torch.Tensor:
@@ -96,7 +100,7 @@ def spd_distances(fs: torch.Tensor, ft: torch.Tensor, p: int = 4) -> torch.Tenso
     ps, pt = _patches(fs, p), _patches(ft, p)
     c, n = ps.shape[-2:]
     if n >= c:
-        return (_patch_grams(fs, p) - _patch_grams(ft, p)).flatten(2).norm(dim=-1)
+        return (_grams(ps) - _grams(pt)).flatten(2).norm(dim=-1)
     a = _sq_frobenius(ps.transpose(-1, -2) @ ps).sqrt()
     b = _sq_frobenius(pt.transpose(-1, -2) @ pt).sqrt()
     x = _sq_frobenius(ps.transpose(-1, -2) @ pt)
