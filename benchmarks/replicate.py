@@ -102,26 +102,45 @@ class Settings:
     sample_steps: int = 50
     seeds: tuple[int, ...] = (0, 1)
     out: Path = ROOT / "runs" / "replicate"
+    ebb_switch: float | None = None  # override [train] ebb_switch of recipes that switch EBB stages
+    clip_x0: float | None = None  # also evaluate with the predicted x0 clipped to [-c, c]
     extra: dict = field(default_factory=dict)
 
 
-def _recipe_file(run: Run, d: Path) -> str:
-    if not run.overrides:
+def _recipe_file(run: Run, d: Path, s: Settings) -> str:
+    """The recipe a run transforms with: its recipe, or a TOML extending it with the run's overrides."""
+    from bqc.pipeline import load_recipe
+
+    overrides = run.overrides
+    if s.ebb_switch is not None and float(load_recipe(run.recipe).train.get("ebb_switch", -1)) >= 0:
+        overrides += f"\n[train]\nebb_switch = {s.ebb_switch}\n"
+    if not overrides:
         return run.recipe
     p = d / "recipe.toml"
-    p.write_text(f'extends = "{run.recipe}"\nname = "{run.name}"\n{run.overrides}')
+    p.write_text(f'extends = "{run.recipe}"\nname = "{run.name}"\n{overrides}')
     return str(p)
 
 
-def do_run(run: Run, seed: int, s: Settings, src) -> dict:
+METRIC_KEYS = ("fid", "fid_floor", "kid", "precision", "recall", "is", "confident")
+
+
+def _sample_and_score(model, s: Settings, seed: int, grid: Path, clip_x0: float | None) -> dict:
     import torch
 
-    from bqc import artifact, transform as tf
     from bqc.data import load_dataset
     from bqc.diffusion.grid import save_grid
     from bqc.diffusion.samplers import generate
-    from bqc.graph import BqcModel
     from bqc.metrics import evaluate
+
+    with torch.no_grad():
+        x = generate(model, s.n, tuple(model.input_shape), steps=s.sample_steps, seed=seed, batch=250, clip_x0=clip_x0)
+    save_grid(x[:64], grid, nrow=8, scale=4)
+    return evaluate(x, load_dataset("mnist16", "test").images, n=s.n, seed=seed)
+
+
+def do_run(run: Run, seed: int, s: Settings, src) -> dict:
+    from bqc import artifact, transform as tf
+    from bqc.graph import BqcModel
     from bqc.report import cost_report
     from bqc.train.qat import QATOptions, train_artifact
 
@@ -133,7 +152,7 @@ def do_run(run: Run, seed: int, s: Settings, src) -> dict:
     t0 = time.time()
     art_dir = d / "artifact"
     if not artifact.is_artifact(art_dir):
-        tf.save(tf.transform(src, _recipe_file(run, d), wbits=run.wbits, abits=run.abits), art_dir)
+        tf.save(tf.transform(src, _recipe_file(run, d, s), wbits=run.wbits, abits=run.abits), art_dir)
     if run.train:
         trained = d / "trained"
         train_artifact(art_dir, "mnist16", trained,
@@ -145,18 +164,19 @@ def do_run(run: Run, seed: int, s: Settings, src) -> dict:
         model_dir = art_dir
     art = artifact.load_artifact(model_dir)
     model = BqcModel(art.gm).eval()
-    with torch.no_grad():
-        x = generate(model, s.n, tuple(model.input_shape), steps=s.sample_steps, seed=seed, batch=250)
-    save_grid(x[:64], d / "samples.png", nrow=8, scale=4)
-    m = evaluate(x, load_dataset("mnist16", "test").images, n=s.n, seed=seed)
+    m = _sample_and_score(model, s, seed, d / "samples.png", None)
+    mc = _sample_and_score(model, s, seed, d / "samples-clip.png", s.clip_x0) if s.clip_x0 else None
     rep = cost_report(art.gm)
     result = {"run": run.name, "table": run.table, "seed": seed, "recipe": art.recipe.name,
               "bits": f"W{art.manifest['wbits']}A{art.manifest['abits']}", "steps": s.steps if run.train else 0,
               "n": s.n, "sample_steps": s.sample_steps, "wall_s": round(time.time() - t0, 1),
               **({"command": s.extra["command"]} if s.extra.get("command") else {}),
-              "metrics": {k: m[k] for k in ("fid", "fid_floor", "kid", "precision", "recall", "is", "confident")},
+              "metrics": {k: m[k] for k in METRIC_KEYS},
+              **({"clip_x0": s.clip_x0, "metrics_clip": {k: mc[k] for k in METRIC_KEYS}} if mc else {}),
               "size_mb": rep["size_mb"], "ops": rep["ops"], "size_saving": rep["size_saving"], "ops_saving": rep["ops_saving"]}
     (d / "eval.json").write_text(json.dumps(m, indent=2, default=float) + "\n")
+    if mc:
+        (d / "eval-clip.json").write_text(json.dumps(mc, indent=2, default=float) + "\n")
     done.write_text(json.dumps(result, indent=2, default=float) + "\n")
     return result
 
@@ -170,10 +190,13 @@ def summarise(results: list[dict]) -> dict[str, dict]:
     for name, rs in by.items():
         row = {"run": name, "table": rs[0]["table"], "bits": rs[0]["bits"], "seeds": len(rs),
                "size_mb": rs[0]["size_mb"], "size_saving": rs[0]["size_saving"], "ops_saving": rs[0]["ops_saving"]}
-        for k in rs[0]["metrics"]:
-            vals = [r["metrics"][k] for r in rs]
-            row[k] = statistics.mean(vals)
-            row[k + "_spread"] = max(vals) - min(vals)
+        for group, prefix in (("metrics", ""), ("metrics_clip", "clip_")):
+            if not all(group in r for r in rs):
+                continue
+            for k in rs[0][group]:
+                vals = [r[group][k] for r in rs]
+                row[prefix + k] = statistics.mean(vals)
+                row[prefix + k + "_spread"] = max(vals) - min(vals)
         out[name] = row
     return out
 
@@ -200,18 +223,25 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="", help="table-a, table-b, ablation, or run names (comma-separated)")
     p.add_argument("--out", default=str(ROOT / "runs" / "replicate"))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ebb-switch", type=float, default=None,
+                   help="fraction of training at which EBB drops s2 (overrides the recipes' [train] ebb_switch; paper: 0.5)")
+    p.add_argument("--clip-x0", type=float, default=None,
+                   help="also sample and score with the predicted x0 clipped to [-C, C] (a second set of metrics)")
     p.add_argument("--smoke", action="store_true", help="CI smoke: two recipes, 2 steps, tiny eval")
     p.add_argument("--report", action="store_true",
                    help="train nothing: aggregate finished runs into OUT/summary.json and write the results page")
     p.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"),
                    help="with --report: the page to write (images go to img/ next to it)")
+    p.add_argument("--long", default=None,
+                   help="with --report: OUT directory of a longer-budget study, reported in its own section")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     cmd = _command_line(argv if argv is not None else sys.argv[1:])
     s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, n=args.n, sample_steps=args.sample_steps,
-                 seeds=tuple(int(x) for x in args.seeds.split(",")), out=Path(args.out))
+                 seeds=tuple(int(x) for x in args.seeds.split(",")), out=Path(args.out),
+                 ebb_switch=args.ebb_switch, clip_x0=args.clip_x0)
     runs = RUNS
     if args.smoke:
         s.steps, s.batch, s.n, s.sample_steps, s.seeds = 2, 8, 16, 4, (0,)
@@ -253,8 +283,10 @@ def main(argv=None) -> None:
         print(f"{name:22s} {row['bits']:7s} FID {row['fid']:8.2f} ±{row['fid_spread']:.2f}  "
               f"prec {row['precision']:.2f} rec {row['recall']:.2f}  size {row['size_mb']:.3f} MiB")
     if args.report:
-        report_cmd = _command_line(["--report", "--out", _show(out), "--doc", _show(Path(args.doc))])
-        doc = report.write_report(out, Path(args.doc), RUNS, summarise, compare, report_cmd=report_cmd)
+        extra = ["--long", _show(Path(args.long))] if args.long else []
+        report_cmd = _command_line(["--report", "--out", _show(out), "--doc", _show(Path(args.doc)), *extra])
+        doc = report.write_report(out, Path(args.doc), RUNS, summarise, compare, report_cmd=report_cmd,
+                                  long_out=Path(args.long) if args.long else None)
         print(f"wrote {doc}")
 
 

@@ -212,11 +212,12 @@ def verdict(claim: Claim, results: list[dict], summarise: Callable, compare: Cal
 
 # ----------------------------------------------------------------------------- images
 
-def _copy_grid(out: Path, name: str, seeds: list[int], img_dir: Path) -> tuple[str, int] | None:
+def _copy_grid(out: Path, name: str, seeds: list[int], img_dir: Path, *, src_name: str = "samples.png",
+               prefix: str = "rep_") -> tuple[str, int] | None:
     for seed in sorted(seeds, key=lambda s: (s != 0, s)):  # seed 0 first
-        src = Path(out) / name / f"seed{seed}" / "samples.png"
+        src = Path(out) / name / f"seed{seed}" / src_name
         if src.is_file():
-            dst = img_dir / f"rep_{name}.png"
+            dst = img_dir / f"{prefix}{name}{Path(src_name).stem.removeprefix('samples')}.png"
             shutil.copyfile(src, dst)
             return dst.name, seed
     return None
@@ -337,8 +338,85 @@ def _floor(out: Path, results: list[dict]) -> str:
 DISCUSSION = "replicate_discussion.md"
 
 
+def _ebb_switch(out: Path, r: dict) -> float | None:
+    """The EBB stage switch a run trained with, when its recipe file overrode it."""
+    import tomllib
+
+    f = Path(out) / r["run"] / f"seed{r['seed']}" / "recipe.toml"
+    try:
+        v = tomllib.loads(f.read_text()).get("train", {}).get("ebb_switch")
+    except (OSError, ValueError):
+        return None
+    return None if v is None else float(v)
+
+
+def _long_section(long_out: Path, main_results: list[dict], runs, summarise: Callable, compare: Callable,
+                  img_dir: Path, written: set[str]) -> list[str]:
+    """A second, longer-budget study (its own OUT directory): table, verdicts, grids, curves."""
+    results = load_results(long_out)
+    if not results:
+        return ["## Longer budget", "", f"No finished run in `{long_out.name}` yet.", ""]
+    rows = summarise(results)
+    names = [r.name for r in runs if r.name in rows]
+    steps = sorted({int(r.get("steps") or 0) for r in results if r.get("steps")})
+    clip = sorted({float(r["clip_x0"]) for r in results if r.get("clip_x0")})
+    switches = sorted({v for r in results if (v := _ebb_switch(long_out, r)) is not None})
+    L = ["## Longer budget", "",
+         f"The same rows retrained from the same teacher for {' / '.join(map(str, steps))} steps "
+         "(every other setting as above unless listed), to see whether the orderings change with budget. "
+         "One seed each, so every verdict here is \"single seed, not conclusive\"."
+         + (f" EBB drops s2 at {' / '.join(f'{100 * v:.0f}%' for v in switches)} of training, as in the paper "
+            "(the main study uses METHODS' small-setting 10%)." if switches else "")
+         + (f" Each model is also sampled with the predicted x0 clipped to [−{clip[0]:g}, {clip[0]:g}] "
+            "(DDPM's `clip_denoised`; same noise), scored the same way: the `x0-clip` columns." if clip else ""), ""]
+    sets = [(k, v) for k, v in _settings(long_out, results) if k != "seeds (main rows; ablations use the first)"]
+    if sets:
+        L += ["| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in sets], ""]
+    L += ["```sh", *(train_commands(long_out, results=results) or ["# none recorded"]), "```", ""]
+    base = summarise([r for r in main_results if r["run"] in rows and int(r["seed"]) in {int(x["seed"]) for x in results}])
+    L += ["| run | bits | seed | FID ↓ | precision ↑ | recall ↑ | confident % ↑ | FID, x0-clip ↓ | recall, x0-clip ↑ "
+          "| confident %, x0-clip ↑ | FID at the main budget (same seed) |", "|" + "---|" * 11]
+    for n in names:
+        row = rows[n]
+        L.append(f"| `{n}` | {row['bits']} | {','.join(str(r['seed']) for r in results if r['run'] == n)} "
+                 f"| {row['fid']:.2f} | {row['precision']:.3f} | {row['recall']:.3f} | {100 * row['confident']:.1f} "
+                 f"| {_f(row.get('clip_fid'), '.2f')} | {_f(row.get('clip_recall'), '.3f')} "
+                 f"| {_f(None if row.get('clip_confident') is None else 100 * row['clip_confident'], '.1f')} "
+                 f"| {_f(base[n]['fid'] if n in base else None, '.2f')} |")
+    L += ["", "Claims with both rows at this budget (FID, plain DDIM):", "",
+          "| section | claim | verdict | evidence (FID) |", "|---|---|---|---|"]
+    claims = [c for c in CLAIMS if c.a in rows and c.b in rows]
+    for c in claims:
+        v, ev = verdict(c, results, summarise, compare)
+        L.append(f"| {c.section} | {c.text} | **{v}** | {ev} |")
+    if not claims:
+        L.append("| – | no claim has both of its rows at this budget | – | – |")
+    L += ["", "Samples (plain DDIM, then x0-clipped; same noise):", ""]
+    cells = []
+    for n in names:
+        seeds = sorted({int(r["seed"]) for r in results if r["run"] == n})
+        for src, tag in (("samples.png", ""), ("samples-clip.png", ", x0-clip")):
+            got = _copy_grid(long_out, n, seeds, img_dir, src_name=src, prefix="rep_long_")
+            if got:
+                written.add(got[0])
+                cells.append((f"`{n}`{tag}", f'<img src="img/{got[0]}" width="180" alt="{n}{tag}">'))
+    for i in range(0, len(cells), 4):
+        chunk = cells[i:i + 4]
+        L += ["| " + " | ".join(h for h, _ in chunk) + " |", "|" + "---|" * len(chunk),
+              "| " + " | ".join(c for _, c in chunk) + " |", ""]
+    seed_of = {n: min(int(r["seed"]) for r in results if r["run"] == n) for n in names}
+    fname = "rep_long_curves.png"
+    ok, _ = _curves(long_out, names, seed_of, "Longer budget", img_dir / fname)
+    if ok:
+        written.add(fname)
+        L += [f"![training curves, longer budget](img/{fname})", ""]
+    wall = sum(float(r.get("wall_s") or 0) for r in results)
+    L += [f"Wall time of these runs (transform, training, both evaluations): {wall:.0f} s ({wall / 3600:.2f} h).", ""]
+    return L
+
+
 def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
-                 report_cmd: str = "python benchmarks/replicate.py --report") -> Path:
+                 report_cmd: str = "python benchmarks/replicate.py --report", long_out=None) -> Path:
     """Write ``doc`` (markdown) and ``<doc dir>/img/rep_*.png`` from the finished runs in ``out``."""
     out, doc = Path(out), Path(doc)
     results = load_results(out)
@@ -405,6 +483,9 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
         counts[v] = counts.get(v, 0) + 1
         L.append(f"| {c.section} | {c.text} | **{v}** | {ev} |")
     L += ["", "Totals: " + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + ".", ""]
+
+    if long_out is not None:
+        L += _long_section(Path(long_out), results, runs, summarise, compare, img_dir, written)
 
     # --- the hand-written reading of the numbers (kept in its own file: this page is generated)
     notes = Path(__file__).resolve().parent / DISCUSSION

@@ -10,13 +10,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_replicate_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("replicate", ROOT / "benchmarks" / "replicate.py")
-    rep = importlib.util.module_from_spec(spec)
+def _load_replicate():
+    """``benchmarks/replicate.py`` as a module (the directory is not a package)."""
     import sys
 
+    spec = importlib.util.spec_from_file_location("replicate", ROOT / "benchmarks" / "replicate.py")
+    rep = importlib.util.module_from_spec(spec)
     sys.modules["replicate"] = rep  # dataclasses look their module up there
     spec.loader.exec_module(rep)
+    return rep
+
+
+def test_replicate_smoke(tmp_path):
+    rep = _load_replicate()
     rep.main(["--smoke", "--out", str(tmp_path), "--threads", "1"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     rows = summary["rows"]
@@ -73,3 +79,37 @@ def test_replicate_smoke(tmp_path):
     before = {p.name: p.read_bytes() for p in [doc, *(doc.parent / "img").iterdir()]}
     rep.main(["--report", "--out", str(tmp_path), "--doc", str(doc), "--threads", "1"])
     assert before == {p.name: p.read_bytes() for p in [doc, *(doc.parent / "img").iterdir()]}
+
+    # a longer-budget study reported in its own section, with x0-clipped sampling as second metrics
+    long = tmp_path / "long"
+    rep.main(["--smoke", "--out", str(long), "--threads", "1", "--clip-x0", "1"])
+    done = json.loads((long / "bidm" / "seed0" / "done.json").read_text())
+    assert done["clip_x0"] == 1.0 and math.isfinite(done["metrics_clip"]["fid"])
+    assert (long / "bidm" / "seed0" / "samples-clip.png").exists()
+    rep.main(["--report", "--out", str(tmp_path), "--doc", str(doc), "--long", str(long), "--threads", "1"])
+    text = doc.read_text()
+    assert "## Longer budget" in text and "FID, x0-clip" in text
+    assert re.search(r"^\| Table B \| BiDM beats XNOR-Net at W1A1 \| \*\*not run yet\*\* \|", text, re.M)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| `bidm` | W1A1 | 0 |"))
+    assert all(math.isfinite(float(line.split("|")[i])) for i in (4, 8, 11)), line  # FID, clipped FID, main FID
+    for name in ("rep_long_bidm.png", "rep_long_bidm-clip.png", "rep_long_curves.png"):
+        assert f"img/{name}" in text and (doc.parent / "img" / name).is_file(), name
+    # a report without --long drops the section and its images
+    rep.main(["--report", "--out", str(tmp_path), "--doc", str(doc), "--threads", "1"])
+    assert "## Longer budget" not in doc.read_text()
+    assert not list((doc.parent / "img").glob("rep_long_*"))
+
+
+def test_ebb_switch_override_only_touches_recipes_that_switch(tmp_path):
+    rep = _load_replicate()
+    from bqc.pipeline import load_recipe
+
+    runs = {r.name: r for r in rep.RUNS}
+    s = rep.Settings(ebb_switch=0.5)
+    for name, want in (("binarydm-w1a4", 0.5), ("binarydm-ebb-3", 0.5), ("binarydm-lmb-w1a4", -1), ("baseline-w1a4", None)):
+        d = tmp_path / name
+        d.mkdir()
+        recipe = load_recipe(rep._recipe_file(runs[name], d, s))
+        assert recipe.train.get("ebb_switch") == want, name
+    assert load_recipe(rep._recipe_file(runs["binarydm-ebb-3"], tmp_path / "binarydm-ebb-3", s)).passes[0][1]["head_tail_blocks"] == 3
+    assert rep._recipe_file(runs["binarydm-w1a4"], tmp_path, rep.Settings()) == "binarydm"
