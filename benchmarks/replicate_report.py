@@ -336,6 +336,38 @@ def _floor(out: Path, results: list[dict]) -> str:
 
 
 DISCUSSION = "replicate_discussion.md"
+UNET_STEP = Path(__file__).resolve().parent / "results" / "unet_step.json"
+
+
+def _speed_section(runs, rows: dict, unet_step: Path) -> list[str]:
+    """Measured speed of the lowered artifact (``benchmarks/unet_step.py`` results) for the rows
+    whose compiled graph it measured: mnist16, the recipe's default bits, no recipe overrides."""
+    data = _read_json(unet_step) or {}
+    entries = data.get("entries") or {}
+    L = ["## Speed of the lowered artifact", "",
+         "Whole-UNet step `eps = model(x, t)` compiled with `bqc lower --backend tvm-x86` vs PyTorch FP32 eager, "
+         f"from `benchmarks/{unet_step.parent.name}/{unet_step.name}` (`benchmarks/unet_step.py`: freshly transformed "
+         "artifacts; the compiled code path does not depend on training, so it stands for the trained rows of the "
+         "same recipe and bits). Speedup = torch / bqc, wall-clock median and process CPU-time median, one thread, "
+         "both sides interleaved in one process. Rows with other bits or recipe overrides were not measured.", "",
+         "| run | recipe | batch | bqc ms | torch FP32 ms | speedup (wall / CPU) | bqc MiB | FP32 MiB | measured | command |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    n = 0
+    for r in runs:
+        if r.table == "ablation" or r.overrides or r.wbits or r.abits or not r.distill or r.name not in rows:
+            continue
+        e = entries.get(f"mnist16/{r.recipe}/t1")
+        if not e:
+            continue
+        res = e["result"]
+        n += 1
+        L.append(f"| `{r.name}` | {r.recipe} | {res['batch']} | {res['bqc_wall_median_ms']:.2f} "
+                 f"| {res['torch_wall_median_ms']:.2f} | **{res['speedup_wall_median']:.2f}x** / "
+                 f"{res['speedup_cpu_median']:.2f}x | {res['bqc_size_mb']:.3f} | {res['fp32_size_mb']:.2f} "
+                 f"| {e.get('time', '–')} | `{e.get('command', '')}` |")
+    if not n:
+        L = L[:2] + [f"No measured row in `{unet_step.name}` matches a finished run.", ""]
+    return L + [""]
 
 
 def _ebb_switch(out: Path, r: dict) -> float | None:
@@ -416,7 +448,8 @@ def _long_section(long_out: Path, main_results: list[dict], runs, summarise: Cal
 
 
 def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
-                 report_cmd: str = "python benchmarks/replicate.py --report", long_out=None) -> Path:
+                 report_cmd: str = "python benchmarks/replicate.py --report", long_out=None,
+                 unet_step: Path = UNET_STEP) -> Path:
     """Write ``doc`` (markdown) and ``<doc dir>/img/rep_*.png`` from the finished runs in ``out``."""
     out, doc = Path(out), Path(doc)
     results = load_results(out)
@@ -483,6 +516,8 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
         counts[v] = counts.get(v, 0) + 1
         L.append(f"| {c.section} | {c.text} | **{v}** | {ev} |")
     L += ["", "Totals: " + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + ".", ""]
+
+    L += _speed_section(runs, rows, Path(unet_step))
 
     if long_out is not None:
         L += _long_section(Path(long_out), results, runs, summarise, compare, img_dir, written)

@@ -49,7 +49,8 @@ def test_replicate_smoke(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["train_commands"] == [cmd]
     text = doc.read_text()
     assert text.startswith("<!-- generated")
-    for heading in ("## Settings", "## Table A", "## Table B", "## Ablations", "## Verdicts", "## Sample grids",
+    for heading in ("## Settings", "## Table A", "## Table B", "## Ablations", "## Verdicts",
+                    "## Speed of the lowered artifact", "## Sample grids",
                     "## Training curves", "## Wall times"):
         assert heading in text, heading
     assert cmd in text and "Real-vs-real floor" in text
@@ -113,3 +114,19 @@ def test_ebb_switch_override_only_touches_recipes_that_switch(tmp_path):
         assert recipe.train.get("ebb_switch") == want, name
     assert load_recipe(rep._recipe_file(runs["binarydm-ebb-3"], tmp_path / "binarydm-ebb-3", s)).passes[0][1]["head_tail_blocks"] == 3
     assert rep._recipe_file(runs["binarydm-w1a4"], tmp_path, rep.Settings()) == "binarydm"
+
+
+def test_speed_section_matches_measured_recipes_only(tmp_path):
+    rep = _load_replicate()
+    rr = rep._report_module()
+    res = {"batch": 16, "bqc_wall_median_ms": 10.0, "torch_wall_median_ms": 30.0, "speedup_wall_median": 3.0,
+           "speedup_cpu_median": 2.9, "bqc_size_mb": 0.28, "fp32_size_mb": 4.22}
+    f = tmp_path / "unet_step.json"
+    f.write_text(json.dumps({"entries": {"mnist16/bidm/t1": {"command": "python benchmarks/unet_step.py", "result": res},
+                                         "mnist16/baseline/t2": {"result": res}}}))
+    rows = {n: {} for n in ("bidm", "baseline-w1a4", "bidm-no-spd")}
+    text = "\n".join(rr._speed_section(rep.RUNS, rows, f))
+    assert "| `bidm` | bidm | 16 | 10.00 | 30.00 | **3.00x** / 2.90x |" in text
+    assert "`baseline-w1a4`" not in text  # measured at 2 threads only
+    assert "`bidm-no-spd`" not in text  # ablation rows are not matched to a recipe's measurement
+    assert "No measured row" in "\n".join(rr._speed_section(rep.RUNS, rows, tmp_path / "missing.json"))
