@@ -435,6 +435,25 @@ def lower(
 
     path = tvm_lower.lower(target, backend, out, batch=batch, threads=threads)
     console.print(f"[bold]wrote[/] {path}")
+    note = ebb_stage_note(artifact_manifest(target))
+    if note:
+        console.print(f"[yellow]note[/]: {escape(note)}")
+
+
+def artifact_manifest(target) -> dict:
+    from bqc import artifact
+
+    return artifact.read_manifest(target) if artifact.is_artifact(target) else {}
+
+
+def ebb_stage_note(manifest: dict) -> str | None:
+    """A transformed-but-untrained artifact of a recipe that switches EBB stages still has two
+    weight bases in its EBB layers (W1.x at inference): say so when lowering it."""
+    train = (manifest.get("recipe") or {}).get("train") or {}
+    if float(train.get("ebb_switch", -1)) < 0 or "train" in manifest or manifest.get("ebb") == "stage 2":
+        return None
+    return ("this artifact is not trained: its EBB layers are in stage 1 (two weight bases, W1.x at inference). "
+            "`bqc train` drops the second basis at ebb_switch; lower the trained artifact for pure 1-bit weights.")
 
 
 @app.command()

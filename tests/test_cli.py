@@ -117,3 +117,16 @@ def test_demo_summary_names_what_the_speedup_compares(tmp_path):
     text = con.export_text()
     assert "3.00x" in text and "11.0 ms vs torch FP32 eager 33.0 ms, 1 threads, batch 16" in text
     assert "--threads 1" in text
+
+
+def test_lower_notes_untrained_ebb_stage1():
+    from bqc.cli import ebb_stage_note
+    from bqc.pipeline import load_recipe
+
+    fresh = {"recipe": load_recipe("binarydm").to_dict()}
+    assert "stage 1" in ebb_stage_note(fresh)
+    assert ebb_stage_note({**fresh, "train": {"steps": 10}}) is None  # trained: s2 dropped at the switch
+    assert ebb_stage_note({**fresh, "ebb": "stage 2"}) is None
+    for r in ("baseline", "binarydm-lmb", "bidm"):  # no stage switch: nothing to say
+        assert ebb_stage_note({"recipe": load_recipe(r).to_dict()}) is None
+    assert ebb_stage_note({}) is None
