@@ -93,6 +93,27 @@ RUNS: list[Run] = [
 SMOKE = ["baseline-w1a4", "bidm"]
 
 
+@dataclass(frozen=True)
+class EvalVariant:
+    """A second way of sampling every model, scored the same way as the main one (DDIM, eta 0):
+    its metrics go to ``done.json["metrics_<tag>"]``, its grid to ``samples-<tag>.png``."""
+    tag: str
+    eta: float = 0.0
+    clip_x0: float | None = None
+
+    def describe(self) -> dict:
+        return {"eta": self.eta, "clip_x0": self.clip_x0}
+
+
+def variants_from_args(clip_x0: float | None, eta: float | None) -> tuple[EvalVariant, ...]:
+    out = []
+    if clip_x0:
+        out.append(EvalVariant("clip", clip_x0=clip_x0))
+    if eta:
+        out.append(EvalVariant(f"eta{eta:g}", eta=eta))
+    return tuple(out)
+
+
 @dataclass
 class Settings:
     steps: int = 1000
@@ -103,7 +124,7 @@ class Settings:
     seeds: tuple[int, ...] = (0, 1)
     out: Path = ROOT / "runs" / "replicate"
     ebb_switch: float | None = None  # override [train] ebb_switch of recipes that switch EBB stages
-    clip_x0: float | None = None  # also evaluate with the predicted x0 clipped to [-c, c]
+    variants: tuple[EvalVariant, ...] = ()  # extra ways to sample and score each model
     extra: dict = field(default_factory=dict)
 
 
@@ -124,7 +145,7 @@ def _recipe_file(run: Run, d: Path, s: Settings) -> str:
 METRIC_KEYS = ("fid", "fid_floor", "kid", "precision", "recall", "is", "confident")
 
 
-def _sample_and_score(model, s: Settings, seed: int, grid: Path, clip_x0: float | None) -> dict:
+def _sample_and_score(model, s: Settings, seed: int, grid: Path, v: EvalVariant = EvalVariant("main")) -> dict:
     import torch
 
     from bqc.data import load_dataset
@@ -133,7 +154,8 @@ def _sample_and_score(model, s: Settings, seed: int, grid: Path, clip_x0: float 
     from bqc.metrics import evaluate
 
     with torch.no_grad():
-        x = generate(model, s.n, tuple(model.input_shape), steps=s.sample_steps, seed=seed, batch=250, clip_x0=clip_x0)
+        x = generate(model, s.n, tuple(model.input_shape), steps=s.sample_steps, seed=seed, batch=250,
+                     eta=v.eta, clip_x0=v.clip_x0)
     save_grid(x[:64], grid, nrow=8, scale=4)
     return evaluate(x, load_dataset("mnist16", "test").images, n=s.n, seed=seed)
 
@@ -164,21 +186,61 @@ def do_run(run: Run, seed: int, s: Settings, src) -> dict:
         model_dir = art_dir
     art = artifact.load_artifact(model_dir)
     model = BqcModel(art.gm).eval()
-    m = _sample_and_score(model, s, seed, d / "samples.png", None)
-    mc = _sample_and_score(model, s, seed, d / "samples-clip.png", s.clip_x0) if s.clip_x0 else None
+    m = _sample_and_score(model, s, seed, d / "samples.png")
     rep = cost_report(art.gm)
     result = {"run": run.name, "table": run.table, "seed": seed, "recipe": art.recipe.name,
               "bits": f"W{art.manifest['wbits']}A{art.manifest['abits']}", "steps": s.steps if run.train else 0,
               "n": s.n, "sample_steps": s.sample_steps, "wall_s": round(time.time() - t0, 1),
               **({"command": s.extra["command"]} if s.extra.get("command") else {}),
               "metrics": {k: m[k] for k in METRIC_KEYS},
-              **({"clip_x0": s.clip_x0, "metrics_clip": {k: mc[k] for k in METRIC_KEYS}} if mc else {}),
               "size_mb": rep["size_mb"], "ops": rep["ops"], "size_saving": rep["size_saving"], "ops_saving": rep["ops_saving"]}
     (d / "eval.json").write_text(json.dumps(m, indent=2, default=float) + "\n")
-    if mc:
-        (d / "eval-clip.json").write_text(json.dumps(mc, indent=2, default=float) + "\n")
-    done.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    _score_variants(model, s, seed, d, result)
+    _write_json(done, result)
     return result
+
+
+def _score_variants(model, s: Settings, seed: int, d: Path, result: dict) -> bool:
+    """Add the metrics of every variant ``result`` lacks (same noise, same N); True if any was added."""
+    added = False
+    for v in s.variants:
+        if f"metrics_{v.tag}" in result:
+            continue
+        mv = _sample_and_score(model, s, seed, d / f"samples-{v.tag}.png", v)
+        (d / f"eval-{v.tag}.json").write_text(json.dumps(mv, indent=2, default=float) + "\n")
+        result[f"metrics_{v.tag}"] = {k: mv[k] for k in METRIC_KEYS}
+        result.setdefault("evals", {})[v.tag] = v.describe()
+        if v.tag == "clip":
+            result["clip_x0"] = v.clip_x0
+        added = True
+    return added
+
+
+def rescore(run: Run, seed: int, s: Settings) -> dict | None:
+    """Score a finished run with the variants it lacks (no training); None if it is not finished."""
+    from bqc import artifact
+    from bqc.graph import BqcModel
+
+    d = s.out / run.name / f"seed{seed}"
+    result = _read_json(d / "done.json")
+    if result is None or all(f"metrics_{v.tag}" in result for v in s.variants):
+        return result
+    if result.get("n") != s.n or result.get("sample_steps") != s.sample_steps:
+        raise SystemExit(f"{d}: scored with n={result.get('n')}, {result.get('sample_steps')} steps; "
+                         f"rescore with the same -n and --sample-steps")
+    art = artifact.load_artifact(d / ("trained" if run.train else "artifact"))
+    model = BqcModel(art.gm).eval()
+    t0 = time.time()
+    _score_variants(model, s, seed, d, result)
+    result["rescore_s"] = round(result.get("rescore_s", 0.0) + time.time() - t0, 1)
+    _write_json(d / "done.json", result)
+    return result
+
+
+def _write_json(p: Path, obj) -> None:
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    tmp.replace(p)
 
 
 def summarise(results: list[dict]) -> dict[str, dict]:
@@ -190,7 +252,9 @@ def summarise(results: list[dict]) -> dict[str, dict]:
     for name, rs in by.items():
         row = {"run": name, "table": rs[0]["table"], "bits": rs[0]["bits"], "seeds": len(rs),
                "size_mb": rs[0]["size_mb"], "size_saving": rs[0]["size_saving"], "ops_saving": rs[0]["ops_saving"]}
-        for group, prefix in (("metrics", ""), ("metrics_clip", "clip_")):
+        groups = [("metrics", "")] + [(g, g.removeprefix("metrics_") + "_") for g in sorted(rs[0])
+                                      if g.startswith("metrics_")]
+        for group, prefix in groups:
             if not all(group in r for r in rs):
                 continue
             for k in rs[0][group]:
@@ -226,7 +290,11 @@ def main(argv=None) -> None:
     p.add_argument("--ebb-switch", type=float, default=None,
                    help="fraction of training at which EBB drops s2 (overrides the recipes' [train] ebb_switch; paper: 0.5)")
     p.add_argument("--clip-x0", type=float, default=None,
-                   help="also sample and score with the predicted x0 clipped to [-C, C] (a second set of metrics)")
+                   help="also sample and score with the predicted x0 clipped to [-C, C] (metrics_clip)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="also sample and score with stochastic DDIM of this eta (e.g. 1: metrics_eta1)")
+    p.add_argument("--rescore", action="store_true",
+                   help="train nothing: add the --clip-x0 / --eta metrics to finished runs that lack them")
     p.add_argument("--smoke", action="store_true", help="CI smoke: two recipes, 2 steps, tiny eval")
     p.add_argument("--report", action="store_true",
                    help="train nothing: aggregate finished runs into OUT/summary.json and write the results page")
@@ -241,7 +309,7 @@ def main(argv=None) -> None:
     cmd = _command_line(argv if argv is not None else sys.argv[1:])
     s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, n=args.n, sample_steps=args.sample_steps,
                  seeds=tuple(int(x) for x in args.seeds.split(",")), out=Path(args.out),
-                 ebb_switch=args.ebb_switch, clip_x0=args.clip_x0)
+                 ebb_switch=args.ebb_switch, variants=variants_from_args(args.clip_x0, args.eta))
     runs = RUNS
     if args.smoke:
         s.steps, s.batch, s.n, s.sample_steps, s.seeds = 2, 8, 16, 4, (0,)
@@ -252,13 +320,21 @@ def main(argv=None) -> None:
     out = Path(s.out)
     prev = _read_json(out / "summary.json") or {}
     results = []
-    if not args.report:
+    if args.rescore:
+        if not s.variants:
+            raise SystemExit("--rescore needs --clip-x0 and/or --eta")
+        _append_line(out / "rescore.txt", cmd)
+        for i, seed in enumerate(s.seeds):
+            for run in runs:
+                if run.main or i == 0:
+                    print(f"== rescore {run.name} seed {seed}", flush=True)
+                    r = rescore(run, seed, s)
+                    if r is not None:
+                        results.append(r)
+    elif not args.report:
         s.extra["command"] = cmd
         out.mkdir(parents=True, exist_ok=True)
-        cf = out / "commands.txt"
-        if cmd not in (cf.read_text().splitlines() if cf.exists() else []):
-            with open(cf, "a") as f:
-                f.write(cmd + "\n")
+        _append_line(out / "commands.txt", cmd)
         from bqc import frontend
 
         src = frontend.load_source("mnist16")
@@ -274,8 +350,10 @@ def main(argv=None) -> None:
     summary = summarise(results)
     report = _report_module()
     settings = {k: str(v) for k, v in vars(s).items()}
-    if args.report and prev.get("settings"):
+    if (args.report or args.rescore) and prev.get("settings"):
         settings = prev["settings"]  # the training invocation's settings, not this one's defaults
+    if args.rescore:
+        cmd = prev.get("command", "")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps({"command": cmd, "train_commands": report.train_commands(out, prev, results),
                                                   "settings": settings, "rows": summary}, indent=2, default=float) + "\n")
@@ -288,6 +366,14 @@ def main(argv=None) -> None:
         doc = report.write_report(out, Path(args.doc), RUNS, summarise, compare, report_cmd=report_cmd,
                                   long_out=Path(args.long) if args.long else None)
         print(f"wrote {doc}")
+
+
+def _append_line(f: Path, line: str) -> None:
+    """Append ``line`` to ``f`` unless it is there already."""
+    f.parent.mkdir(parents=True, exist_ok=True)
+    if line not in (f.read_text().splitlines() if f.exists() else []):
+        with open(f, "a") as fh:
+            fh.write(line + "\n")
 
 
 def _read_json(p: Path):

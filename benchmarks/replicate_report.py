@@ -108,7 +108,7 @@ def load_results(out: Path) -> list[dict]:
 
 
 def _is_train_command(c) -> bool:
-    return isinstance(c, str) and bool(c.strip()) and "--report" not in c.split()
+    return isinstance(c, str) and bool(c.strip()) and not {"--report", "--rescore"} & set(c.split())
 
 
 def train_commands(out: Path, prev_summary: dict | None = None, results: list[dict] | None = None) -> list[str]:
@@ -150,59 +150,82 @@ def _f(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def _fid(row: dict) -> str:
-    s = f"{row['fid']:.2f}"
+def _fid(row: dict, key: str = "fid") -> str:
+    if row.get(key) is None:
+        return "–"
+    s = f"{row[key]:.2f}"
     if row["seeds"] > 1:
-        s += f" ± {row['fid_spread']:.2f}"
+        s += f" ± {row[key + '_spread']:.2f}"
     return s
+
+
+# Extra evaluations (``metrics_<tag>`` in done.json, written by --clip-x0 / --eta): their labels.
+VARIANT_LABEL = {"clip": "x0-clip", "eta1": "DDIM η=1"}
+
+
+def _vlabel(tag: str) -> str:
+    return VARIANT_LABEL.get(tag, tag)
+
+
+def variant_tags(results: list[dict]) -> list[str]:
+    """The extra evaluations present in any of ``results``, in a fixed order."""
+    tags = {k.removeprefix("metrics_") for r in results for k in r if k.startswith("metrics_")}
+    return sorted(tags, key=lambda t: (t not in VARIANT_LABEL, list(VARIANT_LABEL).index(t) if t in VARIANT_LABEL else 0, t))
 
 
 COLUMNS = ("run | what | bits | seeds | FID ↓ | KID ↓ | precision ↑ | recall ↑ | IS ↑ | confident % ↑ "
            "| size MiB | size saving × | OPs saving ×")
 
 
-def _row_line(name: str, row: dict | None, label: str | None = None) -> str:
+def _row_line(name: str, row: dict | None, label: str | None = None, tags: tuple[str, ...] = ()) -> str:
     desc = DESCRIBE.get(name, "")
     label = label or f"`{name}`"
     if row is None:
-        return f"| {label} | {desc} | – | 0 | {NOT_RUN} | – | – | – | – | – | – | – | – |"
-    return (f"| {label} | {desc} | {row['bits']} | {row['seeds']} | {_fid(row)} | {_f(row.get('kid'), '.4g')} "
+        return (f"| {label} | {desc} | – | 0 | {NOT_RUN} | " + "– | " * (len(tags) + 8)).rstrip()
+    extra = "".join(f" | {_fid(row, f'{t}_fid')}" for t in tags)
+    return (f"| {label} | {desc} | {row['bits']} | {row['seeds']} | {_fid(row)}{extra} | {_f(row.get('kid'), '.4g')} "
             f"| {_f(row.get('precision'), '.3f')} | {_f(row.get('recall'), '.3f')} | {_f(row.get('is'), '.2f')} "
             f"| {_f(None if row.get('confident') is None else 100 * row['confident'], '.1f')} "
             f"| {row['size_mb']:.3f} | {row['size_saving']:.1f} | {row['ops_saving']:.1f} |")
 
 
-def _table(lines: list[str]) -> list[str]:
-    return [f"| {COLUMNS} |", "|" + "---|" * (COLUMNS.count("|") + 1), *lines]
+def _table(lines: list[str], tags: tuple[str, ...] = ()) -> list[str]:
+    cols = COLUMNS.replace("FID ↓", "FID ↓" + "".join(f" | FID, {_vlabel(t)} ↓" for t in tags), 1)
+    return [f"| {cols} |", "|" + "---|" * (cols.count("|") + 1), *lines]
 
 
 # ----------------------------------------------------------------------------- verdicts
 
-def verdict(claim: Claim, results: list[dict], summarise: Callable, compare: Callable) -> tuple[str, str]:
-    """(verdict, evidence) for one claim, on the seeds both runs finished."""
+def verdict(claim: Claim, results: list[dict], summarise: Callable, compare: Callable,
+            key: str = "fid") -> tuple[str, str]:
+    """(verdict, evidence) for one claim on FID ``key`` (``fid``, or ``<tag>_fid`` of an extra
+    evaluation), on the seeds both runs finished."""
+    if key != "fid":
+        group = "metrics_" + key.removesuffix("_fid")
+        results = [r for r in results if group in r]
     sa = {int(r["seed"]) for r in results if r["run"] == claim.a}
     sb = {int(r["seed"]) for r in results if r["run"] == claim.b}
     missing = [n for n, s in ((claim.a, sa), (claim.b, sb)) if not s]
     if missing:
-        return NOT_RUN, "missing: " + ", ".join(f"`{n}`" for n in missing)
+        return (NOT_RUN if key == "fid" else "not scored"), "missing: " + ", ".join(f"`{n}`" for n in missing)
     common = sorted(sa & sb)
     if not common:
         return "not comparable", f"no seed finished by both (`{claim.a}` {sorted(sa)}, `{claim.b}` {sorted(sb)})"
     rows = summarise([r for r in results if r["run"] in (claim.a, claim.b) and int(r["seed"]) in common])
     a, b = rows[claim.a], rows[claim.b]
     seeds = ",".join(map(str, common))
-    ev = f"`{claim.a}` {_fid(a)} vs `{claim.b}` {_fid(b)} (seed{'s' if len(common) > 1 else ''} {seeds})"
+    ev = f"`{claim.a}` {_fid(a, key)} vs `{claim.b}` {_fid(b, key)} (seed{'s' if len(common) > 1 else ''} {seeds})"
     if len(common) < 2:
-        lower = claim.a if a["fid"] < b["fid"] else claim.b if b["fid"] < a["fid"] else None
+        lower = claim.a if a[key] < b[key] else claim.b if b[key] < a[key] else None
         way = "equal FID" if lower is None else (
             f"lower FID: `{lower}`, {'as claimed' if lower == claim.a else 'against the claim'}")
         full = summarise([r for r in results if r["run"] in (claim.a, claim.b)])
-        known = [(n, full[n]["fid_spread"], full[n]["seeds"]) for n in (claim.a, claim.b) if full[n]["seeds"] > 1]
+        known = [(n, full[n][key + "_spread"], full[n]["seeds"]) for n in (claim.a, claim.b) if full[n]["seeds"] > 1]
         noise = "".join(f"; `{n}`'s spread over its {k} seeds is {sp:.2f}" for n, sp, k in known)
-        return SINGLE, f"{ev}; {way} (gap {abs(a['fid'] - b['fid']):.2f}{noise})"
-    c = compare(a, b)
-    gap = abs(a["fid"] - b["fid"])
-    spread = max(a["fid_spread"], b["fid_spread"])
+        return SINGLE, f"{ev}; {way} (gap {abs(a[key] - b[key]):.2f}{noise})"
+    c = compare(a, b, key)
+    gap = abs(a[key] - b[key])
+    spread = max(a[key + "_spread"], b[key + "_spread"])
     if c == "tie":
         return ("reproduced (tie)" if claim.kind == "not_worse" else "tie"), \
             f"{ev}; gap {gap:.2f} within seed spread {spread:.2f}"
@@ -211,6 +234,16 @@ def verdict(claim: Claim, results: list[dict], summarise: Callable, compare: Cal
 
 
 # ----------------------------------------------------------------------------- images
+
+def _grid_table(cells: list[tuple[str, str]], per: int = 4) -> list[str]:
+    """(header, cell) pairs as markdown tables of ``per`` columns."""
+    L = []
+    for i in range(0, len(cells), per):
+        chunk = cells[i:i + per]
+        L += ["| " + " | ".join(h for h, _ in chunk) + " |", "|" + "---|" * len(chunk),
+              "| " + " | ".join(c for _, c in chunk) + " |", ""]
+    return L
+
 
 def _copy_grid(out: Path, name: str, seeds: list[int], img_dir: Path, *, src_name: str = "samples.png",
                prefix: str = "rep_") -> tuple[str, int] | None:
@@ -389,9 +422,9 @@ def _long_section(long_out: Path, main_results: list[dict], runs, summarise: Cal
     if not results:
         return ["## Longer budget", "", f"No finished run in `{long_out.name}` yet.", ""]
     rows = summarise(results)
+    tags = tuple(variant_tags(results))
     names = [r.name for r in runs if r.name in rows]
     steps = sorted({int(r.get("steps") or 0) for r in results if r.get("steps")})
-    clip = sorted({float(r["clip_x0"]) for r in results if r.get("clip_x0")})
     switches = sorted({v for r in results if (v := _ebb_switch(long_out, r)) is not None})
     L = ["## Longer budget", "",
          f"The same rows retrained from the same teacher for {' / '.join(map(str, steps))} steps "
@@ -399,51 +432,57 @@ def _long_section(long_out: Path, main_results: list[dict], runs, summarise: Cal
          "One seed each, so every verdict here is \"single seed, not conclusive\"."
          + (f" EBB drops s2 at {' / '.join(f'{100 * v:.0f}%' for v in switches)} of training, as in the paper "
             "(the main study uses METHODS' small-setting 10%)." if switches else "")
-         + (f" Each model is also sampled with the predicted x0 clipped to [−{clip[0]:g}, {clip[0]:g}] "
-            "(DDPM's `clip_denoised`; same noise), scored the same way: the `x0-clip` columns." if clip else ""), ""]
+         + ("".join(f" Also scored with {_vlabel(t)} (same noise, same N): the `{_vlabel(t)}` columns." for t in tags)), ""]
     sets = [(k, v) for k, v in _settings(long_out, results) if k != "seeds (main rows; ablations use the first)"]
     if sets:
         L += ["| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in sets], ""]
     L += ["```sh", *(train_commands(long_out, results=results) or ["# none recorded"]), "```", ""]
-    base = summarise([r for r in main_results if r["run"] in rows and int(r["seed"]) in {int(x["seed"]) for x in results}])
-    L += ["| run | bits | seed | FID ↓ | precision ↑ | recall ↑ | confident % ↑ | FID, x0-clip ↓ | recall, x0-clip ↑ "
-          "| confident %, x0-clip ↑ | FID at the main budget (same seed) |", "|" + "---|" * 11]
+    seeds = {int(x["seed"]) for x in results}
+    base = summarise([r for r in main_results if r["run"] in rows and int(r["seed"]) in seeds])
+    groups = [("", "DDIM η=0")] + [(f"{t}_", _vlabel(t)) for t in tags]
+    head = "| run | bits | seed |" + "".join(f" FID, {lab} ↓ | recall, {lab} ↑ | confident %, {lab} ↑ |" for _, lab in groups)
+    head += " FID at the main budget (same seed, η=0) |" + "".join(f" … {_vlabel(t)} |" for t in tags)
+    L += [head, "|" + "---|" * (head.count("|") - 1)]
     for n in names:
         row = rows[n]
-        L.append(f"| `{n}` | {row['bits']} | {','.join(str(r['seed']) for r in results if r['run'] == n)} "
-                 f"| {row['fid']:.2f} | {row['precision']:.3f} | {row['recall']:.3f} | {100 * row['confident']:.1f} "
-                 f"| {_f(row.get('clip_fid'), '.2f')} | {_f(row.get('clip_recall'), '.3f')} "
-                 f"| {_f(None if row.get('clip_confident') is None else 100 * row['clip_confident'], '.1f')} "
-                 f"| {_f(base[n]['fid'] if n in base else None, '.2f')} |")
-    L += ["", "Claims with both rows at this budget (FID, plain DDIM):", "",
-          "| section | claim | verdict | evidence (FID) |", "|---|---|---|---|"]
+        cells = [f"`{n}`", row["bits"], ",".join(str(r["seed"]) for r in results if r["run"] == n)]
+        for pre, _ in groups:
+            conf = row.get(pre + "confident")
+            cells += [_f(row.get(pre + "fid"), ".2f"), _f(row.get(pre + "recall"), ".3f"),
+                      _f(None if conf is None else 100 * conf, ".1f")]
+        b = base.get(n, {})
+        cells += [_f(b.get("fid"), ".2f")] + [_f(b.get(f"{t}_fid"), ".2f") for t in tags]
+        L.append("| " + " | ".join(cells) + " |")
+    L += ["", "Claims with both rows at this budget:", "",
+          "| section | claim | verdict (η=0) | evidence (FID) |" + "".join(f" verdict, {_vlabel(t)} | evidence |" for t in tags),
+          "|---|---|---|---|" + "---|---|" * len(tags)]
     claims = [c for c in CLAIMS if c.a in rows and c.b in rows]
     for c in claims:
-        v, ev = verdict(c, results, summarise, compare)
-        L.append(f"| {c.section} | {c.text} | **{v}** | {ev} |")
+        cells = []
+        for key in ["fid"] + [f"{t}_fid" for t in tags]:
+            v, ev = verdict(c, results, summarise, compare, key=key)
+            cells.append(f"**{v}** | {ev}")
+        L.append(f"| {c.section} | {c.text} | " + " | ".join(cells) + " |")
     if not claims:
-        L.append("| – | no claim has both of its rows at this budget | – | – |")
-    L += ["", "Samples (plain DDIM, then x0-clipped; same noise):", ""]
+        L.append("| – | no claim has both of its rows at this budget | – | – |" + " – | – |" * len(tags))
+    L += ["", "Samples (" + ", ".join(lab for _, lab in groups) + "; same noise):", ""]
     cells = []
     for n in names:
-        seeds = sorted({int(r["seed"]) for r in results if r["run"] == n})
-        for src, tag in (("samples.png", ""), ("samples-clip.png", ", x0-clip")):
-            got = _copy_grid(long_out, n, seeds, img_dir, src_name=src, prefix="rep_long_")
+        nseeds = sorted({int(r["seed"]) for r in results if r["run"] == n})
+        for src, lab in [("samples.png", "η=0")] + [(f"samples-{t}.png", _vlabel(t)) for t in tags]:
+            got = _copy_grid(long_out, n, nseeds, img_dir, src_name=src, prefix="rep_long_")
             if got:
                 written.add(got[0])
-                cells.append((f"`{n}`{tag}", f'<img src="img/{got[0]}" width="180" alt="{n}{tag}">'))
-    for i in range(0, len(cells), 4):
-        chunk = cells[i:i + 4]
-        L += ["| " + " | ".join(h for h, _ in chunk) + " |", "|" + "---|" * len(chunk),
-              "| " + " | ".join(c for _, c in chunk) + " |", ""]
+                cells.append((f"`{n}`, {lab}", f'<img src="img/{got[0]}" width="180" alt="{n}, {lab}">'))
+    L += _grid_table(cells, per=len(groups))
     seed_of = {n: min(int(r["seed"]) for r in results if r["run"] == n) for n in names}
     fname = "rep_long_curves.png"
     ok, _ = _curves(long_out, names, seed_of, "Longer budget", img_dir / fname)
     if ok:
         written.add(fname)
         L += [f"![training curves, longer budget](img/{fname})", ""]
-    wall = sum(float(r.get("wall_s") or 0) for r in results)
-    L += [f"Wall time of these runs (transform, training, both evaluations): {wall:.0f} s ({wall / 3600:.2f} h).", ""]
+    wall = sum(float(r.get("wall_s") or 0) + float(r.get("rescore_s") or 0) for r in results)
+    L += [f"Wall time of these runs (transform, training, every evaluation): {wall:.0f} s ({wall / 3600:.2f} h).", ""]
     return L
 
 
@@ -454,6 +493,7 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
     out, doc = Path(out), Path(doc)
     results = load_results(out)
     rows = summarise(results) if results else {}
+    tags = tuple(variant_tags(results))
     img_dir = doc.parent / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     seeds_of = {n: sorted({int(r["seed"]) for r in results if r["run"] == n}) for n in rows}
@@ -487,7 +527,7 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
     # --- main tables
     for table, title in TABLES[:2]:
         L += [f"## {title}", ""]
-        L += _table([_row_line(r.name, rows.get(r.name)) for r in runs if r.table == table])
+        L += _table([_row_line(r.name, rows.get(r.name), tags=tags) for r in runs if r.table == table], tags)
         L += [""]
 
     # --- ablations: each group after its default row (on the ablation seed)
@@ -501,21 +541,28 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
             continue
         aseeds = sorted({int(r["seed"]) for r in results if r["run"] in {g.name for g in group}}) or [0]
         ref_rows = summarise([r for r in results if r["run"] == ref and int(r["seed"]) == aseeds[0]])
-        lines.append(_row_line(ref, ref_rows.get(ref), label=f"`{ref}` (default, seed {aseeds[0]})"))
-        lines += [_row_line(g.name, rows.get(g.name)) for g in group]
-    L += _table(lines) + [""]
+        lines.append(_row_line(ref, ref_rows.get(ref), label=f"`{ref}` (default, seed {aseeds[0]})", tags=tags))
+        lines += [_row_line(g.name, rows.get(g.name), tags=tags) for g in group]
+    L += _table(lines, tags) + [""]
 
     # --- verdicts
     L += ["## Verdicts", "",
           "Each claim of the papers, checked on this study's FID (lower wins; a gap within the larger seed spread "
-          "is a tie; compared on the seeds both runs finished).", "",
-          "| section | claim | verdict | evidence (FID) |", "|---|---|---|---|"]
+          "is a tie; compared on the seeds both runs finished)"
+          + (", once per way of sampling: the study's DDIM (η = 0) and " + ", ".join(_vlabel(t) for t in tags)
+             if tags else "") + ".", "",
+          "| section | claim | verdict | evidence (FID) |" + "".join(f" verdict, {_vlabel(t)} | evidence |" for t in tags),
+          "|---|---|---|---|" + "---|---|" * len(tags)]
     counts: dict[str, int] = {}
     for c in CLAIMS:
         v, ev = verdict(c, results, summarise, compare)
         counts[v] = counts.get(v, 0) + 1
-        L.append(f"| {c.section} | {c.text} | **{v}** | {ev} |")
-    L += ["", "Totals: " + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + ".", ""]
+        cells = [f"**{v}** | {ev}"]
+        for t in tags:
+            vt, evt = verdict(c, results, summarise, compare, key=f"{t}_fid")
+            cells.append(f"**{vt}** | {evt}")
+        L.append(f"| {c.section} | {c.text} | " + " | ".join(cells) + " |")
+    L += ["", "Totals (DDIM η = 0): " + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + ".", ""]
 
     L += _speed_section(runs, rows, Path(unet_step))
 
@@ -530,23 +577,21 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
               notes.read_text().strip(), ""]
 
     # --- sample grids (main rows)
-    L += ["## Sample grids", "", "64 samples per run (first seed, usually seed 0), same sampler and noise for every row.", ""]
+    L += ["## Sample grids", "", "64 samples per run (first seed, usually seed 0), same sampler and noise for every row"
+          + (", once per way of sampling" if tags else "") + ".", ""]
+    ways = [("samples.png", "DDIM η = 0")] + [(f"samples-{t}.png", _vlabel(t)) for t in tags]
     for table, title in TABLES[:2]:
         names = [r.name for r in runs if r.table == table and r.main]
-        cells = []
-        for n in names:
-            got = _copy_grid(out, n, seeds_of.get(n, []), img_dir) if n in rows else None
-            if got:
-                written.add(got[0])
-                cells.append((f"`{n}` (seed {got[1]})", f'<img src="img/{got[0]}" width="180" alt="{n}">'))
-            else:
-                cells.append((f"`{n}`", NOT_RUN))
-        L += [f"**{title}**", ""]
-        per = 4
-        for i in range(0, len(cells), per):
-            chunk = cells[i:i + per]
-            L += ["| " + " | ".join(h for h, _ in chunk) + " |", "|" + "---|" * len(chunk),
-                  "| " + " | ".join(c for _, c in chunk) + " |", ""]
+        for src, way in ways:
+            cells = []
+            for n in names:
+                got = _copy_grid(out, n, seeds_of.get(n, []), img_dir, src_name=src) if n in rows else None
+                if got:
+                    written.add(got[0])
+                    cells.append((f"`{n}` (seed {got[1]})", f'<img src="img/{got[0]}" width="180" alt="{n}, {way}">'))
+                else:
+                    cells.append((f"`{n}`", NOT_RUN))
+            L += [f"**{title}, {way}**", "", *_grid_table(cells)]
 
     # --- training curves
     L += ["## Training curves", "",

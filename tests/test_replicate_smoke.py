@@ -92,7 +92,19 @@ def test_replicate_smoke(tmp_path):
     assert "## Longer budget" in text and "FID, x0-clip" in text
     assert re.search(r"^\| Table B \| BiDM beats XNOR-Net at W1A1 \| \*\*not run yet\*\* \|", text, re.M)
     line = next(ln for ln in text.splitlines() if ln.startswith("| `bidm` | W1A1 | 0 |"))
-    assert all(math.isfinite(float(line.split("|")[i])) for i in (4, 8, 11)), line  # FID, clipped FID, main FID
+    assert all(math.isfinite(float(line.split("|")[i])) for i in (4, 7, 10)), line  # FID, clipped FID, main FID
+
+    # --rescore adds another evaluation (stochastic DDIM) to finished runs without training them
+    before = json.loads((tmp_path / "bidm" / "seed0" / "done.json").read_text())
+    rep.main(["--smoke", "--out", str(tmp_path), "--threads", "1", "--eta", "1", "--rescore"])
+    after = json.loads((tmp_path / "bidm" / "seed0" / "done.json").read_text())
+    assert after["evals"] == {"eta1": {"eta": 1.0, "clip_x0": None}} and math.isfinite(after["metrics_eta1"]["fid"])
+    assert {k: after[k] for k in before} == before  # nothing it had changed
+    assert (tmp_path / "commands.txt").read_text().splitlines() == [cmd]  # rescoring is not a training command
+    rep.main(["--report", "--out", str(tmp_path), "--doc", str(doc), "--long", str(long), "--threads", "1"])
+    text = doc.read_text()
+    assert "| FID ↓ | FID, DDIM η=1 ↓ | KID ↓ |" in text and "verdict, DDIM η=1 |" in text
+    assert "img/rep_bidm-eta1.png" in text and (doc.parent / "img" / "rep_bidm-eta1.png").is_file()
     for name in ("rep_long_bidm.png", "rep_long_bidm-clip.png", "rep_long_curves.png"):
         assert f"img/{name}" in text and (doc.parent / "img" / name).is_file(), name
     # a report without --long drops the section and its images
