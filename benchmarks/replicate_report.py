@@ -130,6 +130,12 @@ def train_commands(out: Path, prev_summary: dict | None = None, results: list[di
     return outl
 
 
+def rescore_commands(out: Path) -> list[str]:
+    """The ``--rescore`` invocations that added evaluations to ``out``'s finished runs."""
+    f = Path(out) / "rescore.txt"
+    return [ln.strip() for ln in f.read_text().splitlines() if ln.strip()] if f.is_file() else []
+
+
 def _metrics_csv(out: Path, run: str, seed: int) -> list[dict]:
     f = Path(out) / run / f"seed{seed}" / "trained" / "train" / "metrics.csv"
     if not f.is_file():
@@ -436,7 +442,8 @@ def _long_section(long_out: Path, main_results: list[dict], runs, summarise: Cal
     sets = [(k, v) for k, v in _settings(long_out, results) if k != "seeds (main rows; ablations use the first)"]
     if sets:
         L += ["| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in sets], ""]
-    L += ["```sh", *(train_commands(long_out, results=results) or ["# none recorded"]), "```", ""]
+    L += ["```sh", *(train_commands(long_out, results=results) or ["# none recorded"]), *rescore_commands(long_out),
+          "```", ""]
     seeds = {int(x["seed"]) for x in results}
     base = summarise([r for r in main_results if r["run"] in rows and int(r["seed"]) in seeds])
     groups = [("", "DDIM η=0")] + [(f"{t}_", _vlabel(t)) for t in tags]
@@ -521,7 +528,10 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
         L += [fl, ""]
     cmds = train_commands(out, results=results)
     L += ["Commands (training, in the order they were run; each skips finished runs and resumes unfinished ones):", "",
-          "```sh", *(cmds or ["# none recorded"]), "```", "", "This page:", "", "```sh",
+          "```sh", *(cmds or ["# none recorded"]), "```", "",
+          *(["Extra evaluations added to the finished runs (no training):", "", "```sh", *rescore_commands(out), "```", ""]
+            if rescore_commands(out) else []),
+          "This page:", "", "```sh",
           report_cmd, "```", ""]
 
     # --- main tables

@@ -104,6 +104,7 @@ def test_replicate_smoke(tmp_path):
     rep.main(["--report", "--out", str(tmp_path), "--doc", str(doc), "--long", str(long), "--threads", "1"])
     text = doc.read_text()
     assert "| FID ↓ | FID, DDIM η=1 ↓ | KID ↓ |" in text and "verdict, DDIM η=1 |" in text
+    assert "python benchmarks/replicate.py --smoke --out " + str(tmp_path) + " --threads 1 --eta 1 --rescore" in text
     assert "img/rep_bidm-eta1.png" in text and (doc.parent / "img" / "rep_bidm-eta1.png").is_file()
     for name in ("rep_long_bidm.png", "rep_long_bidm-clip.png", "rep_long_curves.png"):
         assert f"img/{name}" in text and (doc.parent / "img" / name).is_file(), name
