@@ -633,7 +633,9 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
             total += float(r.get("wall_s") or 0)
             L.append(f"| `{name}` | {r['seed']} | {r['bits']} | {r.get('steps', '–')} | {_f(tr, '.0f')} "
                      f"| {_f(r.get('wall_s'), '.0f')} |")
-    L += ["", f"Total `run s` over finished runs: {total:.0f} s ({total / 3600:.2f} h).", ""]
+    rescored = sum(float(r.get("rescore_s") or 0) for r in results)
+    L += ["", f"Total `run s` over finished runs: {total:.0f} s ({total / 3600:.2f} h)"
+          + (f", plus {rescored:.0f} s ({rescored / 3600:.2f} h) of `--rescore` evaluations" if rescored else "") + ".", ""]
 
     # stale images of runs that no longer have results
     for p in img_dir.glob("rep_*.png"):
