@@ -22,6 +22,7 @@ reported as ties, not wins.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import statistics
@@ -130,10 +131,10 @@ class Settings:
 
 def _recipe_file(run: Run, d: Path, s: Settings) -> str:
     """The recipe a run transforms with: its recipe, or a TOML extending it with the run's overrides."""
-    from bqc.pipeline import load_recipe
+    from bqc.pipeline import ebb_switch_at, load_recipe
 
     overrides = run.overrides
-    if s.ebb_switch is not None and float(load_recipe(run.recipe).train.get("ebb_switch", -1)) >= 0:
+    if s.ebb_switch is not None and ebb_switch_at(load_recipe(run.recipe).train) is not None:
         overrides += f"\n[train]\nebb_switch = {s.ebb_switch}\n"
     if not overrides:
         return run.recipe
@@ -148,7 +149,6 @@ METRIC_KEYS = ("fid", "fid_floor", "kid", "precision", "recall", "is", "confiden
 def _sample_and_score(model, s: Settings, seed: int, grid: Path, v: EvalVariant = EvalVariant("main")) -> dict:
     import torch
 
-    from bqc.data import load_dataset
     from bqc.diffusion.grid import save_grid
     from bqc.diffusion.samplers import generate
     from bqc.metrics import evaluate
@@ -157,7 +157,15 @@ def _sample_and_score(model, s: Settings, seed: int, grid: Path, v: EvalVariant 
         x = generate(model, s.n, tuple(model.input_shape), steps=s.sample_steps, seed=seed, batch=250,
                      eta=v.eta, clip_x0=v.clip_x0)
     save_grid(x[:64], grid, nrow=8, scale=4)
-    return evaluate(x, load_dataset("mnist16", "test").images, n=s.n, seed=seed)
+    return evaluate(x, _test_images(), n=s.n, seed=seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _test_images():
+    """The real mnist16 test digits every evaluation compares with (read once per process)."""
+    from bqc.data import load_dataset
+
+    return load_dataset("mnist16", "test").images
 
 
 def do_run(run: Run, seed: int, s: Settings, src) -> dict:
@@ -200,9 +208,8 @@ def do_run(run: Run, seed: int, s: Settings, src) -> dict:
     return result
 
 
-def _score_variants(model, s: Settings, seed: int, d: Path, result: dict) -> bool:
-    """Add the metrics of every variant ``result`` lacks (same noise, same N); True if any was added."""
-    added = False
+def _score_variants(model, s: Settings, seed: int, d: Path, result: dict) -> None:
+    """Add the metrics of every variant ``result`` lacks (same noise, same N)."""
     for v in s.variants:
         if f"metrics_{v.tag}" in result:
             continue
@@ -212,8 +219,6 @@ def _score_variants(model, s: Settings, seed: int, d: Path, result: dict) -> boo
         result.setdefault("evals", {})[v.tag] = v.describe()
         if v.tag == "clip":
             result["clip_x0"] = v.clip_x0
-        added = True
-    return added
 
 
 def rescore(run: Run, seed: int, s: Settings) -> dict | None:
@@ -238,9 +243,9 @@ def rescore(run: Run, seed: int, s: Settings) -> dict | None:
 
 
 def _write_json(p: Path, obj) -> None:
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    tmp.replace(p)
+    from bqc.artifact import atomic_write_bytes
+
+    atomic_write_bytes(p, (json.dumps(obj, indent=2, default=float) + "\n").encode())
 
 
 def summarise(results: list[dict]) -> dict[str, dict]:

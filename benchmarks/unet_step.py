@@ -138,10 +138,11 @@ def _as_trained(art: Path) -> None:
     """Put a fresh artifact's EBB layers in the stage training ends in (s2 dropped, one basis),
     so recipes with an EBB stage switch are timed as they deploy, not with stage 1's two bases."""
     from bqc import artifact
+    from bqc.pipeline import ebb_switch_at
     from bqc.quant.training import ebb_modules, switch_ebb_to_stage2
 
     a = artifact.load_artifact(art)
-    if float(a.recipe.train.get("ebb_switch", -1)) < 0 or not ebb_modules(a.gm):
+    if ebb_switch_at(a.recipe.train) is None or not ebb_modules(a.gm):
         return
     switch_ebb_to_stage2(a.gm)
     artifact.save_artifact(art, base_ep=a.base_ep, gm=a.gm, recipe=a.recipe, wbits=a.manifest["wbits"],

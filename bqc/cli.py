@@ -449,8 +449,10 @@ def artifact_manifest(target) -> dict:
 def ebb_stage_note(manifest: dict) -> str | None:
     """A transformed-but-untrained artifact of a recipe that switches EBB stages still has two
     weight bases in its EBB layers (W1.x at inference): say so when lowering it."""
+    from bqc.pipeline import ebb_switch_at
+
     train = (manifest.get("recipe") or {}).get("train") or {}
-    if float(train.get("ebb_switch", -1)) < 0 or "train" in manifest or manifest.get("ebb") == "stage 2":
+    if ebb_switch_at(train) is None or "train" in manifest or manifest.get("ebb") == "stage 2":
         return None
     return ("this artifact is not trained: its EBB layers are in stage 1 (two weight bases, W1.x at inference). "
             "`bqc train` drops the second basis at ebb_switch; lower the trained artifact for pure 1-bit weights.")

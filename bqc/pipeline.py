@@ -189,6 +189,13 @@ RECIPE_KEYS = {"name", "description", "paper", "extends", "bits", "settings", "p
 SUPPORTED_BITS = {"w": (1, 2, 3, 4, 8, 32), "a": (1, 2, 3, 4, 8, 32)}
 
 
+def ebb_switch_at(train: dict) -> float | None:
+    """The fraction of training at which EBB drops s2 (``[train] ebb_switch``), or None when the
+    recipe never switches (no key, or a negative value: LMB keeps both bases)."""
+    v = float(train.get("ebb_switch", -1))
+    return v if v >= 0 else None
+
+
 @dataclass
 class Recipe:
     name: str

@@ -37,6 +37,7 @@ from bqc.data import load_dataset
 from bqc.diffusion.schedule import NoiseSchedule, q_sample
 from bqc.diffusion.samplers import step_gap
 from bqc.errors import BqcError
+from bqc.pipeline import ebb_switch_at
 from bqc.graph import BqcModel
 from bqc.quant.layers import _Quantized
 from bqc.quant.training import anneal, ebb_modules, ebb_regulariser, switch_ebb_to_stage2
@@ -174,7 +175,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
 
 
 def _schedule_callbacks(student, recipe_train: dict, total: int):
-    switch_at = float(recipe_train.get("ebb_switch", -1))
+    switch_at = ebb_switch_at(recipe_train)
     warm = float(recipe_train.get("progressive_warmup", 0.0))
     order = _warmup_order(student) if warm > 0 else {}
     mods = {name: student.get_submodule(name) for name in order}
@@ -187,7 +188,7 @@ def _schedule_callbacks(student, recipe_train: dict, total: int):
             frac = progress / warm
             for name, m in mods.items():
                 m.set_active(order[name] <= frac)
-        if switch_at >= 0 and step >= int(switch_at * total) and ebb_modules(student):
+        if switch_at is not None and step >= int(switch_at * total) and ebb_modules(student):
             if any(not bool(m.stage2) for m in ebb_modules(student)):
                 switch_ebb_to_stage2(student)
 
