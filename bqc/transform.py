@@ -15,6 +15,8 @@ class TransformResult:
     gm: object
     recipe: Recipe
     ctx: PassContext
+    schedule: object = None  # the model's diffusion process (NoiseSchedule), recorded in the manifest
+    schedule_from: str = ""
 
     @property
     def layers(self) -> list[dict]:
@@ -31,17 +33,23 @@ def resolve_recipe(recipe: str | Recipe, keep_fp=(), bits=()) -> Recipe:
 
 
 def transform(src: frontend.ModelSource, recipe: str | Recipe, *, wbits=None, abits=None,
-              keep_fp=(), bits=(), dump_dir=None) -> TransformResult:
+              keep_fp=(), bits=(), dump_dir=None, schedule: str | None = None,
+              prediction: str | None = None) -> TransformResult:
+    """``schedule``/``prediction``: ``--schedule``/``--prediction`` overrides of the diffusion
+    process read from the source (:func:`bqc.frontend.diffusion_of`)."""
+    sched, where = frontend.diffusion_of(src, schedule, prediction)  # refuses unknown values before any work
     r = resolve_recipe(recipe, keep_fp, bits)
     ep = frontend.capture(src)
     ctx = r.context(wbits, abits)
     r = Recipe.from_dict({**r.to_dict(), "wbits": ctx.wbits, "abits": ctx.abits})
     gm, ctx = artifact.build_graph(ep, r, ctx.wbits, ctx.abits, dump_dir=dump_dir)
-    return TransformResult(src, ep, gm, r, ctx)
+    return TransformResult(src, ep, gm, r, ctx, sched, where)
 
 
 def save(res: TransformResult, out: str | Path) -> Path:
+    sched, where = (res.schedule, res.schedule_from) if res.schedule is not None else frontend.diffusion_of(res.source)
     src = {"kind": res.source.kind, "description": res.source.description,
            **{k: v for k, v in res.source.info.items() if k != "params"}}
     return artifact.save_artifact(out, base_ep=res.base_ep, gm=res.gm, recipe=res.recipe,
-                                  wbits=res.ctx.wbits, abits=res.ctx.abits, source=src)
+                                  wbits=res.ctx.wbits, abits=res.ctx.abits, source=src,
+                                  extra={"diffusion": sched.manifest_entry(where)})

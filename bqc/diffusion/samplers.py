@@ -2,7 +2,11 @@
 
 Every sampler calls the network through one protocol::
 
-    step_model(x, t, y, state) -> (eps, new_state)
+    step_model(x, t, y, state) -> (out, new_state)
+
+``out`` is the network's raw prediction in the schedule's parameterisation (eps, v or x0;
+``schedule.prediction``); the samplers turn it into (eps, x0) with
+:meth:`NoiseSchedule.split`, so a v- or x0-model is sampled correctly.
 
 ``x`` is the current noisy batch, ``t`` a ``(B,)`` long tensor of the current timestep,
 ``y`` the class labels or ``None``, and ``state`` an opaque list of tensors or ``None``
@@ -39,7 +43,7 @@ class StepModel(Protocol):
 
 
 def as_step_model(module: Callable) -> StepModel:
-    """Adapt a plain ``module(x, t)`` / ``module(x, t, y)`` epsilon predictor to the step
+    """Adapt a plain ``module(x, t)`` / ``module(x, t, y)`` predictor to the step
     protocol (its state is always ``None``). ``y`` is passed only when it is not ``None``."""
 
     def step(x, t, y, state):
@@ -90,10 +94,10 @@ def _call(step_model, x, t: int, y, state):
     tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     out = step_model(x, tt, y, state)
     if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError("step_model must return (eps, new_state); wrap plain modules with as_step_model()")
+        raise TypeError("step_model must return (prediction, new_state); wrap plain modules with as_step_model()")
     eps, new_state = out
     if eps.shape != x.shape:
-        raise BqcError(f"sampler: the model returned eps of shape {tuple(eps.shape)} for input {tuple(x.shape)}")
+        raise BqcError(f"sampler: the model returned a prediction of shape {tuple(eps.shape)} for input {tuple(x.shape)}")
     return eps, new_state
 
 
@@ -104,15 +108,17 @@ def ddim_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
                 x_T: torch.Tensor | None = None, device="cpu", dtype=torch.float32,
                 clip_x0: float | None = None, return_state: bool = False,
                 callback: Callable[[int, int, torch.Tensor], None] | None = None):
-    """DDIM (Song et al. 2021) with ``steps`` uniformly spaced steps; ``eta = 0`` is the
-    deterministic sampler, ``eta = 1`` with ``steps = T`` is DDPM ancestral sampling.
+    """DDIM (Song et al. 2021) with ``steps`` steps at ``schedule.timesteps(steps)`` (bqc's
+    uniform spacing, or the model's diffusers/LDM spacing and offset); ``eta = 0`` is the
+    deterministic sampler, ``eta = 1`` with ``steps = T`` is DDPM ancestral sampling. The last
+    step always goes to the clean end (abar = 1, diffusers' ``set_alpha_to_one``).
 
     Returns the final ``x_0`` batch (and the last state when ``return_state``).
     ``callback(i, t, x)`` is called after each step. ``clip_x0`` clamps the predicted x0
     to ``[-clip_x0, clip_x0]`` (off by default).
     """
     schedule = schedule or NoiseSchedule()
-    ts = ddim_timesteps(schedule.T, steps)
+    ts = schedule.timesteps(steps)
     g = _generator(seed, generator)
     x = _x_T(shape, x_T, g, device, dtype)
     abar = schedule.alphas_cumprod
@@ -121,8 +127,8 @@ def ddim_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         a_t = float(abar[t])
         a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
-        eps, state = _call(step_model, x, t, y, state)
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        out, state = _call(step_model, x, t, y, state)
+        eps, x0 = schedule.split(out, x, t)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
             eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
@@ -158,11 +164,13 @@ def ddpm_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
         a_t = float(abar[t])
         a_prev = float(abar[t - 1]) if t > 0 else 1.0
         beta = float(betas[t])
-        eps, state = _call(step_model, x, t, y, state)
-        if clip_x0 is None:
+        out, state = _call(step_model, x, t, y, state)
+        eps, x0 = schedule.split(out, x, t)
+        if clip_x0 is None and schedule.prediction == "eps":
             mean = (x - beta / math.sqrt(1 - a_t) * eps) / math.sqrt(1 - beta)
         else:
-            x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-clip_x0, clip_x0)
+            if clip_x0 is not None:
+                x0 = x0.clamp(-clip_x0, clip_x0)
             mean = (beta * math.sqrt(a_prev) / (1 - a_t)) * x0 + ((1 - a_prev) * math.sqrt(1 - beta) / (1 - a_t)) * x
         if t > 0:
             x = mean + math.sqrt(float(var[t])) * randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
