@@ -11,10 +11,12 @@ kind               how it is given
                    ``model.safetensors``
 ``diffusers``      a diffusers model directory (``config.json`` with ``_class_name`` +
                    ``diffusion_pytorch_model.safetensors``)
-``config``         ``--config file.yaml``: ``target: pkg.mod.Class`` + ``params:`` (also nested
+``config``         ``--config file.yaml``: ``target: pkg.mod.Class`` (an ``nn.Module`` class,
+                   checked before it is called) + ``params:`` (also nested
                    at ``model.params.unet_config``), code importable from PYTHONPATH,
                    optional ``--weights`` (safetensors or a ``weights_only`` torch checkpoint)
-``pt2``            a ``torch.export`` program; refused if it carries pickled entries
+``pt2``            a ``torch.export`` archive, recognised by content whatever its suffix; vetted
+                   member by member (:func:`vet_pt2`) and never unpickled or eval()ed
 ``pickle``         a whole pickled module (``torch.save(model)``), only with ``trust_pickle``
 =================  ==========================================================================
 
@@ -27,6 +29,7 @@ shapes, asserts, ``torch.tensor(timestep)``, required label arguments).
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import re
 import zipfile
@@ -53,6 +56,10 @@ class ModelSource:
     num_classes: int | None = None
     call: str = "plain"  # plain: module(x, t[, y]); diffusers: module(x, t[, class_labels]).sample
     info: dict = field(default_factory=dict)  # JSON-able facts to keep (config, paths)
+    # the model's diffusion process (bqc.diffusion.NoiseSchedule) read from the source, and from where;
+    # None: the source records none (see diffusion_of)
+    schedule: Any = None
+    schedule_from: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,17 +82,25 @@ def load_source(
     path = require_file(model, "model")
     if path.is_dir():
         cfg_path = path / "config.json"
+        if not cfg_path.exists() and (path / "model_index.json").is_file() and (path / "unet" / "config.json").is_file():
+            path, cfg_path = path / "unet", path / "unet" / "config.json"  # a diffusers pipeline folder: its UNet
         if not cfg_path.exists():
             raise BqcError(f"{path} is a directory without config.json, so it is neither a bqc checkpoint nor a diffusers model directory")
         cfg = _read_json(cfg_path)
         if "_class_name" in cfg:
             return _load_diffusers(path, cfg)
         return _load_bqc_dir(path, weights)
-    suffix = path.suffix.lower()
-    if suffix == ".pt2":
+    kind = sniff_file(path)  # by content: a .pt may be a .pt2 archive, TorchScript, a pickle ...
+    if kind == "pt2":
         return _load_pt2(path, trust_pickle)
-    if suffix in (".pt", ".pth", ".ckpt", ".bin"):
-        return _load_pickled_module(path, trust_pickle)
+    if kind in ("torch-save", "pickle"):
+        return _load_pickled_module(path, trust_pickle, kind)
+    if kind != "unknown":
+        raise _unloadable(path, kind)
+    suffix = path.suffix.lower()
+    if suffix in (".pt2", ".pt", ".pth", ".ckpt", ".bin"):
+        raise BqcError(f"{path} is neither a torch.export archive nor a torch checkpoint (unrecognised content); "
+                       "it may be truncated or corrupt")
     if suffix in (".yaml", ".yml"):
         return _load_from_yaml(str(path), weights)
     if suffix == ".json":
@@ -94,6 +109,78 @@ def load_source(
         f"don't know how to load {path}",
         hint="give a zoo name, a model directory (bqc or diffusers), a .pt2 export, --config file.yaml, or a pickled module with --trust-pickle",
     )
+
+
+#: what each recognised file kind is, in words
+FILE_KINDS = {
+    "pt2": "a torch.export archive (.pt2)",
+    "pt2-legacy": "a torch.export file in the pre-2.8 format (version + serialized_exported_program.json)",
+    "torchscript": "a TorchScript archive (torch.jit.save)",
+    "torch-save": "a torch.save zip archive (pickled Python objects)",
+    "pickle": "a raw pickle (e.g. legacy torch.save)",
+    "safetensors": "a safetensors weights file",
+    "zip": "a zip file of unknown layout",
+}
+
+
+def _describe_zip(rel: set[str]) -> str:
+    """What a zip archive is, from its member names (relative to its root folder)."""
+    if "archive_format" in rel:
+        return FILE_KINDS["pt2"]
+    if "serialized_exported_program.json" in rel:
+        return FILE_KINDS["pt2-legacy"]
+    if "constants.pkl" in rel or any(r.startswith("code/") for r in rel):
+        return FILE_KINDS["torchscript"]
+    if "data.pkl" in rel:
+        return FILE_KINDS["torch-save"]
+    return ""
+
+
+def sniff_file(path: str | Path) -> str:
+    """Recognise a model file by its bytes, not its name: one of :data:`FILE_KINDS` or 'unknown'."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return "unknown"
+        rel = {n.split("/", 1)[1] if "/" in n else n for n in names}
+        top = set(names)
+        if "archive_format" in rel:
+            return "pt2"
+        if "serialized_exported_program.json" in top | rel:
+            return "pt2-legacy"
+        if "constants.pkl" in rel or any(r.startswith("code/") for r in rel):
+            return "torchscript"
+        if "data.pkl" in rel:
+            return "torch-save"
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= 100_000_000 and head[8:9] == b"{" and n + 8 <= path.stat().st_size:
+            return "safetensors"
+    return "unknown"
+
+
+def _unloadable(path: Path, kind: str) -> BqcError:
+    what = f"{path} is {FILE_KINDS[kind]}"
+    if kind == "torchscript":
+        return BqcError(f"{what}; bqc does not load TorchScript (loading it runs the code it holds)",
+                        hint="export the eager model with torch.export.export(...) and torch.export.save(ep, 'model.pt2')")
+    if kind == "pt2-legacy":
+        return BqcError(f"{what}, which this torch cannot load without unpickling",
+                        hint="re-export it with torch.export.save from a current torch")
+    if kind == "safetensors":
+        return BqcError(f"{what}: it holds weights, not a model",
+                        hint="give the architecture with --config model.yaml --weights FILE, or put the weights in a bqc "
+                        "(config.json + model.safetensors) or diffusers model directory")
+    return BqcError(f"{what}, not a model bqc can load",
+                    hint="give a zoo name, a model directory (bqc or diffusers), a .pt2 export, or --config file.yaml")
 
 
 def _is_zoo_name(name: str) -> bool:
@@ -120,7 +207,8 @@ def _model_facts(module: nn.Module) -> tuple[int, int, int | None]:
     if in_ch is None or size is None:
         raise BqcError(
             f"cannot tell the input shape of {type(module).__name__}: it has no in_channels/image_size attributes",
-            hint="pass --input-shape C,H,W",
+            hint="set in_channels and image_size attributes on the model, or export it yourself with "
+                 "torch.export.export(model, (x, t)) and pass the .pt2",
         )
     return int(in_ch), int(size), getattr(module, "num_classes", None)
 
@@ -142,14 +230,16 @@ def _load_zoo(name: str) -> ModelSource:
     else:
         module, cfg = zoo.build_model(name), zoo.model_config(name)
     desc = f"zoo model {name}" + (" (shipped pretrained weights)" if pretrained else " (random init: no shipped weights)")
-    return _from_module(module, "zoo", desc, name=name, config=cfg, pretrained=pretrained)
+    return _with_bqc_schedule(_from_module(module, "zoo", desc, name=name, config=cfg, pretrained=pretrained), cfg,
+                              f"zoo config {name} (meta.diffusion)")
 
 
 def _load_bqc_dir(path: Path, weights: str | None) -> ModelSource:
     from bqc.models import zoo
 
     module, cfg = zoo.load_model(path, weights=weights)
-    return _from_module(module, "bqc", f"bqc checkpoint {path}", path=str(path), config=cfg)
+    return _with_bqc_schedule(_from_module(module, "bqc", f"bqc checkpoint {path}", path=str(path), config=cfg), cfg,
+                              f"{path} config.json (meta.diffusion)")
 
 
 def _load_diffusers(path: Path, cfg: dict) -> ModelSource:
@@ -167,7 +257,49 @@ def _load_diffusers(path: Path, cfg: dict) -> ModelSource:
     module.load_state_dict(load_safetensors(weights), strict=True)
     if cls_name == "UNet2DConditionModel":
         raise BqcError("UNet2DConditionModel needs text conditioning inputs, which bqc does not thread yet", hint="use a UNet2DModel")
-    return _from_module(module, "diffusers", f"diffusers {cls_name} {path}", call="diffusers", path=str(path), config=cfg)
+    src = _from_module(module, "diffusers", f"diffusers {cls_name} {path}", call="diffusers", path=str(path), config=cfg)
+    src.schedule, src.schedule_from = _diffusers_schedule(path)
+    return src
+
+
+# --------------------------------------------------------------------------------------------
+# the model's diffusion process
+# --------------------------------------------------------------------------------------------
+def _with_bqc_schedule(src: ModelSource, cfg: dict, where: str) -> ModelSource:
+    from bqc.diffusion.schedule import NoiseSchedule
+
+    sched = NoiseSchedule.from_bqc_config(cfg)
+    if sched is not None:
+        src.schedule, src.schedule_from = sched, where
+    return src
+
+
+def _diffusers_schedule(path: Path):
+    """(schedule, where) from the ``scheduler_config.json`` beside a diffusers model folder or in
+    its pipeline's ``scheduler/`` folder; (None, "") when there is none."""
+    from bqc.diffusion.schedule import NoiseSchedule
+
+    for cand in (path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json",
+                 path.parent / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return NoiseSchedule.from_diffusers(_read_json(cand), str(cand)), str(cand)
+    return None, ""
+
+
+def diffusion_of(src: ModelSource, schedule: str | None = None, prediction: str | None = None):
+    """``(NoiseSchedule, where)``: the source's diffusion process with the ``--schedule`` /
+    ``--prediction`` overrides applied. A source that records none gets the DDPM default
+    (linear 1e-4..2e-2, T = 1000, eps) and ``where`` says it was assumed."""
+    from bqc.diffusion.schedule import NoiseSchedule, apply_overrides
+
+    sched = src.schedule if src.schedule is not None else NoiseSchedule()
+    where = src.schedule_from or ("assumed: the DDPM default (linear 1e-4..2e-2, T=1000, eps); "
+                                  f"{src.description} records no diffusion process")
+    if schedule:
+        where = f"--schedule {schedule}"
+    if prediction:
+        where += f"; --prediction {prediction}"
+    return apply_overrides(sched, schedule, prediction), where
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -225,6 +357,46 @@ def _find_target_config(doc: Any, path: str) -> dict:
     raise BqcError(f"{path} has no 'target:' entry (looked at the top level and at model.params.unet_config)")
 
 
+def _resolve_module_class(target: Any, path) -> type:
+    """The ``nn.Module`` subclass named by a config's dotted ``target:``, found without calling anything.
+
+    Importing the target's module runs that module's code (from PYTHONPATH); nothing else is
+    called before the check that the target is a class that builds an ``nn.Module``.
+    """
+    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", target):
+        raise BqcError(f"{path}: target: {target!r} is not a dotted path to a class (pkg.module.Class)")
+    parts = target.split(".")
+    obj, err = None, None
+    for i in range(len(parts) - 1, 0, -1):  # longest importable module prefix, then attributes
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError as e:
+            err = err or e
+            continue
+        try:
+            for name in parts[i:]:
+                obj = inspect.getattr_static(obj, name) if not inspect.ismodule(obj) else getattr(obj, name)
+        except AttributeError as e:
+            raise BqcError(f"cannot import {target} named in {path}: {e}", hint="put the model's code on PYTHONPATH") from e
+        break
+    else:
+        raise BqcError(f"cannot import {target} named in {path}: {err}", hint="put the model's code on PYTHONPATH")
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+        raise BqcError(
+            f"{path}: target: {target} is not an nn.Module class (it is {_what(obj)}); bqc only builds models from classes",
+            hint="name the UNet class, e.g. target: ldm.modules.diffusionmodules.openaimodel.UNetModel",
+        )
+    return obj
+
+
+def _what(obj: Any) -> str:
+    if inspect.isclass(obj):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    if callable(obj):
+        return f"the callable {getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+    return f"a {type(obj).__name__}"
+
+
 def _load_from_yaml(config: str, weights: str | None) -> ModelSource:
     import yaml
 
@@ -234,12 +406,11 @@ def _load_from_yaml(config: str, weights: str | None) -> ModelSource:
     except yaml.YAMLError as e:
         raise BqcError(f"{path} is not valid YAML: {e}") from e
     spec = _find_target_config(doc, str(path))
-    target, params = spec["target"], dict(spec.get("params") or {})
-    mod_name, _, cls_name = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise BqcError(f"cannot import {target} named in {path}: {e}", hint="put the model's code on PYTHONPATH") from e
+    target, params = spec["target"], spec.get("params") or {}
+    if not isinstance(params, dict):
+        raise BqcError(f"{path}: params: of {target} must be a mapping, not {type(params).__name__}")
+    params = dict(params)
+    cls = _resolve_module_class(target, path)
     try:
         module = cls(**params)
     except TypeError as e:
@@ -252,40 +423,316 @@ def _load_from_yaml(config: str, weights: str | None) -> ModelSource:
                 f"weights {weights} do not match {target}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}",
             )
     src = _from_module(module, "config", f"{target} from {path}", config_path=str(path), target=target, params=params)
+    ldm = doc.get("model") if isinstance(doc, dict) else None
+    if isinstance(ldm, dict) and isinstance(ldm.get("params"), dict):  # LDM: model.params holds the process
+        from bqc.diffusion.schedule import NoiseSchedule
+
+        src.schedule = NoiseSchedule.from_ldm(ldm["params"], f"{path} model.params")
+        src.schedule_from = f"{path} (LDM model.params)"
     return src
 
 
 # --------------------------------------------------------------------------------------------
 # torch.export programs and pickles
 # --------------------------------------------------------------------------------------------
-def vet_pt2(path: Path) -> None:
-    """Refuse a .pt2 archive that would make ``torch.export.load`` unpickle anything."""
+#: members of a torch.export archive (relative to its root folder) that are read without
+#: unpickling: plain text / JSON, and raw tensor bytes named by the JSON payload configs
+_PT2_TEXT_MEMBERS = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+_PT2_MODEL_RX = re.compile(r"^models/([^/]+)\.json$")
+_PT2_RAW_RX = re.compile(r"^data/(?:weights/weight_\d+|constants/tensor_\d+)$")
+_PT2_CONFIG_RX = re.compile(r"^data/(weights|constants)/([^/]+)_(?:weights|constants)_config\.json$")
+_PT2_SAMPLE_RX = re.compile(r"^data/sample_inputs/([^/]+)\.pt$")
+
+
+def _refuse_pickle(path, what: str) -> BqcError:
+    return BqcError(
+        f"{path} {what}; loading it could run code from the file, so bqc refuses it",
+        hint="re-export the model with torch.export.save from plain tensors, or pass --trust-pickle if you trust the file",
+    )
+
+
+def vet_pt2(path: Path, data: bytes | None = None) -> bytes:
+    """Refuse a .pt2 archive that would make ``torch.export.load`` unpickle anything or load native code.
+
+    Every member is checked against what torch 2.x reads from it: text and JSON members, raw
+    tensor bytes named by the payload configs (no config entry may be a pickle, a torchbind or an
+    opaque object), and the sample inputs, which ``torch.export.load`` unpickles *without*
+    restriction when the restricted (weights-only) load fails, so they must load weights-only
+    here. Anything else (AOTInductor libraries, legacy pickled weights, unknown members) is
+    refused. Returns the bytes that were vetted, to be loaded from memory (no re-read).
+    """
+    import io
+
+    if data is None:
+        data = Path(path).read_bytes()
     try:
-        z = zipfile.ZipFile(path)
+        z = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as e:
         raise BqcError(f"{path} is not a torch.export archive (not a zip file); it may be truncated") from e
     with z:
-        names = z.namelist()
-        for name in names:
-            if name.endswith("_config.json") and ("/data/weights/" in name or "/data/constants/" in name):
-                cfg = json.loads(z.read(name)).get("config", {})
-                pickled = [k for k, v in cfg.items() if v.get("use_pickle") or "tensor_meta" not in v]
-                if pickled:
-                    raise BqcError(
-                        f"{path} stores {len(pickled)} entries as pickles (e.g. {pickled[0]}); loading them could run code",
-                        hint="re-export the model with plain tensors, or pass --trust-pickle if you trust the file",
-                    )
-            if re.search(r"/data/weights/[^/]+\.pt$", name):
-                raise BqcError(f"{path} uses the legacy pickled weights format", hint="re-export with torch.export.save, or pass --trust-pickle")
+        infos = z.infolist()
+        names = [i.filename for i in infos]
+        if not names:
+            raise BqcError(f"{path} is an empty zip file, not a torch.export archive")
+        if len(set(names)) != len(names):
+            raise BqcError(f"{path} has duplicate zip members; refusing an archive that readers may read differently")
+        root = names[0].split("/", 1)[0] + "/"
+        if any(not n.startswith(root) for n in names):
+            raise BqcError(f"{path} is not a torch.export archive (its members are not under one root folder)")
+        rel = {n[len(root):]: n for n in names}
+        if "archive_format" not in rel or z.read(rel["archive_format"]).strip() != b"pt2":
+            raise BqcError(f"{path} is a zip file but not a torch.export archive (no archive_format 'pt2' member)",
+                           hint=f"it holds {_describe_zip(set(rel))}" if _describe_zip(set(rel)) else None)
+        models = {m.group(1) for r in rel if (m := _PT2_MODEL_RX.match(r))}
+        if "model" not in models:
+            raise BqcError(f"{path} is a torch.export archive without a program named 'model' (models/model.json)")
+        for r, full in rel.items():
+            if _PT2_MODEL_RX.match(r):
+                _vet_program_json(path, r, z.read(full))
+                continue
+            if r in _PT2_TEXT_MEMBERS or r.endswith("/") or _PT2_RAW_RX.match(r) \
+                    or (r.startswith("extra/") and r.count("/") == 1):
+                continue
+            m = _PT2_CONFIG_RX.match(r)
+            if m:
+                try:
+                    cfg = json.loads(z.read(full)).get("config", {})
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                    raise BqcError(f"{path}: {r} is not valid JSON") from e
+                prefix = "weight_" if m.group(1) == "weights" else "tensor_"
+                bad = [k for k, v in cfg.items() if not isinstance(v, dict) or v.get("use_pickle")
+                       or not v.get("tensor_meta") or not str(v.get("path_name", "")).startswith(prefix)]
+                if bad:
+                    raise _refuse_pickle(path, f"stores {len(bad)} {m.group(1)} entries as pickled or custom objects "
+                                               f"(e.g. {bad[0]})")
+                continue
+            if _PT2_SAMPLE_RX.match(r):
+                _vet_torch_save(path, r, z.read(full))
+                continue
+            if r.startswith("data/aotinductor/"):
+                raise BqcError(f"{path} holds an AOTInductor-compiled library ({r}); loading it runs native code",
+                               hint="save the program with torch.export.save (no AOTInductor package)")
+            if re.match(r"^data/(weights|constants)/[^/]+\.pt$", r):
+                raise _refuse_pickle(path, f"uses the legacy pickled weights format ({r})")
+            raise BqcError(f"{path}: unexpected member {r} in a torch.export archive; refusing what bqc cannot vet",
+                           hint="re-export with torch.export.save from this torch version, or pass --trust-pickle if you trust the file")
+    return data
+
+
+# The program JSON is not inert either: torch's deserializer passes every symbolic expression to
+# sympy.sympify (which eval()s it), ep.module() exec()s the ``guards_code`` strings, and fx
+# writes stack traces into the Python source it generates. So each of those is checked against
+# the narrow grammar torch.export itself writes.
+_SYMBOL_RX = re.compile(r"^[a-z]{1,4}\d+$")  # s0, u3, zuf0 ...
+_SYMPY_CALLS = {
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs", "floor", "ceiling",
+    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "Piecewise", "sqrt",
+    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "LShift",
+    "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
+    "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
+}
+_SYMPY_NAMES = {"oo", "zoo", "nan", "true", "false", "pi", "E"}
+_GUARD_METHODS = {"size", "stride", "storage_offset", "dim", "numel"}
+_GUARD_CALLS = {"IsNonOverlappingAndDenseIndicator", "cast_symbool_to_symint_guardless"}
+_MATH_ATTRS = {"isnan", "inf", "floor", "ceil", "trunc", "sqrt"}
+
+
+def _safe_expr(text: str, *, guard: bool) -> bool:
+    """Whether ``text`` is an arithmetic/comparison expression over the allowed names only
+    (no attribute access beyond size()/stride()/math.*, no strings except symbol names and
+    ``L['input']`` keys): such an expression cannot reach code when eval()ed."""
+    import ast
+
+    if not isinstance(text, str) or len(text) > 20_000 or "\r" in text or "\x00" in text:
+        return False
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    ok_ops = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd, ast.Not,
+              ast.And, ast.Or, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Load)
+
+    def ok(n) -> bool:
+        if isinstance(n, ast.Expression):
+            return ok(n.body)
+        if isinstance(n, ok_ops):
+            return True
+        if isinstance(n, ast.Constant):
+            return isinstance(n.value, (int, float, bool)) or n.value is None
+        if isinstance(n, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare)):
+            return all(ok(c) for c in ast.iter_child_nodes(n))
+        if isinstance(n, ast.Name):
+            if guard:
+                return n.id in ("L", "math") or n.id in _GUARD_CALLS
+            return n.id in _SYMPY_CALLS or n.id in _SYMPY_NAMES or bool(_SYMBOL_RX.match(n.id))
+        if isinstance(n, ast.Call):
+            if not guard:
+                if not (isinstance(n.func, ast.Name) and n.func.id in _SYMPY_CALLS):
+                    return False
+                args = list(n.args)
+                if n.func.id == "Symbol" and args and isinstance(args[0], ast.Constant):
+                    if not (isinstance(args[0].value, str) and _SYMBOL_RX.match(args[0].value)):
+                        return False
+                    args = args[1:]
+                return all(ok(a) for a in args) and all(
+                    k.arg is not None and k.arg.isidentifier() and isinstance(k.value, ast.Constant)
+                    and isinstance(k.value.value, bool) for k in n.keywords)
+            if n.keywords:
+                return False
+            f = n.func
+            if isinstance(f, ast.Attribute) and f.attr in _GUARD_METHODS and not n.args:
+                return ok(f.value)
+            if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "math" \
+                    and f.attr in _MATH_ATTRS:
+                return all(ok(a) for a in n.args)
+            if isinstance(f, ast.Name) and f.id in _GUARD_CALLS:
+                return all(ok(a) for a in n.args)
+            return False
+        if guard and isinstance(n, ast.Attribute):
+            return isinstance(n.value, ast.Name) and n.value.id == "math" and n.attr in _MATH_ATTRS
+        if guard and isinstance(n, ast.Subscript):
+            key = n.slice
+            if not isinstance(key, ast.Constant):
+                return False
+            if isinstance(key.value, str):
+                return key.value.isidentifier() and ok(n.value)
+            return isinstance(key.value, int) and ok(n.value)
+        return False
+
+    return ok(tree)
+
+
+def _vet_program_json(path, member: str, blob: bytes) -> None:
+    try:
+        doc = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BqcError(f"{path}: {member} is not valid JSON") from e
+
+    def refuse(what: str) -> BqcError:
+        return BqcError(
+            f"{path}: {member} holds {what}; torch would evaluate it as code while loading, so bqc refuses the file",
+            hint="re-export the model with torch.export.save, or pass --trust-pickle if you trust the file",
+        )
+
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if k == "expr_str" and not _safe_expr(item, guard=False):
+                    raise refuse(f"a symbolic expression that is not plain arithmetic ({str(item)[:80]!r})")
+                if k == "guards_code":
+                    for g in item if isinstance(item, list) else [item]:
+                        if not _safe_expr(g, guard=True):
+                            raise refuse(f"a guard that is not a plain shape check ({str(g)[:80]!r})")
+                    continue
+                stack.append(item)
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str) and ("\r" in v or "\x00" in v):
+            raise refuse("a string with a carriage return or NUL (it could break out of generated code)")
+
+
+def _vet_program(path, ep) -> None:
+    """After deserialising (which calls nothing in the graph) and before ``ep.module()`` (which
+    generates and exec()s Python code): every op must be an operator, not an arbitrary callable
+    reachable from ``torch``/``math``/``operator``, and every name that ends up in generated code
+    must be a plain dotted identifier."""
+    import operator
+
+    from torch._export.serde.serialize import _SYM_OPS
+    from torch.export.graph_signature import ConstantArgument, TensorArgument
+
+    allowed = set(_SYM_OPS) | {operator.getitem}
+    ident = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+    def refuse(what: str) -> BqcError:
+        return BqcError(f"{path}: the program {what}; bqc runs only programs made of operators",
+                        hint="re-export the model with torch.export.export/save, or pass --trust-pickle if you trust the file")
+
+    for gm in ep.graph_module.modules():
+        graph = getattr(gm, "graph", None)
+        if graph is None:
+            continue
+        for n in graph.nodes:
+            if n.op == "call_function":
+                t = n.target
+                if not (isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator))
+                        or t in allowed):
+                    raise refuse(f"calls {getattr(t, '__module__', '?')}.{getattr(t, '__qualname__', t)!s}, which is not an operator")
+            elif n.op in ("call_method", "call_module"):
+                raise refuse(f"has a {n.op} node ({n.target})")
+            elif n.op == "get_attr" and not ident.match(str(n.target)):
+                raise refuse(f"reads an attribute with an odd name ({str(n.target)[:60]!r})")
+    names = [*ep.state_dict, *ep.constants, *(s.target for s in ep.graph_signature.input_specs if s.target)]
+    bad = [k for k in names if not ident.match(str(k))]
+    if bad:
+        raise refuse(f"names a weight oddly ({str(bad[0])[:60]!r})")
+    for spec in ep.graph_signature.input_specs:
+        arg = spec.arg
+        if isinstance(arg, ConstantArgument):
+            if not (arg.value is None or isinstance(arg.value, (int, float, bool))):
+                raise refuse(f"has a constant input of type {type(arg.value).__name__}")
+        elif not isinstance(arg, TensorArgument):
+            raise refuse(f"has an input of kind {type(arg).__name__}")
+    for spec in (ep.call_spec.in_spec, ep.call_spec.out_spec):
+        todo = [spec] if spec is not None else []
+        while todo:
+            sp = todo.pop()
+            if sp.type not in (None, tuple, list, dict) and not sp.is_leaf():
+                raise refuse(f"takes or returns a {getattr(sp.type, '__name__', sp.type)} (only tuples, lists, dicts)")
+            if sp.type is dict and not all(isinstance(k, (str, int)) for k in (sp.context or [])):
+                raise refuse("has dict inputs with odd keys")
+            todo.extend(sp.children())
+
+
+def _vet_torch_save(path, member: str, blob: bytes) -> None:
+    """A ``torch.save`` member must load with the restricted weights-only unpickler."""
+    import io
+
+    if not blob:
+        return
+    try:
+        torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception:
+        raise _refuse_pickle(path, f"has a member ({member}) that does not load as plain tensors (a pickle of objects)") from None
+
+
+def load_exported(path: str | Path, *, trust_pickle: bool = False):
+    """``torch.export.load`` that never unpickles (unless ``trust_pickle``) or loads native code.
+
+    The archive is read once, vetted (:func:`vet_pt2`) and loaded from those bytes; while it
+    loads, ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` makes every ``torch.load`` inside torch restricted.
+    """
+    import io
+    import os
+
+    path = Path(path)
+    data = path.read_bytes() if trust_pickle else vet_pt2(path)
+    if trust_pickle:
+        try:
+            return torch.export.load(io.BytesIO(data))
+        except Exception as e:
+            raise BqcError(f"{path} could not be loaded as a torch.export program ({type(e).__name__}: {str(e)[:200]})") from e
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        ep = torch.export.load(io.BytesIO(data))
+        _vet_program(path, ep)
+        return ep
+    except BqcError:
+        raise
+    except Exception as e:
+        raise BqcError(f"{path} could not be loaded as a torch.export program ({type(e).__name__}: {str(e)[:200]})") from e
+    finally:
+        os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        for k, v in saved.items():
+            if v is not None:
+                os.environ[k] = v
 
 
 def _load_pt2(path: Path, trust_pickle: bool) -> ModelSource:
-    if not trust_pickle:
-        vet_pt2(path)
-    try:
-        ep = torch.export.load(str(path))
-    except Exception as e:
-        raise BqcError(f"{path} could not be loaded as a torch.export program ({type(e).__name__}: {str(e)[:200]})") from e
+    ep = load_exported(path, trust_pickle=trust_pickle)
     x = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in _user_input_names(ep)]
     shape = x[0].meta["val"].shape if x else None
     if shape is None or len(shape) != 4:
@@ -301,13 +748,14 @@ def _user_input_names(ep) -> list[str]:
     return [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
 
 
-def _load_pickled_module(path: Path, trust_pickle: bool) -> ModelSource:
+def _load_pickled_module(path: Path, trust_pickle: bool, kind: str = "pickle") -> ModelSource:
     if not trust_pickle:
         try:  # a weights-only file is a state dict, not a model
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception:
             raise BqcError(
-                f"{path} is a pickled Python object; unpickling it can run arbitrary code, so bqc refuses by default",
+                f"{path} is {FILE_KINDS.get(kind, 'a pickled Python object')}; unpickling it can run arbitrary code, "
+                "so bqc refuses by default",
                 hint="if you trust the file, pass --trust-pickle; better, export it once with torch.export.save (.pt2) "
                 "or save a state dict and load it with --config model.yaml --weights file",
             ) from None
@@ -353,15 +801,40 @@ def example_inputs(src: ModelSource, batch: int = 2) -> tuple:
 def capture(src: ModelSource):
     """Export ``src`` with a dynamic batch; failures become a BqcError naming op and line."""
     if src.exported is not None:
-        return src.exported
+        return require_dynamic_batch(src.exported, src)
     args = example_inputs(src)
     adapter = UNetAdapter(src.module, src.call, conditional=len(args) == 3).eval()
     dyn = tuple({0: torch.export.Dim.AUTO} for _ in args)
     try:
         with torch.no_grad():
-            return torch.export.export(adapter, args, dynamic_shapes=dyn, strict=False)
+            ep = torch.export.export(adapter, args, dynamic_shapes=dyn, strict=False)
     except Exception as e:  # export raises many types; all become one explanation
         raise capture_error(e, src) from e
+    return require_dynamic_batch(ep, src)
+
+
+def require_dynamic_batch(ep, src: ModelSource):
+    """Refuse a program whose batch dimension is fixed: it would transform, then fail in
+    ``bqc train`` / ``sample`` / ``eval``, which run other batch sizes."""
+    names = _user_input_names(ep)
+    x = next((n for n in ep.graph.nodes if n.op == "placeholder" and n.name in names), None)
+    val = x.meta.get("val") if x is not None else None
+    if val is None or not hasattr(val, "shape") or not len(val.shape) or not isinstance(val.shape[0], int):
+        return ep
+    b = int(val.shape[0])
+    if src.exported is not None:
+        raise BqcError(
+            f"{src.description} has a static batch size ({b}): torch.export fixes every dimension not marked "
+            f"dynamic, so the program only runs batches of {b}, and bqc train / sample / eval run other sizes",
+            hint="re-export with a dynamic batch: b = torch.export.Dim('batch'); torch.export.export(model, (x, t), "
+            "dynamic_shapes={'x': {0: b}, 't': {0: b}}) (keys: your forward's argument names; add 'y': {0: b} "
+            "for class labels), then torch.export.save(ep, 'model.pt2')",
+        )
+    raise BqcError(
+        f"capturing {src.description} fixed the batch size to {b}: the model's code depends on the batch size "
+        "(e.g. a reshape or expand with a literal batch), so the program would only run batches of that size",
+        hint="use x.shape[0] (or -1) instead of a fixed batch size in the model's forward",
+    )
 
 
 def capture_error(e: Exception, src: ModelSource) -> BqcError:
@@ -371,7 +844,19 @@ def capture_error(e: Exception, src: ModelSource) -> BqcError:
     import traceback
 
     tb = traceback.extract_tb(e.__traceback__)
-    user = [f for f in tb if "/torch/" not in f.filename and "/bqc/" not in f.filename]
+    # library frames are those inside the installed torch / bqc packages (by location, not by a
+    # "/bqc/" substring: a clone of the repository is itself usually called bqc/)
+    import os
+    import sys
+
+    pkgs = [sys.modules[k] for k in ("torch", "bqc", "bqc.passes", "bqc.backends") if k in sys.modules]
+    libs = tuple(str(Path(d).resolve()) + os.sep for m in pkgs for d in m.__path__)
+
+    def is_user(filename: str) -> bool:
+        return not filename.startswith("<") and not str(Path(filename).resolve()).startswith(libs)
+
+    user = [f for f in tb if is_user(f.filename)]
+    frames = [fr for fr in frames if is_user(fr[0])]
     where = f"{user[-1].filename}:{user[-1].lineno} ({(user[-1].line or '').strip()})" if user else (
         f"{frames[-1][0]}:{frames[-1][1]}" if frames else "unknown location")
     first = next((ln for ln in text.splitlines() if ln.strip()), type(e).__name__)[:300]
