@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CompiledModel", "load_compiled", "drop_native_log_lines"]
+__all__ = ["CompiledModel", "load_compiled", "read_compiled_manifest", "drop_native_log_lines"]
 
 
 def _np(a, dtype=None):
@@ -55,16 +55,65 @@ def drop_native_log_lines(marker: str):
                 sys.stderr.flush()
 
 
+_ELF_MACHINES = {62: "x86_64", 183: "aarch64", 3: "i386", 40: "arm"}
+
+
+def read_compiled_manifest(path) -> dict:
+    """``manifest.json`` of a ``bqc lower`` TVM output folder; BqcError (exit 2) for anything else."""
+    from bqc.errors import BqcError
+
+    d = Path(path)
+    man = d / "manifest.json"
+    if not man.is_file():
+        if (d / "export.json").is_file():
+            raise BqcError(f"{d} is an ONNX export (bqc lower --backend onnx), not a compiled TVM library",
+                           hint="run the ONNX model with onnxruntime, or lower with --backend tvm-x86 to run it here")
+        raise BqcError(f"{d} is not a compiled folder from `bqc lower` (no manifest.json)",
+                       hint="pass the -o folder of `bqc lower --backend tvm-x86`")
+    try:
+        m = json.loads(man.read_text())
+    except (OSError, ValueError) as e:
+        raise BqcError(f"{man} is unreadable or corrupt: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != "bqc-tvm" or not isinstance(m.get("files"), dict) \
+            or "library" not in m["files"]:
+        raise BqcError(f"{d}: not a bqc TVM library (manifest format {m.get('format') if isinstance(m, dict) else m!r})",
+                       hint="pass the -o folder of `bqc lower --backend tvm-x86`")
+    lib = d / m["files"]["library"]
+    if not lib.is_file():
+        raise BqcError(f"{d}: the library {lib.name} named in manifest.json is missing", hint="lower the artifact again")
+    return m
+
+
+def _check_library_arch(lib: Path, backend) -> None:
+    """A library for another CPU fails in dlopen with a misleading "No such file": say what it is."""
+    import platform
+
+    from bqc.errors import BqcError
+
+    try:
+        with open(lib, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return
+    if head[:4] != b"\x7fELF" or len(head) < 20:
+        return
+    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+    built = _ELF_MACHINES.get(machine)
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    if built and here in _ELF_MACHINES.values() and built != here:
+        other = "tvm-arm" if here == "aarch64" else "tvm-x86"
+        raise BqcError(f"{lib} was built for {built} ({backend or 'unknown backend'}); this machine is {here}",
+                       hint=f"run it on an {built} machine, or lower the artifact with --backend {other} to run it here")
+
+
 class CompiledModel:
     def __init__(self, path):
         import tvm
         from tvm import relax
 
         self.path = Path(path)
-        self.manifest = json.loads((self.path / "manifest.json").read_text())
-        m = self.manifest
-        if m.get("format") != "bqc-tvm":
-            raise ValueError(f"{self.path}: not a bqc TVM library (format {m.get('format')!r})")
+        self.manifest = m = read_compiled_manifest(self.path)
+        _check_library_arch(self.path / m["files"]["library"], m.get("backend"))
         if m["backend"] == "tvm-cuda":
             from .tvm.cuda import load_cuda_library
 

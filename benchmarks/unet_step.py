@@ -9,7 +9,7 @@ Usage::
 For every (model, recipe): ``bqc transform MODEL --recipe RECIPE`` (a freshly transformed
 artifact: the compiled code path, hence the speed, does not depend on training; the lowering
 calibrates its activation quantizers on one random batch), ``bqc lower --backend tvm-x86
---batch B`` (B = 16 for mnist16, 4 for ddim-cifar10 unless ``--batch MODEL=B``), then, for every
+--batch B --calibrate random`` (B = 16 for mnist16, 4 for ddim-cifar10 unless ``--batch MODEL=B``), then, for every
 thread count ``T``, a fresh worker process (TVM fixes its thread pool size when it starts) with
 ``TVM_NUM_THREADS=T``, ``OMP_NUM_THREADS=T`` and ``torch.set_num_threads(T)`` times one UNet
 step (``eps = model(x, t)`` at the compiled batch) of
@@ -158,7 +158,8 @@ def build(model: str, recipe: str, batch: int, work: Path, rebuild: bool, log) -
     lower_s = None
     if rebuild or not (lib / "manifest.json").exists():
         t0 = time.perf_counter()
-        _run(_bqc() + ["lower", str(art), "--backend", "tvm-x86", "-o", str(lib), "--batch", str(batch)], log)
+        _run(_bqc() + ["lower", str(art), "--backend", "tvm-x86", "-o", str(lib), "--batch", str(batch),
+                      "--calibrate", "random"], log)
         lower_s = time.perf_counter() - t0
     return lib, lower_s
 

@@ -3,7 +3,8 @@
 Layout of an artifact directory (no pickled code anywhere)::
 
     bqc.json            manifest: format version, source model, resolved recipe, bits,
-                        signature (inputs, state), file list
+                        signature (inputs, state), file list, diffusion process (``diffusion``:
+                        schedule, prediction type and where they came from)
     base.pt2            the captured full-precision program (torch.export; vetted on load so
                         it never unpickles) — the teacher, and what the recipe is replayed on
     model.safetensors   the transformed graph's state_dict (weights + quantizer state)
@@ -45,6 +46,14 @@ class Artifact:
     def model(self) -> BqcModel:
         return BqcModel(self.gm)
 
+    @property
+    def schedule(self):
+        """The model's diffusion process (betas, T, spacing, prediction) from the manifest's
+        ``diffusion`` entry; artifacts written before bqc recorded it mean linear eps."""
+        from bqc.diffusion.schedule import NoiseSchedule
+
+        return NoiseSchedule.from_manifest(self.manifest)
+
     def teacher(self) -> BqcModel:
         """The full-precision model, annotated, as a fresh graph (frozen by the caller)."""
         from bqc.pipeline import PassContext, get_pass
@@ -67,12 +76,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def save_artifact(out: str | Path, *, base_ep, gm: fx.GraphModule, recipe, wbits: int, abits: int,
                   source: dict, extra: dict | None = None) -> Path:
-    """Write an artifact directory atomically (built in a temp dir, then renamed into place)."""
+    """Write an artifact directory: built in a temp dir, then renamed into place; into an existing
+    folder, bqc's own files (bqc.json last) are replaced one by one and nothing else is touched."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise BqcError(f"cannot write the artifact {out}: it is a file, not a folder", hint="choose another output path")
+    existing = out.is_dir()
+    if not existing:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bqc-artifact.", dir=out if existing else out.parent))
     try:
         torch.export.save(base_ep, str(tmp / "base.pt2"))
         save_file(state_dict_for_save(gm), str(tmp / "model.safetensors"))
@@ -91,11 +105,10 @@ def save_artifact(out: str | Path, *, base_ep, gm: fx.GraphModule, recipe, wbits
             **(extra or {}),
         }
         (tmp / "bqc.json").write_text(json.dumps(manifest, indent=2, default=str))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        if existing:  # replace bqc's own files one by one (manifest last); nothing else there is touched
+            for name in sorted((f.name for f in tmp.iterdir()), key=lambda n: n == "bqc.json"):
+                os.replace(tmp / name, out / name)
+            tmp.rmdir()
         else:
             os.replace(tmp, out)
     except BaseException:
@@ -131,14 +144,13 @@ def build_graph(base_ep, recipe, wbits: int, abits: int, *, dump_dir=None, check
 
 def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Artifact:
     """Load an artifact directory (optionally with another weights file, e.g. a checkpoint)."""
-    from bqc.frontend import load_safetensors, vet_pt2
+    from bqc.frontend import load_exported, load_safetensors
     from bqc.pipeline import Recipe
 
     path = Path(path)
     manifest = read_manifest(path)
     base = require_file(path / "base.pt2", "artifact base program")
-    vet_pt2(base)
-    base_ep = torch.export.load(str(base))
+    base_ep = load_exported(base)  # vetted: never unpickles, never loads native code
     recipe = Recipe.from_dict(manifest["recipe"])
     gm, _ = build_graph(base_ep, recipe, manifest["wbits"], manifest["abits"])
     sd = load_safetensors(weights or path / "model.safetensors")
@@ -154,3 +166,27 @@ def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Art
         raise BqcError(f"{path}: the rebuilt graph differs from graph.txt (artifact written by another bqc version?)",
                        hint="re-run bqc transform with this version")
     return Artifact(path, manifest, base_ep, gm, recipe)
+
+
+def read_schedule(target: str | Path):
+    """The recorded diffusion process of an artifact dir (``bqc.json``) or a compiled dir
+    (``manifest.json``'s ``diffusion``, else the artifact it was lowered from); ``None`` for
+    anything else (a plain model: ask the front end)."""
+    from bqc.diffusion.schedule import NoiseSchedule
+
+    target = Path(target)
+    if is_artifact(target):
+        return NoiseSchedule.from_manifest(read_manifest(target))
+    compiled = target / "manifest.json"
+    if compiled.is_file():
+        try:
+            man = json.loads(compiled.read_text())
+        except json.JSONDecodeError as e:
+            raise BqcError(f"{compiled} is corrupt: {e}") from e
+        if man.get("diffusion"):
+            return NoiseSchedule.from_manifest(man)
+        src = man.get("artifact")
+        if src and is_artifact(src):
+            return NoiseSchedule.from_manifest(read_manifest(src))
+        return NoiseSchedule()
+    return None

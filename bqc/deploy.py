@@ -943,6 +943,56 @@ class _Signature(nn.Module):
         return tuple(self.gm(*args))
 
 
+def uncalibrated(gm: fx.GraphModule) -> list[str]:
+    """Names of the activation quantizers that no forward pass has initialised (an untrained
+    QAT graph of a recipe with LSQ / uniform activations); empty for trained or deploy graphs."""
+    from bqc.quant.uniform import LSQ, UniformAct
+
+    return [name for name, m in gm.named_modules()
+            if isinstance(m, (LSQ, UniformAct)) and not bool(m.initialised)]
+
+
+CALIBRATION_IMAGES = 64
+
+
+def calibrate(gm: fx.GraphModule, data: str, *, manifest: dict | None = None, n: int = CALIBRATION_IMAGES,
+              seed: int = 0) -> str:
+    """Initialise the activation quantizers of an untrained QAT graph in place; returns what was done.
+
+    ``data``: a data set (``mnist16`` or an image folder, as ``bqc train --data``): ``n`` training
+    images, noised to uniformly drawn timesteps of the model's own schedule (as training sees
+    them), in one forward pass. ``"random"``: one batch of 2 Gaussian inputs, for speed
+    measurements and smoke tests only (the steps it sets mean nothing).
+    """
+    from bqc.graph import BqcModel
+
+    model = BqcModel(gm)
+    gm.eval()
+    if data == "random":
+        with torch.no_grad():
+            model(*example_inputs(gm, batch=2, seed=seed)[:2])
+        return "random (2 Gaussian inputs; for speed measurements only)"
+    from bqc.data import load_dataset
+    from bqc.diffusion.schedule import NoiseSchedule, q_sample
+
+    ds = load_dataset(data, "train")
+    if tuple(ds.images.shape[1:]) != model.input_shape:
+        raise BqcError(f"calibration data {data!r} has images of shape {tuple(ds.images.shape[1:])}, "
+                       f"the model takes {model.input_shape}")
+    sched = NoiseSchedule.from_manifest(manifest)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.images), generator=g)[:n]
+    x0 = ds.images[idx]
+    t = torch.randint(0, sched.T, (len(idx),), generator=g)
+    x_t = q_sample(sched, x0, t, torch.randn(x0.shape, generator=g))
+    y = None
+    if model.conditional:
+        y = ds.labels[idx] if ds.labels is not None else torch.zeros(len(idx), dtype=torch.long)
+    with torch.no_grad():
+        model(x_t, t, y)
+    return f"{data} ({len(idx)} training images at random timesteps)"
+
+
 def example_inputs(gm: fx.GraphModule, batch: int = 1, seed: int = 0, state: bool = True) -> list[torch.Tensor]:
     """Example inputs in graph order: x, t[, y], TBS caches (random if ``state``, else zeros), flag."""
     meta = ir.graph_meta(gm)

@@ -21,6 +21,46 @@ def _small_threads():
     yield
 
 
+def _release_memory(module) -> None:
+    """What one test module built must not stay resident for the rest of the session (the
+    README's command runs every file in one process, on machines with 8 GB): the module's own
+    caches (module-level dicts named like ``_CACHE``), bqc's kernel build cache, torch.export /
+    dynamo state, then a full collection and ``malloc_trim`` so freed arenas go back to the OS."""
+    import gc
+    import sys
+
+    here = Path(__file__).parent
+    mods = {module} | {m for m in list(sys.modules.values())  # test modules imported by others (test_deploy.qat)
+                       if Path(getattr(m, "__file__", None) or "/").parent == here}
+    for m in mods:
+        for name, value in list(vars(m).items()):
+            if name.startswith("_") and name.lstrip("_").isupper() and isinstance(value, dict):
+                value.clear()
+    try:
+        from bqc.backends.tvm.kernels import build
+
+        build._build_cached.cache_clear()
+    except Exception:  # noqa: BLE001 - TVM is optional
+        pass
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001
+        pass
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_memory(request):
+    yield
+    _release_memory(request.module)
+
+
 @pytest.fixture
 def golden(request):
     """``golden(name, text)``: compare text with tests/golden/NAME.txt (or rewrite it)."""

@@ -1,9 +1,10 @@
 """Lower a bqc artifact to a compiled TVM library (tvm-x86 / tvm-arm / tvm-cuda) or to ONNX.
 
-``lower(artifact_dir, backend, out_dir, *, batch=16, calibrate=True, threads=None) -> Path``
+``lower(artifact_dir, backend, out_dir, *, batch=16, calibrate=None, threads=None) -> Path``
 
 1. load the artifact and fold it (:func:`backends.onnx.export.resolve_deploy_graph`: a QAT graph
-   whose quantizers were never run gets one random calibration batch when ``calibrate``);
+   whose activation quantizers were never run is refused unless ``calibrate`` names a data set
+   to calibrate them on, or ``"random"`` for speed measurements; recorded as ``calibration``);
 2. ``bqc.deploy.export_program`` with a **static** batch (``batch``; recorded in the manifest;
    :mod:`bqc.backends.runtime` pads / splits other batch sizes);
 3. ``from_exported_program(ep, keep_params_as_input=True, custom_convert_map=Converter(...))``:
@@ -55,15 +56,10 @@ def _target(backend: str, threads: int | None):
     raise BqcError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
 
 
-def _deploy_graph(src, calibrate: bool):
+def _deploy_graph(src, calibrate, info: dict | None = None):
     from bqc.backends.onnx.export import resolve_deploy_graph
 
-    try:
-        return resolve_deploy_graph(src, calibrate=False)
-    except BqcError:
-        if not calibrate:
-            raise
-        return resolve_deploy_graph(src, calibrate=True)
+    return resolve_deploy_graph(src, calibrate=calibrate, info=info)
 
 
 def lowered_module(dg, batch: int, target):
@@ -155,7 +151,7 @@ def _sizes(dg) -> dict:
             "nominal_bytes": s["nominal_bytes"]}
 
 
-def lower(artifact_dir, backend: str, out_dir, *, batch: int = DEFAULT_BATCH, calibrate: bool = True,
+def lower(artifact_dir, backend: str, out_dir, *, batch: int = DEFAULT_BATCH, calibrate: bool | str | None = None,
           threads: int | None = None) -> Path:
     """Compile an artifact (dir, :class:`Artifact` or QAT/deploy graph) for ``backend``; see the
     module docstring. Returns ``out_dir``."""
@@ -173,7 +169,8 @@ def lower(artifact_dir, backend: str, out_dir, *, batch: int = DEFAULT_BATCH, ca
 
     art_path = str(Path(artifact_dir).resolve()) if isinstance(artifact_dir, (str, Path)) else None
     art = A.load_artifact(artifact_dir) if isinstance(artifact_dir, (str, Path)) else artifact_dir
-    dg = _deploy_graph(art, calibrate)
+    cal: dict = {}
+    dg = _deploy_graph(art, calibrate, cal)
     t0 = time.perf_counter()
     ex, conv = build_relax(dg, backend, batch, threads)
     build_s = time.perf_counter() - t0
@@ -205,6 +202,7 @@ def lower(artifact_dir, backend: str, out_dir, *, batch: int = DEFAULT_BATCH, ca
         "model": manifest.get("model") or manifest.get("source"),
         "recipe": getattr(recipe, "name", None) or manifest.get("recipe"),
         "artifact": art_path,
+        "calibration": cal.get("calibration"),
         **_signature(dg),
         "files": files,
         "sizes": _sizes(dg),
@@ -254,8 +252,10 @@ def bench(dir, threads: int | None = None, *, repeat: int = 10, profile: bool = 
 
     from bqc.backends.runtime import load_compiled
 
+    from bqc.backends.runtime import read_compiled_manifest
+
     d = Path(dir)
-    man = json.loads((d / "manifest.json").read_text())
+    man = read_compiled_manifest(d)  # BqcError for an ONNX export or any other folder
     if man["backend"] != "tvm-x86":
         raise BqcError(f"bench runs tvm-x86 libraries on this machine; {d} is {man['backend']}")
     threads = int(threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)

@@ -43,5 +43,14 @@ def save_grid(samples: torch.Tensor, path, nrow: int = 8, *, scale: int = 1, pad
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    if path.suffix.lower() == ".png":  # marked, so that bqc knows it may replace this file (bqc.outputs)
+        from PIL.PngImagePlugin import PngInfo
+
+        from bqc.outputs import PNG_MARK
+
+        info = PngInfo()
+        info.add_text(*PNG_MARK)
+        img.save(path, pnginfo=info)
+    else:
+        img.save(path)
     return path

@@ -13,7 +13,7 @@
 - checkpoints every ``checkpoint_every`` steps, at the end, and on Ctrl-C / SIGTERM /
   KeyboardInterrupt (``checkpoint.safetensors`` via :mod:`bqc.checkpoint`, atomic, no pickle).
   A signal is deferred to the end of the current step, so the saved state is never half-updated;
-  the loop then raises KeyboardInterrupt.
+  the loop then raises :class:`TrainingInterrupted` (a KeyboardInterrupt saying what was saved).
 
 Exact resume: the data order is a per-epoch permutation from a generator seeded with
 ``(seed, epoch)``, and the global torch RNG is re-seeded from ``(seed, step)`` at the start of
@@ -23,8 +23,15 @@ N steps + resume to 2N gives bit-identical weights to 2N steps in one run (same 
 thread count). Resuming refuses when the caller's ``fingerprint`` (model/recipe identity),
 the optimisation settings or the data size differ, naming each mismatch.
 
-A non-finite loss or gradient norm stops the run with a :class:`BqcError` before the update;
-the last checkpoint on disk is left untouched.
+A non-finite loss or gradient norm stops the run with a :class:`BqcError` before the update,
+and so do non-finite weights (or EMA) when a checkpoint is due: no checkpoint with non-finite
+state is ever written. The kept checkpoint is the last one whose weights were finite *and*
+whose first following step had a finite loss: until that step succeeds the previous checkpoint
+is kept as ``checkpoint.prev.safetensors``, and a NaN stop at that step puts it back (the
+checkpoint that produced the NaN is moved to ``checkpoint.nonfinite.safetensors``). A resume
+may change the learning rate and the gradient clip explicitly (``change=("lr", "grad_clip")``;
+``bqc train --resume OUT --lr .. --grad-clip ..``): every other setting must match, and each
+change is recorded with its step in the checkpoint (``changes``) and ``LoopResult.changes``.
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ from bqc.checkpoint import (
 )
 from bqc.errors import BqcError
 
-__all__ = ["LoopConfig", "LoopResult", "train_loop", "batch_indices", "derive_seed", "CHECKPOINT_NAME"]
+__all__ = ["LoopConfig", "LoopResult", "TrainingInterrupted", "train_loop", "batch_indices", "derive_seed", "CHECKPOINT_NAME"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 METRICS_NAME = "metrics.csv"
@@ -56,6 +63,10 @@ LossFn = Callable[[torch.nn.Module, Any, int], "tuple[torch.Tensor, dict]"]
 # settings that must match for an exact resume (steps may grow; logging/checkpoint cadence may change)
 _RESUME_KEYS = ("batch_size", "lr", "weight_decay", "betas", "eps", "warmup_steps", "lr_schedule",
                 "min_lr_ratio", "grad_clip", "ema_decay", "ema_warmup", "seed")
+# ... of which a resume may change these when the caller says so (``train_loop(change=...)``)
+CHANGEABLE = ("lr", "grad_clip")
+PREV_NAME = "checkpoint.prev.safetensors"          # the fallback until the newest checkpoint is confirmed
+NONFINITE_NAME = "checkpoint.nonfinite.safetensors"  # a checkpoint whose first step was non-finite
 
 
 @dataclass
@@ -114,6 +125,7 @@ class LoopResult:
     wall_s: float = 0.0                  # this run
     wall_s_total: float = 0.0            # all runs that led to this checkpoint (resumes add up)
     resumed_from: Optional[int] = None
+    changes: list = field(default_factory=list)  # [{"step": k, "lr": [old, new], ...}] explicit resume changes
 
     def ema_state_dict(self, model: torch.nn.Module) -> dict:
         """``model.state_dict()`` with the EMA values substituted (the model itself is untouched)."""
@@ -346,7 +358,8 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                fingerprint: Optional[dict] = None, resume: bool | str = False,
                param_groups: Optional[Sequence[dict]] = None,
                callbacks: Iterable[Callable[[int, torch.nn.Module, dict], None]] = (),
-               device: str | torch.device = "cpu", extra_meta: Optional[dict] = None) -> LoopResult:
+               device: str | torch.device = "cpu", extra_meta: Optional[dict] = None,
+               change: Iterable[str] = (), nonfinite_hint: Optional[str] = None) -> LoopResult:
     """Train ``model`` on ``data`` (a tensor, or a tuple/NamedTuple of equal-length tensors,
     ``None`` entries allowed; the batch passed to ``loss_fn`` has the same structure).
 
@@ -355,6 +368,8 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     ``param_groups``: AdamW groups (``{"params": [...], "lr": ...}``), default all trainable
     parameters. ``callbacks(step, model, terms)`` run after each completed step.
     ``fingerprint``: JSON-able identity of the model/recipe/data, checked on resume.
+    ``change``: settings of :data:`CHANGEABLE` this resume may change on purpose (recorded).
+    ``nonfinite_hint``: the hint of a NaN stop (name the caller's own options).
     """
     config.validate()
     dctx = DistContext.from_env(device)
@@ -381,6 +396,12 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     if resume not in (True, False, "auto"):
         raise BqcError(f"resume must be True, False or 'auto', got {resume!r}")
     start, ema, resumed_from, wall_before = 0, None, None, 0.0
+    change = set(change)
+    if change - set(CHANGEABLE):
+        raise BqcError(f"a resume can change only {', '.join(CHANGEABLE)}, not {sorted(change - set(CHANGEABLE))}")
+    changes: list = []
+    prev_path, bad_path = out_dir / PREV_NAME, out_dir / NONFINITE_NAME
+    fallback = {"pending": False}  # PREV_NAME holds the fallback of a not yet confirmed checkpoint
     if ckpt_path.exists() and resume is False:
         raise BqcError(f"{out_dir} already holds a training checkpoint ({ckpt_path.name})",
                        hint="pass --resume to continue it, or choose another output folder")
@@ -388,14 +409,23 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
         raise BqcError(f"nothing to resume: no {CHECKPOINT_NAME} in {out_dir}")
     if resume and ckpt_path.exists():
         tensors, meta = load_checkpoint(ckpt_path)
-        problems = _diff({"fingerprint": meta.get("fingerprint", {}), "loop": meta.get("loop", {})},
-                         {"fingerprint": fingerprint, "loop": config.resume_view()})
+        old_loop, new_loop = dict(meta.get("loop", {})), config.resume_view()
+        changed = {k: [old_loop.get(k), new_loop[k]] for k in sorted(change) if old_loop.get(k) != new_loop[k]}
+        old_loop.update({k: new_loop[k] for k in changed})
+        problems = _diff({"fingerprint": meta.get("fingerprint", {}), "loop": old_loop},
+                         {"fingerprint": fingerprint, "loop": new_loop})
         if meta.get("data_n") != n:
             problems.append(f"data set size: checkpoint has {meta.get('data_n')}, this run has {n}")
         if problems:
+            hint = "use the original settings, or start a new run in another folder"
+            if any(p.startswith(tuple(f"loop.{k}:" for k in CHANGEABLE)) for p in problems):
+                hint += ("; the learning rate and the gradient clip may change on resume when given explicitly "
+                         "(bqc train: --resume OUT with --lr / --grad-clip)")
             raise BqcError(f"cannot resume from {ckpt_path}: the checkpoint was made with different settings:\n  - "
-                           + "\n  - ".join(problems),
-                           hint="use the original settings, or start a new run in another folder")
+                           + "\n  - ".join(problems), hint=hint)
+        changes = list(meta.get("changes", []))
+        if changed:
+            changes.append({"step": int(meta["step"]), **changed})
         msd = split_prefix(tensors, "model/")
         want = model.state_dict()
         bad = [k for k in want if k not in msd or msd[k].shape != want[k].shape] + [k for k in msd if k not in want]
@@ -403,16 +433,24 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
             raise BqcError(f"cannot resume from {ckpt_path}: model tensors differ from the checkpoint "
                            f"({len(bad)} mismatched, e.g. {bad[:3]})")
         model.load_state_dict(msd)
+        mine = [{"initial_lr": g["initial_lr"], "lr": g["lr"]} for g in opt.param_groups]
         try:
             opt.load_state_dict(unflatten_optimizer_state(split_prefix(tensors, "optim/"), meta["optimizer"], prefix=""))
         except ValueError as e:
             raise BqcError(f"cannot resume from {ckpt_path}: the optimizer's parameter groups differ from the "
                            f"checkpoint ({e})") from None
+        for g, m in zip(opt.param_groups, mine):  # this run's lr (load_state_dict restores the saved one)
+            g.update(m)
         ema_t = split_prefix(tensors, "ema/")
         ema = {k: v.to(device) for k, v in ema_t.items()} if meta.get("has_ema") else None
         set_rng_state(tensors, meta["rng"])
         start = resumed_from = int(meta["step"])
         wall_before = float(meta.get("wall_s", 0.0))
+        if changed and dctx.main and config.progress:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"resuming at step {start} with changed settings: "
+                                       + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()), highlight=False)
 
     train_model = model
     if dctx.world > 1:  # gradients are averaged by DDP; every rank starts from the same weights
@@ -424,9 +462,28 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     def ema_keys():
         return [k for k, v in model.state_dict().items() if v.is_floating_point()]
 
-    def write_checkpoint(step: int) -> Path | None:
+    def nonfinite_state() -> list[str]:
+        """Names of the model / EMA tensors holding NaN or inf."""
+        sd = {f"model/{k}": v for k, v in model.state_dict().items()}
+        sd.update({f"ema/{k}": v for k, v in (ema or {}).items()})
+        return [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+    def write_checkpoint(step: int, or_keep: Any = _RAISE) -> Path | None:
+        """Save the state of ``step``; the previous checkpoint stays as PREV_NAME until the step
+        after this one succeeds (:func:`confirm_checkpoint`). Non-finite state is never saved:
+        it raises, or (``or_keep``, on an interrupt) warns and returns ``or_keep``."""
+        bad = nonfinite_state()
+        if bad:  # every rank holds the same weights, so every rank stops here
+            what = f"{len(bad)} tensors, e.g. {', '.join(bad[:3])}"
+            if or_keep is _RAISE:
+                raise _NonFinite(step, "weights", what, last_terms)
+            Console(stderr=True).print(f"[yellow]not saving step {step}: non-finite weights ({what})[/]")
+            return or_keep
         if not dctx.main:  # rank 0 checkpoints; the replicas are identical
             return None
+        if ckpt_path.exists() and _ckpt_step(ckpt_path) != step:
+            ckpt_path.replace(prev_path)
+            fallback["pending"] = True
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
         ot, oj = flatten_optimizer_state(opt.state_dict(), prefix="optim/")
         tensors.update(ot)
@@ -437,9 +494,15 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
         meta = {"step": step, "steps_total": config.steps, "loop": config.resume_view(), "config": _normalise(asdict(config)),
                 "fingerprint": fingerprint, "optimizer": oj, "rng": rj, "has_ema": ema is not None,
                 "sampler": sampler.position(step), "data_n": n, "torch": torch.__version__,
-                "wall_s": round(wall_before + time.time() - t_begin, 3),
+                "wall_s": round(wall_before + time.time() - t_begin, 3), "changes": _normalise(changes),
                 "extra": _normalise(extra_meta or {})}
         return save_checkpoint(ckpt_path, tensors, meta)
+
+    def confirm_checkpoint() -> None:
+        """A step after the newest checkpoint had a finite loss and gradient: drop the fallback."""
+        if fallback["pending"]:
+            prev_path.unlink(missing_ok=True)
+            fallback["pending"] = False
 
     csvlog = _CsvLog(out_dir / METRICS_NAME, resumed_from) if dctx.main else None
     tb = _tensorboard_writer(out_dir / "tensorboard") if dctx.main else None
@@ -464,6 +527,10 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     last_terms: dict = {}
     step = start
     last_ckpt = ckpt_path if ckpt_path.exists() and resumed_from is not None else None
+    if dctx.main:
+        if resumed_from is None:  # leftovers of an earlier run in this folder
+            prev_path.unlink(missing_ok=True)
+        fallback["pending"] = prev_path.exists()
     in_update = False
     callbacks = list(callbacks)
     try:
@@ -495,6 +562,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                 gn = float(gn)
                 if not math.isfinite(gn):
                     raise _NonFinite(step, "gradient norm", gn, terms)
+                confirm_checkpoint()  # the newest checkpoint's first step was finite
                 in_update = True
                 opt.step()
                 if config.ema_decay is not None:
@@ -535,28 +603,49 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                     win_t, win_steps, win_sums = now, 0, {}
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
                     last_ckpt = write_checkpoint(step)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if bar is not None:
             bar.stop()
             bar = None
         if in_update:
-            console.print(f"[yellow]interrupted during an update; the last checkpoint ({last_ckpt}) is kept[/]")
-        elif step > (resumed_from or 0) or last_ckpt is None:
-            last_ckpt = write_checkpoint(step)
-            console.print(f"[yellow]interrupted: saved a checkpoint at step {step} in {out_dir}; continue with --resume[/]")
-        raise
+            msg = (f"interrupted during the update of step {step + 1}; the last checkpoint is kept "
+                   f"(step {_ckpt_step(last_ckpt)}, {last_ckpt})" if last_ckpt else
+                   f"interrupted during the update of step {step + 1}, before any checkpoint was written")
+        else:
+            if step > (resumed_from or 0) or last_ckpt is None:
+                last_ckpt = write_checkpoint(step, or_keep=last_ckpt)
+            msg = f"interrupted at step {step}; checkpoint saved to {last_ckpt}" if last_ckpt else \
+                f"interrupted at step {step}"
+        raise TrainingInterrupted(msg, step=step, checkpoint=last_ckpt) from e
     except _NonFinite as e:
-        where = f"the last good checkpoint (step {_ckpt_step(last_ckpt)}) is kept at {last_ckpt}" if last_ckpt else \
-            "no checkpoint had been written yet"
-        raise BqcError(f"training stopped at step {e.step}: non-finite {e.what} ({e.value}); terms {e.terms}. {where}.",
-                       hint="lower the learning rate, enable --grad-clip or a longer warm-up, then resume") from None
+        note = ""
+        if dctx.main and e.what != "weights" and last_ckpt is not None and _ckpt_step(ckpt_path) == e.step:
+            # the newest checkpoint's own weights gave the non-finite value: resuming from it would
+            # repeat it whatever the settings, so fall back to the one before it
+            if fallback["pending"] and prev_path.exists():
+                ckpt_path.replace(bad_path)
+                prev_path.replace(ckpt_path)
+                fallback["pending"] = False
+                note = (f" The checkpoint of step {e.step} gave this value at once: it is moved to {bad_path.name} "
+                        f"and the one before it restored.")
+            else:
+                note = f" That checkpoint gave this value at once: a resume from it repeats it unless its weights change."
+        where = (f"the last checkpoint with finite weights and loss is kept: step {_ckpt_step(last_ckpt)}, {last_ckpt}"
+                 if last_ckpt else "no checkpoint had been written yet")
+        hint = nonfinite_hint or ("resume from that checkpoint with a lower learning rate or a smaller gradient-clip norm "
+                                  "(train_loop(..., resume=True, change=('lr', 'grad_clip'))), or lengthen the warm-up "
+                                  "in a new run")
+        raise BqcError(f"training stopped at step {e.step}: non-finite {e.what} ({e.value}); terms {e.terms}. "
+                       f"{where}.{note}", hint=hint) from None
     finally:
         if bar is not None:
             bar.stop()
         if tb is not None:
             tb.close()
+    if dctx.main:  # a finished run keeps one checkpoint
+        prev_path.unlink(missing_ok=True)
     dctx.check_replicas(model, out_dir)
-    return LoopResult(step=step, out_dir=out_dir, checkpoint=last_ckpt, ema=ema, last_terms=last_terms,
+    return LoopResult(step=step, out_dir=out_dir, checkpoint=last_ckpt, ema=ema, last_terms=last_terms, changes=changes,
                       wall_s=time.time() - t_begin, wall_s_total=wall_before + time.time() - t_begin,
                       resumed_from=resumed_from)
 
@@ -568,6 +657,18 @@ def _ckpt_step(p) -> Any:
         return read_checkpoint_meta(p)["step"]
     except Exception:
         return "?"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM stopped :func:`train_loop`: ``message`` says what was saved;
+    ``checkpoint`` is the checkpoint a resume continues from (None when there is none)."""
+
+    def __init__(self, message: str, *, step: int, checkpoint: Optional[Path]):
+        super().__init__(message)
+        self.message, self.step, self.checkpoint = message, step, checkpoint
+
+
+_RAISE = object()
 
 
 class _NonFinite(Exception):

@@ -1,0 +1,173 @@
+"""May a command write its output here? One rule for every command that writes.
+
+Every writing command (``transform``, ``train``, ``pretrain``, ``sample``, ``lower``, ``demo``)
+calls :func:`check_output` before doing any work. The rule:
+
+* a path that does not exist is fine if it can be created (its nearest existing ancestor is a
+  writable folder; not a path under a file);
+* an existing **folder** is fine when it is empty or already holds bqc's output of the same
+  kind (recognised by its marker files: an artifact's ``bqc.json``, a training run's
+  ``train/checkpoint.safetensors`` or ``train.json``, a lowered folder's ``manifest.json`` /
+  ``export.json``, ...). Anything else (your own files, or bqc's output of another kind) is
+  refused unless ``--force``; bqc then writes and replaces only the files it names itself
+  (:data:`OWN_FILES`) and never deletes anything else;
+* an existing **file** output (``sample -o grid.png``, ``--npz``) is fine when bqc wrote it
+  (bqc marks its PNGs with a ``Software: bqc`` text chunk and its NPZs with a zip comment);
+  any other existing file needs ``--force``;
+* a file is never replaced by a folder, nor a folder by a file (``--force`` or not).
+
+Refusals are :class:`~bqc.errors.BqcError` (exit code 2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from bqc.errors import BqcError
+
+__all__ = ["check_output", "output_kind", "OWN_FILES", "PNG_MARK", "mark_npz", "is_bqc_file"]
+
+_ARTIFACT = ("bqc.json", "base.pt2", "model.safetensors", "graph.txt")
+
+#: the names bqc writes in an output folder of each kind (folders end in "/")
+OWN_FILES: dict[str, tuple[str, ...]] = {
+    "artifact": _ARTIFACT,
+    "run": _ARTIFACT + ("train.json", "train/", ".artifact/"),
+    "model": ("config.json", "model.safetensors", "train/"),
+    "compiled": ("manifest.json", "model.so", "model.cu", "export.json", "model.onnx", "model_fakequant.onnx",
+                 "model.onnx.data", "model_fakequant.onnx.data"),
+    "demo": ("summary.json", "fp_samples.png", "<recipe>/"),
+}
+
+_WHAT = {
+    "artifact": "transformed-model artifact (bqc transform)",
+    "run": "training run (bqc train)",
+    "model": "pretrained model folder (bqc pretrain)",
+    "compiled": "lowered model folder (bqc lower)",
+    "demo": "demo folder (bqc demo)",
+}
+
+PNG_MARK = ("Software", "bqc")  # tEXt chunk of every PNG bqc writes
+_NPZ_MARK = b"written by bqc"   # zip comment of every NPZ bqc writes
+
+
+def _json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def output_kind(path) -> str | None:
+    """Which bqc output a folder is (a key of :data:`OWN_FILES`), or None."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    ckpt = p / "train" / "checkpoint.safetensors"
+    if (p / "bqc.json").is_file():
+        return "run" if (p / "train.json").is_file() or ckpt.is_file() else "artifact"
+    if (p / "config.json").is_file() and "pretrain" in (_json(p / "config.json").get("meta") or {}):
+        return "model"
+    if ckpt.is_file():  # a run stopped before its first model was written: the checkpoint says which
+        try:
+            from bqc.checkpoint import read_checkpoint_meta
+
+            task = (read_checkpoint_meta(ckpt).get("fingerprint") or {}).get("task")
+        except BqcError:
+            return None
+        return "model" if task == "pretrain-eps" else "run"
+    if _json(p / "manifest.json").get("format") == "bqc-tvm" or _json(p / "export.json").get("format") == "bqc-onnx":
+        return "compiled"
+    if (p / "summary.json").is_file() and "rows" in _json(p / "summary.json"):
+        return "demo"
+    if (p / "fp_samples.png").is_file() and is_bqc_file(p / "fp_samples.png"):
+        return "demo"
+    return None
+
+
+def is_bqc_file(path) -> bool:
+    """True for a PNG or NPZ that bqc wrote (see the module docstring)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if head == b"\x89PNG\r\n\x1a\n":
+                return _png_marked(p)
+        if head[:2] == b"PK":
+            import zipfile
+
+            with zipfile.ZipFile(p) as z:
+                return z.comment == _NPZ_MARK
+    except (OSError, ValueError, Exception):  # noqa: BLE001 - an unreadable file is not ours
+        return False
+    return False
+
+
+def _png_marked(p: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(p) as im:
+        return im.info.get(PNG_MARK[0]) == PNG_MARK[1]
+
+
+def mark_npz(path) -> None:
+    """Mark an NPZ as bqc's (a zip comment; the arrays are unchanged)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "a") as z:
+        z.comment = _NPZ_MARK
+
+
+def _writable_dir(path: Path, shown: Path) -> None:
+    """``path`` (or, if it does not exist yet, its nearest existing ancestor) must be a folder
+    this process can create files in."""
+    q = path
+    while not (q.exists() or q.is_symlink()) and q != q.parent:
+        q = q.parent
+    if not q.is_dir():
+        raise BqcError(f"cannot write {shown}: {q} is a file, not a folder", hint="choose a path that is not under a file")
+    try:  # os.access is not enough (root, read-only mounts, ACLs): try it
+        fd, probe = tempfile.mkstemp(prefix=".bqc-write-test-", dir=q)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BqcError(f"cannot write {shown}: {q} is not writable ({e.strerror})",
+                       hint="choose an output in a folder you can write to") from None
+
+
+def check_output(path, kind: str, *, force: bool = False, option: str = "--out") -> Path:
+    """Raise a BqcError unless ``path`` may be written as an output of ``kind`` (``"file"`` or
+    a key of :data:`OWN_FILES`); see the module docstring. Returns ``Path(path)``."""
+    p = Path(path)
+    if kind == "file":
+        if p.is_dir():
+            raise BqcError(f"{option} {p} is a folder; this output is a file", hint=f"name a file, e.g. {p / 'samples.png'}")
+        if (p.exists() or p.is_symlink()) and not force and not is_bqc_file(p):
+            raise BqcError(f"{option} {p} already exists and was not written by bqc; refusing to overwrite it",
+                           hint="choose another name, or pass --force to replace it")
+        _writable_dir(p.parent, p)
+        return p
+    if kind not in OWN_FILES:
+        raise ValueError(f"unknown output kind {kind!r}")
+    if (p.exists() or p.is_symlink()) and not p.is_dir():
+        raise BqcError(f"{option} {p} is a file; this command writes a folder there",
+                       hint="choose another path (bqc never replaces a file with a folder, even with --force)")
+    if p.is_dir():
+        found = output_kind(p)
+        try:
+            entries = sorted(e.name for e in p.iterdir())
+        except OSError as e:
+            raise BqcError(f"cannot read the output folder {p}: {e.strerror}") from None
+        if entries and found != kind and not force:
+            if found is not None:
+                raise BqcError(f"{option} {p} holds a {_WHAT[found]}, not a {_WHAT[kind]}; refusing to write into it",
+                               hint="choose a new or empty folder, or pass --force to replace only bqc's own files there")
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise BqcError(f"{option} {p} already exists and holds files bqc did not write ({shown}); refusing to write into it",
+                           hint="choose a new or empty folder, or pass --force: bqc then replaces only its own files "
+                                "and leaves the others in place")
+    _writable_dir(p, p)
+    return p

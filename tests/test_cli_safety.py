@@ -1,0 +1,286 @@
+"""The command line never destroys what the user owns, and never shows a traceback.
+
+* an existing output that bqc did not write is refused (exit 2, before any work) unless
+  ``--force``, and even then only bqc's own files are replaced;
+* outputs that cannot be written are reported before the work;
+* usage errors and bad input of every subcommand: exit 2, no traceback;
+* Ctrl-C: exit 130 with one line saying what was saved.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from bqc import cli
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def run(args, capsys):
+    """`bqc ARGS` in-process: (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["bqc", *map(str, args)]
+    cli._STATE.pop("interrupted", None)
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _user_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("my notes")
+    return path
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    """A bidm artifact written with --force into a folder that already held a user's file."""
+    d = _user_dir(tmp_path_factory.mktemp("art") / "a")
+    r = subprocess.run([sys.executable, "-m", "bqc", "transform", "mnist16", "--recipe", "bidm", "-o", str(d), "--force"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+# 1. never destroy what the user owns ---------------------------------------------------------
+def test_user_files_in_out_dir_survive(tmp_path, capsys):
+    d = _user_dir(tmp_path / "mine")
+    code, _, err = run(["transform", "mnist16", "--recipe", "bidm", "-o", d], capsys)
+    assert code == 2 and "--force" in err and "notes.txt" in err and "Traceback" not in err
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"] and (d / "notes.txt").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("cmd", [
+    ["transform", "mnist16", "-o", "{f}"],
+    ["transform", "mnist16", "-o", "{f}", "--force"],  # a file is never replaced by a folder
+    ["train", "{f}", "--steps", "1", "-o", "{f}"],
+    ["lower", "mnist16", "-o", "{f}"],
+    ["pretrain", "--steps", "1", "-o", "{f}"],
+    ["demo", "-o", "{f}"],
+    ["sample", "mnist16", "-o", "{f}"],
+])
+def test_existing_file_output_refused(tmp_path, capsys, cmd):
+    f = tmp_path / ("notes.png" if cmd[0] == "sample" else "notes.txt")
+    f.write_text("my notes")
+    code, _, err = run([c.format(f=f) for c in cmd], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    assert f.read_text() == "my notes" and sorted(tmp_path.iterdir()) == [f]
+
+
+@pytest.mark.parametrize("cmd", [["train", "{art}", "--steps", "1"], ["lower", "{art}"], ["pretrain", "--steps", "1"],
+                                 ["demo"]])
+def test_every_writing_command_refuses_foreign_dir(tmp_path, capsys, cmd):
+    d = _user_dir(tmp_path / "mine")
+    code, _, err = run([c.format(art=tmp_path / "no-art") for c in cmd] + ["-o", d], capsys)
+    assert code == 2 and "--force" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+
+
+def test_force_replaces_only_bqc_files(art, tmp_path, capsys):
+    # the fixture wrote the artifact with --force next to the user's file
+    assert (art / "notes.txt").read_text() == "my notes"
+    assert {"bqc.json", "base.pt2", "model.safetensors", "graph.txt"} <= {p.name for p in art.iterdir()}
+    assert not [p for p in art.parent.iterdir() if p.name.startswith(".")]  # no temp/old folders left
+    # bqc's own artifact of the same kind is not refused (a re-run replaces it)
+    from bqc.outputs import check_output, output_kind
+
+    assert output_kind(art) == "artifact"
+    check_output(art, "artifact")
+    # ... but a training run is another kind: writing a transform there needs --force
+    run_dir = tmp_path / "run"
+    (run_dir / "train").mkdir(parents=True)
+    (run_dir / "bqc.json").write_text("{}")
+    (run_dir / "train.json").write_text("{}")
+    code, _, err = run(["transform", "mnist16", "-o", run_dir], capsys)
+    assert code == 2 and "training run" in err and "--force" in err
+
+
+def test_save_artifact_into_existing_dir_keeps_other_files(art, tmp_path):
+    from bqc import artifact
+
+    a = artifact.load_artifact(art)
+    d = _user_dir(tmp_path / "d")
+    (d / "sub").mkdir()
+    artifact.save_artifact(d, base_ep=a.base_ep, gm=a.gm, recipe=a.recipe, wbits=1, abits=1, source={})
+    assert (d / "notes.txt").read_text() == "my notes" and (d / "sub").is_dir() and artifact.is_artifact(d)
+    assert sorted(p.name for p in d.iterdir()) == ["base.pt2", "bqc.json", "graph.txt", "model.safetensors", "notes.txt", "sub"]
+
+
+def test_sample_file_outputs(tmp_path, capsys):
+    png, npz = tmp_path / "grid.png", tmp_path / "x.npz"
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(png)  # the user's own PNG
+    code, _, err = run(["sample", "mnist16", "-n", "1", "--steps", "1", "-o", png], capsys)
+    assert code == 2 and "--force" in err and png.stat().st_size < 200
+    code, _, err = run(["sample", "mnist16", "-n", "1", "--steps", "1", "-o", png, "--npz", npz, "--force"], capsys)
+    assert code == 0, err
+    # what bqc wrote, bqc may replace
+    code, _, err = run(["sample", "mnist16", "-n", "1", "--steps", "1", "-o", png, "--npz", npz], capsys)
+    assert code == 0, err
+    import numpy as np
+
+    assert list(np.load(npz).keys()) == ["samples"]
+
+
+@pytest.mark.parametrize("where", ["under-file", "proc", "read-only"])
+def test_unwritable_output_exit_2_before_work(tmp_path, capsys, where):
+    if where == "under-file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "art"
+    elif where == "proc":
+        if not Path("/proc/self").exists():
+            pytest.skip("no /proc")
+        out = Path("/proc/bqc-test-out")
+    else:
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        out = ro / "art"
+    for cmd in (["transform", "mnist16", "-o", out], ["lower", "no-such-art", "-o", out],
+                ["sample", "mnist16", "-o", Path(str(out) + ".png")]):
+        t0 = time.time()
+        code, _, err = run(cmd, capsys)
+        assert code == 2 and "cannot write" in err and "Traceback" not in err, (cmd, err)
+        assert time.time() - t0 < 20  # before any work
+
+
+# 3. no tracebacks -----------------------------------------------------------------------------
+def _fixtures(d: Path) -> dict:
+    """Inputs for the bad command lines: an ONNX export folder, an aarch64 library, a broken
+    diffusers folder, a non-Module --config, a user file."""
+    onnx = d / "onnx"
+    onnx.mkdir()
+    (onnx / "export.json").write_text(json.dumps({"format": "bqc-onnx"}))
+    arm = d / "arm"
+    arm.mkdir()
+    elf = b"\x7fELF\x02\x01\x01" + bytes(9) + (3).to_bytes(2, "little") + (183).to_bytes(2, "little") + bytes(44)
+    (arm / "model.so").write_bytes(elf)
+    (arm / "manifest.json").write_text(json.dumps({"format": "bqc-tvm", "backend": "tvm-arm", "batch": 2,
+                                                   "input_shape": [1, 16, 16], "conditional": False,
+                                                   "files": {"library": "model.so"}}))
+    dif = d / "dif"
+    dif.mkdir()
+    (dif / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 16, "in_channels": "one"}))
+    (dif / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (d / "cfg.yaml").write_text("target: builtins.dict\nparams: {}\n")
+    (d / "notes.txt").write_text("mine")
+    return {"onnx": onnx, "arm": arm, "dif": dif, "cfg": d / "cfg.yaml", "file": d / "notes.txt", "new": d / "new"}
+
+
+BAD = {
+    "unknown-option": ["transform", "mnist16", "--recpie", "bidm", "-o", "{new}"],
+    "missing-out": ["transform", "mnist16"],
+    "not-an-int": ["sample", "mnist16", "--steps", "abc"],
+    "unknown-command": ["frobnicate"],
+    "inspect-bad-option": ["inspect", "mnist16", "--input-shape", "1,16,16"],  # a hint suggests it
+    "recipes-extra-arg": ["recipes", "extra"],
+    "passes-bad-option": ["passes", "--json"],
+    "report-bad-int": ["report", "mnist16", "--wbits", "x"],
+    "train-missing-steps": ["train", "{new}", "-o", "{new}"],
+    "train-bad-option": ["train", "{new}", "--steps", "3", "--grad-clip", "1", "-o", "{new}"],  # a hint suggested it
+    "train-no-artifact": ["train", "{new}", "--steps", "3", "-o", "{new}/run"],
+    "train-batch-0": ["train", "{new}", "--steps", "3", "--batch", "0", "-o", "{new}/run"],
+    "sample-n-0": ["sample", "mnist16", "-n", "0", "-o", "{new}/s.png"],
+    "sample-onnx": ["sample", "{onnx}", "-o", "{new}/s.png"],
+    "sample-aarch64": ["sample", "{arm}", "-n", "2", "--steps", "1", "-o", "{new}/s.png"],
+    "eval-n-0": ["eval", "mnist16", "-n", "0"],
+    "pretrain-negative-steps": ["pretrain", "--steps", "-1", "-o", "{new}"],
+    "lower-backend": ["lower", "mnist16", "--backend", "foo", "-o", "{new}"],
+    "lower-no-artifact": ["lower", "{new}", "-o", "{new}/lib"],
+    "bench-onnx": ["bench", "{onnx}"],
+    "bench-nothing": ["bench", "{new}"],
+    "demo-recipe": ["demo", "--recipes", "nosuch", "-o", "{new}"],
+    "demo-file-out": ["demo", "-o", "{file}"],
+    "diffusers-config": ["inspect", "{dif}"],
+    "config-not-module": ["inspect", "--config", "{cfg}"],
+    "transform-into-file": ["transform", "mnist16", "-o", "{file}"],
+}
+
+
+@pytest.fixture(scope="module")
+def bad_results(tmp_path_factory):
+    """Every bad command line, run as `python -m bqc ...` (4 at a time)."""
+    d = tmp_path_factory.mktemp("bad")
+    fx = _fixtures(d)
+
+    def one(item):
+        name, args = item
+        r = subprocess.run([sys.executable, "-m", "bqc", *(a.format(**fx) for a in args)], capture_output=True,
+                           text=True, env=ENV, timeout=300, cwd=d)
+        return name, r
+
+    with ThreadPoolExecutor(4) as ex:
+        return dict(ex.map(one, BAD.items()))
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_command_line_exit_2_no_traceback(bad_results, name):
+    r = bad_results[name]
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr[-3000:]
+    assert "error:" in r.stderr
+    assert len(r.stderr.strip().splitlines()) <= 8, r.stderr  # one paragraph
+
+
+def test_usage_error_names_the_fix(bad_results):
+    err = bad_results["unknown-option"].stderr
+    assert "--recipe" in err and "Usage:" in err
+    assert "aarch64" in bad_results["sample-aarch64"].stderr and "tvm-x86" in bad_results["sample-aarch64"].stderr
+    assert "ONNX" in bad_results["bench-onnx"].stderr
+
+
+# Ctrl-C ------------------------------------------------------------------------------------------
+def test_ctrl_c_in_sample_exits_130(monkeypatch, tmp_path, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_samples", interrupted)
+    code, _, err = run(["sample", "mnist16", "-o", tmp_path / "s.png"], capsys)
+    assert code == 130 and "interrupted" in err and "nothing was written" in err and not (tmp_path / "s.png").exists()
+
+
+def test_sigint_in_train_exits_130_and_resumes(art, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bqc", "train", str(art), "--batch", "2", "--warmup", "1", "--sample-steps", "10",
+           "--checkpoint-every", "1", "-o", str(out)]
+    p = subprocess.Popen(cmd + ["--steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    ckpt = out / "train" / "checkpoint.safetensors"
+    t0 = time.time()
+    while not ckpt.exists() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.2)
+    assert ckpt.exists(), p.stderr.read() if p.poll() is not None else "no checkpoint after 300 s"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    line = [ln for ln in err.splitlines() if ln.startswith("interrupted")]
+    assert len(line) == 1 and "checkpoint saved to" in line[0] and "--resume" in line[0], err
+    from bqc.checkpoint import read_checkpoint_meta
+
+    step = read_checkpoint_meta(ckpt)["step"]
+    assert step >= 1
+    # bqc's own run: `--resume RUN -o RUN` is not refused; finishing at the saved step writes the artifact
+    r = subprocess.run(cmd + ["--steps", str(step), "--resume", str(out)], capture_output=True, text=True, env=ENV,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert (out / "bqc.json").is_file() and (out / "train.json").is_file()
+    # and without --resume the run is refused before any work
+    r = subprocess.run(cmd + ["--steps", str(step)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
