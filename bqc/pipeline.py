@@ -189,6 +189,33 @@ RECIPE_KEYS = {"name", "description", "paper", "extends", "bits", "settings", "p
 SUPPORTED_BITS = {"w": (1, 2, 3, 4, 8, 32), "a": (1, 2, 3, 4, 8, 32)}
 
 
+#: the keys a recipe's [train] table may set, with their type and meaning (bqc.train.qat reads them)
+TRAIN_KEYS = {
+    "ebb_tau": (float, "L_EBB weight tau (BinaryDM stage 1)"),
+    "ebb_switch": (float, "fraction of training after which EBB drops s2; negative: never (LMB)"),
+    "progressive_warmup": (float, "LMB: fraction of training over which blocks turn binary, middle outwards"),
+    "tbs_gap": ((int, str), "BiDM's training gap d: an int, or \"sampler\" (T / sampling steps)"),
+    "lr": (float, "peak learning rate (bqc train --lr overrides)"),
+    "weight_decay": (float, "AdamW weight decay (--weight-decay overrides)"),
+    "grad_clip": (float, "max global grad norm, 0 = none"),
+}
+
+
+def check_train_table(train: dict, where: str) -> None:
+    """Refuse unknown or mistyped [train] keys (a typo would otherwise be silently ignored)."""
+    for k, v in train.items():
+        if k not in TRAIN_KEYS:
+            close = difflib.get_close_matches(k, list(TRAIN_KEYS), n=1)
+            raise BqcError(f"recipe {where}: unknown [train] key {k!r}",
+                           hint=(f"did you mean {close[0]!r}? " if close else "") + "valid keys: " + ", ".join(TRAIN_KEYS))
+        typ = TRAIN_KEYS[k][0]
+        ok = isinstance(v, typ) or (typ is float and isinstance(v, int)) if not isinstance(v, bool) else False
+        if k == "tbs_gap" and isinstance(v, str) and v != "sampler":
+            ok = False
+        if not ok:
+            raise BqcError(f"recipe {where}: [train] {k} = {v!r} has the wrong type ({TRAIN_KEYS[k][1]})")
+
+
 def ebb_switch_at(train: dict) -> float | None:
     """The fraction of training at which EBB drops s2 (``[train] ebb_switch``), or None when the
     recipe never switches (no key, or a negative value: LMB keeps both bases)."""
@@ -281,6 +308,7 @@ def load_recipe(name_or_path: str, _seen: tuple = ()) -> Recipe:
     bits = {**({"w": base.wbits, "a": base.abits} if base else {"w": 32, "a": 32}), **data.get("bits", {})}
     settings = {**(base.settings if base else {}), **data.get("settings", {})}
     train = {**(base.train if base else {}), **data.get("train", {})}
+    check_train_table(train, where)
     name = data.get("name", Path(name_or_path).stem)
     return Recipe(
         name=name,

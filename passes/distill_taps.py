@@ -5,7 +5,8 @@ recorded in ``gm.meta["bqc"]["taps"]`` as ``{"block", "node"}``. With TBS edges 
 tap is the *blended* block output (BiDM distils what the next block sees). The trainer reads
 taps through ``bqc.ir.with_outputs`` (a view of the same graph and parameters with the taps
 as extra outputs): no hooks. The loss and its settings (``lrm``: PCA rank ``ceil(c/k)``,
-lambda; ``spd``: p x p patches, lambda) are recorded with the taps.
+lambda; ``spd``: p x p patches, lambda; ``form``: "paper" or the reference code's "code") are
+recorded with the taps.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _check_taps(gm) -> str | None:
 class DistillTaps(Pass):
     name = "distill_taps"
     summary = "record block-output taps and the distillation loss (LRM or SPD)"
-    options = {"loss": "lrm", "k": None, "patches": None, "weight": None}
+    options = {"loss": "lrm", "k": None, "patches": None, "weight": None, "form": "paper"}
     requires = ("annotated",)
     ensures = ("taps",)
 
@@ -38,6 +39,11 @@ class DistillTaps(Pass):
         if loss not in LOSSES:
             raise BqcError(f"distill_taps: unknown loss {loss!r}", hint=f"valid: {', '.join(LOSSES)}")
         settings = {k: (self.opts[k] if self.opts.get(k) is not None else v) for k, v in LOSSES[loss].items()}
+        if self.opts["form"] not in ("paper", "code"):
+            raise BqcError(f"distill_taps: unknown form {self.opts['form']!r}",
+                           hint="'paper' (the papers' equations) or 'code' (the released reference code, METHODS §11)")
+        if self.opts["form"] != "paper":
+            settings["form"] = self.opts["form"]
         taps = []
         for b in ir.graph_meta(gm).get("blocks", []):
             node = block_output(gm, b["id"])

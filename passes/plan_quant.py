@@ -17,6 +17,11 @@ keeps the layer in float. Options, by role:
 * ``time_embed``: the global time-embedding MLP (default fp);
 * ``emb_proj``: each block's projection of the time embedding (default: same as body; the
   papers' sizes only add up with these binarized: 11.7M of LDM-4's 274M parameters);
+* ``res_proj``: residual projections (the 1x1 conv on a ResBlock's residual path when channels
+  change: openaimodel ``skip_connection``, diffusers ``conv_shortcut``, LDM ``nin_shortcut``);
+  default (``"place"``): the spec of the layer's place (head/body/tail), as BinaryDM's code does; BiDM's code
+  keeps them full precision (``res_proj = "fp"``), which keeps a real-valued residual highway
+  through every decoder block;
 * ``matmul``: attention matmul operands (default fp; BinaryDM: LSQ at the activation bits).
 """
 from __future__ import annotations
@@ -53,7 +58,8 @@ def spec_bits(spec: dict, ctx) -> tuple[int, int]:
 class PlanQuant(Pass):
     name = "plan_quant"
     summary = "decide each layer's quantizers from its role (writes annotations only)"
-    options = {"body": "fp", "head_tail": None, "io": IO8, "time_embed": "fp", "emb_proj": None, "matmul": "fp"}
+    options = {"body": "fp", "head_tail": None, "io": IO8, "time_embed": "fp", "emb_proj": None, "res_proj": None,
+               "matmul": "fp"}
     requires = ("roles",)
     ensures = ("planned",)
 
@@ -68,6 +74,7 @@ class PlanQuant(Pass):
         return {"body": body, "head": ht, "tail": ht, "input": io, "output": io,
                 "time-embed": normalise_spec(self.opts["time_embed"], "plan_quant.time_embed"),
                 "emb-proj": body if self.opts["emb_proj"] is None else normalise_spec(self.opts["emb_proj"], "plan_quant.emb_proj"),
+                "res-proj": None if self.opts["res_proj"] in (None, "place") else normalise_spec(self.opts["res_proj"], "plan_quant.res_proj"),
                 "matmul": normalise_spec(self.opts["matmul"], "plan_quant.matmul")}
 
     def run(self, gm, ctx):
@@ -81,6 +88,8 @@ class PlanQuant(Pass):
             if ni.get("kind") not in ir.QUANTIZABLE_KINDS:
                 continue
             key = "matmul" if ni["kind"] == "matmul" else ni["role"]
+            if specs.get(key) is None:  # res-proj without a spec of its own: its place decides
+                key = ni.get("place") or "body"
             spec = dict(specs[key])
             if ni["kind"] == "matmul":
                 spec["weight"] = "fp"  # operands only

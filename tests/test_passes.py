@@ -165,10 +165,21 @@ def test_wbits_abits_override(tiny_source):
 @pytest.fixture(scope="module")
 def zoo_sources():
     """The three zoo models (ldm4-bedrooms and ddim-cifar10 captured at a smaller image size:
-    the graph has every layer of the real model, at a fraction of the compute)."""
+    the graph has every layer of the real model, at a fraction of the compute). LDM-4 is also
+    built at 1/7 of its width (model_channels 32 instead of 224; every block, level, attention
+    and skip as the real one): its 274M float parameters, cloned per recipe with gradients,
+    were most of the suite's 23 GB peak. Its real size is checked by test_models/test_cli."""
+    from bqc.models import zoo
+
     out = {}
     for name, size in (("mnist16", 16), ("ddim-cifar10", 8), ("ldm4-bedrooms", 8)):
-        src = frontend.load_source(name)
+        if name == "ldm4-bedrooms":
+            cfg = zoo.model_config(name)
+            cfg = {**cfg, "params": {**cfg["params"], "model_channels": 32, "num_head_channels": 8}}
+            src = frontend._from_module(zoo.build_model(cfg), "zoo", "ldm4-bedrooms at 1/7 width", name=name,
+                                        config=cfg, pretrained=False)
+        else:
+            src = frontend.load_source(name)
         src.image_size = size
         src.exported = frontend.capture(src)  # capture once per module; recipes replay on it
         out[name] = src

@@ -98,7 +98,13 @@ def make_act_quantizer(name: str, bits: int | None = None, *, channels: int | No
 
 
 KMAPS = ("fixed", "learned")
-SHORTCUTS = {"scaled": dict(scale=0.3, learnable=True), "real": dict(scale=1.0, learnable=False)}
+#: scaled shortcut forms. "scaled": BiDM's |s| * shortcut(x), channel changes by parameter-free
+#: channel pooling (bqc's default: keeps the model binary); "scaled-conv": BiDM's released code,
+#: a real-valued 1x1 conv when channels change (32-bit weights, counted by ``bqc report``);
+#: "real": ReActNet (s = 1, fixed).
+SHORTCUTS = {"scaled": dict(scale=0.3, learnable=True),
+             "scaled-conv": dict(scale=0.3, learnable=True, channels="conv"),
+             "real": dict(scale=1.0, learnable=False)}
 
 
 def _choice(what: str, value, valid):
@@ -116,7 +122,8 @@ def make_qconv2d(weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *
     """A QConv2d from recipe names.
 
     kmap: "fixed" (XNOR box filter) | "learned" (BiDM); out_scale_hw: (H, W) of the output for
-    the XNOR++ factorised scale; shortcut: "scaled" (BiDM, |s| learnable init 0.3) | "real"
+    the XNOR++ factorised scale; shortcut: "scaled" (BiDM, |s| learnable init 0.3) | "scaled-conv"
+    (the same with a real 1x1 conv where channels change, as BiDM's code) | "real"
     (ReActNet, s = 1 fixed); post: "rprelu"; keep_bias=False drops the bias (BiDM reference).
     """
     out_ch, in_per_group = weight.shape[:2]

@@ -6,6 +6,13 @@
 * SPD (BiDM): split each feature map into a p x p grid of patches; per patch P (B, C, h*w),
   the Gram matrix over the spatial axis G = P P^T (B, C, C), normalised by its Frobenius
   norm; loss = mean over taps and patches of ||G_s - G_t||_F (mean over the batch).
+
+The released reference code differs (METHODS §11); both forms exist for the ablation, chosen by
+``distill_taps``' ``form = "code"``:
+
+* LRM, code form: the PCA projects the feature's last (width) axis, not its channels.
+* SPD, code form: per patch, per-channel h x h Gram matrices over the patch's width axis,
+  normalised by the Frobenius norm of the whole batch's Gram tensor.
 """
 from __future__ import annotations
 
@@ -25,12 +32,23 @@ def _channels_last_2d(f: torch.Tensor) -> torch.Tensor:
     return f.reshape(f.shape[0], -1)
 
 
-class LRMProjections(nn.Module):
-    """Frozen PCA projections, one per tap, initialised from the first teacher batch."""
+def _width_rows(f: torch.Tensor) -> torch.Tensor:
+    """(..., W) -> (N, W) rows along the last axis (LRM's reference-code form)."""
+    return f.reshape(-1, f.shape[-1])
 
-    def __init__(self, channels: list[int], k: int = 4):
+
+class LRMProjections(nn.Module):
+    """Frozen PCA projections, one per tap, initialised from the first teacher batch.
+
+    ``axis="channel"`` (the paper): ``channels`` are the taps' channel counts;
+    ``axis="width"`` (the reference code): they are the taps' widths (last axis)."""
+
+    def __init__(self, channels: list[int], k: int = 4, axis: str = "channel"):
         super().__init__()
+        if axis not in ("channel", "width"):
+            raise ValueError(f"LRM axis must be 'channel' or 'width', got {axis!r}")
         self.k = int(k)
+        self.rows = _channels_last_2d if axis == "channel" else _width_rows
         for i, c in enumerate(channels):
             self.register_buffer(f"proj_{i}", torch.zeros(c, math.ceil(c / self.k)))
             self.register_buffer(f"mean_{i}", torch.zeros(c))
@@ -40,7 +58,7 @@ class LRMProjections(nn.Module):
     @torch.no_grad()
     def init_from(self, teacher_feats: list[torch.Tensor]) -> None:
         for i, f in enumerate(teacher_feats):
-            rows = _channels_last_2d(f.float())
+            rows = self.rows(f.float())
             mean = rows.mean(0)
             # principal directions of the channel covariance (eigh: ascending eigenvalues)
             cov = (rows - mean).T @ (rows - mean) / max(rows.shape[0] - 1, 1)
@@ -56,7 +74,7 @@ class LRMProjections(nn.Module):
         total = 0.0
         for i, (fs, ft) in enumerate(zip(student, teacher)):
             e, m = getattr(self, f"proj_{i}"), getattr(self, f"mean_{i}")
-            total = total + F.mse_loss((_channels_last_2d(fs) - m) @ e, (_channels_last_2d(ft) - m) @ e)
+            total = total + F.mse_loss((self.rows(fs) - m) @ e, (self.rows(ft) - m) @ e)
         return total / max(self.n, 1)
 
 
@@ -110,8 +128,30 @@ def spd_distances(fs: torch.Tensor, ft: torch.Tensor, p: int = 4) -> torch.Tenso
     return torch.where(pos, d2.clamp_min(1e-30).sqrt(), d2.new_zeros(())).to(fs.dtype)
 
 
-def spd_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], patches: int = 4) -> torch.Tensor:
+def spd_code_distances(fs: torch.Tensor, ft: torch.Tensor, p: int = 4) -> torch.Tensor:
+    """(p*p,) distances of SPD's reference-code form: per patch (B, C, h, w), the per-channel
+    h x h Grams G = P P^T over the width axis, each normalised by the Frobenius norm of the
+    whole batch's Gram tensor, and ||G_s - G_t||_F over the batch."""
+    b, c = fs.shape[:2]
+
+    def grams(f):
+        pt = _patches(f, p)  # (B, p*p, C, h*w)
+        ph = max(f.shape[2] // p, 1)
+        pt = pt.reshape(b, pt.shape[1], c, ph, -1)
+        g = pt @ pt.transpose(-1, -2)  # (B, p*p, C, h, h)
+        norm = g.transpose(0, 1).flatten(1).norm(dim=-1).clamp_min(1e-12)  # per patch, whole batch
+        return g / norm[None, :, None, None, None]
+
+    return (grams(fs) - grams(ft)).transpose(0, 1).flatten(1).norm(dim=-1)
+
+
+def spd_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], patches: int = 4,
+             form: str = "paper") -> torch.Tensor:
+    """Mean over taps of the mean patch distance; ``form="code"``: the reference-code form."""
+    if form not in ("paper", "code"):
+        raise ValueError(f"SPD form must be 'paper' or 'code', got {form!r}")
+    dist = spd_distances if form == "paper" else spd_code_distances
     total = 0.0
     for fs, ft in zip(student, teacher):
-        total = total + spd_distances(fs.float(), ft.float(), patches).mean()
+        total = total + dist(fs.float(), ft.float(), patches).mean()
     return total / max(len(student), 1)

@@ -50,8 +50,13 @@ def pretrain(model_name: str = "mnist16", data: str = "mnist16", steps: int = 12
              ema_decay: float = 0.999, ema_warmup: bool = True, grad_clip: float = 1.0, weight_decay: float = 0.0,
              checkpoint_every: int = 1000, log_every: int = 50, resume: bool | str = False,
              schedule: NoiseSchedule | None = None, threads: int | None = None,
-             progress: bool = True, device: str = "cpu", resize=None) -> Path:
-    """Train ``model_name`` (a zoo name) on ``data`` for ``steps`` total steps; returns ``out_dir``."""
+             progress: bool = True, device: str = "cpu", resize=None, init_from=None,
+             lr_schedule: str = "constant", min_lr_ratio: float = 0.0) -> Path:
+    """Train ``model_name`` (a zoo name) on ``data`` for ``steps`` total steps; returns ``out_dir``.
+
+    ``init_from``: a zoo-format model dir (``config.json`` + ``model.safetensors``) whose weights
+    start the run (a warm start; its architecture and noise schedule must equal ``model_name``'s).
+    ``lr_schedule="cosine"`` decays the lr to ``min_lr_ratio * lr`` at ``steps``."""
     zoo = _zoo()
     if threads:
         torch.set_num_threads(int(threads))
@@ -59,6 +64,16 @@ def pretrain(model_name: str = "mnist16", data: str = "mnist16", steps: int = 12
     torch.manual_seed(seed)  # model initialisation
     model_config = zoo.model_config(model_name)
     model = zoo.build_model(model_config)
+    init_info = None
+    if init_from is not None:
+        init_model, init_cfg = zoo.load_model(Path(init_from))
+        if init_cfg.get("params") != model_config.get("params"):
+            raise BqcError(f"--init {init_from}: its architecture differs from {model_name}'s",
+                           hint="warm-start only from a model of the same zoo configuration")
+        if schedule_from_config(init_cfg).to_dict() != schedule.to_dict():
+            raise BqcError(f"--init {init_from} was trained with another noise schedule")
+        model.load_state_dict(init_model.state_dict())
+        init_info = {"path": str(init_from), "pretrain": (init_cfg.get("meta") or {}).get("pretrain")}
     conditional = getattr(model, "num_classes", None) is not None
     ds = load_dataset(data, "train", resize=resize)
     if conditional and ds.labels is None:
@@ -70,9 +85,11 @@ def pretrain(model_name: str = "mnist16", data: str = "mnist16", steps: int = 12
     out_dir = Path(out_dir)
     cfg = LoopConfig(steps=steps, batch_size=batch, lr=lr, weight_decay=weight_decay, warmup_steps=warmup,
                      grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup, seed=seed, checkpoint_every=checkpoint_every,
-                     log_every=log_every, progress=progress)
+                     log_every=log_every, progress=progress, lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
     fingerprint = {"task": "pretrain-eps", "model": model_name, "model_config": model_config, "data": data,
                    "data_shape": list(shape), "schedule": schedule.to_dict(), "conditional": conditional}
+    if init_info is not None:
+        fingerprint["init_from"] = init_info
     t0 = time.time()
     res = train_loop(model, (ds.images, ds.labels), diffusion_loss_fn(schedule, conditional), cfg,
                      out_dir / "train", fingerprint=fingerprint, resume=resume, device=device)
@@ -81,7 +98,10 @@ def pretrain(model_name: str = "mnist16", data: str = "mnist16", steps: int = 12
     model.eval()
     info = {"steps": res.step, "batch": batch, "lr": lr, "warmup": warmup, "ema_decay": ema_decay, "ema_warmup": ema_warmup, "seed": seed,
             "data": data, "threads": torch.get_num_threads(), "train_wall_s": round(res.wall_s_total, 1),
-            "weights": "ema" if res.ema else "raw", "torch": torch.__version__}
+            "weights": "ema" if res.ema else "raw", "torch": torch.__version__,
+            "lr_schedule": lr_schedule, "min_lr_ratio": min_lr_ratio}
+    if init_info is not None:
+        info["init_from"] = init_info
     config = dict(model_config)
     config["meta"] = {**config.get("meta", {}), "diffusion": {"objective": "eps", **schedule.to_dict()},
                       "pretrain": info}
@@ -115,9 +135,9 @@ def load_training_ema(train_dir, model_name: str = "mnist16"):
     return model.eval(), int(meta["step"])
 
 
-def sample_model(model, n: int, *, steps: int = 50, seed: int = 0, batch: int = 250,
+def sample_model(model, n: int, *, steps: int = 50, seed: int = 0, batch: int = 250, eta: float = 0.0,
                  schedule: NoiseSchedule | None = None, progress: bool = False) -> torch.Tensor:
-    """``n`` DDIM samples (eta 0, ``steps`` steps) of an unconditional or class-conditional
+    """``n`` DDIM samples (``eta``, ``steps`` steps) of an unconditional or class-conditional
     zoo model (classes cycle 0..9 for a conditional one); CPU tensor in [-1, 1]."""
     from bqc.diffusion.samplers import as_step_model, generate
 
@@ -127,11 +147,11 @@ def sample_model(model, n: int, *, steps: int = 50, seed: int = 0, batch: int = 
     if getattr(model, "num_classes", None) is not None:
         y = torch.arange(n) % model.num_classes
     with torch.no_grad():
-        return generate(as_step_model(model), n, shape, schedule=schedule or NoiseSchedule(), steps=steps,
+        return generate(as_step_model(model), n, shape, schedule=schedule or NoiseSchedule(), steps=steps, eta=eta,
                         seed=seed, batch=batch, y=y, progress=progress)
 
 
-def evaluate_model(model, n: int = 1000, *, steps: int = 50, seed: int = 0, grid=None,
+def evaluate_model(model, n: int = 1000, *, steps: int = 50, seed: int = 0, grid=None, eta: float = 0.0,
                    schedule: NoiseSchedule | None = None, progress: bool = False) -> dict:
     """Sample ``n`` images with DDIM-``steps`` and score them against the mnist16 test split
     (:func:`bqc.metrics.evaluate`); optionally save the first 64 as a grid PNG."""
@@ -139,12 +159,12 @@ def evaluate_model(model, n: int = 1000, *, steps: int = 50, seed: int = 0, grid
     from bqc.metrics import evaluate
 
     t0 = time.time()
-    x = sample_model(model, n, steps=steps, seed=seed, schedule=schedule, progress=progress)
+    x = sample_model(model, n, steps=steps, seed=seed, eta=eta, schedule=schedule, progress=progress)
     sample_s = time.time() - t0
     if grid is not None:
         save_grid(x[:64], grid, nrow=8, scale=4)
     m = evaluate(x, None, n=n, seed=seed)
-    m.update({"sampler": f"ddim-{steps} eta=0", "seed": seed, "sample_seconds": round(sample_s, 1)})
+    m.update({"sampler": f"ddim-{steps} eta={eta:g}", "seed": seed, "sample_seconds": round(sample_s, 1)})
     return m
 
 
@@ -157,6 +177,10 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine: final lr as a fraction of --lr")
+    ap.add_argument("--init", metavar="DIR", default=None,
+                    help="warm start from a model dir of the same architecture (config.json + model.safetensors)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/mnist16-fp")
     ap.add_argument("--checkpoint-every", type=int, default=1000)
@@ -167,6 +191,7 @@ def main(argv=None):
                     help="evaluate a model dir (config.json + model.safetensors) or a training dir (its EMA) instead")
     ap.add_argument("--n", type=int, default=1000, help="samples for --evaluate")
     ap.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for --evaluate")
+    ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta for --evaluate (0 deterministic, 1 stochastic)")
     ap.add_argument("--grid", default=None, help="PNG path for a grid of 64 samples (--evaluate)")
     a = ap.parse_args(argv)
     if a.threads:
@@ -182,14 +207,15 @@ def main(argv=None):
             step = None
         else:
             model, step = load_training_ema(d, a.model)
-        m = evaluate_model(model, a.n, steps=a.sample_steps, seed=a.seed, grid=a.grid, schedule=schedule,
+        m = evaluate_model(model, a.n, steps=a.sample_steps, seed=a.seed, grid=a.grid, schedule=schedule, eta=a.eta,
                            progress=True)
         m["train_step"] = step
         print(format_metrics(m))
         print(json.dumps(m))
         return
     out = pretrain(a.model, a.data, a.steps, a.batch, a.lr, a.seed, a.out, warmup=a.warmup, ema_decay=a.ema_decay,
-                   checkpoint_every=a.checkpoint_every, resume=a.resume, threads=a.threads)
+                   checkpoint_every=a.checkpoint_every, resume=a.resume, threads=a.threads,
+                   init_from=a.init, lr_schedule=a.lr_schedule, min_lr_ratio=a.min_lr_ratio)
     print(f"wrote {out}")
 
 

@@ -2,7 +2,8 @@
 
 ``loss = L_simple + w * L_distill + tau * L_EBB`` where the recipe decides the terms:
 
-* L_simple: DDPM epsilon MSE.
+* L_simple: DDPM simple MSE to the model's own target (eps, v or x0: the artifact's
+  recorded diffusion process, :meth:`NoiseSchedule.target`).
 * L_distill: LRM (BinaryDM) or SPD (BiDM) between the student's and the teacher's block
   outputs, read from the graphs through ``ir.with_outputs`` (no hooks); LRM's PCA
   projections are initialised from the first batch and saved with the checkpoints.
@@ -49,14 +50,15 @@ from bqc.train.losses import LRMProjections, spd_loss
 class QATOptions:
     steps: int
     batch: int = 64
-    lr: float = 1e-4
+    lr: float | None = None  # None: the recipe's [train] lr (else 1e-4)
     seed: int = 0
     warmup: int = 50
     ema_decay: float | None = 0.999
     # decay min(ema_decay, (1+k)/(10+k)) at the k-th update: without it a 500-step run's EMA
     # would still be 0.999^500 = 61% the weights after step 1 (the nearly untrained student)
     ema_warmup: bool = True
-    grad_clip: float = 1.0
+    grad_clip: float | None = None  # None: the recipe's [train] grad_clip (else 1.0)
+    weight_decay: float | None = None  # None: the recipe's [train] weight_decay (else 0)
     checkpoint_every: int = 500
     sample_steps: int = 50  # the sampler's step count: sets BiDM's training gap d = T / steps
     tbs_gap: int | None = None
@@ -122,12 +124,29 @@ def _warmup_order(gm) -> dict[str, float]:
     return order
 
 
+def tbs_gap(recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule) -> int:
+    """BiDM's training gap d: ``--tbs-gap``, else the recipe's ``tbs_gap`` (an int, or
+    ``"sampler"``), else the sampler's step gap T / sampling steps (METHODS §5)."""
+    if opts.tbs_gap:
+        return int(opts.tbs_gap)
+    v = recipe_train.get("tbs_gap", "sampler")
+    return step_gap(schedule.T, opts.sample_steps) if v == "sampler" else int(v)
+
+
+def resolved_hparams(recipe_train: dict, opts: QATOptions) -> dict:
+    """lr / weight decay / grad clip: the command line's value, else the recipe's [train] value
+    (chosen per recipe by a sweep, see docs/RESULTS.md), else the defaults."""
+    pick = lambda v, key, default: float(v) if v is not None else float(recipe_train.get(key, default))
+    return {"lr": pick(opts.lr, "lr", 1e-4), "weight_decay": pick(opts.weight_decay, "weight_decay", 0.0),
+            "grad_clip": pick(opts.grad_clip, "grad_clip", 1.0)}
+
+
 def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule, total_steps: int):
     meta = ir.graph_meta(student)
     s_view, t_view, taps = _tap_views(student, teacher) if opts.distill else (None, None, [])
     distill = meta.get("distill") if taps else None
     has_tbs = bool(meta.get("state_inputs"))
-    gap = opts.tbs_gap or step_gap(schedule.T, opts.sample_steps)
+    gap = tbs_gap(recipe_train, opts, schedule)
     tau = float(recipe_train.get("ebb_tau", 0.0))
     n_out = 1 + len(meta.get("state_outputs", []))
 
@@ -157,21 +176,51 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
             if distill["loss"] == "lrm":
                 ld = core.lrm.loss(s_feats, t_feats)
             else:
-                ld = spd_loss(s_feats, t_feats, int(distill.get("patches", 4)))
+                ld = spd_loss(s_feats, t_feats, int(distill.get("patches", 4)), form=distill.get("form", "paper"))
             terms[distill["loss"]] = float(ld.detach())
         else:
             eps = model(*args)[0]
             ld = torch.zeros(())
-        l_simple = F.mse_loss(eps, noise)
+        l_simple = F.mse_loss(eps, schedule.target(x0, noise, t))  # eps, v or x0: the model's own
         terms["simple"] = float(l_simple.detach())
         loss = l_simple + float(distill["weight"] if distill else 0.0) * ld
-        if tau > 0 and ebb_modules(core.student):
-            reg = ebb_regulariser(core.student)
-            terms["ebb"] = float(reg.detach())
-            loss = loss + tau * reg
+        if ebb_modules(core.student) and not all(bool(m.stage2) for m in ebb_modules(core.student)):
+            reg = ebb_regulariser(core.student)  # mean |s2| over EBB layers (0 once s2 is dropped)
+            terms["s2"] = float(reg.detach())
+            if tau > 0:
+                terms["ebb"] = tau * terms["s2"]  # L_EBB as it enters the loss
+                loss = loss + tau * reg
         return loss, terms
 
     return loss_fn
+
+
+def divergence(metrics_csv, *, window: int = 5, factor: float = 2.0) -> dict:
+    """Did the training loss diverge? Compares the mean of the last ``window`` logged rows of
+    ``simple`` (L_simple) with the best mean of any earlier ``window`` rows: a run whose loss
+    ends ``factor`` times above its best is reported as diverged (the W1A1 runs that blow up
+    climb 5-7x; noisy but healthy runs stay within ~1.3x)."""
+    import csv
+
+    p = Path(metrics_csv)
+    if not p.is_file():
+        return {"diverged": False, "reason": "no log"}
+    with p.open() as f:
+        rows = [r for r in csv.DictReader(f)]
+    key = "simple" if rows and "simple" in rows[0] else "loss"
+    vals = []
+    for r in rows:
+        try:
+            vals.append(float(r[key]))
+        except (TypeError, ValueError, KeyError):
+            continue
+    if len(vals) < 2 * window:
+        return {"diverged": False, "reason": f"only {len(vals)} log rows"}
+    means = [sum(vals[i:i + window]) / window for i in range(len(vals) - window + 1)]
+    best, last = min(means[:-1]), means[-1]
+    ratio = last / best if best > 0 else float("inf")
+    return {"diverged": bool(ratio > factor), "final": round(last, 6), "best": round(best, 6), "ratio": round(ratio, 3),
+            "of": key}
 
 
 def _schedule_callbacks(student, recipe_train: dict, total: int):
@@ -196,6 +245,10 @@ def _schedule_callbacks(student, recipe_train: dict, total: int):
 
 
 def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -> Path:
+    if opts.steps < 1:  # an untrained artifact labelled "trained", with uncalibrated quantizers
+        raise BqcError(f"--steps {opts.steps}: training needs at least one step",
+                       hint=f"train for some steps (e.g. --steps 500); to lower an untrained artifact, calibrate its "
+                            f"activation quantizers on real data with `bqc lower {art_dir} --calibrate {data} -o DIR`")
     art = artifact.load_artifact(art_dir)
     student = art.gm.train()
     teacher = art.teacher().gm.eval()
@@ -207,13 +260,14 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
     if shape != tuple(art.model.input_shape):
         raise BqcError(f"data {data!r} has images of shape {shape}, the model takes {tuple(art.model.input_shape)}")
     meta = ir.graph_meta(student)
-    schedule = NoiseSchedule()
+    schedule = NoiseSchedule.from_manifest(art.manifest)  # the model's own process (default: linear eps)
     s_view, _, taps = _tap_views(student, teacher) if opts.distill else (None, None, [])
     lrm = None
     if taps and meta.get("distill", {}).get("loss") == "lrm":
         nodes = {n.name: n for n in student.graph.nodes}
-        chans = [int(nodes[tp["node"]].meta["val"].shape[1]) for tp in taps]
-        lrm = LRMProjections(chans, k=int(meta["distill"].get("k", 4)))
+        width = meta["distill"].get("form", "paper") == "code"  # the reference code projects the width axis
+        dims = [int(nodes[tp["node"]].meta["val"].shape[-1 if width else 1]) for tp in taps]
+        lrm = LRMProjections(dims, k=int(meta["distill"].get("k", 4)), axis="width" if width else "channel")
     model = QATModel(student, lrm, s_view)
     before = _schedule_callbacks(student, train, opts.steps)
     base_loss = make_loss(student, teacher, train, opts, schedule, opts.steps)
@@ -223,14 +277,23 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
         return base_loss(m, batch, step)
 
     out = Path(out)
-    cfg = LoopConfig(steps=opts.steps, batch_size=opts.batch, lr=opts.lr, warmup_steps=opts.warmup,
-                     grad_clip=opts.grad_clip, ema_decay=opts.ema_decay, ema_warmup=opts.ema_warmup, seed=opts.seed,
+    hp = resolved_hparams(train, opts)
+    cfg = LoopConfig(steps=opts.steps, batch_size=opts.batch, lr=hp["lr"], warmup_steps=opts.warmup,
+                     weight_decay=hp["weight_decay"], grad_clip=hp["grad_clip"] or None, ema_decay=opts.ema_decay, ema_warmup=opts.ema_warmup, seed=opts.seed,
                      checkpoint_every=opts.checkpoint_every, progress=opts.progress)
     fingerprint = {"task": "qat", "recipe": art.recipe.to_dict(), "wbits": art.manifest["wbits"],
                    "abits": art.manifest["abits"], "source": art.manifest["source"], "data": data,
-                   "gap": opts.tbs_gap or step_gap(schedule.T, opts.sample_steps), "distill": opts.distill}
+                   "gap": tbs_gap(train, opts, schedule), "distill": opts.distill}
+    if schedule != NoiseSchedule():  # (absent for the default, so older runs still resume)
+        fingerprint["diffusion"] = schedule.to_dict()
     t0 = time.time()
-    res = train_loop(model, (ds.images, ds.labels), loss_fn, cfg, out / "train", fingerprint=fingerprint, resume=resume)
+    # on resume, an --lr / --grad-clip given explicitly may differ from the checkpoint's (recorded as a change)
+    change = [k for k, v in (("lr", opts.lr), ("grad_clip", opts.grad_clip)) if v is not None] if resume else []
+    nan_hint = (f"resume from it with a lower learning rate and/or a smaller gradient clip, e.g. `bqc train {art_dir} "
+                f"--data {data} --steps {opts.steps} -o {out} --resume {out} --lr {hp['lr'] / 2:g} --grad-clip "
+                f"{min(hp['grad_clip'] or 1.0, 1.0) / 2:g}`, or start a new run with a longer --warmup")
+    res = train_loop(model, (ds.images, ds.labels), loss_fn, cfg, out / "train", fingerprint=fingerprint, resume=resume,
+                     change=change, nonfinite_hint=nan_hint)
     wall = time.time() - t0
     if not DistContext.from_env("cpu").main:
         return out  # rank 0 writes the trained artifact
@@ -240,10 +303,12 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
     student.eval()
     info = {"steps": res.step, "data": data, "wall_s_this_run": round(wall, 1), "resumed_from": res.resumed_from,
             "weights": "ema" if res.ema else "raw", "options": {k: v for k, v in vars(opts).items()},
+            "hparams": hp, "changes": res.changes, "divergence": divergence(out / "train" / "metrics.csv"),
             "from": str(art_dir)}
     artifact.save_artifact(out / ".artifact", base_ep=art.base_ep, gm=student, recipe=art.recipe,
                            wbits=art.manifest["wbits"], abits=art.manifest["abits"],
-                           source=art.manifest["source"], extra={"train": info})
+                           source=art.manifest["source"],
+                           extra={"train": info, **({"diffusion": art.manifest["diffusion"]} if "diffusion" in art.manifest else {})})
     for f in (out / ".artifact").iterdir():  # artifact files next to train/ (checkpoints, log)
         shutil.move(str(f), out / f.name)
     (out / ".artifact").rmdir()

@@ -1,0 +1,197 @@
+"""Fidelity options of issue 11 (METHODS §11): residual projections as a role of their own, BiDM's
+1x1-conv shortcut, the recipes' [train] table (EBB switch, per-recipe lr), divergence detection,
+the reference code's SPD/LRM forms, and the sampler's eta on the command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bqc import frontend, ir, transform as tf
+from bqc.errors import BqcError
+from bqc.pipeline import load_recipe
+from bqc.report import cost_report
+
+
+@pytest.fixture(scope="module")
+def mnist16():
+    return frontend.load_source("mnist16")
+
+
+def _layers(gm, role):
+    return [n for n in gm.graph.nodes if ir.info(n).get("role") == role and ir.info(n).get("kind") in ir.WEIGHTED_KINDS]
+
+
+def test_residual_projections_found_by_structure(mnist16):
+    """Every openaimodel ``skip_connection`` conv (and nothing else) gets role res-proj."""
+    gm = tf.transform(mnist16, "fp").gm
+    found = sorted(ir.info(n)["module"] for n in _layers(gm, "res-proj"))
+    assert len(found) == 10 and all(m.endswith("skip_connection") for m in found)
+    # attention proj_out and the main-path convs are not residual projections
+    assert not any("proj_out" in m or "in_layers" in m or "out_layers" in m for m in found)
+    assert all(ir.info(n)["place"] in ("head", "body", "tail") for n in _layers(gm, "res-proj"))
+
+
+def test_residual_projections_diffusers(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    m = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                              layers_per_block=1, norm_num_groups=4,
+                              down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                              up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    m.save_pretrained(tmp_path / "unet")
+    gm = tf.transform(frontend.load_source(str(tmp_path / "unet")), "fp").gm
+    found = [ir.info(n)["module"] for n in _layers(gm, "res-proj")]
+    assert found and all(x.endswith("conv_shortcut") for x in found)
+    n_shortcuts = sum(1 for name, _ in m.named_modules() if name.endswith("conv_shortcut"))
+    assert len(found) == n_shortcuts
+
+
+def test_recipes_state_residual_precision(mnist16):
+    """bidm keeps them FP (as its code), binarydm binarizes them (as its code); the report
+    counts them as a role of their own; --bits still overrides."""
+    bidm = tf.transform(mnist16, "bidm").gm
+    bdm = tf.transform(mnist16, "binarydm").gm
+    assert all(ir.info(n)["w_bits"] == 32 for n in _layers(bidm, "res-proj"))
+    assert all(ir.info(n)["w_bits"] == 1 for n in _layers(bdm, "res-proj"))
+    # EBB still reaches the head/tail residual projections of binarydm (their place decides)
+    tail = [n for n in _layers(bdm, "res-proj") if ir.info(n)["place"] == "tail"]
+    assert tail and all(ir.info(n)["plan"]["weight"] == "ebb" for n in tail)
+    rep = cost_report(bidm)
+    assert rep["by_role"]["res-proj"]["layers"] == 10
+    forced = tf.transform(mnist16, "bidm", bits=("*skip_connection=1/1",)).gm
+    assert all(ir.info(n)["w_bits"] == 1 for n in _layers(forced, "res-proj"))
+    assert cost_report(forced)["size_mb"] < rep["size_mb"]
+
+
+def test_shortcut_conv_form_costs_more_and_folds(tmp_path, mnist16):
+    """BiDM's reference shortcut (a real 1x1 conv where channels change) next to pooling: the
+    report shows both sizes, and the deploy graph folds it to the same outputs."""
+    toml = tmp_path / "bidm-conv.toml"
+    toml.write_text('extends = "bidm"\nname = "bidm-conv"\n[options.plan_quant]\n'
+                    'body = { weight = "bidm", act = "bidm", kmap = "learned", shortcut = "scaled-conv" }\n')
+    pool = tf.transform(mnist16, "bidm").gm
+    conv = tf.transform(mnist16, str(toml)).gm
+    projs = [m for m in conv.modules() if getattr(m, "kind", "") == "shortcut" and getattr(m, "proj", None) is not None]
+    assert projs, "no channel-changing binary conv got a 1x1 projection"
+    assert cost_report(conv)["size_mb"] > cost_report(pool)["size_mb"]
+    from bqc.deploy import to_deploy
+    from bqc.graph import BqcModel
+
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 900])
+    student = BqcModel(conv).eval()
+    with torch.no_grad():
+        ref = student(x, t)[0]
+        dep = to_deploy(conv)
+        got = BqcModel(dep).eval()(x, t)[0]
+    assert torch.allclose(ref, got, atol=1e-3, rtol=1e-3)
+
+
+def test_train_table_is_validated(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('extends = "binarydm"\n[train]\nebb_swtich = 0.5\n')
+    with pytest.raises(BqcError, match="ebb_switch"):
+        load_recipe(str(bad))
+    bad.write_text('extends = "bidm"\n[train]\ntbs_gap = "sometimes"\n')
+    with pytest.raises(BqcError, match="tbs_gap"):
+        load_recipe(str(bad))
+    assert load_recipe("binarydm").train["ebb_switch"] == 0.5  # half of training, as the paper
+
+
+def test_recipe_hyperparameters_resolve(tmp_path):
+    from bqc.train.qat import QATOptions, resolved_hparams, tbs_gap
+    from bqc.diffusion.schedule import NoiseSchedule
+
+    train = {"lr": 2e-4, "weight_decay": 0.01}
+    assert resolved_hparams(train, QATOptions(steps=1)) == {"lr": 2e-4, "weight_decay": 0.01, "grad_clip": 1.0}
+    assert resolved_hparams(train, QATOptions(steps=1, lr=5e-5))["lr"] == 5e-5  # the command line wins
+    assert resolved_hparams({}, QATOptions(steps=1))["lr"] == 1e-4
+    s = NoiseSchedule()
+    assert tbs_gap({"tbs_gap": "sampler"}, QATOptions(steps=1, sample_steps=100), s) == 10
+    assert tbs_gap({"tbs_gap": 1}, QATOptions(steps=1, sample_steps=100), s) == 1
+
+
+def test_divergence_detection(tmp_path):
+    from bqc.train.qat import divergence
+
+    def write(vals):
+        p = tmp_path / "metrics.csv"
+        p.write_text("step,loss,simple\n" + "".join(f"{i},{v},{v}\n" for i, v in enumerate(vals)))
+        return p
+
+    healthy = [0.3, 0.2, 0.1] + [0.06 + 0.005 * ((i * 7) % 3) for i in range(40)]
+    assert not divergence(write(healthy))["diverged"]
+    blown = [0.3, 0.2, 0.1] + [0.05] * 20 + [0.05 + 0.02 * i for i in range(20)]
+    d = divergence(write(blown))
+    assert d["diverged"] and d["ratio"] > 2
+    assert not divergence(tmp_path / "missing.csv")["diverged"]
+
+
+def test_reference_forms_of_spd_and_lrm():
+    from bqc.train.losses import LRMProjections, spd_code_distances, spd_loss
+
+    torch.manual_seed(0)
+    fs, ft = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    # the code form by hand: patch (0, 0) is rows 0..1, cols 0..1 (p = 4 on 8x8)
+    d = spd_code_distances(fs, ft, 4)
+    def g(f):
+        p = f[:, :, 0:2, 0:2]
+        m = p @ p.transpose(-1, -2)
+        return m / m.norm()
+    assert torch.allclose(d[0], (g(fs) - g(ft)).norm(), atol=1e-5)
+    assert float(spd_loss([fs], [fs], form="code")) == 0.0
+    assert not torch.isclose(spd_loss([fs], [ft], form="code"), spd_loss([fs], [ft]))
+    with pytest.raises(ValueError):
+        spd_loss([fs], [ft], form="other")
+    lrm = LRMProjections([8], k=4, axis="width")
+    assert lrm.proj_0.shape == (8, 2)
+    assert float(lrm.loss([ft], [ft])) == 0.0 and float(lrm.loss([fs], [ft])) > 0
+
+
+def test_distill_form_is_recorded(mnist16, tmp_path):
+    toml = tmp_path / "bdm-code.toml"
+    toml.write_text('extends = "binarydm"\nname = "bdm-code"\n[options.distill_taps]\nform = "code"\n')
+    gm = tf.transform(mnist16, str(toml)).gm
+    assert ir.graph_meta(gm)["distill"]["form"] == "code"
+    toml.write_text('extends = "binarydm"\n[options.distill_taps]\nform = "codes"\n')
+    with pytest.raises(BqcError, match="form"):
+        tf.transform(mnist16, str(toml))
+
+
+def test_ebb_terms_logged(mnist16, tmp_path):
+    """L_EBB and mean|s2| are logged while EBB is in stage 1."""
+    from bqc.train.qat import QATOptions, train_artifact
+
+    art = tf.save(tf.transform(mnist16, "binarydm"), tmp_path / "art")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray((rng.random((16, 16)) * 255).astype("uint8"), "L").save(imgs / f"{i}.png")
+    out = train_artifact(art, str(imgs), tmp_path / "run",
+                         QATOptions(steps=2, batch=4, warmup=1, checkpoint_every=0, progress=False))
+    header = (out / "train" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "s2" in header and "ebb" in header
+    info = json.loads((out / "train.json").read_text())
+    assert info["hparams"]["lr"] == 1e-4 and "divergence" in info
+
+
+def test_eta_on_the_command_line(tmp_path):
+    """`bqc sample --eta 1` draws other samples than the deterministic sampler."""
+    outs = []
+    for eta in ("0", "1"):
+        npz = tmp_path / f"s{eta}.npz"
+        r = subprocess.run([sys.executable, "-m", "bqc", "sample", "mnist16", "-n", "2", "--steps", "3",
+                            "--eta", eta, "-o", str(tmp_path / f"g{eta}.png"), "--npz", str(npz)],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        import numpy as np
+
+        outs.append(np.load(npz)["samples"])
+    assert not (outs[0] == outs[1]).all()
