@@ -90,6 +90,14 @@ RUNS: list[Run] = [
     Run("bidm-no-tbs", "ablation", "bidm", overrides=_BIDM_NO_TBS, main=False),
     Run("bidm-no-spd", "ablation", "bidm", distill=False, main=False),
     Run("bidm-tbs-1", "ablation", "bidm", overrides="[options.tbs_edges]\nconnections = 1\n", main=False),
+    # Fidelity options (METHODS §11: what the released reference code does, against bqc's default)
+    Run("bidm-res-proj-binary", "ablation", "bidm", overrides='[options.plan_quant]\nres_proj = "place"\n', main=False),
+    Run("bidm-shortcut-conv", "ablation", "bidm", overrides=(
+        '[options.plan_quant]\nbody = { weight = "bidm", act = "bidm", kmap = "learned", shortcut = "scaled-conv" }\n'), main=False),
+    Run("bidm-spd-code", "ablation", "bidm", overrides='[options.distill_taps]\nform = "code"\n', main=False),
+    Run("binarydm-lrm-code", "ablation", "binarydm", overrides='[options.distill_taps]\nform = "code"\n', main=False),
+    Run("binarydm-res-proj-fp", "ablation", "binarydm", overrides='[options.plan_quant]\nres_proj = "fp"\n', main=False),
+    Run("binarydm-ebb-switch-0.1", "ablation", "binarydm", overrides="[train]\nebb_switch = 0.1\n", main=False),
 ]
 SMOKE = ["baseline-w1a4", "bidm"]
 
@@ -101,6 +109,7 @@ class EvalVariant:
     tag: str
     eta: float = 0.0
     clip_x0: float | None = None
+    steps: int | None = None  # None: the study's sampling steps
 
     def describe(self) -> dict:
         return {"eta": self.eta, "clip_x0": self.clip_x0}
@@ -110,7 +119,7 @@ def variants_from_args(clip_x0: float | None, eta: float | None) -> tuple[EvalVa
     out = []
     if clip_x0:
         out.append(EvalVariant("clip", clip_x0=clip_x0))
-    if eta:
+    if eta is not None:
         out.append(EvalVariant(f"eta{eta:g}", eta=eta))
     return tuple(out)
 
@@ -119,9 +128,11 @@ def variants_from_args(clip_x0: float | None, eta: float | None) -> tuple[EvalVa
 class Settings:
     steps: int = 1000
     batch: int = 64
-    lr: float = 5e-4
+    lr: float | None = None  # None: each recipe's [train] lr (chosen by the lr sweep)
     n: int = 1000
-    sample_steps: int = 50
+    sample_steps: int = 100
+    eta: float = 1.0  # the declared sampler: DDIM-100, eta 1 (LDM's sampling default)
+    teacher: str = "mnist16"  # the FP model every run starts from (zoo name or model dir)
     seeds: tuple[int, ...] = (0, 1)
     out: Path = ROOT / "runs" / "replicate"
     ebb_switch: float | None = None  # override [train] ebb_switch of recipes that switch EBB stages
@@ -146,15 +157,16 @@ def _recipe_file(run: Run, d: Path, s: Settings) -> str:
 METRIC_KEYS = ("fid", "fid_floor", "kid", "precision", "recall", "is", "confident")
 
 
-def _sample_and_score(model, s: Settings, seed: int, grid: Path, v: EvalVariant = EvalVariant("main")) -> dict:
+def _sample_and_score(model, s: Settings, seed: int, grid: Path, v: EvalVariant | None = None) -> dict:
     import torch
 
     from bqc.diffusion.grid import save_grid
     from bqc.diffusion.samplers import generate
     from bqc.metrics import evaluate
 
+    v = v or EvalVariant("main", eta=s.eta)
     with torch.no_grad():
-        x = generate(model, s.n, tuple(model.input_shape), steps=s.sample_steps, seed=seed, batch=250,
+        x = generate(model, s.n, tuple(model.input_shape), steps=v.steps or s.sample_steps, seed=seed, batch=250,
                      eta=v.eta, clip_x0=v.clip_x0)
     save_grid(x[:64], grid, nrow=8, scale=4)
     return evaluate(x, _test_images(), n=s.n, seed=seed)
@@ -172,7 +184,7 @@ def do_run(run: Run, seed: int, s: Settings, src) -> dict:
     from bqc import artifact, transform as tf
     from bqc.graph import BqcModel
     from bqc.report import cost_report
-    from bqc.train.qat import QATOptions, train_artifact
+    from bqc.train.qat import QATOptions, divergence, train_artifact
 
     d = s.out / run.name / f"seed{seed}"
     done = d / "done.json"
@@ -198,10 +210,14 @@ def do_run(run: Run, seed: int, s: Settings, src) -> dict:
     rep = cost_report(art.gm)
     result = {"run": run.name, "table": run.table, "seed": seed, "recipe": art.recipe.name,
               "bits": f"W{art.manifest['wbits']}A{art.manifest['abits']}", "steps": s.steps if run.train else 0,
-              "n": s.n, "sample_steps": s.sample_steps, "wall_s": round(time.time() - t0, 1),
+              "n": s.n, "sample_steps": s.sample_steps, "eta": s.eta, "teacher": s.teacher,
+              "wall_s": round(time.time() - t0, 1),
               **({"command": s.extra["command"]} if s.extra.get("command") else {}),
               "metrics": {k: m[k] for k in METRIC_KEYS},
               "size_mb": rep["size_mb"], "ops": rep["ops"], "size_saving": rep["size_saving"], "ops_saving": rep["ops_saving"]}
+    if run.train:  # a run whose loss blew up is flagged, so no table shows it without saying so
+        result["divergence"] = divergence(d / "trained" / "train" / "metrics.csv")
+        result["lr"] = (_read_json(d / "trained" / "train.json") or {}).get("hparams", {}).get("lr")
     (d / "eval.json").write_text(json.dumps(m, indent=2, default=float) + "\n")
     _score_variants(model, s, seed, d, result)
     _write_json(done, result)
@@ -256,6 +272,7 @@ def summarise(results: list[dict]) -> dict[str, dict]:
     out = {}
     for name, rs in by.items():
         row = {"run": name, "table": rs[0]["table"], "bits": rs[0]["bits"], "seeds": len(rs),
+               "diverged": any((r.get("divergence") or {}).get("diverged") for r in rs),
                "size_mb": rs[0]["size_mb"], "size_saving": rs[0]["size_saving"], "ops_saving": rs[0]["ops_saving"]}
         groups = [("metrics", "")] + [(g, g.removeprefix("metrics_") + "_") for g in sorted(rs[0])
                                       if g.startswith("metrics_")]
@@ -285,9 +302,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every run (default: each recipe's [train] lr)")
     p.add_argument("-n", "--n", type=int, default=1000)
-    p.add_argument("--sample-steps", type=int, default=50)
+    p.add_argument("--sample-steps", type=int, default=100, help="DDIM steps of the declared sampler")
+    p.add_argument("--main-eta", type=float, default=1.0, help="DDIM eta of the declared sampler (1: LDM's default)")
+    p.add_argument("--teacher", default="mnist16", help="the FP model every run starts from (zoo name or model dir)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--only", default="", help="table-a, table-b, ablation, or run names (comma-separated)")
     p.add_argument("--out", default=str(ROOT / "runs" / "replicate"))
@@ -297,7 +316,7 @@ def main(argv=None) -> None:
     p.add_argument("--clip-x0", type=float, default=None,
                    help="also sample and score with the predicted x0 clipped to [-C, C] (metrics_clip)")
     p.add_argument("--eta", type=float, default=None,
-                   help="also sample and score with stochastic DDIM of this eta (e.g. 1: metrics_eta1)")
+                   help="also sample and score with DDIM of this eta (e.g. 0: metrics_eta0, the deterministic sampler)")
     p.add_argument("--rescore", action="store_true",
                    help="train nothing: add the --clip-x0 / --eta metrics to finished runs that lack them")
     p.add_argument("--smoke", action="store_true", help="CI smoke: two recipes, 2 steps, tiny eval")
@@ -313,6 +332,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     cmd = _command_line(argv if argv is not None else sys.argv[1:])
     s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, n=args.n, sample_steps=args.sample_steps,
+                 eta=args.main_eta, teacher=args.teacher,
                  seeds=tuple(int(x) for x in args.seeds.split(",")), out=Path(args.out),
                  ebb_switch=args.ebb_switch, variants=variants_from_args(args.clip_x0, args.eta))
     runs = RUNS
@@ -342,7 +362,7 @@ def main(argv=None) -> None:
         _append_line(out / "commands.txt", cmd)
         from bqc import frontend
 
-        src = frontend.load_source("mnist16")
+        src = frontend.load_source(s.teacher)
         src.exported = frontend.capture(src)
         # seed-major: every row's first seed finishes before any row's second seed starts
         for i, seed in enumerate(s.seeds):

@@ -166,7 +166,17 @@ def _fid(row: dict, key: str = "fid") -> str:
 
 
 # Extra evaluations (``metrics_<tag>`` in done.json, written by --clip-x0 / --eta): their labels.
-VARIANT_LABEL = {"clip": "x0-clip", "eta1": "DDIM η=1"}
+VARIANT_LABEL = {"clip": "x0-clip", "eta1": "DDIM η=1", "eta0": "DDIM η=0"}
+
+#: the study's declared sampler, as the tables name it (set from the results by write_report)
+_MAIN = {"label": "DDIM η=0"}
+
+
+def main_label(results: list[dict]) -> str:
+    """The declared sampler of ``results`` (done.json ``sample_steps`` / ``eta``; studies that
+    predate the key sampled with eta 0)."""
+    r = results[0] if results else {}
+    return f"DDIM-{r.get('sample_steps', 50)} η={float(r.get('eta', 0.0)):g}"
 
 
 def _vlabel(tag: str) -> str:
@@ -186,6 +196,8 @@ COLUMNS = ("run | what | bits | seeds | FID ↓ | KID ↓ | precision ↑ | reca
 def _row_line(name: str, row: dict | None, label: str | None = None, tags: tuple[str, ...] = ()) -> str:
     desc = DESCRIBE.get(name, "")
     label = label or f"`{name}`"
+    if row is not None and row.get("diverged"):
+        label += " ⚠ diverged"
     if row is None:
         return (f"| {label} | {desc} | – | 0 | {NOT_RUN} | " + "– | " * (len(tags) + 8)).rstrip()
     extra = "".join(f" | {_fid(row, f'{t}_fid')}" for t in tags)
@@ -446,9 +458,9 @@ def _long_section(long_out: Path, main_results: list[dict], runs, summarise: Cal
           "```", ""]
     seeds = {int(x["seed"]) for x in results}
     base = summarise([r for r in main_results if r["run"] in rows and int(r["seed"]) in seeds])
-    groups = [("", "DDIM η=0")] + [(f"{t}_", _vlabel(t)) for t in tags]
+    groups = [("", _MAIN["label"])] + [(f"{t}_", _vlabel(t)) for t in tags]
     head = "| run | bits | seed |" + "".join(f" FID, {lab} ↓ | recall, {lab} ↑ | confident %, {lab} ↑ |" for _, lab in groups)
-    head += " FID at the main budget (same seed, η=0) |" + "".join(f" … {_vlabel(t)} |" for t in tags)
+    head += f" FID at the main budget (same seed, {_MAIN['label']}) |" + "".join(f" … {_vlabel(t)} |" for t in tags)
     L += [head, "|" + "---|" * (head.count("|") - 1)]
     for n in names:
         row = rows[n]
@@ -461,7 +473,7 @@ def _long_section(long_out: Path, main_results: list[dict], runs, summarise: Cal
         cells += [_f(b.get("fid"), ".2f")] + [_f(b.get(f"{t}_fid"), ".2f") for t in tags]
         L.append("| " + " | ".join(cells) + " |")
     L += ["", "Claims with both rows at this budget:", "",
-          "| section | claim | verdict (η=0) | evidence (FID) |" + "".join(f" verdict, {_vlabel(t)} | evidence |" for t in tags),
+          f"| section | claim | verdict ({_MAIN['label']}) | evidence (FID) |" + "".join(f" verdict, {_vlabel(t)} | evidence |" for t in tags),
           "|---|---|---|---|" + "---|---|" * len(tags)]
     claims = [c for c in CLAIMS if c.a in rows and c.b in rows]
     for c in claims:
@@ -476,7 +488,7 @@ def _long_section(long_out: Path, main_results: list[dict], runs, summarise: Cal
     cells = []
     for n in names:
         nseeds = sorted({int(r["seed"]) for r in results if r["run"] == n})
-        for src, lab in [("samples.png", "η=0")] + [(f"samples-{t}.png", _vlabel(t)) for t in tags]:
+        for src, lab in [("samples.png", _MAIN["label"])] + [(f"samples-{t}.png", _vlabel(t)) for t in tags]:
             got = _copy_grid(long_out, n, nseeds, img_dir, src_name=src, prefix="rep_long_")
             if got:
                 written.add(got[0])
@@ -501,6 +513,7 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
     results = load_results(out)
     rows = summarise(results) if results else {}
     tags = tuple(variant_tags(results))
+    _MAIN["label"] = main_label(results)
     img_dir = doc.parent / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     seeds_of = {n: sorted({int(r["seed"]) for r in results if r["run"] == n}) for n in rows}
@@ -559,7 +572,7 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
     L += ["## Verdicts", "",
           "Each claim of the papers, checked on this study's FID (lower wins; a gap within the larger seed spread "
           "is a tie; compared on the seeds both runs finished)"
-          + (", once per way of sampling: the study's DDIM (η = 0) and " + ", ".join(_vlabel(t) for t in tags)
+          + (f", once per way of sampling: the study's {_MAIN['label']} and " + ", ".join(_vlabel(t) for t in tags)
              if tags else "") + ".", "",
           "| section | claim | verdict | evidence (FID) |" + "".join(f" verdict, {_vlabel(t)} | evidence |" for t in tags),
           "|---|---|---|---|" + "---|---|" * len(tags)]
@@ -572,7 +585,7 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
             vt, evt = verdict(c, results, summarise, compare, key=f"{t}_fid")
             cells.append(f"**{vt}** | {evt}")
         L.append(f"| {c.section} | {c.text} | " + " | ".join(cells) + " |")
-    L += ["", "Totals (DDIM η = 0): " + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + ".", ""]
+    L += ["", f"Totals ({_MAIN['label']}): " + ", ".join(f"{v}: {n}" for v, n in sorted(counts.items())) + ".", ""]
 
     L += _speed_section(runs, rows, Path(unet_step))
 
@@ -589,7 +602,7 @@ def write_report(out, doc, runs, summarise: Callable, compare: Callable, *,
     # --- sample grids (main rows)
     L += ["## Sample grids", "", "64 samples per run (first seed, usually seed 0), same sampler and noise for every row"
           + (", once per way of sampling" if tags else "") + ".", ""]
-    ways = [("samples.png", "DDIM η = 0")] + [(f"samples-{t}.png", _vlabel(t)) for t in tags]
+    ways = [("samples.png", _MAIN["label"])] + [(f"samples-{t}.png", _vlabel(t)) for t in tags]
     for table, title in TABLES[:2]:
         names = [r.name for r in runs if r.table == table and r.main]
         for src, way in ways:
