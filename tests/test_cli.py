@@ -8,21 +8,10 @@ import sys
 import pytest
 
 from bqc import cli
+from clirun import run_cli
 
 
-def run(args, capsys):
-    """Run `bqc ARGS` in-process; returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["bqc", *args]
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def test_inspect_json_mnist16(capsys):

@@ -20,24 +20,12 @@ from pathlib import Path
 import pytest
 
 from bqc import cli
+from clirun import run_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
 
 
-def run(args, capsys):
-    """`bqc ARGS` in-process: (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["bqc", *map(str, args)]
-    cli._STATE.pop("interrupted", None)
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def _user_dir(path: Path) -> Path:

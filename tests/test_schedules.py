@@ -14,6 +14,7 @@ from bqc import artifact, frontend
 from bqc.diffusion import ddim_sample, ddpm_sample
 from bqc.diffusion.schedule import NoiseSchedule, parse_schedule_spec, q_sample
 from bqc.errors import BqcError
+from clirun import run_cli
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -256,20 +257,7 @@ def test_trained_artifact_keeps_the_process(cosine_v_artifact, tmp_path):
 
 
 # -- command line --------------------------------------------------------------------------
-def _cli(args, capsys):
-    from bqc import cli
-
-    old = sys.argv
-    sys.argv = ["bqc", *args]
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_cli = run_cli
 
 
 def test_cli_refuses_unknown_beta_schedule(tmp_path, capsys):
