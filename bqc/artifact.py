@@ -168,6 +168,27 @@ def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Art
     return Artifact(path, manifest, base_ep, gm, recipe)
 
 
+def trained_on(target: str | Path) -> dict | None:
+    """``{"data", "resize"}`` a trained artifact (or a compiled dir lowered from one) was trained
+    on, from its manifest's ``train`` record; ``None`` when nothing is recorded."""
+    target = Path(target)
+    man = None
+    if is_artifact(target):
+        man = read_manifest(target)
+    elif (target / "manifest.json").is_file():
+        try:
+            src = json.loads((target / "manifest.json").read_text()).get("artifact")
+        except (OSError, ValueError):
+            src = None
+        if src and is_artifact(src):
+            man = read_manifest(src)
+    train = (man or {}).get("train") or {}
+    if not train.get("data"):
+        return None
+    resize = (train.get("options") or {}).get("resize")
+    return {"data": train["data"], "resize": tuple(resize) if resize else None}
+
+
 def read_schedule(target: str | Path):
     """The recorded diffusion process of an artifact dir (``bqc.json``) or a compiled dir
     (``manifest.json``'s ``diffusion``, else the artifact it was lowered from); ``None`` for

@@ -494,7 +494,7 @@ def sample(
 @app.command("eval")
 def evaluate_cmd(
     target: str = typer.Argument(..., help="artifact, trained run, compiled dir, or model"),
-    data: str = typer.Option("mnist16", "--data"),
+    data: Optional[str] = typer.Option(None, "--data", help="real images to compare with (default: the data the model was trained on, recorded in the run; else mnist16)"),
     resize: Optional[Tuple[int, int]] = _resize_option(),
     n: int = typer.Option(1000, "-n", help="samples (and real images) to compare"),
     steps: int = typer.Option(50, "--steps", help="DDIM steps"),
@@ -518,6 +518,13 @@ def evaluate_cmd(
         from bqc.metrics import inception_fid, load_inception
 
         helper = load_inception()
+    data_from = "--data"
+    if data is None:
+        from bqc.artifact import trained_on
+
+        rec = trained_on(target) if Path(target).exists() else None
+        data, data_from = (rec["data"], "the data it was trained on") if rec else ("mnist16", "default")
+        resize = resize or (rec or {}).get("resize")
     real = load_dataset(data, "test", resize=resize).images
     if len(real) < 2 * n:
         raise BqcError(f"{data} has {len(real)} test images; -n {n} needs {2 * n} (two disjoint real sets)")
@@ -525,11 +532,13 @@ def evaluate_cmd(
     m = evaluate(x, real, n=n, seed=seed)
     if inception:
         m.update(inception_fid(x, real, n=n, seed=seed, helper=helper))
-    m.update({"sampler": f"ddim-{steps} eta={eta:g}", "seed": seed, "target": target})
+    m.update({"sampler": f"ddim-{steps} eta={eta:g}", "seed": seed, "target": target, "data": data,
+              "data_from": data_from, "features": "bqc's shipped MNIST classifier (128-d penultimate layer)"})
     if as_json:
         sys.stdout.write(json.dumps(m, default=float) + "\n")
         return
-    t = Table(title=f"eval: {target} (n={n}, DDIM {steps}, eta {eta:g})")
+    t = Table(title=f"eval: {target} (n={n}, DDIM {steps}, eta {eta:g})",
+              caption=f"real images: {data} test split ({data_from}); features: {m['features']}")
     t.add_column("metric")
     t.add_column("value")
     t.add_column("real-vs-real floor")

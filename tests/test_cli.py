@@ -119,3 +119,30 @@ def test_lower_notes_untrained_ebb_stage1():
     for r in ("baseline", "binarydm-lmb", "bidm"):  # no stage switch: nothing to say
         assert ebb_stage_note({"recipe": load_recipe(r).to_dict()}) is None
     assert ebb_stage_note({}) is None
+
+
+def test_eval_defaults_to_the_training_data(tmp_path, capsys):
+    """A model trained on an image folder is scored against that folder, not mnist16, and the
+    output says which data and which features a score used."""
+    import numpy as np
+    from PIL import Image
+
+    from bqc import transform as tf
+    from bqc.frontend import load_source
+    from bqc.train.qat import QATOptions, train_artifact
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray((rng.random((16, 16)) * 255).astype("uint8"), "L").save(imgs / f"{i}.png")
+    art = tf.save(tf.transform(load_source("mnist16"), "baseline"), tmp_path / "art")
+    run_dir = train_artifact(art, str(imgs), tmp_path / "run",
+                             QATOptions(steps=1, batch=4, warmup=1, checkpoint_every=0, progress=False))
+    code, out, err = run(["eval", str(run_dir), "-n", "5", "--steps", "2", "--json"], capsys)
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["data"] == str(imgs) and m["data_from"] == "the data it was trained on"
+    assert "MNIST classifier" in m["features"]
+    code, out, err = run(["eval", str(run_dir), "-n", "5", "--steps", "2", "--json", "--data", "mnist16"], capsys)
+    assert code == 0 and json.loads(out)["data"] == "mnist16"

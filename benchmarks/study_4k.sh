@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The real-budget study of issue 11: every main row at 4000 QAT steps and 2 seeds, then the
+# ablations (seed 0), from the shipped mnist16 teacher, scored with the declared sampler
+# (DDIM-100, eta 1) and DDIM-100 eta 0 as the second column. One process per core; both are
+# resumable (rerun this script: finished runs are skipped, unfinished ones resume from their
+# last checkpoint). About 40 core-hours in all on this 2-core machine.
+#
+#   bash benchmarks/study_4k.sh [OUT]          # default OUT: /work/runs/study-4k
+#   python benchmarks/replicate.py --report --out OUT    # regenerate docs/RESULTS.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/work/runs/study-4k}
+mkdir -p "$OUT"
+common=(--steps 4000 --seeds 0,1 -n 1000 --sample-steps 100 --main-eta 1 --eta 0 --threads 1 --out "$OUT")
+# core 1: the W1A1 table (the slow rows), core 2: the W1A4/W1A32 table, then the ablations
+nohup python benchmarks/replicate.py --only table-b "${common[@]}" > "$OUT/core1.log" 2>&1 &
+nohup bash -c "python benchmarks/replicate.py --only table-a ${common[*]} && \
+               python benchmarks/replicate.py --only ablation ${common[*]}" > "$OUT/core2.log" 2>&1 &
+echo "started; logs in $OUT/core1.log and $OUT/core2.log"
