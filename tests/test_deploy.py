@@ -215,24 +215,28 @@ def test_deploy_matches_qat(model, name):
     gm = case(model, name)
     dg = D.to_deploy(gm)
     tbs = bool(ir.graph_meta(gm).get("state_inputs"))
-    # float32, through the samplers' calling convention: first step (no state), then with state
+    # float32, through the samplers' calling convention: first step (no state), then with state.
+    # With trained weights a value can sit within float rounding of a code boundary: the first
+    # step is checked like every float32 run (no flipped code: outputs agree to 1e-4; a flip:
+    # only at a boundary, verified), and the state path compares outputs only without flips.
     x, t = example_inputs(gm, batch=2, seed=1)[:2]
+    _, flips = check_float32(gm, dg, example_inputs(gm, batch=2, seed=1, state=False))
     qm, dm = BqcModel(gm), BqcModel(dg)
     with torch.no_grad():
         e_q, s_q = qm(x, t)
         e_d, s_d = dm(x, t)
-        assert rel(e_d, e_q) <= 1e-4
         assert (s_q is None) == (s_d is None) == (not tbs)
-        if tbs:
+        if tbs and flips == 0:
             for a, b in zip(s_d, s_q):
                 assert rel(a, b) <= 1e-4
             x2 = example_inputs(gm, batch=2, seed=7)[0]
             e_q2, s_q2 = qm(x2, t - 1, state=s_q)
             e_d2, s_d2 = dm(x2, t - 1, state=s_q)  # same cache into both
-            assert rel(e_d2, e_q2) <= 1e-4
             assert rel(e_q2, qm(x2, t - 1)[0]) > 1e-3  # the cache really enters
-            for a, b in zip(s_d2, s_q2):
-                assert rel(a, b) <= 1e-4
+            _, flips2 = check_float32(gm, dg, [x2, t - 1, *s_q, torch.ones(())])
+            if flips2 == 0:
+                for a, b in zip(s_d2, s_q2):
+                    assert rel(a, b) <= 1e-4
     # float32 on more inputs (random TBS state, flag 1): agreement up to rare code flips
     for seed in (2, 3):
         check_float32(gm, dg, example_inputs(gm, batch=4, seed=seed, state=True))
