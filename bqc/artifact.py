@@ -168,21 +168,31 @@ def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Art
     return Artifact(path, manifest, base_ep, gm, recipe)
 
 
+def _compiled_manifest(target: Path) -> dict | None:
+    """A compiled dir's ``manifest.json`` (None when there is none; a corrupt one is an error)."""
+    compiled = target / "manifest.json"
+    if not compiled.is_file():
+        return None
+    try:
+        return json.loads(compiled.read_text())
+    except json.JSONDecodeError as e:
+        raise BqcError(f"{compiled} is corrupt: {e}") from e
+
+
+def source_manifest(target: str | Path) -> dict | None:
+    """The ``bqc.json`` of an artifact dir, or of the artifact a compiled dir was lowered from;
+    None for anything else."""
+    target = Path(target)
+    if is_artifact(target):
+        return read_manifest(target)
+    src = (_compiled_manifest(target) or {}).get("artifact")
+    return read_manifest(src) if src and is_artifact(src) else None
+
+
 def trained_on(target: str | Path) -> dict | None:
     """``{"data", "resize"}`` a trained artifact (or a compiled dir lowered from one) was trained
     on, from its manifest's ``train`` record; ``None`` when nothing is recorded."""
-    target = Path(target)
-    man = None
-    if is_artifact(target):
-        man = read_manifest(target)
-    elif (target / "manifest.json").is_file():
-        try:
-            src = json.loads((target / "manifest.json").read_text()).get("artifact")
-        except (OSError, ValueError):
-            src = None
-        if src and is_artifact(src):
-            man = read_manifest(src)
-    train = (man or {}).get("train") or {}
+    train = (source_manifest(target) or {}).get("train") or {}
     if not train.get("data"):
         return None
     resize = (train.get("options") or {}).get("resize")
@@ -196,18 +206,10 @@ def read_schedule(target: str | Path):
     from bqc.diffusion.schedule import NoiseSchedule
 
     target = Path(target)
-    if is_artifact(target):
-        return NoiseSchedule.from_manifest(read_manifest(target))
-    compiled = target / "manifest.json"
-    if compiled.is_file():
-        try:
-            man = json.loads(compiled.read_text())
-        except json.JSONDecodeError as e:
-            raise BqcError(f"{compiled} is corrupt: {e}") from e
-        if man.get("diffusion"):
-            return NoiseSchedule.from_manifest(man)
-        src = man.get("artifact")
-        if src and is_artifact(src):
-            return NoiseSchedule.from_manifest(read_manifest(src))
-        return NoiseSchedule()
-    return None
+    compiled = None if is_artifact(target) else _compiled_manifest(target)
+    if compiled is not None and compiled.get("diffusion"):
+        return NoiseSchedule.from_manifest(compiled)
+    man = source_manifest(target)
+    if man is not None:
+        return NoiseSchedule.from_manifest(man)
+    return NoiseSchedule() if compiled is not None else None

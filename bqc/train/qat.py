@@ -149,6 +149,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
     gap = tbs_gap(recipe_train, opts, schedule)
     tau = float(recipe_train.get("ebb_tau", 0.0))
     n_out = 1 + len(meta.get("state_outputs", []))
+    ebb = ebb_modules(student)  # the same modules every step (the stage is a flag on each)
 
     def loss_fn(model, batch, step):
         core = unwrap(model)  # model may be DDP(QATModel): grads flow through model(...)
@@ -184,7 +185,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
         l_simple = F.mse_loss(eps, schedule.target(x0, noise, t))  # eps, v or x0: the model's own
         terms["simple"] = float(l_simple.detach())
         loss = l_simple + float(distill["weight"] if distill else 0.0) * ld
-        if ebb_modules(core.student) and not all(bool(m.stage2) for m in ebb_modules(core.student)):
+        if ebb and not all(bool(m.stage2) for m in ebb):
             reg = ebb_regulariser(core.student)  # mean |s2| over EBB layers (0 once s2 is dropped)
             terms["s2"] = float(reg.detach())
             if tau > 0:
