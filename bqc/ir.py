@@ -50,6 +50,10 @@ for _k, _ops in {
     for _o in _ops:
         _KIND_BY_OP[_o] = _k
 
+#: blocks at each end of the UNet whose layers are "head" / "tail" (BinaryDM keeps 8-bit weights
+#: or EBB there; the annotate pass's default; recipes may override it)
+HEAD_TAIL_BLOCKS = 6
+
 #: kinds of node that carry weights and can be quantized
 WEIGHTED_KINDS = ("conv", "linear")
 QUANTIZABLE_KINDS = ("conv", "linear", "matmul")
@@ -320,7 +324,7 @@ def _time_only_nodes(gm: fx.GraphModule) -> set[str]:
     return from_t - from_x
 
 
-def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> fx.GraphModule:
+def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS) -> fx.GraphModule:
     """Run the analysis once and store it on the nodes (see :class:`NodeInfo`)."""
     g = to_networkx(gm)
     nodes = list(gm.graph.nodes)
@@ -441,7 +445,7 @@ def is_residual_projection(node: fx.Node) -> bool:
     return any(op_name(u) == "add" for u in _alias_users(node))
 
 
-def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = 6) -> None:
+def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS) -> None:
     """Roles of weighted layers: input/output conv, time-embed, emb-proj, res-proj (residual
     projections), head/tail/body by block. ``place`` keeps head/body/tail for every layer
     inside the blocks, so a role of its own (res-proj) can still default to its position."""

@@ -13,8 +13,11 @@ A pass is a small class (one per file in ``passes/``) modelled on torch.fx's ``P
   ``ctx.explain(...)`` (``bqc transform --explain``).
 
 A recipe is data: a TOML file listing passes with options (``bqc/recipes/*.toml``, or a user
-file via ``--recipe path.toml``). ``extends = "other"`` inherits another recipe and
-``[options.PASS]`` tables override the options of inherited passes.
+file via ``--recipe path.toml``). ``extends = "other"`` inherits another recipe's passes (its own
+``[[passes]]``, if any, replace them), ``[[append]]`` adds passes after them, and
+``[options.PASS]`` tables override the options of the passes so far. The quantized recipes all
+extend ``_quantized`` (the shared six-pass pipeline); recipes whose name starts with ``_`` are
+bases, not listed by :func:`recipe_names`.
 """
 from __future__ import annotations
 
@@ -185,7 +188,7 @@ class PassManager:
 
 
 # recipes --------------------------------------------------------------------------------------
-RECIPE_KEYS = {"name", "description", "paper", "extends", "bits", "settings", "passes", "options", "train"}
+RECIPE_KEYS = {"name", "description", "paper", "extends", "bits", "settings", "passes", "append", "options", "train"}
 SUPPORTED_BITS = {"w": (1, 2, 3, 4, 8, 32), "a": (1, 2, 3, 4, 8, 32)}
 
 
@@ -259,7 +262,8 @@ class Recipe:
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+    """The runnable built-in recipes (``_name.toml`` files are bases other recipes extend)."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml") if not p.stem.startswith("_"))
 
 
 def _read_recipe(name_or_path: str) -> tuple[dict, str]:
@@ -293,9 +297,13 @@ def load_recipe(name_or_path: str, _seen: tuple = ()) -> Recipe:
     if name_or_path in _seen:
         raise BqcError(f"recipe {name_or_path!r} extends itself (cycle {' -> '.join(_seen + (name_or_path,))})")
     base = load_recipe(data["extends"], _seen + (name_or_path,)) if "extends" in data else None
-    passes = [(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in data.get("passes", [])]
+    def listed(key):
+        return [(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in data.get(key, [])]
+
+    passes = listed("passes")
     if base is not None and not passes:
         passes = [(n, dict(o)) for n, o in base.passes]
+    passes += listed("append")
     overrides = data.get("options", {})
     for pname, opts in overrides.items():
         hits = [o for n, o in passes if n == pname]

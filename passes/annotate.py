@@ -15,7 +15,7 @@ from bqc.pipeline import Pass, PassResult, register
 class Annotate(Pass):
     name = "annotate"
     summary = "analyse the UNet (kinds, levels, blocks, roles) and store node annotations"
-    options = {"head_tail_blocks": 6}
+    options = {"head_tail_blocks": ir.HEAD_TAIL_BLOCKS}
     ensures = ("annotated", "roles")
 
     def run(self, gm, ctx):

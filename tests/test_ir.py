@@ -6,7 +6,7 @@ import torch
 
 from bqc import frontend, ir
 from bqc.errors import BqcError
-from bqc.pipeline import Pass, PassContext, PassManager, PassResult, get_pass, load_recipe
+from bqc.pipeline import Pass, PassContext, PassManager, PassResult, get_pass, load_recipe, recipe_names
 
 
 @pytest.fixture
@@ -125,3 +125,30 @@ def test_user_recipe_extends(tmp_path):
     r.write_text('extends = "fp"\nname = "mine"\n[options.annotate]\nhead_tail_blocks = 3\n')
     rec = load_recipe(str(r))
     assert rec.name == "mine" and rec.passes == [("annotate", {"head_tail_blocks": 3})]
+
+
+def test_recipe_append_and_shared_base(tmp_path):
+    """`[[append]]` adds passes after the inherited ones; the quantized recipes share the
+    `_quantized` pipeline (a base, not listed) and differ only in their options and appended
+    passes."""
+    base = load_recipe("_quantized")
+    assert "_quantized" not in recipe_names()
+    prefix = [n for n, _ in base.passes]
+    for name in recipe_names():
+        if name == "fp":
+            continue
+        rec = load_recipe(name)
+        assert [n for n, _ in rec.passes][:len(prefix)] == prefix, name
+    assert [n for n, _ in load_recipe("bidm").passes][len(prefix):] == ["tbs_edges", "distill_taps"]
+    assert [n for n, _ in load_recipe("binarydm-lmb").passes][len(prefix):] == ["distill_taps"]
+    lmb = dict(load_recipe("binarydm-lmb").passes)["plan_quant"]
+    assert lmb["head_tail"]["weight"] == "lmb" and lmb["body"]["weight"] == "sign_scale"  # inherited from baseline
+    r = tmp_path / "mine.toml"
+    r.write_text('extends = "xnor"\nname = "xnor-spd"\n[[append]]\nname = "distill_taps"\nloss = "spd"\n'
+                 '[options.distill_taps]\npatches = 2\n')
+    rec = load_recipe(str(r))
+    assert rec.passes[-1] == ("distill_taps", {"loss": "spd", "patches": 2})
+    assert rec.passes[:-1] == load_recipe("xnor").passes and (rec.wbits, rec.abits) == (1, 1)
+    r.write_text('extends = "xnor"\n[[append]]\nname = "distil_taps"\n')
+    with pytest.raises(BqcError, match="distil_taps"):
+        load_recipe(str(r))

@@ -27,8 +27,12 @@ def _forward_backward(gm, shape, steps=2):
         loss = loss + eps.square().mean()
     loss.backward()
     assert torch.isfinite(loss)
-    grads = [p for p in gm.parameters() if p.requires_grad]
-    assert grads and all(p.grad is not None for p in grads if p.requires_grad and p.grad is not None)
+    trainable = {n: p for n, p in gm.named_parameters() if p.requires_grad}
+    assert trainable
+    # the TBS blend weights act from the second sampling step on (the first has no cache yet)
+    no_grad = [n for n, p in trainable.items() if p.grad is None and (steps > 1 or not n.startswith("tbs."))]
+    assert not no_grad, f"trainable parameters the loss does not reach: {no_grad[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in trainable.values())
     return eps, state
 
 
