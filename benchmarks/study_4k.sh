@@ -6,6 +6,12 @@
 # last checkpoint). About 40 core-hours in all on this 2-core machine.
 #
 #   bash benchmarks/study_4k.sh [OUT]          # default OUT: /work/runs/study-4k
+#
+# Run it from a frozen copy of the code, so that edits to your checkout never change a run in
+# flight (a resumed run must see the code it started with):
+#   git worktree add --detach /work/runs/code-study HEAD
+#   python3 -m pip install --no-deps --no-build-isolation /work/runs/code-study --target /work/runs/code-study-site
+#   PYTHONPATH=/work/runs/code-study-site bash /work/runs/code-study/benchmarks/study_4k.sh
 #   python benchmarks/replicate.py --report --out OUT    # regenerate docs/RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
