@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/kernels.py                    # all shapes, T = 1 and 2 threads
     python benchmarks/kernels.py --models ddim-cifar10 --threads 1 --rounds 5
+    python benchmarks/kernels.py --routes --threads 1   # CPU targets / kernel routes side by side
 
 Layers: the 3x3 stride-1 pad-1 convs of the ``ddim-cifar10`` UNet (128 ch at 32x32, 256 ch at
 16x16 / 8x8 / 4x4) and of ``ldm4-bedrooms`` (224 / 448 / 672 / 896 ch at 64 / 32 / 16 / 8),
@@ -31,6 +32,13 @@ T=1) are the undisturbed estimates; medians include time the process was desched
 Every bqc kernel output is checked against the numpy reference once per layer.
 
 Writes ``benchmarks/results/kernels.json`` and ``kernels.md`` (with the command line).
+
+``--routes`` compares the kernel routes of several x86 targets (``--cpus``, default
+x86-64-v3 / x86-64-v4 / cascadelake / znver4: Harley-Seal vs native ``vpopcntd``, AVX2 vs
+AVX-512 BW vs VNNI for W1A4) in one run on this machine, 1 thread, against torch FP32 with
+oneDNN's full ISA and capped at AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, a second worker); writes
+``kernel_routes.json`` / ``kernel_routes.md``. Targets whose features this CPU lacks are listed,
+not run.
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ MODELS = {
     "ldm4-bedrooms": [(224, 64), (448, 32), (672, 16), (896, 8)],
 }
 IMPLS = ["torch_fp32", "torch_int8", "w1a1", "w1a1_simple", "w1a4", "bitpack", "w1a1_vpopcnt"]
+ROUTE_CPUS = ["x86-64-v3", "x86-64-v4", "cascadelake", "znver4"]  # --routes: one target per x86 route
 
 
 def _host_has(flag: str) -> bool:
@@ -67,6 +76,47 @@ def _loadavg() -> float:
         return float("nan")
 
 
+def time_calls(fns: dict, args) -> dict:
+    """Time every ``fns[name]()`` in ``args.rounds`` interleaved rounds of about ``args.round_ms``
+    of calls each, every call timed on its own (wall clock and process CPU time), so a call that
+    was descheduled by another job only spoils its own sample. Returns ``ms`` (median),
+    ``ms_min``, ``cpu_ms`` (median) per name, the ratios ``torch_fp32 / name`` of each
+    (``speedup``, ``speedup_min``, ``speedup_cpu``; when ``torch_fp32`` is timed) and the load
+    average before / after."""
+    import numpy as np
+
+    number = {}
+    for name, f in fns.items():
+        for _ in range(2):
+            f()
+        t = time.perf_counter()
+        f()
+        dt = max(time.perf_counter() - t, 1e-6)
+        number[name] = int(min(max(args.round_ms / 1e3 / dt, 2), 100))
+    samples = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    load0 = _loadavg()
+    for _ in range(args.rounds):
+        for name, f in fns.items():
+            f()
+            for _ in range(number[name]):
+                c0 = time.process_time()
+                t = time.perf_counter()
+                f()
+                samples[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c0)
+    row = {"loadavg": [load0, _loadavg()], "ms": {}, "ms_min": {}, "cpu_ms": {}}
+    for name, v in samples.items():
+        row["ms"][name] = float(np.median(v) * 1e3)
+        row["ms_min"][name] = float(np.min(v) * 1e3)
+        row["cpu_ms"][name] = float(np.median(cpu[name]) * 1e3)
+    if "torch_fp32" in fns:
+        for key, sp in (("ms", "speedup"), ("ms_min", "speedup_min"), ("cpu_ms", "speedup_cpu")):
+            base = row[key]["torch_fp32"]
+            row[sp] = {nm: base / v for nm, v in row[key].items() if nm != "torch_fp32"}
+    return row
+
+
 def worker(args) -> dict:
     """Run in a subprocess with TVM_NUM_THREADS set: time every layer at one thread count."""
     import numpy as np
@@ -74,7 +124,8 @@ def worker(args) -> dict:
 
     from bqc import packing as P
     from bqc.backends.tvm import kernels as K
-    from bqc.backends.tvm.target import x86_target
+    from bqc.backends.hostcpu import missing_features
+    from bqc.backends.tvm.target import required_features, x86_target
 
     T = args.threads[0]
     torch.set_num_threads(T)
@@ -101,7 +152,7 @@ def worker(args) -> dict:
             kq = K.build_w1ak_conv2d(n, c, oc, hw, hw, k, s, p, target=target)
             kp = K.build_bitpack(n, c, hw, hw, target=target)
             kv = None
-            if _host_has("avx512_vpopcntdq"):
+            if not missing_features(required_features(x86_target(T, mcpu="icelake-server"))):
                 kv = K.build_binary_conv2d(n, c, oc, hw, hw, k, s, p, target=x86_target(T, mcpu="icelake-server"))
             build_s = time.time() - t0
             # correctness, once per layer
@@ -144,47 +195,162 @@ def worker(args) -> dict:
             if kv is not None:
                 fns["w1a1_vpopcnt"] = tvm_fn(kv, b_args)
 
-            # calls per round: about args.round_ms of work each, every call timed on its own
-            # (wall clock and process CPU time), so a call that was descheduled by another job
-            # only spoils its own sample.
-            number = {}
-            for name, f in fns.items():
-                for _ in range(2):
-                    f()
-                t = time.perf_counter()
-                f()
-                dt = max(time.perf_counter() - t, 1e-6)
-                number[name] = int(min(max(args.round_ms / 1e3 / dt, 2), 100))
-            samples = {name: [] for name in fns}
-            cpu = {name: [] for name in fns}
-            load0 = _loadavg()
-            for _ in range(args.rounds):
-                for name, f in fns.items():
-                    f()
-                    for _ in range(number[name]):
-                        c0 = time.process_time()
-                        t = time.perf_counter()
-                        f()
-                        samples[name].append(time.perf_counter() - t)
-                        cpu[name].append(time.process_time() - c0)
             row = {"model": model, "layer": f"conv3x3 {c}->{oc} @{hw}x{hw}", "channels": c, "hw": hw,
-                   "threads": T, "exact": ok, "build_s": round(build_s, 2),
-                   "loadavg": [load0, _loadavg()], "ms": {}, "ms_min": {}, "cpu_ms": {}}
-            for name, v in samples.items():
-                row["ms"][name] = float(np.median(v) * 1e3)
-                row["ms_min"][name] = float(np.min(v) * 1e3)
-                row["cpu_ms"][name] = float(np.median(cpu[name]) * 1e3)
-            base, base_min = row["ms"]["torch_fp32"], row["ms_min"]["torch_fp32"]
-            row["speedup"] = {nm: base / v for nm, v in row["ms"].items() if nm != "torch_fp32"}
-            row["speedup_min"] = {nm: base_min / v for nm, v in row["ms_min"].items() if nm != "torch_fp32"}
-            base_cpu = row["cpu_ms"]["torch_fp32"]
-            row["speedup_cpu"] = {nm: base_cpu / v for nm, v in row["cpu_ms"].items() if nm != "torch_fp32"}
+                   "threads": T, "exact": ok, "build_s": round(build_s, 2), **time_calls(fns, args)}
             out.append(row)
             print(f"[T={T}] {model:14s} {row['layer']:28s} exact={ok} fp32 {base:8.3f} ms | "
                   + " ".join(f"{nm} x{row['speedup'][nm]:.2f}/{row['speedup_min'][nm]:.2f}"
                              f"/{row['speedup_cpu'][nm]:.2f}" for nm in row["speedup"]),
                   file=sys.stderr, flush=True)
     return {"threads": T, "rows": out}
+
+
+def _layers(args):
+    for model in args.models:
+        for (c, hw) in MODELS[model]:
+            if not (args.max_channels and c > args.max_channels):
+                yield model, c, hw
+
+
+def routes_worker(args) -> dict:
+    """``--routes``: per layer, torch FP32 and bqc's W1A1 / W1A4 conv built for each ``--cpus``
+    target with that target's kernel routes (:data:`bqc.backends.tvm.target.KERNEL_ROUTES`), and
+    on VPOPCNTDQ targets also the Harley-Seal network (``w1a1_hs``) for a side-by-side
+    comparison. Targets this CPU cannot run are listed, not timed. One thread."""
+    import numpy as np
+    import torch
+
+    from bqc import packing as P
+    from bqc.backends.hostcpu import missing_features
+    from bqc.backends.tvm import kernels as K
+    from bqc.backends.tvm.target import kernel_routes, required_features, x86_target
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    targets, skipped = {}, {}
+    for cpu in args.cpus:
+        t = x86_target(1, mcpu=cpu)
+        lacking = missing_features(required_features(t))
+        if lacking:
+            skipped[cpu] = lacking
+        else:
+            targets[cpu] = t
+    rows = []
+    for model, c, hw in _layers(args):
+        x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+        w = rng.standard_normal((c, c, 3, 3)).astype(np.float32)
+        xb, wb = P.pack_activations(x), P.pack_conv_weights(w)
+        b_args = (xb, P.block_oc(wb), P.conv_base_table(wb, c, hw, hw, 1, 1))
+        q = rng.integers(-8, 8, (1, c, hw, hw))
+        ws = P.sign(w)
+        q_args = (P.pack_codes(q), P.block_oc_int8(ws), P.int8_bias(ws))
+        ref_b, ref_q = P.ref_binary_conv2d(xb, wb, c, 1, 1), P.ref_w1ak_conv2d(q, w, 1, 1)
+        xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+
+        def torch_fp32():
+            with torch.no_grad():
+                torch.conv2d(xt, wt, padding=1)
+        fns, exact, routes = {"torch_fp32": torch_fp32}, {}, {}
+
+        def tvm_fn(kern, kargs):
+            ka, ko = kern._args(kargs)
+            return lambda: kern._fn(*ka, ko)
+        for cpu, t in targets.items():
+            routes[cpu] = kernel_routes(t)
+            kerns = {"w1a1": (K.build_binary_conv2d(1, c, c, hw, hw, 3, 1, 1, target=t), b_args, ref_b),
+                     "w1a4": (K.build_w1ak_conv2d(1, c, c, hw, hw, 3, 1, 1, target=t), q_args, ref_q)}
+            if routes[cpu]["w1a1"] == "vpopcnt":
+                kerns["w1a1_hs"] = (K.build_binary_conv2d(1, c, c, hw, hw, 3, 1, 1, target=t,
+                                                          microkernel="harley-seal"), b_args, ref_b)
+            for impl, (kern, kargs, ref) in kerns.items():
+                exact[f"{cpu}/{impl}"] = bool(np.array_equal(kern(*kargs), ref))
+                fns[f"{cpu}/{impl}"] = tvm_fn(kern, kargs)
+        row = {"model": model, "layer": f"conv3x3 {c}->{c} @{hw}x{hw}", "routes": routes, "exact": exact,
+               **time_calls(fns, args)}
+        rows.append(row)
+        print(f"[routes] {model:14s} {row['layer']:28s} fp32 {row['ms_min']['torch_fp32']:.3f} ms | "
+              + " ".join(f"{nm} {row['ms_min'][nm]:.3f}" for nm in fns if nm != "torch_fp32"),
+              file=sys.stderr, flush=True)
+    return {"rows": rows, "skipped": skipped, "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+
+
+def routes_markdown(result: dict) -> str:
+    """kernel_routes.md: one row per (layer, target): routes, ms, speedups over torch FP32 with
+    oneDNN's full ISA and capped at AVX2 (the baseline an AVX2-only machine would have)."""
+    avx2 = {r["layer"]: r for r in result["torch_avx2"]["rows"]}
+    lines = [
+        "# bqc kernels per CPU target and kernel route (per-layer conv3x3, batch 1, 1 thread)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {result['machine']}; host ISA: {', '.join(result['host_isa'])}; torch {result['torch']}, "
+        f"TVM {result['tvm']}; {result['date']}. Load average during the run: {result['loadavg'][0]:.1f} -> "
+        f"{result['loadavg'][1]:.1f} on {result['cpus']} cores (shared with training jobs: read the CPU-time "
+        "column; wall-clock minimum in the JSON).",
+        "",
+        "Every kernel is built for the named target (`x86_target(1, NAME)`) and run on this machine, "
+        "so all targets are compared on the same cores; the routes are what "
+        "`bqc.backends.tvm.target.KERNEL_ROUTES` picks for that target. `w1a1`: packed bits -> "
+        "int32 (route `vpopcnt` = one `vpopcntd` per 16 lanes, `harley-seal` = carry-save network); "
+        "`w1a1 HS` on VPOPCNTDQ targets: the Harley-Seal network forced, for comparison. `w1a4`: "
+        "4-bit codes x +-1 weights (route `vnni` = `vpdpbusd`, `avx512bw` / `avx2` = "
+        "`vpmaddubsw` + `vpmaddwd`). torch FP32 is oneDNN with its full ISA (AVX-512 here) and, "
+        "in a second process, with `ONEDNN_MAX_CPU_ISA=AVX2` (what an AVX2-only machine runs). "
+        "Times: process CPU time, median ms per call; speedup = torch / kernel.",
+        "",
+    ]
+    if result["skipped"]:
+        lines += ["Not run (this CPU lacks their features): " + "; ".join(
+            f"{cpu} ({', '.join(f)})" for cpu, f in result["skipped"].items()), ""]
+    lines += ["| layer | target | torch fp32 | torch fp32 AVX2 | w1a1 route | w1a1 | speedup (fp32 / AVX2) | "
+              "w1a1 HS | w1a4 route | w1a4 | speedup (fp32 / AVX2) | exact |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        fp = row["cpu_ms"]["torch_fp32"]
+        fa = avx2[row["layer"]]["cpu_ms"]["torch_fp32"] if row["layer"] in avx2 else float("nan")
+        for cpu, routes in row["routes"].items():
+            ms = {impl: row["cpu_ms"].get(f"{cpu}/{impl}") for impl in ("w1a1", "w1a1_hs", "w1a4")}
+            ok = all(v for k, v in row["exact"].items() if k.startswith(cpu + "/"))
+            hs = f"{ms['w1a1_hs']:.3f}" if ms["w1a1_hs"] else "-"
+            lines.append(
+                f"| {row['layer']} | {cpu} | {fp:.3f} | {fa:.3f} | {routes['w1a1']} | {ms['w1a1']:.3f} | "
+                f"{fp / ms['w1a1']:.1f}x / {fa / ms['w1a1']:.1f}x | {hs} | {routes['w1ak']} | {ms['w1a4']:.3f} | "
+                f"{fp / ms['w1a4']:.1f}x / {fa / ms['w1a4']:.1f}x | {'yes' if ok else 'NO'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def run_routes(args, command: str) -> int:
+    """``--routes``: the routes worker (1 thread), then torch alone with oneDNN capped at AVX2;
+    writes ``kernel_routes.json`` / ``.md``."""
+    import platform as _pf
+
+    env = dict(os.environ, TVM_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if args.omp_wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = args.omp_wait_policy
+    base = [sys.executable, str(Path(__file__).resolve()), "--routes-worker", "--rounds", str(args.rounds),
+            "--round-ms", str(args.round_ms), "--max-channels", str(args.max_channels), "--models", *args.models]
+    load0 = _loadavg()
+    parts = []
+    for cpus, extra in ((args.cpus, {}), ([], {"ONEDNN_MAX_CPU_ISA": "AVX2"})):
+        proc = subprocess.run(base + ["--cpus", *cpus], env=dict(env, **extra), stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"routes worker failed with code {proc.returncode}")
+        parts.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    import torch
+    import tvm
+
+    result = {"command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": f"{_pf.machine()} {cpu_model()}, {os.cpu_count()} cpus", "cpus": os.cpu_count(),
+              "host_isa": _host_isa(), "torch": torch.__version__, "tvm": tvm.__version__,
+              "loadavg": [load0, _loadavg()], "rows": parts[0]["rows"], "skipped": parts[0]["skipped"],
+              "torch_avx2": parts[1]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernel_routes.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = routes_markdown(result)
+    (args.out / "kernel_routes.md").write_text(md)
+    print(md)
+    return 0
 
 
 def markdown(result: dict) -> str:
@@ -282,7 +448,12 @@ def main(argv=None):
                     help="OMP_WAIT_POLICY of the torch workers (PASSIVE: on a shared, loaded machine the "
                          "default spin-then-sleep policy makes 2-thread torch convs 20-40x slower)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--routes", action="store_true",
+                    help="compare kernel routes across CPU targets (--cpus) in one run on this machine, 1 thread; "
+                         "writes kernel_routes.json/.md")
+    ap.add_argument("--cpus", nargs="*", default=ROUTE_CPUS, help="--routes: the x86 targets to compare")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--routes-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite kernels.md from an existing kernels.json (no measurement)")
     args = ap.parse_args(argv)
@@ -290,12 +461,17 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    if args.routes_worker:
+        print(json.dumps(routes_worker(args)))
+        return 0
     if args.markdown_only:
         result = json.loads((args.out / "kernels.json").read_text())
         (args.out / "kernels.md").write_text(markdown(result))
         return 0
 
     command = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.routes:
+        return run_routes(args, command.strip())
     runs = []
     load0 = _loadavg()
     for T in args.threads:

@@ -56,16 +56,15 @@ def _worker(lib_dir: str, threads: int, rounds: int, warmup: int, profile: bool)
     torch.set_num_threads(threads)
     import tvm
 
-    from bqc import artifact as A
     from bqc.backends.runtime import load_compiled
-    from bqc.backends.tvm.lower import step_inputs
+    from bqc.backends.tvm.lower import resolve_teacher, step_inputs
 
     model = load_compiled(lib_dir)
     man = json.loads((Path(lib_dir) / "manifest.json").read_text())
     b = model.batch
     x, t, y, args = step_inputs(model)
     vm_main = model.vm["main"]
-    teacher = A.load_artifact(man["artifact"]).teacher().eval()
+    teacher = resolve_teacher(man)[0].eval()  # the zoo model, by the name the bundle records
     for p in teacher.parameters():
         p.requires_grad_(False)
 

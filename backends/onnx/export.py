@@ -60,42 +60,15 @@ class OnnxExport:
 # inputs
 # ---------------------------------------------------------------------------------------------
 def resolve_deploy_graph(src, *, calibrate: bool | str | None = False, info: dict | None = None) -> fx.GraphModule:
-    """A deploy graph from a deploy graph, a QAT graph, an Artifact or an artifact directory.
+    """A deploy graph from a deploy graph, a QAT graph, an Artifact, a DeployArtifact (``bqc
+    fold``), or a folder / shipped zoo name holding one: where every backend gets its graph.
 
     A QAT graph whose activation quantizers were never initialised (an untrained artifact) is
     refused unless ``calibrate`` names how to set them (:func:`bqc.deploy.calibrate`): a data
     set (``"mnist16"``, an image folder: real images) or ``"random"`` (``True`` means
     ``"random"``: smoke tests and speed measurements only). ``info["calibration"]`` says what
-    was done."""
-    from bqc import artifact as A
-
-    info = {} if info is None else info
-    manifest = None
-    if isinstance(src, (str, Path)):
-        if not A.is_artifact(src):
-            raise BqcError(f"{src} is not a bqc artifact directory (no bqc.json)",
-                           hint="pass the output directory of `bqc transform` / `bqc train`")
-        src = A.load_artifact(src)
-    if isinstance(src, A.Artifact):
-        manifest = src.manifest
-        src = src.gm
-    if not isinstance(src, fx.GraphModule):
-        raise BqcError(f"cannot export a {type(src).__name__}: give a deploy/QAT graph or an artifact")
-    if D.is_deployed(src):
-        info["calibration"] = "deploy graph"
-        return src
-    missing = D.uncalibrated(src)
-    if not missing:
-        info["calibration"] = "trained" if manifest is not None and "train" in manifest else "already calibrated"
-    elif not calibrate:
-        raise BqcError(f"this model's activation quantizers were never calibrated ({len(missing)}, e.g. {missing[0]}): "
-                       "it is an untrained artifact, and lowering it as it is would invent their step sizes",
-                       hint="lower a trained artifact (`bqc train ART --data mnist16 --steps 500 -o RUN`, then lower "
-                            "RUN), or calibrate them on real data while lowering: `bqc lower ART --calibrate mnist16 "
-                            "-o DIR` (`--calibrate random` for speed measurements only)")
-    else:
-        info["calibration"] = D.calibrate(src, "random" if calibrate is True else str(calibrate), manifest=manifest)
-    return D.to_deploy(src)
+    was done. The rule lives in :func:`bqc.deploy.deploy_graph` (``bqc fold`` applies it too)."""
+    return D.deploy_graph(src, calibrate=calibrate, info=info)
 
 
 def io_names(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
@@ -493,7 +466,8 @@ def export_onnx(src, out_dir, *, opset: int = OPSET, batch: int = 2, verify: boo
     """Write ``model.onnx`` (ai.bqc domain) and ``model_fakequant.onnx`` into ``out_dir``.
 
     ``src``: a deploy graph, a trained QAT graph (folded with ``bqc.deploy.to_deploy``), a
-    :class:`bqc.artifact.Artifact` or an artifact directory. ``calibrate`` (a data set, or
+    :class:`bqc.artifact.Artifact` or an artifact directory, a deploy artifact (``bqc fold``) or
+    its folder. ``calibrate`` (a data set, or
     ``"random"`` / ``True`` for smoke tests of untrained artifacts only) initialises the activation
     quantizers of an untrained QAT graph first (:func:`resolve_deploy_graph`).
     ``verify`` runs the fake-quant model in onnxruntime at batch 2 (with TBS state) and

@@ -19,7 +19,9 @@ cross compiler ``aarch64-linux-gnu-gcc``; running one on an x86 machine needs
   root or aarch64 Python needed, ~0.2 s a call.
 * :func:`run_vm_under_qemu` (full route) runs a whole Relax VM executable with TVM's real
   aarch64 runtime: python3.11 of an arm64 Debian root (debootstrap) with the aarch64 wheels of
-  apache-tvm (runtime library only), apache-tvm-ffi and numpy; a few seconds a call.
+  apache-tvm (runtime library only), apache-tvm-ffi and numpy; a few seconds a call. It loads
+  the library with :func:`bqc.run.load_vm`, the loader a bundle's ``run.py`` uses on a board;
+  :func:`run_python_under_qemu` runs any script there (a bundle's ``run.py``, end to end).
 
 Emulated timings mean nothing; numerics are the real aarch64 ones.
 """
@@ -44,6 +46,9 @@ CROSS_CC = f"{TRIPLE}-gcc"
 QEMU = "qemu-aarch64-static"
 SYSROOT = Path("/usr") / TRIPLE  # Debian's libc6-arm64-cross
 SETUP_HINT = "run `bash .ci/arm_setup.sh` (installs gcc-aarch64-linux-gnu and qemu-user-static, builds the aarch64 runner)"
+CC_HINT = ("install it: `sudo apt-get install gcc-aarch64-linux-gnu` (Debian/Ubuntu; other systems: an "
+           "aarch64-linux-gnu GCC cross toolchain), or from a bqc checkout `bash .ci/arm_setup.sh`, which also "
+           "sets up qemu to test ARM libraries here")
 
 __all__ = [
     "TRIPLE",
@@ -56,6 +61,7 @@ __all__ = [
     "run_under_qemu",
     "inspect_asm",
     "check_arm_vm_env",
+    "run_python_under_qemu",
     "run_vm_under_qemu",
 ]
 
@@ -96,8 +102,9 @@ def _cc() -> str:
     if _native() and shutil.which("gcc"):
         return "gcc"
     raise BqcError(
-        f"the aarch64 cross compiler `{CROSS_CC}` is not installed, so ARM libraries cannot be exported",
-        hint=SETUP_HINT,
+        f"the aarch64 cross compiler `{CROSS_CC}` is not installed: --backend tvm-arm links the ARM library "
+        "with it (checked before any work)",
+        hint=CC_HINT,
     )
 
 
@@ -117,7 +124,7 @@ def check_arm_env(*, need_run: bool = True) -> None:
                 raise BqcError(
                     f"the aarch64 C library is incomplete ({SYSROOT / 'lib' / f} is missing; "
                     "Debian packages libc6-dev-arm64-cross / libc6-arm64-cross)",
-                    hint=SETUP_HINT,
+                    hint="`sudo apt-get install libc6-dev-arm64-cross`, or " + SETUP_HINT,
                 )
     if need_run and not _native() and not shutil.which(QEMU):
         raise BqcError(f"`{QEMU}` is not installed, so aarch64 code cannot run here", hint=SETUP_HINT)
@@ -426,25 +433,17 @@ FULL_HINT = "run `bash .ci/arm_setup.sh` (without --kernels-only: it builds the 
 
 _VM_DRIVER = r"""
 # bqc: run a Relax VM executable inside the arm64 root (aarch64 python + TVM runtime wheels)
-import ctypes, os, sys
-site, lib, func, io_dir, n_in = sys.argv[1:6]
-sys.path.insert(0, site)
+import importlib.util, os, sys
+run_py, lib, func, io_dir, n_in = sys.argv[1:6]
+spec = importlib.util.spec_from_file_location("bqc_run", run_py)
+R = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(R)  # bqc/run.py: stdlib + numpy + the TVM runtime, as on a board
 import numpy as np
-import tvm_ffi
-# the TVM runtime only (the 240 MB compiler library is not needed and not installed)
-ctypes.CDLL(os.path.join(site, "tvm", "lib", "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
-vm = tvm_ffi.load_module(lib)["vm_load_executable"]()
-vm["vm_initialization"](1, 0, 2)  # kDLCPU, device 0, pooled allocator
-# np.asarray(order="C"), not np.ascontiguousarray: the latter makes 0-d arrays 1-d (the TBS flag)
-args = [tvm_ffi.from_dlpack(np.asarray(np.load(os.path.join(io_dir, f"in{i}.npy")), order="C")) for i in range(int(n_in))]
-out = vm[func](*args)
-def flat(o):
-    if hasattr(o, "__dlpack__"):
-        return [o]
-    return [t for x in o for t in flat(x)]
-outs = flat(out)
+call = R.load_vm(lib, func)
+# np.load keeps 0-d inputs (the TBS flag) 0-d; load_vm copies them into aligned memory
+outs = call([np.load(os.path.join(io_dir, f"in{i}.npy")) for i in range(int(n_in))])
 for j, o in enumerate(outs):
-    np.save(os.path.join(io_dir, f"out{j}.npy"), np.from_dlpack(o).copy())
+    np.save(os.path.join(io_dir, f"out{j}.npy"), o)
 print(f"ok {func}: {len(outs)} outputs")
 """
 
@@ -478,35 +477,50 @@ def _c_array(x) -> np.ndarray:
     return np.asarray(x, order="C")
 
 
+def run_python_under_qemu(args: Sequence, *, timeout: float = 900.0, what: str = "aarch64 python") \
+        -> subprocess.CompletedProcess:
+    """Run ``python3.11 ARGS`` of the arm64 root (under qemu on x86) with the aarch64 wheels
+    (apache-tvm runtime, apache-tvm-ffi, numpy) on its path, as a board with ``pip install
+    apache-tvm numpy`` has them. Returns the finished process; BqcError on a timeout or failure."""
+    check_arm_vm_env()
+    root, site = vm_root(), vm_site()
+    py = root / "usr" / "bin" / "python3.11"
+    cmd = ([str(py)] if _native() else [shutil.which(QEMU) or QEMU, "-L", str(root), str(py)])
+    cmd += ["-S", *map(str, args)]  # -S: no host site-packages; the wheels come from PYTHONPATH
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1", "LANG": "C.UTF-8",
+           **{k: v for k, v in os.environ.items() if k in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise BqcError(f"{what} did not finish in {timeout:.0f} s under qemu") from e
+    if proc.returncode != 0:
+        raise BqcError(f"{what} failed under qemu (exit {proc.returncode}):\n{proc.stderr.strip()[-4000:]}")
+    return proc
+
+
 def run_vm_under_qemu(lib_path, inputs: Sequence[np.ndarray], *, func: str = "main",
                       timeout: float = 900.0) -> list[np.ndarray]:
     """Run function ``func`` of an exported aarch64 Relax VM executable; return its outputs.
 
     ``lib_path`` is ``export_arm_library(tvm.compile(relax_mod, arm_target()), path)``. The
-    VM runs in the arm64 root under qemu with TVM's real aarch64 runtime (tuple outputs are
-    flattened). Startup under emulation takes several seconds (numpy + tvm_ffi imports).
+    VM runs in the arm64 root under qemu with TVM's real aarch64 runtime, loaded by
+    :func:`bqc.run.load_vm` (tuple outputs are flattened). Startup under emulation takes
+    several seconds (numpy + tvm_ffi imports).
     """
+    import bqc.run
+
     check_arm_vm_env()
     lib_path = Path(lib_path).resolve()
     if not lib_path.exists():
         raise BqcError(f"aarch64 library not found: {lib_path}")
-    root, site = vm_root(), vm_site()
     with tempfile.TemporaryDirectory(prefix="bqc-armvm-") as td:
         td = Path(td)
         drv = td / "driver.py"
         drv.write_text(_VM_DRIVER)
         for i, x in enumerate(inputs):
             np.save(td / f"in{i}.npy", _c_array(x))
-        py = root / "usr" / "bin" / "python3.11"
-        cmd = ([str(py)] if _native() else [shutil.which(QEMU) or QEMU, "-L", str(root), str(py)])
-        cmd += ["-S", "-E", str(drv), str(site), str(lib_path), func, str(td), str(len(inputs))]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise BqcError(f"aarch64 VM function {func} did not finish in {timeout:.0f} s under qemu") from e
-        if proc.returncode != 0:
-            raise BqcError(f"aarch64 VM function {func} failed under qemu (exit {proc.returncode}):\n"
-                           f"{proc.stderr.strip()[-4000:]}")
+        run_python_under_qemu([drv, bqc.run.__file__, lib_path, func, td, len(inputs)], timeout=timeout,
+                              what=f"aarch64 VM function {func}")
         outs = sorted(td.glob("out*.npy"), key=lambda f: int(f.stem[3:]))
         return [np.load(f) for f in outs]
 

@@ -24,8 +24,9 @@ batch), and emits into ``importer.block_builder``:
                             Relax ops, ``call_tir`` of ``int8_conv2d_primfunc`` (VNNI layout from
                             :func:`bqc.packing.block_oc_int8`, zero-point bias
                             :func:`bqc.packing.int8_bias`), fused ``* scale`` -> NHWC, NCHW.
-                            W1Ak binary layers (codes input) take the same route with +-1 int8
-                            weights per basis.
+                            W1Ak binary layers (codes input) take the same layout with +-1 int8
+                            weights per basis (``w1ak_conv2d_primfunc``: the target's ``w1ak``
+                            kernel route, :data:`bqc.backends.tvm.target.KERNEL_ROUTES`).
 ``bqc.int_dense``           same with ``int8_dense_primfunc``.
 ``bqc.int_matmul``          Relax ``matmul`` of the codes in float32 when that is exact
                             (``K * 128 * 128 < 2^24``), else ``call_tir`` of
@@ -499,8 +500,9 @@ class Converter:
 
     # --------------------------------------------------------------- W1Ak (int8 route)
     def _w1ak_conv2d(self, node, imp, words, c, k, stride, pad):
-        """Binary weights, k-bit code inputs: the int8 (VNNI) kernels with +-1 int8 weights."""
-        from .kernels.build import int8_conv2d_primfunc
+        """Binary weights, k-bit code inputs: the int8-layout kernels with +-1 int8 weights, on the
+        target's ``w1ak`` route (VNNI, AVX-512BW / AVX2 ``vpmaddubsw``, or generic)."""
+        from .kernels.build import w1ak_conv2d_primfunc
 
         op = relax.op
         x_node = node.args[0]
@@ -508,14 +510,14 @@ class Converter:
         nb, oc = words.shape[:2]
         n, _, h, w = _shape(x_node)
         oh, ow = _shape(node)[2:]
-        f, fused = self._kernel_epi(int8_conv2d_primfunc, n, c, oc, h, w, k, stride, pad, scale=scale)
+        f, fused = self._kernel_epi(w1ak_conv2d_primfunc, n, c, oc, h, w, k, stride, pad, scale=scale)
         if f is None:
             return self._conv_fallback(node, imp, "binary")
         xu = self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1])
         if fused and nb > 1 and self.merge_bases:
             sall = packing.unpack_bits(words.reshape((nb * oc,) + words.shape[2:]), c, axis=-1).transpose(0, 3, 1, 2)
             terms = self._merged_bases(
-                imp, int8_conv2d_primfunc, (n, c, nb * oc, h, w, k, stride, pad),
+                imp, w1ak_conv2d_primfunc, (n, c, nb * oc, h, w, k, stride, pad),
                 [xu, relax.const(packing.block_oc_int8(sall, self.lanes), "int8"),
                  relax.const(packing.int8_bias(sall, self.lanes), "int32")],
                 scale, nb, oc, (n, oh, ow, oc))
@@ -536,7 +538,7 @@ class Converter:
         return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
 
     def _w1ak_dense(self, node, imp, words, k):
-        from .kernels.build import int8_dense_primfunc
+        from .kernels.build import w1ak_dense_primfunc
 
         op = relax.op
         x_node = node.args[0]
@@ -544,13 +546,13 @@ class Converter:
         nb, nout = words.shape[:2]
         lead = list(_shape(x_node)[:-1])
         m = int(np.prod(lead, dtype=np.int64)) if lead else 1
-        f, fused = self._kernel_epi(int8_dense_primfunc, m, k, nout, scale=scale)
+        f, fused = self._kernel_epi(w1ak_dense_primfunc, m, k, nout, scale=scale)
         if f is None:
             return self._dense_fallback(node, imp, "binary")
         xu = self._codes_u8(imp, self._emit(imp, op.reshape(x, [m, k])), k, True)
         if fused and nb > 1 and self.merge_bases:
             sall = packing.unpack_bits(words.reshape((nb * nout,) + words.shape[2:]), k, axis=-1)
-            terms = self._merged_bases(imp, int8_dense_primfunc, (m, k, nb * nout),
+            terms = self._merged_bases(imp, w1ak_dense_primfunc, (m, k, nb * nout),
                                        [xu, relax.const(packing.block_oc_int8(sall, self.lanes), "int8"),
                                         relax.const(packing.int8_bias(sall, self.lanes), "int32")],
                                        scale, nb, nout, (m, nout))

@@ -191,41 +191,34 @@ def generate(step_model: StepModel, n: int, shape: Sequence[int], *, schedule: N
     All starting noise ``x_T`` is drawn up front from ``seed``, so deterministic DDIM
     (``eta = 0``) gives the same images whatever ``batch`` is; the per-step noise of a
     stochastic sampler is drawn per batch from a generator seeded with ``(seed, batch index)``.
-    Returns a CPU tensor ``(n, *shape)``.
+    Returns a CPU tensor ``(n, *shape)``. ``progress``: show progress on stderr
+    (:class:`bqc.console.Progress`), advancing once per sampler step of each batch.
     """
     schedule = schedule or NoiseSchedule()
     g = torch.Generator("cpu").manual_seed(int(seed))
     x_T_all = torch.randn((n, *shape), generator=g)
     if y is not None and len(y) != n:
         raise BqcError(f"generate: got {len(y)} labels for {n} samples")
+    from bqc.console import Progress
+
     outs = []
     nb = (n + batch - 1) // batch
-    it = range(nb)
-    bar = None
-    if progress:
-        from rich.console import Console
-        from rich.progress import Progress
-        bar = Progress(transient=True, console=Console(stderr=True))  # stdout stays clean for --json
-        bar.start()
-        task = bar.add_task(f"sampling {n} ({sampler}, {steps if sampler == 'ddim' else schedule.T} steps)", total=nb)
-    try:
-        for b in it:
+    per_batch = steps if sampler == "ddim" else schedule.T
+    label = f"sampling {n} ({sampler}-{per_batch}" + (f", {nb} batches)" if nb > 1 else ")")
+    with Progress(label, total=nb * per_batch, enabled=progress) as bar:  # stderr: stdout stays clean for --json
+        step_done = (lambda i, t, x: bar.advance()) if progress else None
+        for b in range(nb):
             sl = slice(b * batch, min(n, (b + 1) * batch))
             xT = x_T_all[sl]
             yb = None if y is None else y[sl].to(device)
             gb = torch.Generator("cpu").manual_seed(int(seed) * 1_000_003 + b + 1)
             if sampler == "ddim":
                 x = ddim_sample(step_model, xT.shape, schedule=schedule, steps=steps, eta=eta, generator=gb,
-                                y=yb, x_T=xT, device=device, clip_x0=clip_x0)
+                                y=yb, x_T=xT, device=device, clip_x0=clip_x0, callback=step_done)
             elif sampler == "ddpm":
                 x = ddpm_sample(step_model, xT.shape, schedule=schedule, generator=gb, y=yb, x_T=xT,
-                                device=device, clip_x0=clip_x0)
+                                device=device, clip_x0=clip_x0, callback=step_done)
             else:
                 raise BqcError(f"unknown sampler {sampler!r}", hint="use 'ddim' or 'ddpm'")
             outs.append(x.float().cpu())
-            if bar is not None:
-                bar.advance(task)
-    finally:
-        if bar is not None:
-            bar.stop()
     return torch.cat(outs)

@@ -181,27 +181,15 @@ class NoiseSchedule:
 
     # -- sampling timesteps ---------------------------------------------------------------
     def timesteps(self, steps: int) -> list[int]:
-        """The timesteps a ``steps``-step DDIM sampler visits, descending.
+        """The timesteps a ``steps``-step DDIM sampler visits, descending (``spacing``:
+        uniform / leading / trailing / linspace; :func:`bqc.run.ddim_timesteps` is the one
+        definition, shared with the bundle runner)."""
+        from bqc.run import RunError, ddim_timesteps
 
-        ``uniform`` (bqc's default): ``i * T // steps``; ``leading``: ``i * (T // steps)``;
-        both plus ``steps_offset``. ``trailing``: ``round(T - i T / steps) - 1``; ``linspace``:
-        ``round(linspace(0, T - 1, steps))`` -- diffusers' ``DDIMScheduler.set_timesteps``."""
-        T = self.T
-        if int(steps) != steps or not (1 <= steps <= T):
-            raise BqcError(f"sampler: steps must be an integer in [1, {T}], got {steps!r}")
-        steps = int(steps)
-        if self.spacing == "uniform":
-            ts = [i * T // steps + self.steps_offset for i in range(steps)][::-1]
-        elif self.spacing == "leading":
-            ts = [i * (T // steps) + self.steps_offset for i in range(steps)][::-1]
-        elif self.spacing == "trailing":
-            ts = [int(v) - 1 for v in np.round(np.arange(T, 0, -T / steps))][:steps]
-        else:
-            ts = [int(v) for v in np.linspace(0, T - 1, steps).round()[::-1]]
-        if max(ts) > T - 1:
-            raise BqcError(f"sampler: {steps} steps with steps_offset {self.steps_offset} would visit t = {max(ts)} >= T = {T}",
-                           hint="use fewer sampling steps")
-        return ts
+        try:
+            return ddim_timesteps(self.T, steps, self.spacing, self.steps_offset)
+        except RunError as e:
+            raise BqcError(f"sampler: {e.message}", hint=e.hint) from None
 
     # -- (de)serialisation ----------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -7,7 +7,9 @@
 - an EMA of the weights (``ema_decay``; started from the weights after the first step, so a
   quantizer that initialises its scales from the first batch is captured);
 - ``loss_fn(model, batch, step) -> (loss, {name: value})``;
-- a rich progress bar (loss terms, it/s) on a terminal, plain lines otherwise, and a CSV log
+- progress on stderr (:class:`bqc.console.Progress`): a bar (loss terms, steps/s, ETA) on a
+  terminal; otherwise a line every ``print_every`` steps (auto: ~10% of the run, a multiple of
+  ``log_every``, at most ``10 * log_every``) with step/total, loss, steps/s and ETA; and a CSV log
   (``metrics.csv``: step, loss, terms, lr, grad_norm, it/s, elapsed seconds; the same
   scalars go to TensorBoard under ``tensorboard/`` when the ``tensorboard`` package is installed);
 - checkpoints every ``checkpoint_every`` steps, at the end, and on Ctrl-C / SIGTERM /
@@ -88,7 +90,7 @@ class LoopConfig:
     seed: int = 0
     checkpoint_every: int = 1000         # 0 = only at the end / on interrupt
     log_every: int = 10                  # CSV row (window means) every this many steps
-    print_every: int = 0                 # plain progress lines when not on a terminal; 0 = auto
+    print_every: int = 0                 # plain progress lines when not on a terminal; 0 = auto (_print_every)
     progress: bool = True
 
     def validate(self) -> None:
@@ -506,21 +508,13 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
 
     csvlog = _CsvLog(out_dir / METRICS_NAME, resumed_from) if dctx.main else None
     tb = _tensorboard_writer(out_dir / "tensorboard") if dctx.main else None
-    from rich.console import Console
+    from bqc.console import Progress
 
-    console = Console(stderr=True)
-    interactive = config.progress and console.is_terminal and dctx.main
-    print_every = config.print_every or max(config.log_every * 10, 1)
-    bar = task = None
-    if interactive:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                       TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), console=console)
-        task = bar.add_task("train", total=config.steps, completed=start, rate="", terms="")
-        bar.start()
-    elif config.progress and start < config.steps and dctx.main:
-        console.print(f"training steps {start}..{config.steps} -> {out_dir}" + (f" (resumed at {start})" if start else ""))
+    show = bool(config.progress and dctx.main and start < config.steps)
+    bar = Progress("train", total=config.steps, start=start, every=_print_every(config), enabled=show,
+                   transient=False).__enter__()
+    if show and not bar.interactive:
+        bar.note(f"training steps {start}..{config.steps} -> {out_dir}" + (f" (resumed at {start})" if start else ""))
 
     t_begin = time.time()
     win_t, win_steps, win_sums = time.time(), 0, {}
@@ -595,18 +589,12 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
                                "it_s": rate, "elapsed_s": wall_before + now - t_begin}
                         csvlog.write(row)
                         _log_scalars(tb, row)
-                    txt = " ".join(f"{k} {v:.4g}" for k, v in means.items())
-                    if bar is not None:
-                        bar.update(task, completed=step, rate=f"{rate:.2f} it/s", terms=txt)
-                    elif config.progress and dctx.main and (step % print_every == 0 or step == config.steps):
-                        console.print(f"step {step}/{config.steps}  {txt}  {rate:.3g} it/s  {wall_before + now - t_begin:.0f}s", highlight=False)
+                    bar.update(step, "  ".join(f"{k} {v:.4g}" for k, v in means.items()))
                     win_t, win_steps, win_sums = now, 0, {}
                 if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
                     last_ckpt = write_checkpoint(step)
     except KeyboardInterrupt as e:
-        if bar is not None:
-            bar.stop()
-            bar = None
+        bar.close(ok=False)
         if in_update:
             msg = (f"interrupted during the update of step {step + 1}; the last checkpoint is kept "
                    f"(step {_ckpt_step(last_ckpt)}, {last_ckpt})" if last_ckpt else
@@ -638,8 +626,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
         raise BqcError(f"training stopped at step {e.step}: non-finite {e.what} ({e.value}); terms {e.terms}. "
                        f"{where}.{note}", hint=hint) from None
     finally:
-        if bar is not None:
-            bar.stop()
+        bar.close()
         if tb is not None:
             tb.close()
     if dctx.main:  # a finished run keeps one checkpoint
@@ -648,6 +635,16 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     return LoopResult(step=step, out_dir=out_dir, checkpoint=last_ckpt, ema=ema, last_terms=last_terms, changes=changes,
                       wall_s=time.time() - t_begin, wall_s_total=wall_before + time.time() - t_begin,
                       resumed_from=resumed_from)
+
+
+def _print_every(config: LoopConfig) -> int:
+    """Steps between plain progress lines: ``config.print_every``, else ~10% of the run rounded
+    up to a multiple of ``log_every`` (the lines show the logged window means), at most
+    ``10 * log_every``."""
+    if config.print_every:
+        return config.print_every
+    le = max(config.log_every, 1)
+    return min(10 * le, le * max(1, math.ceil(config.steps / 10 / le)))
 
 
 def _ckpt_step(p) -> Any:

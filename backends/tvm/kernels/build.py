@@ -10,9 +10,9 @@ then the output (destination-passing style, as ``relax.call_tir`` expects):
                                       ``base i32[LH,HH,LW,HW,OCB*L]`` -> ``i32[N,OH,OW,OC]``
 ``binary_dense_primfunc``             ``x u32[M,KW]``, ``w u32[NB,KW,L]`` -> ``i32[M,N]``
 ``quantize_primfunc``                 ``x f32[N,C,H,W]`` (or ``[M,K]``), ``scale f32[1]`` -> ``u8[N,H,W,C4]``
-``int8_conv2d_primfunc`` (W1Ak too)   ``x u8[N,H,W,C4]``, ``w i8[OCB,KH,KW,C4/4,L,4]``,
+``int8_conv2d_primfunc`` (``w1ak_``)  ``x u8[N,H,W,C4]``, ``w i8[OCB,KH,KW,C4/4,L,4]``,
                                       ``bias i32[OCB*L]`` -> ``i32[N,OH,OW,OC]``
-``int8_dense_primfunc`` (W1Ak too)    ``x u8[M,K4]``, ``w i8[NB,K4/4,L,4]``, ``bias i32[NB*L]`` -> ``i32[M,N]``
+``int8_dense_primfunc`` (``w1ak_``)   ``x u8[M,K4]``, ``w i8[NB,K4/4,L,4]``, ``bias i32[NB*L]`` -> ``i32[M,N]``
 ``int_matmul_primfunc``               ``a i8[BT,M,K]``, ``b i8[BT,K,N]`` [, ``scale f32[1]``] -> ``i32[BT,M,N]``
                                       (``f32`` with the scale: ``f32(acc) * scale``)
 ====================================  ====================================================
@@ -173,9 +173,11 @@ def quantize_primfunc(shape: tuple, bits: int, layout: str = "NCHW", target=None
 def int8_conv2d_primfunc(batch: int, in_channels: int, out_channels: int, height: int, width: int,
                          kernel_size: int = 3, stride: int = 1, padding: int = 1, target=None,
                          lanes: int = 16, tile: int | None = None, epilogue: str = "none",
-                         name: str | None = None) -> tirx.PrimFunc:
-    """u8 codes x int8 weights conv2d (W1Ak with +-1 weights, or int8 x int8), int32 NHWC
-    (float32 with a fused ``epilogue`` as in :func:`binary_conv2d_primfunc`, inputs after ``bias``)."""
+                         name: str | None = None, binary_weights: bool = False) -> tirx.PrimFunc:
+    """u8 codes x int8 weights conv2d (int8 x int8; W1Ak: :func:`w1ak_conv2d_primfunc`), int32
+    NHWC (float32 with a fused ``epilogue`` as in :func:`binary_conv2d_primfunc`, inputs after
+    ``bias``). ``binary_weights``: the weights are +-1, which lets the schedule use the target's
+    ``w1ak`` route instead of its ``int8`` route (:data:`bqc.backends.tvm.target.KERNEL_ROUTES`)."""
     c4 = -(-in_channels // INT8_GROUP) * INT8_GROUP
     ocb = -(-out_channels // lanes)
     x = te.placeholder((batch, height, width, c4), "uint8", name="x")
@@ -184,17 +186,19 @@ def int8_conv2d_primfunc(batch: int, in_channels: int, out_channels: int, height
     g = _bin.conv_geometry(height, width, kernel_size, kernel_size, stride, padding)
     scale, obias, kmap = _epilogue_inputs(epilogue, out_channels, (batch, g["oh"], g["ow"]))
     out = _i8.int8_conv2d_nhwc(x, w, bias, out_channels, stride, padding, scale, obias, kmap)
-    name = name or (f"bqc_qconv2d_n{batch}_c{in_channels}_o{out_channels}_h{height}w{width}"
-                    f"_k{kernel_size}s{stride}p{padding}" + ("" if epilogue == "none" else f"_{epilogue}"))
+    name = name or (f"bqc_{'w1ak' if binary_weights else 'q'}conv2d_n{batch}_c{in_channels}_o{out_channels}"
+                    f"_h{height}w{width}_k{kernel_size}s{stride}p{padding}"
+                    + ("" if epilogue == "none" else f"_{epilogue}"))
     func = _create([x, w, bias, *_epi_params(scale, obias, kmap), out], name)
-    return _finish(_schedule(target, "int8_conv2d", func, tile=tile), name)
+    return _finish(_schedule(target, "int8_conv2d", func, tile=tile, binary_weights=binary_weights), name)
 
 
 def int8_dense_primfunc(batch: int, in_features: int, out_features: int, target=None,
                         lanes: int = 16, tile: int | None = None, epilogue: str = "none",
-                        name: str | None = None) -> tirx.PrimFunc:
-    """u8 codes x int8 weights dense (W1Ak or int8 x int8), int32 ``[M, N]`` (float32 with
-    ``epilogue="scale_bias"``, inputs ``scale, out_bias`` after ``bias``)."""
+                        name: str | None = None, binary_weights: bool = False) -> tirx.PrimFunc:
+    """u8 codes x int8 weights dense (int8 x int8; W1Ak: :func:`w1ak_dense_primfunc`), int32
+    ``[M, N]`` (float32 with ``epilogue="scale_bias"``, inputs ``scale, out_bias`` after ``bias``);
+    ``binary_weights`` as in :func:`int8_conv2d_primfunc`."""
     k4 = -(-in_features // INT8_GROUP) * INT8_GROUP
     nb = -(-out_features // lanes)
     x = te.placeholder((batch, k4), "uint8", name="x")
@@ -202,9 +206,10 @@ def int8_dense_primfunc(batch: int, in_features: int, out_features: int, target=
     bias = te.placeholder((nb * lanes,), "int32", name="bias")
     scale, obias, _ = _epilogue_inputs(epilogue, out_features)
     out = _i8.int8_dense(x, w, bias, out_features, scale, obias)
-    name = name or f"bqc_qdense_m{batch}_k{in_features}_n{out_features}" + ("" if epilogue == "none" else f"_{epilogue}")
+    name = name or (f"bqc_{'w1ak' if binary_weights else 'q'}dense_m{batch}_k{in_features}_n{out_features}"
+                    + ("" if epilogue == "none" else f"_{epilogue}"))
     func = _create([x, w, bias, *_epi_params(scale, obias, None), out], name)
-    return _finish(_schedule(target, "int8_dense", func, tile=tile), name)
+    return _finish(_schedule(target, "int8_dense", func, tile=tile, binary_weights=binary_weights), name)
 
 
 def int_matmul_primfunc(batch: int, m: int, k: int, n: int, target=None, with_scale: bool = True,
@@ -222,9 +227,15 @@ def int_matmul_primfunc(batch: int, m: int, k: int, n: int, target=None, with_sc
     return _finish(_schedule(target, "int_matmul", func), name)
 
 
-# W1Ak uses the int8 route on x86: same kernels, +-1 int8 weights.
-w1ak_conv2d_primfunc = int8_conv2d_primfunc
-w1ak_dense_primfunc = int8_dense_primfunc
+def w1ak_conv2d_primfunc(*args, **kwargs) -> tirx.PrimFunc:
+    """W1Ak conv2d: :func:`int8_conv2d_primfunc` with +-1 int8 weights (``binary_weights=True``:
+    the target's ``w1ak`` route; kernels named ``bqc_w1akconv2d_*``)."""
+    return int8_conv2d_primfunc(*args, binary_weights=True, **kwargs)
+
+
+def w1ak_dense_primfunc(*args, **kwargs) -> tirx.PrimFunc:
+    """W1Ak dense: :func:`int8_dense_primfunc` with +-1 int8 weights (``binary_weights=True``)."""
+    return int8_dense_primfunc(*args, binary_weights=True, **kwargs)
 
 
 class Kernel:
@@ -315,17 +326,26 @@ def build_quantize(shape, bits, layout="NCHW", target=None) -> Kernel:
 
 
 def build_int8_conv2d(batch, in_channels, out_channels, height, width, kernel_size=3, stride=1,
-                      padding=1, target=None, tile=None, epilogue="none") -> Kernel:
+                      padding=1, target=None, tile=None, epilogue="none", binary_weights=False) -> Kernel:
     return _build("int8_conv2d", target, batch, in_channels, out_channels, height, width,
-                  kernel_size=kernel_size, stride=stride, padding=padding, tile=tile, epilogue=epilogue)
+                  kernel_size=kernel_size, stride=stride, padding=padding, tile=tile, epilogue=epilogue,
+                  binary_weights=binary_weights)
 
 
-def build_int8_dense(batch, in_features, out_features, target=None, tile=None, epilogue="none") -> Kernel:
-    return _build("int8_dense", target, batch, in_features, out_features, tile=tile, epilogue=epilogue)
+def build_int8_dense(batch, in_features, out_features, target=None, tile=None, epilogue="none",
+                     binary_weights=False) -> Kernel:
+    return _build("int8_dense", target, batch, in_features, out_features, tile=tile, epilogue=epilogue,
+                  binary_weights=binary_weights)
 
 
-build_w1ak_conv2d = build_int8_conv2d
-build_w1ak_dense = build_int8_dense
+def build_w1ak_conv2d(*args, **kwargs) -> Kernel:
+    """:func:`build_int8_conv2d` for +-1 weights (the target's ``w1ak`` route)."""
+    return build_int8_conv2d(*args, binary_weights=True, **kwargs)
+
+
+def build_w1ak_dense(*args, **kwargs) -> Kernel:
+    """:func:`build_int8_dense` for +-1 weights (the target's ``w1ak`` route)."""
+    return build_int8_dense(*args, binary_weights=True, **kwargs)
 
 
 def build_int_matmul(batch, m, k, n, target=None, with_scale=True, dtype="int8") -> Kernel:

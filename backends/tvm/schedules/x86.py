@@ -1,8 +1,10 @@
 """Hand-written ``tvm.s_tir.Schedule`` schedules of the bqc kernels for x86 CPUs.
 
 Every schedule takes the PrimFunc made by ``te.create_prim_func`` from the TE computes in
-``backends/tvm/kernels`` and returns the scheduled PrimFunc. They build for any LLVM CPU
-target; on AVX-512 VNNI targets (``mcpu=cascadelake``) the int8 kernels use ``vpdpbusd``.
+``backends/tvm/kernels`` and returns the scheduled PrimFunc. They build for any x86 LLVM CPU
+target; which micro-kernel a kernel uses is the target's kernel route
+(:data:`bqc.backends.tvm.target.KERNEL_ROUTES`, read through ``kernel_route``), a function of
+the target's ISA features only.
 
 W1A1 conv / dense (``schedule_binary_conv2d``, ``schedule_binary_dense``): output channels
 are vectorised as ``L = 16`` uint32 lanes (one zmm); loops ``(n*oh) [parallel], ob, ow``;
@@ -18,9 +20,12 @@ where the target has VPOPCNTDQ). ``microkernel="auto"`` (default) picks between 
 0.27.0.post1; see ``kernels/microkernel.py``.)
 
 int8 / W1Ak conv and dense (``schedule_int8_conv2d``, ``schedule_int8_dense``): a register
-tile of ``T`` output pixels x 16 output channels (int32 zmm accumulators); for every group of
-4 input channels, one ``vpdpbusd`` per pixel (u8 activations broadcast, int8 weights
-``[16, 4]``). Without VNNI the same loop nest is vectorised over the 16 channels.
+tile of ``T`` output pixels x 16 output channels (int32 accumulators); for every group of
+4 input channels and pixel, the route's 4-channel dot product (:data:`DOT4`; u8 activations
+broadcast, int8 weights ``[16, 4]``): one ``vpdpbusd`` (``vnni``), or ``vpmaddubsw`` +
+``vpmaddwd`` + add on one zmm (``avx512bw``) or two ymm (``avx2``), the last two for +-1
+weights only (``binary_weights=True``, W1Ak). ``generic``: the same loop nest vectorised over
+the 16 channels (int32 multiply-add).
 
 ``schedule_int_matmul`` (attention on integer codes, exact int32 accumulation for any K):
 parallel rows, a vectorised ``local`` accumulator of up to 16 columns.
@@ -37,7 +42,7 @@ from tvm import tirx
 
 from ..kernels.microkernel import (SlotPool, best_counter_depth, carry_save_popcount, find_region,
                                    replace_block_body)
-from ..target import as_target, has_feature, has_vnni
+from ..target import as_target, kernel_route
 from .common import (cpu_register_tile, loop_extent, new_schedule, pick_tile, reduce_then_tile_then_group,
                      tile_then_reduce)
 
@@ -163,17 +168,23 @@ def _hs_body(acc_name: str, x_name: str, w_name: str, x_taps, w_taps, lanes: int
     return make
 
 
+def _vnni_lut(target) -> bool:
+    """Harley-Seal's leftover popcounts as byte LUT + ``vpdpbusd`` (route ``hs-popcount``)."""
+    return kernel_route(target, "hs-popcount") == "vnni-lut"
+
+
 def _popcount_cost(target) -> int:
     """Instructions per popcount-and-accumulate of one vector (VNNI: LUT + vpdpbusd)."""
-    return 7 if has_vnni(target) else 12
+    return 7 if _vnni_lut(target) else 12
 
 
 def pick_microkernel(target, microkernel: str = "auto") -> str:
-    """``"auto"``: the plain vector popcount where the target has AVX-512 VPOPCNTDQ (one
-    instruction per vector: e.g. ``mcpu=icelake-server``), else the Harley-Seal network
-    (Cascade Lake, generic x86-64)."""
+    """``"auto"``: the target's ``w1a1`` route (:data:`bqc.backends.tvm.target.KERNEL_ROUTES`):
+    the plain vector popcount where the target has AVX-512 VPOPCNTDQ (one instruction per
+    vector: ``znver4``, ``icelake-server``), else the Harley-Seal network (Cascade Lake,
+    x86-64-v4 / v3 / v2, generic x86-64)."""
     if microkernel == "auto":
-        return "popcount" if has_feature(target, "avx512vpopcntdq") else "harley-seal"
+        return "popcount" if kernel_route(target, "w1a1") == "vpopcnt" else "harley-seal"
     if microkernel not in ("harley-seal", "popcount"):
         raise ValueError(f"unknown microkernel {microkernel!r}")
     return microkernel
@@ -227,7 +238,7 @@ def schedule_binary_conv2d(func: tirx.PrimFunc, target=None, microkernel: str = 
     make = _hs_body(
         "acc", "xpad", wname, x_taps,
         lambda m: [[m[0], m[1] + a, m[2] + b, m[3] + c, m[4]] for a, b, c in taps],
-        L, top, vnni_popcount=has_vnni(target), tile=T, tile_axis=2)
+        L, top, vnni_popcount=_vnni_lut(target), tile=T, tile_axis=2)
     return replace_block_body(func, "acc_update_o", make)
 
 
@@ -258,7 +269,7 @@ def schedule_binary_dense(func: tirx.PrimFunc, target=None, microkernel: str = "
         "acc", xname, wname,
         lambda mm, ext, t: [[mm[0], mm[1] + c] for c in range(K)],
         lambda mm: [[mm[0], mm[1] + c, mm[2]] for c in range(K)],
-        L, top, vnni_popcount=has_vnni(target))
+        L, top, vnni_popcount=_vnni_lut(target))
     return replace_block_body(func, "acc_update_o", make)
 
 
@@ -266,12 +277,41 @@ def schedule_binary_dense(func: tirx.PrimFunc, target=None, microkernel: str = "
 # int8 / W1Ak
 # --------------------------------------------------------------------------------------
 
-def _vnni_body(acc_name: str, x_name: str, w_name: str, tile: int, x_step, lanes: int):
-    """``acc[t, 0:16] = vpdpbusd(acc[t, 0:16], broadcast(x[t, 0:4]), w[0:16, 0:4])`` for t < tile.
+#: The 4-channel dot-product micro-kernels of the int8 route (``KERNEL_ROUTES`` ``w1ak`` /
+#: ``int8``): route -> (int32 lanes per instruction chunk, intrinsics). ``vnni``: ``acc =
+#: vpdpbusd(acc, x, w)``; the others: ``acc += pmaddwd(pmaddubsw(x, w), 1)`` (u8 x s8 byte pairs
+#: summed to int16 with saturation, then int16 pairs to int32): exact only while a pair sum fits
+#: int16, i.e. |w| <= 64 (the +-1 weights of W1Ak).
+DOT4 = {
+    "vnni": (16, ("llvm.x86.avx512.vpdpbusd.512",)),
+    "avx512bw": (16, ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")),
+    "avx2": (8, ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd")),
+}
+#: default register tile (output pixels) per route, conv / dense: ``T`` accumulators of 16 int32
+#: lanes live in registers (32 zmm on AVX-512; 16 ymm on AVX2, two per pixel)
+DOT4_TILE = {"vnni": (16, 8), "avx512bw": (16, 8), "avx2": (4, 4), "generic": (16, 8)}
+
+
+def _dot4(route: str, acc, xb, w, chunk: int):
+    """``acc[0:chunk] + sum_j x[j] * w[0:chunk, j]`` for one chunk of int32 lanes (``xb``: the 4
+    activation bytes broadcast, ``w``: ``chunk x 4`` weight bytes) with the route's instructions."""
+    names = DOT4[route][1]
+    if len(names) == 1:
+        return tirx.call_llvm_pure_intrin(f"int32x{chunk}", names[0], acc, xb, w)
+    pairs = tirx.call_llvm_pure_intrin(f"int16x{2 * chunk}", names[0], xb, w)
+    quads = tirx.call_llvm_pure_intrin(f"int32x{chunk}", names[1], pairs,
+                                       tirx.Broadcast(tirx.const(1, "int16"), 2 * chunk))
+    return acc + quads
+
+
+def _dot4_body(acc_name: str, x_name: str, w_name: str, tile: int, x_step, lanes: int, route: str):
+    """``acc[t, 0:L] += sum_j x[t, j] * w[0:L, j]`` (4 channels ``j``) for ``t < tile``, by the
+    route's instructions (:data:`DOT4`), ``L / chunk`` instruction chunks per pixel.
 
     ``x_step(mins, extents, t) -> index list`` of the 4 activation bytes of tile element ``t``;
     the accumulator's tile axis is the last region axis of extent ``tile`` before the lane axis.
     """
+    chunk = DOT4[route][0]
 
     def make(blk):
         cbuf, cmin, cext = find_region(blk, acc_name)
@@ -279,52 +319,60 @@ def _vnni_body(acc_name: str, x_name: str, w_name: str, tile: int, x_step, lanes
         wbuf, wmin, _ = find_region(blk, w_name)
         tile_axis = [i for i, e in enumerate(cext) if int(e) == tile and i != len(cext) - 1]
         tile_axis = tile_axis[-1] if tile_axis else None
-        wvec = wbuf.vload(list(wmin), f"int8x{4 * lanes}")
+        # weight index [..., lane, j]: chunk h starts at lane h * chunk
+        wvecs = [wbuf.vload(list(wmin[:-2]) + [wmin[-2] + h, wmin[-1]], f"int8x{4 * chunk}")
+                 for h in range(0, lanes, chunk)]
         stmts = []
         for t in range(tile):
             a = tirx.reinterpret("int32", xbuf.vload(x_step(xmin, xext, t), "uint8x4"))
-            a = tirx.reinterpret(f"int8x{4 * lanes}", tirx.Broadcast(a, lanes))
-            cidx = list(cmin[:-1]) + [tirx.Ramp(cmin[-1], 1, lanes)]
-            if tile_axis is not None:
-                cidx[tile_axis] = cmin[tile_axis] + t
-            cv = tirx.BufferLoad(cbuf, cidx)
-            val = tirx.call_llvm_pure_intrin(f"int32x{lanes}", "llvm.x86.avx512.vpdpbusd.512", cv, a, wvec)
-            stmts.append(tirx.BufferStore(cbuf, val, cidx))
+            a = tirx.reinterpret(f"uint8x{4 * chunk}", tirx.Broadcast(a, chunk))
+            for h, wvec in zip(range(0, lanes, chunk), wvecs):
+                cidx = list(cmin[:-1]) + [tirx.Ramp(cmin[-1] + h, 1, chunk)]
+                if tile_axis is not None:
+                    cidx[tile_axis] = cmin[tile_axis] + t
+                val = _dot4(route, tirx.BufferLoad(cbuf, cidx), a, wvec, chunk)
+                stmts.append(tirx.BufferStore(cbuf, val, cidx))
         return tirx.SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
 
     return make
 
 
-def _int8_register_tile(sch, max_tile: int, vnni: bool, *, conv: bool):
+def _int8_route(target, binary_weights: bool) -> str:
+    """``KERNEL_ROUTES`` ``w1ak`` (+-1 weights) or ``int8`` of the target."""
+    return kernel_route(target, "w1ak" if binary_weights else "int8")
+
+
+def _int8_register_tile(sch, max_tile: int, route: str, *, conv: bool):
     """Loop nest of the int8 conv / dense: :func:`cpu_register_tile` with the 4-channel group
-    innermost, accumulator init split off. With VNNI (and 16 lanes) the tile is left for the
-    ``vpdpbusd`` micro-kernel (returns ``(acc, T, ti, L)``); otherwise it is vectorised over
-    the lanes, group and tile unrolled, and the schedule is complete (returns ``acc = None``)."""
+    innermost, accumulator init split off. With a :data:`DOT4` route (and 16 lanes) the tile is
+    left for the micro-kernel (returns ``(acc, T, ti, L)``); otherwise (``generic``) it is
+    vectorised over the lanes, group and tile unrolled, and the schedule is complete (returns
+    ``acc = None``)."""
     acc, T, ti, lane, red = cpu_register_tile(sch, max_tile, conv=conv, arrange=reduce_then_tile_then_group)
     L, group = _extent(sch, lane), red[-1]
-    use_vnni = vnni and L == 16
-    if not use_vnni:
+    micro = route in DOT4 and L == 16
+    if not micro:
         sch.reorder(ti, group, lane)
         sch.vectorize(lane)
         sch.unroll(group)
         sch.unroll(ti)
     init = sch.decompose_reduction(acc, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
-    return (acc if use_vnni else None), T, ti, L
+    return (acc if micro else None), T, ti, L
 
 
 def schedule_int8_conv2d(func: tirx.PrimFunc, target=None, stride: int | None = None,
-                         tile: int | None = None) -> tirx.PrimFunc:
+                         tile: int | None = None, binary_weights: bool = False) -> tirx.PrimFunc:
     """Schedule ``int8_conv2d_nhwc`` (blocks ``xpad``, ``acc`` ``[N, OH, OW, OCB, L]``, ``out``).
 
-    ``tile``: at most this many output pixels per register tile (the largest divisor of OW
-    not above it; default 16).
-    ``stride`` is read off the blockized input region (``(tile - 1) * stride + 1`` columns)
-    when not given."""
+    ``binary_weights``: the weights are +-1 (W1Ak), which allows the ``avx512bw`` / ``avx2``
+    routes. ``tile``: at most this many output pixels per register tile (the largest divisor of
+    OW not above it; default :data:`DOT4_TILE`). ``stride`` is read off the blockized input
+    region (``(tile - 1) * stride + 1`` columns) when not given."""
     target = as_target(target)
-    vnni = has_vnni(target)
+    route = _int8_route(target, binary_weights)
     sch = new_schedule(func)
-    acc, T, owi, L = _int8_register_tile(sch, tile or 16, vnni, conv=True)
+    acc, T, owi, L = _int8_register_tile(sch, tile or DOT4_TILE.get(route, (16, 8))[0], route, conv=True)
     if acc is None:
         return sch.mod[sch.func_working_on]
     sch.blockize(owi)
@@ -340,23 +388,25 @@ def schedule_int8_conv2d(func: tirx.PrimFunc, target=None, stride: int | None = 
             s = s_region
         return [m[0], m[1], m[2] + t * (s or 1), m[3]]
 
-    make = _vnni_body("acc", "xpad", wname, T, x_step, L)
+    make = _dot4_body("acc", "xpad", wname, T, x_step, L, route)
     return replace_block_body(func, "acc_update_o", make)
 
 
-def schedule_int8_dense(func: tirx.PrimFunc, target=None, tile: int | None = None) -> tirx.PrimFunc:
-    """Schedule ``int8_dense`` (blocks ``acc`` ``[M, NB, L]``, ``out``)."""
+def schedule_int8_dense(func: tirx.PrimFunc, target=None, tile: int | None = None,
+                        binary_weights: bool = False) -> tirx.PrimFunc:
+    """Schedule ``int8_dense`` (blocks ``acc`` ``[M, NB, L]``, ``out``); options as
+    :func:`schedule_int8_conv2d`."""
     target = as_target(target)
-    vnni = has_vnni(target)
+    route = _int8_route(target, binary_weights)
     sch = new_schedule(func)
-    acc, T, mi, L = _int8_register_tile(sch, tile or 8, vnni, conv=False)
+    acc, T, mi, L = _int8_register_tile(sch, tile or DOT4_TILE.get(route, (16, 8))[1], route, conv=False)
     if acc is None:
         return sch.mod[sch.func_working_on]
     sch.blockize(mi)
     func = sch.mod[sch.func_working_on]
     xname = str(func.params[0].name)
     wname = str(func.params[1].name)
-    make = _vnni_body("acc", xname, wname, T, lambda mm, ext, t: [mm[0] + t, mm[1]], L)
+    make = _dot4_body("acc", xname, wname, T, lambda mm, ext, t: [mm[0] + t, mm[1]], L, route)
     return replace_block_body(func, "acc_update_o", make)
 
 

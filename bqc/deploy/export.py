@@ -1,0 +1,115 @@
+"""A deploy graph's hand-off to compilers, and what a QAT graph needs before it can be folded.
+
+* :func:`example_inputs`: inputs in graph order (x, t[, y], TBS caches, flag);
+* :func:`export_program`: ``torch.export`` of a deploy graph (dynamic batch), each integer
+  core one ``bqc.*`` node: what the TVM lowering imports;
+* :func:`uncalibrated` / :func:`calibrate`: an untrained QAT graph's activation quantizers
+  have no step yet; folding refuses it unless they are calibrated on data first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from bqc import ir
+from bqc.errors import BqcError
+
+from .summary import is_deployed
+
+
+class _Signature(nn.Module):
+    """``gm`` with a tuple output, as torch.export wants it."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *args):
+        return tuple(self.gm(*args))
+
+
+def uncalibrated(gm: fx.GraphModule) -> list[str]:
+    """Names of the activation quantizers that no forward pass has initialised (an untrained
+    QAT graph of a recipe with LSQ / uniform activations); empty for trained or deploy graphs."""
+    from bqc.quant.uniform import LSQ, UniformAct
+
+    return [name for name, m in gm.named_modules()
+            if isinstance(m, (LSQ, UniformAct)) and not bool(m.initialised)]
+
+
+CALIBRATION_IMAGES = 64
+
+
+def calibrate(gm: fx.GraphModule, data: str, *, manifest: dict | None = None, n: int = CALIBRATION_IMAGES,
+              seed: int = 0) -> str:
+    """Initialise the activation quantizers of an untrained QAT graph in place; returns what was done.
+
+    ``data``: a data set (``mnist16`` or an image folder, as ``bqc train --data``): ``n`` training
+    images, noised to uniformly drawn timesteps of the model's own schedule (as training sees
+    them), in one forward pass. ``"random"``: one batch of 2 Gaussian inputs, for speed
+    measurements and smoke tests only (the steps it sets mean nothing).
+    """
+    from bqc.graph import BqcModel
+
+    model = BqcModel(gm)
+    gm.eval()
+    if data == "random":
+        with torch.no_grad():
+            model(*example_inputs(gm, batch=2, seed=seed)[:2])
+        return "random (2 Gaussian inputs; for speed measurements only)"
+    from bqc.data import load_dataset
+    from bqc.diffusion.schedule import NoiseSchedule, q_sample
+
+    ds = load_dataset(data, "train")
+    if tuple(ds.images.shape[1:]) != model.input_shape:
+        raise BqcError(f"calibration data {data!r} has images of shape {tuple(ds.images.shape[1:])}, "
+                       f"the model takes {model.input_shape}")
+    sched = NoiseSchedule.from_manifest(manifest)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds.images), generator=g)[:n]
+    x0 = ds.images[idx]
+    t = torch.randint(0, sched.T, (len(idx),), generator=g)
+    x_t = q_sample(sched, x0, t, torch.randn(x0.shape, generator=g))
+    y = None
+    if model.conditional:
+        y = ds.labels[idx] if ds.labels is not None else torch.zeros(len(idx), dtype=torch.long)
+    with torch.no_grad():
+        model(x_t, t, y)
+    return f"{data} ({len(idx)} training images at random timesteps)"
+
+
+def example_inputs(gm: fx.GraphModule, batch: int = 1, seed: int = 0, state: bool = True) -> list[torch.Tensor]:
+    """Example inputs in graph order: x, t[, y], TBS caches (random if ``state``, else zeros), flag."""
+    meta = ir.graph_meta(gm)
+    g = torch.Generator().manual_seed(seed)
+    args = [torch.randn(batch, *meta["input_shape"], generator=g), torch.randint(0, 1000, (batch,), generator=g)]
+    if meta.get("conditional"):
+        args.append(torch.zeros(batch, dtype=torch.long))
+    specs = meta.get("state_inputs", [])
+    for s in specs:
+        args.append(torch.randn(batch, *s["shape"], generator=g) if state else torch.zeros(batch, *s["shape"]))
+    if specs:
+        args.append(torch.tensor(1.0 if state else 0.0))
+    return args
+
+
+def export_program(gm: fx.GraphModule, args: list[torch.Tensor] | None = None, *, dynamic_batch: bool = True):
+    """``torch.export`` of a deploy graph: the hand-off to compiler backends (TVM Relax).
+
+    The integer cores stay single nodes (``bqc.sign_pack.default``, ``bqc.binary_conv2d.default``,
+    ...; see :mod:`bqc.deploy.ops`); everything else is ATen. ``args`` defaults to
+    ``example_inputs(gm, batch=2)``; the batch dimension is dynamic unless
+    ``dynamic_batch=False``.
+    """
+    if not is_deployed(gm):
+        raise BqcError("export_program takes a deploy graph", hint="fold it first: bqc.deploy.to_deploy(gm)")
+    if args is None:
+        args = example_inputs(gm, batch=2)
+    shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        flag = ir.graph_meta(gm).get("state_flag")
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        shapes = (tuple(None if name == flag or a.dim() == 0 else {0: batch} for name, a in zip(names, args)),)
+    return torch.export.export(_Signature(gm), tuple(args), dynamic_shapes=shapes, strict=False)

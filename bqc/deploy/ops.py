@@ -1,0 +1,236 @@
+"""The integer cores of the deploy graph as torch custom ops, and their reference kernels.
+
+Namespace ``bqc``: ``sign_pack``, ``quantize_codes``, ``binary_conv2d``, ``binary_dense``,
+``int_conv2d``, ``int_dense``, ``int_matmul``. Each has a fake (meta) kernel, so ``torch.export``
+of a deploy graph (:func:`bqc.deploy.export_program`, dynamic batch) keeps each of them as one
+node: that is the hand-off to the TVM lowering (``from_exported_program(custom_convert_map=...)``).
+Their CPU kernels unpack the :mod:`bqc.packing` words and run exact float64 convolutions (the
+*reference executor* every backend is tested against); the slower bit-level references of
+:mod:`bqc.packing` (popcount) are reachable through ``layer.accumulate(x, impl="packing")`` and
+give identical accumulators (tested).
+
+For bits/codes inputs the accumulator is exact (int32 semantics) and the output is
+``sum_b float(acc_b) * scale[b]`` in the scale's float dtype, bases added in order (a backend
+doing the same int32 -> float multiply gets bit-identical results).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bqc import packing
+from bqc.errors import BqcError
+
+LAYOUT_VERSION = packing.LAYOUT_VERSION
+INPUT_KINDS = ("float", "bits", "codes")
+
+#: the custom ops (``torch.ops.bqc.<name>``) this module registers
+OP_NAMES = ("sign_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d", "int_dense", "int_matmul")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def _cview(p: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def words_numpy(t: torch.Tensor) -> np.ndarray:
+    """Packed words of a torch tensor (uint32, or int32 holding the same bits) as numpy uint32."""
+    a = t.detach().cpu().contiguous()
+    if a.dtype == torch.uint32:
+        return a.numpy()
+    if a.dtype == torch.int32:
+        return a.numpy().view(np.uint32)
+    raise TypeError(f"packed words must be uint32 (or int32 bit patterns), got {a.dtype}")
+
+
+def _words_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint32))
+
+
+def unpack_words(words: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of the packing along the last axis: int8 ±1 tensor with ``n`` values there."""
+    return torch.from_numpy(packing.unpack_bits(words_numpy(words), n, axis=-1))
+
+
+def _int_dtype(qmin: int, qmax: int) -> torch.dtype:
+    return torch.int8 if qmin >= -128 and qmax <= 127 else torch.int16
+
+
+def _conv_out(size, k, s, p, d) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# integer cores as torch custom ops (the reference kernels)
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("bqc::sign_pack", mutates_args=())
+def sign_pack(x: torch.Tensor, tau: torch.Tensor | None, ch_axis: int) -> torch.Tensor:
+    """Bits of ``sign(x + tau)`` packed along ``ch_axis`` (moved last): NCHW -> uint32 NHWC-packed
+    ``[N, H, W, CW]``; ``[..., K]`` (``ch_axis=-1``) -> ``[..., KW]``."""
+    v = x if tau is None else x + _cview(tau.to(x.dtype), x.dim(), ch_axis)
+    v = torch.movedim(v.detach().cpu(), ch_axis, -1)
+    return _words_tensor(packing.pack_bits(v.numpy(), axis=-1))
+
+
+@sign_pack.register_fake
+def _(x, tau, ch_axis):
+    shape = list(x.shape)
+    c = shape.pop(ch_axis)
+    return x.new_empty([*shape, packing.num_words(c)], dtype=torch.uint32)
+
+
+@torch.library.custom_op("bqc::quantize_codes", mutates_args=())
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes ``round_half_even(clamp(x / scale, qmin, qmax))`` (int8, int16 if wider)."""
+    return torch.round(torch.clamp(x / scale.to(x.dtype), qmin, qmax)).to(_int_dtype(qmin, qmax))
+
+
+@quantize_codes.register_fake
+def _(x, scale, qmin, qmax):
+    return torch.empty_like(x, dtype=_int_dtype(qmin, qmax))
+
+
+def _conv_input(x: torch.Tensor, x_kind: str, channels: int) -> torch.Tensor:
+    """Float64 NCHW values of a conv input of kind bits (packed NHWC) / codes / float."""
+    if x_kind == "bits":
+        return unpack_words(x, channels).permute(0, 3, 1, 2).to(torch.float64)
+    if x_kind == "codes":
+        return x.to(torch.float64)
+    if x_kind == "float":
+        return x
+    raise BqcError(f"unknown input kind {x_kind!r}; valid: {', '.join(INPUT_KINDS)}")
+
+
+def _dense_input(x: torch.Tensor, x_kind: str, features: int) -> torch.Tensor:
+    if x_kind == "bits":
+        return unpack_words(x, features).to(torch.float64)
+    return _conv_input(x, x_kind, features)
+
+
+def _scaled_sum(accs: list[torch.Tensor], scale: torch.Tensor, view) -> torch.Tensor:
+    """sum_b float(acc_b) * scale[b] (in scale's dtype, bases added in order)."""
+    out = None
+    for b, acc in enumerate(accs):
+        term = acc.to(scale.dtype) * view(scale[b])
+        out = term if out is None else out + term
+    return out
+
+
+def _binary_conv_accs(x, w_packed, in_channels, stride, padding, dilation, groups, x_kind):
+    """Per-basis accumulators: exact integers (float64 holding ints) for bits/codes inputs."""
+    signs = unpack_words(w_packed, in_channels)  # [B, OC, KH, KW, C] int8
+    signs = signs.permute(0, 1, 4, 2, 3)  # [B, OC, C, KH, KW]
+    xv = _conv_input(x, x_kind, in_channels * groups)
+    ws = signs.to(xv.dtype)
+    return [F.conv2d(xv, ws[b], None, stride, padding, dilation, groups) for b in range(ws.shape[0])]
+
+
+@torch.library.custom_op("bqc::binary_conv2d", mutates_args=())
+def binary_conv2d(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, in_channels: int,
+                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                  x_kind: str) -> torch.Tensor:
+    """``sum_b scale[b, oc] * conv(x~, sign(W_b))`` with zero padding; NCHW output of scale's dtype.
+
+    ``x`` is packed bits ``uint32[N, H, W, CW]`` (x~ = ±1), integer codes NCHW, or float NCHW
+    (``x_kind``). ``w_packed uint32[B, OC, KH, KW, CW]``, ``in_channels`` per group.
+    """
+    accs = _binary_conv_accs(x, w_packed, in_channels, stride, padding, dilation, groups, x_kind)
+    if x_kind != "float":
+        accs = [a.to(torch.int32) for a in accs]
+    return _scaled_sum(accs, scale, lambda s: s.view(1, -1, 1, 1))
+
+
+def _conv_fake_shape(x, oc, kh, kw, stride, padding, dilation, x_kind):
+    if x_kind == "bits":
+        n, h, w = x.shape[0], x.shape[1], x.shape[2]
+    else:
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    return [n, oc, _conv_out(h, kh, sh, ph, dh), _conv_out(w, kw, sw, pw, dw)]
+
+
+@binary_conv2d.register_fake
+def _(x, w_packed, scale, in_channels, stride, padding, dilation, groups, x_kind):
+    shape = _conv_fake_shape(x, w_packed.shape[1], w_packed.shape[2], w_packed.shape[3],
+                             stride, padding, dilation, x_kind)
+    return x.new_empty(shape, dtype=scale.dtype)
+
+
+def _binary_dense_accs(x, w_packed, in_features, x_kind):
+    signs = unpack_words(w_packed, in_features)  # [B, N, K]
+    xv = _dense_input(x, x_kind, in_features)
+    ws = signs.to(xv.dtype)
+    return [torch.matmul(xv, ws[b].t()) for b in range(ws.shape[0])]
+
+
+@torch.library.custom_op("bqc::binary_dense", mutates_args=())
+def binary_dense(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, in_features: int,
+                 x_kind: str) -> torch.Tensor:
+    """``sum_b scale[b, n] * (x~ @ sign(W_b)^T)``; x ``[..., K]`` (bits: ``uint32[..., KW]``)."""
+    accs = _binary_dense_accs(x, w_packed, in_features, x_kind)
+    if x_kind != "float":
+        accs = [a.to(torch.int32) for a in accs]
+    return _scaled_sum(accs, scale, lambda s: s)
+
+
+@binary_dense.register_fake
+def _(x, w_packed, scale, in_features, x_kind):
+    return x.new_empty([*x.shape[:-1], w_packed.shape[1]], dtype=scale.dtype)
+
+
+@torch.library.custom_op("bqc::int_conv2d", mutates_args=())
+def int_conv2d(x: torch.Tensor, w_codes: torch.Tensor, scale: torch.Tensor, stride: list[int],
+               padding: list[int], dilation: list[int], groups: int, x_kind: str) -> torch.Tensor:
+    """``scale[oc] * conv(x, W_codes)``: exact integer accumulate for code inputs."""
+    xv = _conv_input(x, x_kind, w_codes.shape[1] * groups)
+    acc = F.conv2d(xv, w_codes.to(xv.dtype), None, stride, padding, dilation, groups)
+    if x_kind != "float":
+        acc = acc.to(torch.int32)
+    return _scaled_sum([acc], scale.unsqueeze(0), lambda s: s.view(1, -1, 1, 1))
+
+
+@int_conv2d.register_fake
+def _(x, w_codes, scale, stride, padding, dilation, groups, x_kind):
+    shape = _conv_fake_shape(x, w_codes.shape[0], w_codes.shape[2], w_codes.shape[3],
+                             stride, padding, dilation, x_kind)
+    return x.new_empty(shape, dtype=scale.dtype)
+
+
+@torch.library.custom_op("bqc::int_dense", mutates_args=())
+def int_dense(x: torch.Tensor, w_codes: torch.Tensor, scale: torch.Tensor, x_kind: str) -> torch.Tensor:
+    """``scale[n] * (x @ W_codes^T)``; exact integer accumulate for code inputs."""
+    xv = _dense_input(x, x_kind, w_codes.shape[1])
+    acc = torch.matmul(xv, w_codes.to(xv.dtype).t())
+    if x_kind != "float":
+        acc = acc.to(torch.int32)
+    return _scaled_sum([acc], scale.unsqueeze(0), lambda s: s)
+
+
+@int_dense.register_fake
+def _(x, w_codes, scale, x_kind):
+    return x.new_empty([*x.shape[:-1], w_codes.shape[0]], dtype=scale.dtype)
+
+
+@torch.library.custom_op("bqc::int_matmul", mutates_args=())
+def int_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale * (A @ B)`` on integer codes (exact accumulate), output of scale's dtype."""
+    acc = torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
+    return acc.to(scale.dtype) * scale
+
+
+@int_matmul.register_fake
+def _(a, b, scale):
+    return torch.empty(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1]),
+                       dtype=scale.dtype, device=a.device)
