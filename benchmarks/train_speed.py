@@ -5,7 +5,8 @@ each per round (``--warmup`` untimed rounds, then ``--steps`` timed ones), so a 
 machine load hits all of them alike. Each step is the real QAT loss (``bqc.train.qat.make_loss``:
 teacher forward, distillation, BiDM's extra no-grad forward at t+d). Reports the median step
 time and the ratio to the FP step, and writes ``benchmarks/results/train_speed.{json,md}``
-with the command line that produced them.
+with the command line that produced them. ``--before OLD.json`` (an earlier run's json, e.g.
+from a checkout before a speed change) adds its numbers to the table as before/after columns.
 
     python benchmarks/train_speed.py --threads 2 --batch 64 --steps 20
 """
@@ -26,6 +27,7 @@ from bqc.data import load_dataset
 from bqc.diffusion.schedule import NoiseSchedule
 from bqc.pipeline import load_recipe
 from bqc.train.losses import LRMProjections
+from bqc.train.loop import LoopConfig, make_optimizer
 from bqc.train.qat import QATModel, QATOptions, _tap_views, make_loss
 
 CONFIGS = [("fp", None), ("baseline", None), ("binarydm", None), ("bidm", None)]
@@ -49,7 +51,8 @@ def make_stepper(src, recipe: str, data, args):
     if recipe == "fp":  # plain DDPM loss on the FP graph: the baseline the ratios refer to
         opts.distill = False
     loss_fn = make_loss(student, teacher, dict(load_recipe(recipe).train), opts, NoiseSchedule(), args.steps)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}],
+                         LoopConfig(steps=args.steps, batch_size=args.batch, lr=1e-4))  # the trainer's AdamW
     g = torch.Generator().manual_seed(0)
 
     def step(i: int) -> float:
@@ -84,6 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--before", default=None, help="an earlier run's train_speed.json: shown as before/after")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     src = frontend.load_source("mnist16")
@@ -103,11 +107,21 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": cmd, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "threads": args.threads, "batch": args.batch, "timed_steps": args.steps,
               "model": "mnist16", "torch": torch.__version__, "rows": rows}
+    before = json.loads(Path(args.before).read_text()) if args.before else None
+    if before:
+        result["before"] = before
     (out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"Command: `{cmd}` (median of {args.steps} interleaved steps, batch {args.batch}, {args.threads} threads;"
-          f" 1-minute load average {os.getloadavg()[0]:.2f} at the end)", "",
-          "| recipe | bits | step (ms) | vs FP |", "|---|---|---|---|"]
-    md += [f"| {r['recipe']} | {r['bits']} | {r['step_ms']} | {r['ratio_vs_fp']}x |" for r in rows]
+          f" 1-minute load average {os.getloadavg()[0]:.2f} at the end)", ""]
+    if before:
+        old = {r["recipe"]: r for r in before["rows"]}
+        md += [f"Before: `{before['command']}` (1-minute load average {before.get('load_avg_1m_at_end', '?')} at the end)", "",
+               "| recipe | bits | before (ms) | before vs FP | after (ms) | after vs FP |", "|---|---|---|---|---|---|"]
+        md += [f"| {r['recipe']} | {r['bits']} | {old.get(r['recipe'], {}).get('step_ms', '-')} | "
+               f"{old.get(r['recipe'], {}).get('ratio_vs_fp', '-')}x | {r['step_ms']} | {r['ratio_vs_fp']}x |" for r in rows]
+    else:
+        md += ["| recipe | bits | step (ms) | vs FP |", "|---|---|---|---|"]
+        md += [f"| {r['recipe']} | {r['bits']} | {r['step_ms']} | {r['ratio_vs_fp']}x |" for r in rows]
     (out / "train_speed.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

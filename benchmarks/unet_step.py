@@ -57,7 +57,8 @@ def _worker(lib_dir: str, threads: int, rounds: int, warmup: int, profile: bool)
     import tvm
 
     from bqc.backends.runtime import load_compiled
-    from bqc.backends.tvm.lower import resolve_teacher, step_inputs
+    from bqc.backends.tvm.lower import step_inputs
+    from bqc.teacher import resolve_teacher
 
     model = load_compiled(lib_dir)
     man = json.loads((Path(lib_dir) / "manifest.json").read_text())

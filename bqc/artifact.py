@@ -30,6 +30,7 @@ import torch.fx as fx
 from bqc import __version__, ir
 from bqc.errors import BqcError, normal_permissions, require_file
 from bqc.graph import BqcModel
+from bqc.signature import Signature
 
 FORMAT_VERSION = 1
 
@@ -93,7 +94,6 @@ def save_artifact(out: str | Path, *, base_ep, gm: fx.GraphModule, recipe, wbits
         normal_permissions(tmp / "model.safetensors")
         os.chmod(tmp, 0o755)  # mkdtemp makes the directory 0700
         (tmp / "graph.txt").write_text(ir.dump(gm))
-        meta = ir.graph_meta(gm)
         manifest = {
             "format": FORMAT_VERSION,
             "bqc_version": __version__,
@@ -101,7 +101,7 @@ def save_artifact(out: str | Path, *, base_ep, gm: fx.GraphModule, recipe, wbits
             "recipe": recipe.to_dict(),
             "wbits": wbits,
             "abits": abits,
-            "signature": {k: meta.get(k) for k in ("inputs", "outputs", "state_inputs", "state_outputs", "input_shape", "conditional")},
+            "signature": Signature.of(gm).to_json(),
             **(extra or {}),
         }
         (tmp / "bqc.json").write_text(json.dumps(manifest, indent=2, default=str))

@@ -634,9 +634,6 @@ def fold(
 
 
 # lowering -----------------------------------------------------------------------------------
-BACKENDS = ("onnx", "tvm-x86", "tvm-arm", "tvm-cuda")
-
-
 @app.command(epilog=_examples(
     "bqc lower run --backend tvm-x86 -o lib",
     "bqc lower run --backend tvm-arm --cpu cortex-a76 -o lib-arm",
@@ -665,17 +662,24 @@ def lower(
 ):
     """Fold the trained quantizers into packed/integer form and compile for a target.
 
-    Progress shows the stages (load, fold, export, import, compile, build, write; 0.5-5 minutes on CPU)."""
+    A trained artifact is folded first (as `bqc fold`); the backend gets the deploy artifact.
+    Progress shows the stages (fold, load, export, import, compile, build, write; 0.5-5 minutes on CPU)."""
+    from bqc.backends import BACKENDS
+
     if backend not in BACKENDS:
         raise BqcError(f"unknown backend {backend!r}", hint=f"valid backends: {', '.join(BACKENDS)}")
     _positive(**{"--batch": batch, "--threads": threads})
     _check_out(out, "compiled", force)
     _use_threads(threads)
+    from bqc import deploy
     from bqc.backends.tvm import lower as tvm_lower
 
-    with Progress(f"lower {backend}", stages=tvm_lower.STAGES, enabled=not quiet) as bar:
-        path = tvm_lower.lower(_deploy_artifact(target) or target, backend, out, batch=batch, threads=threads, calibrate=calibrate,
-                               cpu=cpu, target=tvm_target, progress=bar.stage)
+    tgt = tvm_lower.preflight(backend, threads, cpu, tvm_target)  # missing tools, a bad --cpu: before any work
+    with Progress(f"lower {backend}", stages=("fold",) + tvm_lower.STAGES, enabled=not quiet) as bar:
+        bar.stage("fold")
+        dart = deploy.fold(target, calibrate=calibrate, verb="lower")
+        path = tvm_lower.lower(dart, backend, out, batch=batch, threads=threads, cpu=cpu, target=tgt,
+                               progress=bar.stage)
     console.print(f"[bold]wrote[/] {path}")
     built_for = lowered_cpu_note(path)
     if built_for:
@@ -735,8 +739,9 @@ def bench(
 ):
     """Time the compiled UNet step against PyTorch FP32 eager at the same threads and batch."""
     from bqc.backends.tvm import lower as tvm_lower
+    from bqc.teacher import bundle_teacher
 
-    r = tvm_lower.bench(target, threads=threads, teacher=teacher)
+    r = tvm_lower.bench(target, threads=threads, teacher=bundle_teacher(target, teacher))
     if as_json:
         sys.stdout.write(json.dumps(r, default=float) + "\n")
         return

@@ -127,11 +127,15 @@ def _lower_and_bench(run: Path, dest: Path, console: Console, opts: DemoOptions)
     except ImportError:
         return None
     try:
-        with Progress("lower tvm-x86", stages=tvm_lower.STAGES, enabled=opts.progress) as bar:
-            tvm_lower.lower(run, "tvm-x86", dest, threads=opts.threads, progress=bar.stage)
+        from bqc import deploy
+        from bqc.teacher import bundle_teacher
+
+        with Progress("lower tvm-x86", stages=("fold",) + tvm_lower.STAGES, enabled=opts.progress) as bar:
+            bar.stage("fold")
+            tvm_lower.lower(deploy.fold(run, verb="lower"), "tvm-x86", dest, threads=opts.threads, progress=bar.stage)
         with Progress("bench", enabled=opts.progress) as bar:
             bar.stage("time the compiled step and torch FP32")
-            return tvm_lower.bench(dest, threads=opts.threads)
+            return tvm_lower.bench(dest, threads=opts.threads, teacher=bundle_teacher(dest))
     except BqcError as e:  # a reported backend limitation; anything else is a bug and propagates
         console.print(f"[yellow]lowering skipped:[/] {e}")
         return None

@@ -23,6 +23,13 @@ kind               how it is given
 Capture: every source becomes a ``torch.export`` program of a thin adapter with the uniform
 signature ``(x, t[, y]) -> eps`` and a dynamic batch dimension; :func:`bqc.ir.from_exported`
 turns it into the one IR form used downstream (see ``bqc/ir.py``).
+
+Text-conditioned UNets (diffusers ``UNet2DConditionModel``; LDM / SD-1.x ``UNetModel`` with
+``use_spatial_transformer`` + ``context_dim``) capture with the text embedding as a graph input
+named ``context``: ``(x, t, context[, y]) -> eps``, ``context`` of shape ``(N, L, D)`` with ``D``
+from the model's config and ``L`` static (``context_len``, default :data:`CONTEXT_LEN`, CLIP's 77
+tokens), the batch dynamic. ``ModelSource.context`` and the artifact manifest's ``source``
+record ``(L, D)``.
 ``torch.fx.symbolic_trace`` is not used: it fails on the code people actually ship (len() on
 shapes, asserts, ``torch.tensor(timestep)``, required label arguments).
 """
@@ -60,6 +67,12 @@ class ModelSource:
     # None: the source records none (see diffusion_of)
     schedule: Any = None
     schedule_from: str = ""
+    # text conditioning: (sequence length, width) of the ``context`` input; None: not text-conditioned
+    context: tuple[int, int] | None = None
+
+
+#: default token count of the text embedding (CLIP's max length, what SD-1.x is trained with)
+CONTEXT_LEN = 77
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,8 +84,29 @@ def load_source(
     config: str | None = None,
     weights: str | None = None,
     trust_pickle: bool = False,
+    context_len: int | None = None,
 ) -> ModelSource:
-    """Load a model from a zoo name, a directory, a file or an instantiate-from-config YAML."""
+    """Load a model from a zoo name, a directory, a file or an instantiate-from-config YAML.
+
+    ``context_len``: the token count of a text-conditioned model's ``context`` input (default
+    :data:`CONTEXT_LEN`); ignored for other models."""
+    src = _load_source(model, config=config, weights=weights, trust_pickle=trust_pickle)
+    if context_len is not None:
+        set_context_len(src, context_len)
+    return src
+
+
+def set_context_len(src: ModelSource, length: int) -> ModelSource:
+    """Capture a text-conditioned source with ``length`` text tokens (no-op for other models)."""
+    if int(length) < 1:
+        raise BqcError(f"the context length must be at least 1, got {length}")
+    if src.context is not None and src.exported is None:
+        src.context = (int(length), src.context[1])
+        src.info["context"] = list(src.context)
+    return src
+
+
+def _load_source(model, *, config, weights, trust_pickle) -> ModelSource:
     if config is not None:
         return _load_from_yaml(config, weights)
     if model is None:
@@ -213,11 +247,38 @@ def _model_facts(module: nn.Module) -> tuple[int, int, int | None]:
     return int(in_ch), int(size), getattr(module, "num_classes", None)
 
 
-def _from_module(module: nn.Module, kind: str, description: str, call: str = "plain", **info) -> ModelSource:
+def _context_width(module: nn.Module, params: dict | None = None) -> int | None:
+    """The width of a text-conditioned model's ``context`` tokens, None for other models:
+    diffusers ``cross_attention_dim`` (UNet2DConditionModel), a ``context_dim`` attribute (bqc's
+    UNetModel), or LDM's ``use_spatial_transformer`` + ``context_dim`` params (LDM's own class
+    keeps no such attribute)."""
+    cfg = getattr(module, "config", None)
+    if type(module).__name__ == "UNet2DConditionModel" and cfg is not None:
+        dim = cfg.cross_attention_dim
+    elif getattr(module, "context_dim", None) is not None:
+        dim = module.context_dim
+    elif params and params.get("use_spatial_transformer") and params.get("context_dim") is not None:
+        dim = params["context_dim"]
+    else:
+        return None
+    if isinstance(dim, (list, tuple)):
+        if len(set(dim)) != 1:
+            raise BqcError(f"{type(module).__name__} has a different text-embedding width per block ({list(dim)}); "
+                           "bqc threads one context tensor", hint="use a model with one cross_attention_dim / context_dim")
+        dim = dim[0]
+    return int(dim)
+
+
+def _from_module(module: nn.Module, kind: str, description: str, call: str = "plain", *,
+                 ldm_params: dict | None = None, **info) -> ModelSource:
     module = module.eval()
     in_ch, size, ncls = _model_facts(module)
+    width = _context_width(module, ldm_params)
+    context = (CONTEXT_LEN, width) if width is not None else None
+    if context is not None:
+        info["context"] = list(context)
     return ModelSource(kind, description, module=module, in_channels=in_ch, image_size=size,
-                       num_classes=ncls, call=call, info=info)
+                       num_classes=ncls, call=call, info=info, context=context)
 
 
 def _load_zoo(name: str) -> ModelSource:
@@ -256,10 +317,24 @@ def _load_diffusers(path: Path, cfg: dict) -> ModelSource:
     module = cls.from_config(cfg)
     module.load_state_dict(load_safetensors(weights), strict=True)
     if cls_name == "UNet2DConditionModel":
-        raise BqcError("UNet2DConditionModel needs text conditioning inputs, which bqc does not thread yet", hint="use a UNet2DModel")
+        _check_text_unet_config(path, cfg)
     src = _from_module(module, "diffusers", f"diffusers {cls_name} {path}", call="diffusers", path=str(path), config=cfg)
     src.schedule, src.schedule_from = _diffusers_schedule(path)
     return src
+
+
+#: UNet2DConditionModel config keys whose non-default values need inputs besides (x, t, context[, y])
+_EXTRA_CONDITIONING = ("addition_embed_type", "encoder_hid_dim_type", "class_embed_type")
+
+
+def _check_text_unet_config(path: Path, cfg: dict) -> None:
+    """Refuse a UNet2DConditionModel that needs more conditioning than the text embedding and
+    class labels (SDXL's added text/time embeddings, image embeddings, timestep-class embeddings)."""
+    extra = [f"{k}={cfg[k]!r}" for k in _EXTRA_CONDITIONING if cfg.get(k) is not None]
+    if extra:
+        raise BqcError(f"{path}: this UNet2DConditionModel needs conditioning inputs besides the text embedding "
+                       f"({', '.join(extra)}), which bqc does not thread",
+                       hint="bqc captures text-conditioned UNets of the SD-1.x/2.x kind: (x, t, context[, class labels])")
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,7 +497,8 @@ def _load_from_yaml(config: str, weights: str | None) -> ModelSource:
             raise BqcError(
                 f"weights {weights} do not match {target}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}",
             )
-    src = _from_module(module, "config", f"{target} from {path}", config_path=str(path), target=target, params=params)
+    src = _from_module(module, "config", f"{target} from {path}", ldm_params=params, config_path=str(path), target=target,
+                       params=params)
     ldm = doc.get("model") if isinstance(doc, dict) else None
     if isinstance(ldm, dict) and isinstance(ldm.get("params"), dict):  # LDM: model.params holds the process
         from bqc.diffusion.schedule import NoiseSchedule
@@ -737,9 +813,18 @@ def _load_pt2(path: Path, trust_pickle: bool) -> ModelSource:
     shape = x[0].meta["val"].shape if x else None
     if shape is None or len(shape) != 4:
         raise BqcError(f"{path}: the first input is not an image batch (N,C,H,W)")
-    ncls = 1 if len(_user_input_names(ep)) >= 3 else None
+    names = _user_input_names(ep)
+    ctx = next((n for n in ep.graph.nodes if n.op == "placeholder" and n.name == CONTEXT_INPUT and n.name in names), None)
+    context = None
+    if ctx is not None:
+        cshape = ctx.meta["val"].shape
+        if len(cshape) != 3:
+            raise BqcError(f"{path}: the input named context is not a batch of token embeddings (N, L, D)")
+        context = (int(cshape[1]), int(cshape[2]))
+    ncls = 1 if len(names) - (ctx is not None) >= 3 else None
+    info = {"path": str(path), **({"context": list(context)} if context else {})}
     return ModelSource("pt2", f"torch.export program {path}", exported=ep, in_channels=int(shape[1]),
-                       image_size=int(shape[2]), num_classes=ncls, info={"path": str(path)})
+                       image_size=int(shape[2]), num_classes=ncls, info=info, context=context)
 
 
 def _user_input_names(ep) -> list[str]:
@@ -773,6 +858,10 @@ def _load_pickled_module(path: Path, trust_pickle: bool, kind: str = "pickle") -
 # --------------------------------------------------------------------------------------------
 # capture
 # --------------------------------------------------------------------------------------------
+#: the graph input that carries the text embedding (the adapter's argument name)
+CONTEXT_INPUT = "context"
+
+
 class UNetAdapter(nn.Module):
     """Gives every UNet the signature ``(x, t[, y]) -> eps`` before export."""
 
@@ -789,13 +878,29 @@ class UNetAdapter(nn.Module):
         return self.unet(x, t, y) if self.conditional else self.unet(x, t)
 
 
+class TextUNetAdapter(UNetAdapter):
+    """``(x, t, context[, y]) -> eps`` for text-conditioned UNets (the text embedding is the third
+    graph input, named ``context``). The model is called with keywords, as both families name
+    them: diffusers ``encoder_hidden_states``/``class_labels``, LDM ``context``/``y``."""
+
+    def forward(self, x, t, context, y=None):
+        cond = {"y": y} if self.conditional else {}
+        if self.call == "diffusers":
+            cond = {"class_labels": y} if self.conditional else {}
+            return self.unet(x, t, encoder_hidden_states=context, **cond).sample
+        return self.unet(x, t, context=context, **cond)
+
+
 def example_inputs(src: ModelSource, batch: int = 2) -> tuple:
+    """``(x, t[, context][, y])`` for ``src``: random images, timesteps, text embeddings, labels."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, src.in_channels, src.image_size, src.image_size, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
-    if src.num_classes:
-        return x, t, torch.randint(0, max(int(src.num_classes), 1), (batch,), generator=g)
-    return x, t
+    ctx = (torch.randn(batch, *src.context, generator=g),) if src.context is not None else ()
+    y = (torch.randint(0, max(int(src.num_classes), 1), (batch,), generator=g),) if src.num_classes else ()
+    p = next(src.module.parameters(), None) if src.module is not None else None
+    dev = p.device if p is not None else torch.device("cpu")  # e.g. a model built on the meta device: shapes only
+    return tuple(a.to(dev) for a in (x, t, *ctx, *y))
 
 
 def capture(src: ModelSource):
@@ -803,7 +908,8 @@ def capture(src: ModelSource):
     if src.exported is not None:
         return require_dynamic_batch(src.exported, src)
     args = example_inputs(src)
-    adapter = UNetAdapter(src.module, src.call, conditional=len(args) == 3).eval()
+    cls = TextUNetAdapter if src.context is not None else UNetAdapter
+    adapter = cls(src.module, src.call, conditional=bool(src.num_classes)).eval()
     dyn = tuple({0: torch.export.Dim.AUTO} for _ in args)
     try:
         with torch.no_grad():

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from bqc import ir
 from bqc.errors import BqcError
+from bqc.signature import Signature
 
 
 class BqcModel(nn.Module):
@@ -43,30 +44,24 @@ class BqcModel(nn.Module):
                 f"input of shape {tuple(x.shape)} does not fit this model, which takes (N, {', '.join(map(str, self.input_shape))})",
             )
 
-    def forward(self, x: torch.Tensor, t, y=None, state: list[torch.Tensor] | None = None):
+    @property
+    def signature(self) -> Signature:
+        return Signature.of(self.gm)
+
+    def forward(self, x: torch.Tensor, t, y=None, state: list[torch.Tensor] | None = None, **inputs):
+        """``inputs``: conditioning inputs other than ``y`` the graph takes, by name."""
         self.check_input(x)
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         t = t.expand(b) if t.dim() == 0 else t
-        args: list = [x, t]
-        if self.conditional:
-            if y is None:
-                raise BqcError("this model is class-conditional: pass class labels y")
-            args.append(torch.as_tensor(y, device=x.device).expand(b))
-        specs = self.meta.get("state_inputs", [])
-        if specs:
-            if state is None:  # first sampling step: no cache; the flag input disables the blend
-                state = [torch.zeros((b, *s["shape"]), dtype=x.dtype, device=x.device) for s in specs]
-                flag = torch.zeros((), dtype=x.dtype, device=x.device)
-            else:
-                if len(state) != len(specs):
-                    raise BqcError(f"state has {len(state)} tensors, the graph takes {len(specs)}")
-                flag = torch.ones((), dtype=x.dtype, device=x.device)
-            args.extend(state)
-            args.append(flag)
-        out = self.gm(*args)
-        eps, new_state = out[0], list(out[1:])
-        return eps, (new_state if new_state else None)
+        sig = self.signature
+        if y is not None and "y" in sig.model_inputs:
+            y = torch.as_tensor(y, device=x.device).expand(b)
+        args = sig.step_args(
+            {**inputs, "x": x, "t": t, "y": y}, state, error=BqcError,
+            zeros=lambda shape: torch.zeros((b, *shape), dtype=x.dtype, device=x.device),
+            flag=lambda v: torch.full((), v, dtype=x.dtype, device=x.device))
+        return Signature.split_outputs(self.gm(*args))
 
     def eps(self, x, t, y=None) -> torch.Tensor:
         """Noise prediction without state (training-time convenience)."""

@@ -6,7 +6,9 @@ The graph of ``torch.export.export(adapter, (x, t[, y])).module()`` (ATen-level 
 non-strict export, dynamic batch), normalised by :func:`from_exported`:
 
 * plain fx code generation (no pytree in/out specs), flat placeholders
-  ``x, t[, y]`` followed by any cross-timestep state inputs that passes add;
+  ``x, t[, context][, y]`` followed by any cross-timestep state inputs that passes add
+  (``context``: the text embedding of a text-conditioned UNet, ``(N, L, D)``; its ``(L, D)`` is
+  ``gm.meta["bqc"]["context"]``, None for other models);
 * the output is always a tuple ``(eps, *state_outputs)``;
 * export's runtime guard module and tensor-metadata asserts are removed (bqc checks input shapes
   itself, see :class:`bqc.graph.BqcModel`);
@@ -30,6 +32,9 @@ import torch
 import torch.fx as fx
 
 aten = torch.ops.aten
+
+#: the graph input carrying a text-conditioned UNet's text embedding (bqc.frontend.CONTEXT_INPUT)
+CONTEXT = "context"
 
 # op kinds -------------------------------------------------------------------------------------
 _KIND_BY_OP: dict[str, str] = {}
@@ -86,7 +91,7 @@ def op_kind(node: fx.Node) -> str:
 class NodeInfo:
     kind: str
     module: str = ""  # innermost owning module path (from nn_module_stack)
-    role: str = ""  # input | output | time-embed | emb-proj | res-proj | head | body | tail ('' if not a layer)
+    role: str = ""  # input | output | time-embed | emb-proj | res-proj | cross-kv | head | body | tail ('' if not a layer)
     place: str = ""  # head | body | tail: where a layer inside the blocks sits (whatever its role)
     level: int = 0  # spatial downsample factor relative to the input (1, 2, 4 ...); 0: no H,W
     block: int = -1  # timestep-embedded block index in execution order, -1 outside blocks
@@ -98,6 +103,7 @@ class NodeInfo:
     w_bits: int = 32
     a_bits: int = 32
     notes: list[str] = field(default_factory=list)  # what passes did / skipped, for --explain
+    part: str = ""  # inside a transformer block: proj-in, self-q/k/v/out/attn, cross-q/k/v/out/attn, ff-in, ff-out, proj-out, norm
 
 
 def info(node: fx.Node) -> dict:
@@ -143,7 +149,7 @@ def from_exported(ep, *, conditional: bool | None = None) -> fx.GraphModule:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     # drop placeholders that exported as unused (e.g. y=None in an unconditional adapter)
     for p in placeholders:
-        if not p.users and p.name not in ("x", "t"):
+        if not p.users and p.name not in ("x", "t", CONTEXT):
             graph.erase_node(p)
     graph.eliminate_dead_code()
     graph.lint()
@@ -151,14 +157,17 @@ def from_exported(ep, *, conditional: bool | None = None) -> fx.GraphModule:
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     shape = tuple(x.meta["val"].shape)
+    ctx = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == CONTEXT), None)
     graph_meta(gm).update(
         inputs=inputs,
         outputs=["eps"],
         state_inputs=[],
         state_outputs=[],
         input_shape=[int(d) for d in shape[1:]],
-        conditional=len(inputs) >= 3 if conditional is None else conditional,
+        conditional=len(inputs) - (ctx is not None) >= 3 if conditional is None else conditional,
     )
+    if ctx is not None:  # only text-conditioned graphs carry the key: others' meta stays as it was
+        graph_meta(gm)["context"] = [int(d) for d in ctx.meta["val"].shape[1:]]
     return gm
 
 
@@ -316,12 +325,22 @@ def _block_key(chain: list[str]) -> tuple[str, str] | None:
 def _time_only_nodes(gm: fx.GraphModule) -> set[str]:
     """Nodes that depend on t (or y) but not on x: the time/label embedding computation."""
     g = to_networkx(gm)
-    ph = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    ph = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name != CONTEXT]
     x = ph[0]
     cond = [p for p in ph[1:3]]
     from_x = nx.descendants(g, x) | {x}
     from_t = set().union(*(nx.descendants(g, p) for p in cond)) if cond else set()
     return from_t - from_x
+
+
+def _text_only_nodes(gm: fx.GraphModule) -> set[str]:
+    """Nodes that depend on the text embedding ``context`` but not on x: the cross-attention
+    key/value projections (the same at every sampling step of one prompt)."""
+    if not any(n.op == "placeholder" and n.name == CONTEXT for n in gm.graph.nodes):
+        return set()
+    g = to_networkx(gm)
+    x = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    return nx.descendants(g, CONTEXT) - nx.descendants(g, x)
 
 
 def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS) -> fx.GraphModule:
@@ -333,6 +352,7 @@ def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS) ->
     dist_in = nx.single_source_shortest_path_length(g, x.name)
     dist_out = nx.single_source_shortest_path_length(g.reverse(copy=False), gm.graph.output_node().name)
     time_only = _time_only_nodes(gm)
+    text_only = _text_only_nodes(gm)
     graph_meta(gm)["module_prefix"] = wrapper_prefix(gm)
 
     block_order: dict[str, int] = {}
@@ -340,7 +360,11 @@ def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS) ->
     for n in nodes:
         ni = NodeInfo(kind=op_kind(n), module=module_path(n))
         shape = _shape(n)
-        if shape is not None and len(shape) == 4 and n.name in dist_in:
+        if n.name in dist_in and ".transformer_blocks." in f".{ni.module}":
+            # tokens inside a transformer block (B, L, C), split into heads (B, L, h, d) or
+            # (B, h, L, d): no 4-D tensor there is an image, all sit at the block's level
+            ni.level = max((n2.meta["bqc"]["level"] for n2 in n.all_input_nodes if "bqc" in n2.meta), default=0)
+        elif shape is not None and len(shape) == 4 and n.name in dist_in:
             ni.level = max(1, round(in_h / max(_int(shape[-1]), 1)))
         elif n.name in dist_in:  # token-shaped (B, L, C) nodes inherit the level of their inputs
             ni.level = max((n2.meta["bqc"]["level"] for n2 in n.all_input_nodes if "bqc" in n2.meta), default=0)
@@ -348,7 +372,7 @@ def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS) ->
         ni.dist_in = dist_in.get(n.name, -1)
         ni.dist_out = dist_out.get(n.name, -1)
         key = _block_key(_module_chain(n)) if n.op == "call_function" and (
-            n.name in dist_in or n.name in time_only) else None
+            n.name in dist_in or n.name in time_only or n.name in text_only) else None
         if key is not None:
             bkey, section = key
             if bkey not in block_order:
@@ -358,11 +382,14 @@ def annotate(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS) ->
             ni.section = section
         n.meta["bqc"] = asdict(ni)
         n.meta["bqc"]["time_only"] = n.name in time_only
+        if text_only:  # text-conditioned graphs only (others' annotations stay as they were)
+            n.meta["bqc"]["text_only"] = n.name in text_only
 
     blocks = [{"id": i, "name": k, "section": block_section[k]} for k, i in block_order.items()]
     meta = graph_meta(gm)
     meta["blocks"] = blocks
     _annotate_skips(gm, g, meta)
+    assign_parts(gm)
     assign_roles(gm, head_tail_blocks=head_tail_blocks)
     return gm
 
@@ -445,13 +472,50 @@ def is_residual_projection(node: fx.Node) -> bool:
     return any(op_name(u) == "add" for u in _alias_users(node))
 
 
+# transformer blocks (LDM SpatialTransformer, diffusers Transformer2DModel: the same module names)
+_TRANSFORMER = r"(?:^|.*\.)transformer_blocks\.\d+\."
+_PART_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(_TRANSFORMER + r"(attn\d+)\.to_(q|k|v)$"), "{attn}-{2}"),
+    (re.compile(_TRANSFORMER + r"(attn\d+)\.to_out(?:\.0)?$"), "{attn}-out"),
+    (re.compile(_TRANSFORMER + r"(attn\d+)$"), "{attn}-attn"),  # the attention products (bmm / SDPA)
+    (re.compile(_TRANSFORMER + r"ff\.net\.0(?:\.proj)?$"), "ff-in"),  # GEGLU's projection (value and gate)
+    (re.compile(_TRANSFORMER + r"ff\.net\.2$"), "ff-out"),
+    (re.compile(_TRANSFORMER + r"norm\d+$"), "norm"),
+]
+_CONTAINER_PARTS = {"proj_in": "proj-in", "proj_out": "proj-out", "norm": "norm"}
+
+
+def assign_parts(gm: fx.GraphModule) -> None:
+    """``part``: what a layer (or norm) is inside a transformer block. Names give the slot (the
+    module names LDM and diffusers share: ``attnN.to_q``, ``ff.net.0.proj``, ``proj_in`` ...);
+    structure decides self- vs cross-attention: an attention module is cross-attention when some
+    layer in it reads only the text embedding (``text_only``: its K/V projections)."""
+    members = [n for n in gm.graph.nodes if info(n).get("kind") in QUANTIZABLE_KINDS + ("attention", "norm")]
+    modules = {info(n).get("module", "") for n in gm.graph.nodes}
+    containers = {m.rsplit(".transformer_blocks.", 1)[0] for m in modules if ".transformer_blocks." in m}
+    cross = {info(n)["module"].rsplit(".", 1)[0] for n in gm.graph.nodes if info(n).get("text_only")
+             and op_kind(n) in WEIGHTED_KINDS}
+    for n in members:
+        path = info(n).get("module", "")
+        owner, _, last = path.rpartition(".")
+        part = _CONTAINER_PARTS.get(last, "") if owner in containers else ""
+        for rx, fmt in _PART_RULES:
+            m = rx.match(path)
+            if m:
+                attn = path[:m.start(1)] + m.group(1) if m.groups() else ""
+                part = fmt.format(*((None,) + m.groups()), attn="cross" if attn in cross else "self")
+                break
+        info(n)["part"] = part
+
+
 def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS) -> None:
     """Roles of weighted layers: input/output conv, time-embed, emb-proj, res-proj (residual
     projections), head/tail/body by block. ``place`` keeps head/body/tail for every layer
     inside the blocks, so a role of its own (res-proj) can still default to its position."""
     nodes = [n for n in gm.graph.nodes if info(n).get("kind") in QUANTIZABLE_KINDS + ("attention",)]
     nblocks = len(graph_meta(gm).get("blocks", []))
-    image = [n for n in nodes if info(n)["kind"] in WEIGHTED_KINDS and not info(n)["time_only"]]
+    image = [n for n in nodes if info(n)["kind"] in WEIGHTED_KINDS and not info(n)["time_only"]
+             and not info(n).get("text_only")]
     first = min(image, key=lambda n: info(n)["dist_in"], default=None)
     last = min(image, key=lambda n: info(n)["dist_out"], default=None)
     for n in nodes:
@@ -464,6 +528,8 @@ def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS
             ni["place"] = "body"
         if ni["time_only"]:  # the global MLP, or a block's own projection of the embedding
             ni["role"] = "emb-proj" if ni["block"] >= 0 else "time-embed"
+        elif ni.get("text_only"):  # cross-attention K/V: read the text embedding, not the image
+            ni["role"] = "cross-kv"
         elif n is first:
             ni["role"] = "input"
         elif n is last:
@@ -476,7 +542,7 @@ def assign_roles(gm: fx.GraphModule, *, head_tail_blocks: int = HEAD_TAIL_BLOCKS
 
 
 # tables and dumps -----------------------------------------------------------------------------
-LAYER_FIELDS = ("name", "kind", "role", "level", "block", "params", "macs", "w_bits", "a_bits", "module")
+LAYER_FIELDS = ("name", "kind", "role", "level", "block", "params", "macs", "w_bits", "a_bits", "module", "part")
 
 
 def layers(gm: fx.GraphModule, kinds: Iterable[str] = QUANTIZABLE_KINDS + ("attention",)) -> list[dict]:

@@ -87,6 +87,26 @@ def sign(x) -> np.ndarray:
     return np.where(x >= 0, 1, -1).astype(np.int8)
 
 
+def pair(v) -> tuple[int, int]:
+    """(a, b) of a conv geometry argument (stride, padding, ...): an int, a pair, or a 1-element
+    list (aten's conv2d accepts ``stride=[1]``)."""
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+def words_numpy(t) -> np.ndarray:
+    """Packed words (a numpy array or torch tensor of uint32, or int32 holding the same bits) as
+    C-contiguous numpy uint32."""
+    a = np.ascontiguousarray(_np(t))
+    if a.dtype == np.uint32:
+        return a
+    if a.dtype == np.int32:
+        return a.view(np.uint32)
+    raise TypeError(f"packed words must be uint32 (or int32 bit patterns), got {a.dtype}")
+
+
 def num_words(n: int, word_bits: int = WORD_BITS) -> int:
     """Words needed for ``n`` bits."""
     return (int(n) + word_bits - 1) // word_bits

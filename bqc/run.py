@@ -168,7 +168,9 @@ class StepModel:
         self.num_state = len(manifest.get("state_outputs", []))
 
     def inputs(self, x, t, y=None, state=None) -> list:
-        """The arguments of ``main`` (numpy) for exactly ``batch`` rows."""
+        """The arguments of ``main`` (numpy) for exactly ``batch`` rows: the calling convention of
+        ``bqc.signature.Signature.step_args``, read from the manifest's signature keys (written
+        by ``Signature.to_json``; this runner imports no bqc module)."""
         b = self.batch
         t = _as(t, np.int64)
         args = [_as(x, np.float32), np.full((b,), t, np.int64) if t.ndim == 0 else t]

@@ -16,8 +16,18 @@ Attention is written with explicit ``torch.bmm`` + ``softmax`` (not SDPA, not ei
 exported graph shows the two attention matmuls as separate ops whose operands bqc can
 quantize.
 
-Only 2-D UNets are implemented (``dims=2``); ``use_checkpoint``/``use_fp16`` and the
-spatial-transformer (text-conditioning) options of LDM are not supported.
+Text conditioning (LDM / Stable Diffusion v1): ``use_spatial_transformer=True`` with
+``context_dim`` puts a :class:`SpatialTransformer` (GroupNorm, 1x1 ``proj_in``, ``depth``
+:class:`BasicTransformerBlock` s of self-attention ``attn1``, cross-attention ``attn2`` whose K/V
+read the text embedding ``context``, and a GEGLU :class:`FeedForward` ``ff``, each after its own
+LayerNorm, then a zero-initialised 1x1 ``proj_out``) where openaimodel puts an
+``AttentionBlock``, with LDM's module names (``input_blocks.1.1.transformer_blocks.0.attn2.to_k``,
+``...ff.net.0.proj``), so LDM / SD-1.x checkpoints load into it. Attention is explicit
+``bmm`` + ``softmax`` here too.
+
+Only 2-D UNets are implemented (``dims=2``); ``use_fp16`` and ``use_linear_in_transformer``
+(SD-2) are not supported; ``use_checkpoint`` (gradient checkpointing, a training-memory
+option) is accepted and ignored: it does not change what the model computes.
 """
 from __future__ import annotations
 
@@ -42,6 +52,11 @@ __all__ = [
     "QKVAttentionLegacy",
     "QKVAttention",
     "AttentionBlock",
+    "GEGLU",
+    "FeedForward",
+    "CrossAttention",
+    "BasicTransformerBlock",
+    "SpatialTransformer",
     "UNetModel",
 ]
 
@@ -99,10 +114,12 @@ class TimestepBlock(nn.Module):
 class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
     """A sequential container that passes ``emb`` to the children that accept it."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, TimestepBlock):
                 x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
             else:
                 x = layer(x)
         return x
@@ -331,6 +348,117 @@ class AttentionBlock(nn.Module):
         return (x + h).reshape(b, c, *spatial)
 
 
+# --------------------------------------------------------------------------- text conditioning
+# LDM's ldm/modules/attention.py module names (state-dict compatible), bqc's own code.
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection: ``proj`` to ``2 * dim_out``, then ``a * gelu(gate)``."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """``net``: GEGLU (or Linear + GELU without ``glu``), Dropout, Linear back to ``dim``."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, mult: int = 4, glu: bool = False, dropout: float = 0.0):
+        super().__init__()
+        inner = int(dim * mult)
+        project_in = GEGLU(dim, inner) if glu else nn.Sequential(nn.Linear(dim, inner), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner, dim_out or dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention over tokens ``(B, N, dim)``: queries from ``x``, keys and values from
+    ``context`` (``(B, M, context_dim)``; ``x`` itself when None: self-attention). Bias-free
+    ``to_q``/``to_k``/``to_v``, ``to_out`` = Linear + Dropout. The two attention products are
+    explicit ``bmm`` calls."""
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner = dim_head * heads
+        context_dim = context_dim or query_dim
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (b, n, h*d) -> (b*h, n, d)
+        b, n, _ = t.shape
+        return t.reshape(b, n, self.heads, -1).permute(0, 2, 1, 3).reshape(b * self.heads, n, -1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
+        sim = torch.bmm(q, k.transpose(1, 2)) * self.scale
+        attn = sim.softmax(dim=-1)
+        out = torch.bmm(attn, v)
+        bh, n, d = out.shape
+        out = out.reshape(bh // self.heads, self.heads, n, d).permute(0, 2, 1, 3).reshape(bh // self.heads, n, -1)
+        return self.to_out(out)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention ``attn1``, cross-attention ``attn2`` (reads
+    ``context``), GEGLU feed-forward ``ff``; each adds to the residual stream after its own
+    LayerNorm (``norm1``..``norm3``)."""
+
+    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: int | None = None,
+                 gated_ff: bool = True):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
+        self.attn2 = CrossAttention(dim, context_dim=context_dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context=context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map: GroupNorm(32, eps 1e-6) -> 1x1 ``proj_in`` ->
+    tokens ``(B, H*W, C)`` -> ``transformer_blocks`` -> back to ``(B, C, H, W)`` -> 1x1 ``proj_out``
+    (zero-initialised) + the input."""
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
+                 context_dim: int | None = None):
+        super().__init__()
+        inner = n_heads * d_head
+        self.in_channels = in_channels
+        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Conv2d(in_channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(inner, n_heads, d_head, dropout=dropout, context_dim=context_dim) for _ in range(depth)])
+        self.proj_out = zero_module(nn.Conv2d(inner, in_channels, 1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.proj_in(self.norm(x))
+        inner = x.shape[1]
+        x = x.reshape(b, inner, h * w).transpose(1, 2)
+        for block in self.transformer_blocks:
+            x = block(x, context=context)
+        x = x.transpose(1, 2).reshape(b, inner, h, w)
+        return self.proj_out(x) + x_in
+
+
 # --------------------------------------------------------------------------- the UNet
 
 
@@ -360,6 +488,13 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: FiLM-like conditioning of the residual blocks.
         resblock_updown: resample with residual blocks instead of Up/Downsample.
         use_new_attention_order: split qkv into q/k/v before heads (else the legacy order).
+        use_spatial_transformer: a :class:`SpatialTransformer` instead of each ``AttentionBlock``
+            (text conditioning, LDM / SD-1.x); needs ``context_dim``.
+        transformer_depth: transformer blocks per SpatialTransformer.
+        context_dim: width of the conditioning tokens ``context`` (N, L, context_dim).
+        legacy: LDM's head-width rule flag; with a spatial transformer both settings give
+            ``ch // heads`` channels per head, so it is accepted for config compatibility.
+        use_checkpoint: accepted and ignored (gradient checkpointing changes memory, not outputs).
     """
 
     def __init__(
@@ -381,9 +516,17 @@ class UNetModel(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
+        use_spatial_transformer: bool = False,
+        transformer_depth: int = 1,
+        context_dim: int | None = None,
+        legacy: bool = True,
+        use_checkpoint: bool = False,
     ):
         super().__init__()
         _check_dims(dims)
+        if use_spatial_transformer != (context_dim is not None):  # a missing argument: TypeError, as Python's
+            raise TypeError("use_spatial_transformer and context_dim go together: a spatial transformer needs the "
+                             "width of the conditioning tokens (context_dim), and context_dim needs use_spatial_transformer")
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
         if num_heads == -1 and num_head_channels == -1:
@@ -408,6 +551,8 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
+        self.use_spatial_transformer = use_spatial_transformer
+        self.context_dim = int(context_dim) if context_dim is not None else None
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -425,7 +570,13 @@ class UNetModel(nn.Module):
                 use_scale_shift_norm=use_scale_shift_norm, **kw,
             )
 
-        def attn(ch: int, heads: int) -> AttentionBlock:
+        def attn(ch: int, heads: int) -> nn.Module:
+            if use_spatial_transformer:  # LDM: the head count (or width) of the encoder everywhere
+                n = num_heads if num_head_channels == -1 else ch // num_head_channels
+                if n < 1 or ch % n:
+                    raise ValueError(f"SpatialTransformer: {ch} channels cannot be split into {n} heads")
+                return SpatialTransformer(ch, n, ch // n, depth=transformer_depth, dropout=dropout,
+                                          context_dim=self.context_dim)
             return AttentionBlock(
                 ch, num_heads=heads, num_head_channels=num_head_channels,
                 use_new_attention_order=use_new_attention_order,
@@ -484,8 +635,13 @@ class UNetModel(nn.Module):
             zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)),
         )
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Predict the noise: ``x`` (N, C, H, W), ``timesteps`` (N,), ``y`` (N,) labels if class-conditional."""
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict the noise: ``x`` (N, C, H, W), ``timesteps`` (N,), ``y`` (N,) labels if
+        class-conditional, ``context`` (N, L, context_dim) text embedding if text-conditioned
+        (keyword, as LDM calls it; ``y`` stays third for bqc's positional callers)."""
+        assert (context is not None) == (self.context_dim is not None), \
+            "must specify context if and only if the model is text-conditioned (context_dim)"
         assert (y is not None) == (self.num_classes is not None), "must specify y if and only if the model is class-conditional"
         hs = []
         t_emb = timestep_embedding(timesteps, self.model_channels)
@@ -497,10 +653,10 @@ class UNetModel(nn.Module):
 
         h = x
         for module in self.input_blocks:
-            h = module(h, emb)
+            h = module(h, emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
             h = torch.cat([h, hs.pop()], dim=1)
-            h = module(h, emb)
+            h = module(h, emb, context)
         return self.out(h)

@@ -22,7 +22,16 @@ keeps the layer in float. Options, by role:
   default (``"place"``): the spec of the layer's place (head/body/tail), as BinaryDM's code does; BiDM's code
   keeps them full precision (``res_proj = "fp"``), which keeps a real-valued residual highway
   through every decoder block;
-* ``matmul``: attention matmul operands (default fp; BinaryDM: LSQ at the activation bits).
+* ``matmul``: attention matmul operands (default fp; BinaryDM: LSQ at the activation bits);
+* ``cross_kv``: the cross-attention key/value projections of a text-conditioned UNet (role
+  ``cross-kv``: they read only the text embedding, never the image, so their output is the same
+  at every sampling step of a prompt and carries all of the prompt into the image path);
+  default ``"fp"`` (bqc's choice: binarizing them puts the prompt through a 1-bit bottleneck,
+  and they could be computed once per prompt); ``"place"`` quantizes them like their block.
+
+Transformer blocks (self-attention q/k/v/out, cross-attention q/out, GEGLU feed-forward,
+proj_in/proj_out: ``NodeInfo.part``) otherwise follow their place (head/body/tail), as a
+ResBlock's convs do.
 """
 from __future__ import annotations
 
@@ -59,7 +68,7 @@ class PlanQuant(Pass):
     name = "plan_quant"
     summary = "decide each layer's quantizers from its role (writes annotations only)"
     options = {"body": "fp", "head_tail": None, "io": IO8, "time_embed": "fp", "emb_proj": None, "res_proj": None,
-               "matmul": "fp"}
+               "matmul": "fp", "cross_kv": "fp"}
     requires = ("roles",)
     ensures = ("planned",)
 
@@ -75,7 +84,8 @@ class PlanQuant(Pass):
                 "time-embed": normalise_spec(self.opts["time_embed"], "plan_quant.time_embed"),
                 "emb-proj": body if self.opts["emb_proj"] is None else normalise_spec(self.opts["emb_proj"], "plan_quant.emb_proj"),
                 "res-proj": None if self.opts["res_proj"] in (None, "place") else normalise_spec(self.opts["res_proj"], "plan_quant.res_proj"),
-                "matmul": normalise_spec(self.opts["matmul"], "plan_quant.matmul")}
+                "matmul": normalise_spec(self.opts["matmul"], "plan_quant.matmul"),
+                "cross-kv": None if self.opts["cross_kv"] in (None, "place") else normalise_spec(self.opts["cross_kv"], "plan_quant.cross_kv")}
 
     def run(self, gm, ctx):
         specs = self.specs()
@@ -106,5 +116,22 @@ class PlanQuant(Pass):
             ni["plan"] = spec
             what = "kept fp" if ni["w_bits"] == 32 and ni["a_bits"] == 32 else \
                 f"W{ni['w_bits']}A{ni['a_bits']} weight={spec['weight']} act={spec['act']}"
-            ctx.explain(self.name, node, what, f"role {ni['role']}" + (" (attention matmul)" if key == "matmul" else ""))
+            ctx.explain(self.name, node, what, _reason(ni, key))
         return PassResult(gm, changed=False)
+
+
+#: why a role gets its own spec, for ``--explain``
+_ROLE_REASONS = {
+    "cross-kv": "reads only the text embedding (the same at every sampling step): plan_quant.cross_kv",
+}
+
+
+def _reason(ni: dict, key: str) -> str:
+    """The ``--explain`` reason of a layer's plan: its role (and which option decided it), and
+    its part inside a transformer block when it has one."""
+    why = f"role {ni['role']}" + (" (attention matmul)" if key == "matmul" else "")
+    if key in _ROLE_REASONS:
+        why += f" ({_ROLE_REASONS[key]})"
+    elif ni["role"] in _ROLE_REASONS:  # a role with its own option set to "place"
+        why += f" (quantized like its {key} by plan_quant.{ni['role'].replace('-', '_')} = \"place\")"
+    return why + (f", {ni['part']} of a transformer block" if ni.get("part") else "")

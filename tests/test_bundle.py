@@ -64,7 +64,11 @@ def test_manifest_has_no_host_paths_and_what_sampling_needs(tmp_path_factory):
     assert "artifact" not in man
     src = man["source"]  # the artifact by name and content hash
     assert src["name"] == "art"
-    assert src["sha256"] == hashlib.sha256((art / "model.safetensors").read_bytes()).hexdigest()
+    # the weights it holds: the deploy artifact's deploy.safetensors (`bqc lower RUN` folds RUN as `bqc fold` does)
+    from bqc import deploy as D
+
+    folded = D.fold(art).save(tmp_path_factory.mktemp("folded"))
+    assert src["sha256"] == hashlib.sha256((folded / "deploy.safetensors").read_bytes()).hexdigest()
     assert src["teacher_sha256"] == hashlib.sha256((art / "base.pt2").read_bytes()).hexdigest()
     # the runner's copy is bqc/run.py itself (one home), and the library is the only other file
     assert man["files"] == {"library": "model.so", "runner": "run.py"}
@@ -85,22 +89,25 @@ def test_manifest_has_no_host_paths_and_what_sampling_needs(tmp_path_factory):
 
 
 def test_source_record_keeps_what_eval_needs(tmp_path):
-    """A trained artifact's record in a bundle: no path, but the training data `bqc eval` reads
-    (artifact.trained_on) and the sampling steps it was trained for (the runner's default)."""
+    """A deploy artifact's record in a bundle, read from its manifest (the backend loads no
+    training artifact): no path, but the training data `bqc eval` reads (artifact.trained_on),
+    the sampling steps it was trained for (the runner's default), the hash of the weights it
+    holds (deploy.safetensors) and the FP teacher's hash recorded when it was folded."""
     from types import SimpleNamespace
 
     from bqc import artifact
 
-    run = tmp_path / "run"
+    run = tmp_path / "run-deploy"
     run.mkdir()
-    (run / "model.safetensors").write_bytes(b"weights")
-    (run / "base.pt2").write_bytes(b"program")
-    fake = SimpleNamespace(path=run, manifest={
-        "source": {"kind": "bqc", "description": f"bqc checkpoint {tmp_path}/model", "path": f"{tmp_path}/model"},
+    (run / "deploy.safetensors").write_bytes(b"weights")
+    fake = SimpleNamespace(path=run, tensors_sha256=lambda: hashlib.sha256(b"weights").hexdigest(), manifest={
+        "source": {"kind": "bqc", "description": f"bqc checkpoint <path>/model"},
+        "artifact": {"name": "run", "sha256": "aa", "teacher_sha256": "bb"},
         "train": {"data": "mnist16", "steps": 500, "from": str(tmp_path / "art"),
                   "options": {"resize": [8, 8], "sample_steps": 25, "lr": 1e-4}}})
     rec = L._source_record(fake)
-    assert rec["sha256"] == hashlib.sha256(b"weights").hexdigest() and rec["name"] == "run"
+    assert rec["sha256"] == hashlib.sha256(b"weights").hexdigest() and rec["name"] == "run-deploy"
+    assert rec["teacher_sha256"] == "bb"
     assert rec["train"] == {"data": "mnist16", "steps": 500, "options": {"resize": [8, 8], "sample_steps": 25}}
     assert str(tmp_path) not in json.dumps(L._portable(rec))
     bundle = tmp_path / "bundle"
@@ -108,6 +115,8 @@ def test_source_record_keeps_what_eval_needs(tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(L._portable({"format": "bqc-tvm", "source": rec})))
     assert artifact.trained_on(bundle) == {"data": "mnist16", "resize": (8, 8)}
     assert L._sampling_entries(fake)["sampler"]["defaults"] == {"steps": 25, "eta": 0.0}
+    fake.path = None  # folded in memory by `bqc lower RUN`: named after the trained artifact
+    assert L._source_record(fake)["name"] == "run"
 
 
 def test_runner_schedule_matches_bqc():
@@ -267,9 +276,9 @@ def test_failed_lowering_leaves_nothing_behind(monkeypatch, tmp_path, tmp_path_f
     def fail(*a, **k):
         raise failure
 
-    from bqc import artifact
+    from bqc import deploy
 
-    monkeypatch.setattr(artifact, "load_artifact", fail)  # the first step of the work
+    monkeypatch.setattr(deploy, "as_deploy_artifact", fail)  # the first step of the work
     for out in (tmp_path / "new" / "bundle", empty, old):
         with pytest.raises(type(failure)):
             L.lower(_CACHE["bidm"][2], "tvm-x86", out, batch=2)
@@ -285,7 +294,9 @@ def test_bench_needs_no_artifact_path(tmp_path_factory, capsys):
     r = L.bench(out, threads=1, repeat=1, profile=False)
     assert r["bqc_ms"] > 0 and r["torch_fp32_ms"] is None and r["teacher"] is None
     assert "timed alone" in r["note"] and "--teacher" in r["note"]
-    r = L.bench(out, threads=1, teacher=str(art), repeat=1, profile=False)
+    from bqc.teacher import bundle_teacher
+
+    r = L.bench(out, threads=1, teacher=bundle_teacher(out, str(art)), repeat=1, profile=False)
     assert r["torch_fp32_ms"] > 0 and r["speedup"] > 0 and r["note"] is None and str(art) in r["teacher"]
     code, stdout, err = run_cli(["bench", out, "--threads", "1"], capsys)
     assert code == 0 and "ms at 1 threads" in stdout and "--teacher" in " ".join(err.split())

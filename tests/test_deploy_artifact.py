@@ -262,12 +262,10 @@ def shipped(tmp_path_factory, tmp_path, monkeypatch):
 
 def test_zoo_names_resolve_in_every_command(shipped, tmp_path, capsys):
     from bqc import cli
-    from bqc.backends.onnx.export import resolve_deploy_graph
-
     assert D.find_deploy_artifact("mnist16-bidm") == shipped
     assert D.find_deploy_artifact("mnist16") is None and D.find_deploy_artifact("../checkpoints") is None
     assert D.find_deploy_artifact(shipped) == shipped
-    assert D.is_deployed(resolve_deploy_graph("mnist16-bidm"))  # what every backend (bqc lower) calls
+    assert D.is_deployed(D.as_deploy_artifact("mnist16-bidm").gm)  # what every backend (bqc lower) calls
     model = cli._step_model("mnist16-bidm")  # bqc sample / eval
     assert model.num_state == 8 and model.schedule.T == 1000
     code, out, err = run_cli(["report", "mnist16-bidm", "--json"], capsys)

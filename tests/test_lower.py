@@ -70,7 +70,7 @@ def lowered(recipe: str, tmp_path_factory, backend: str = "tvm-x86"):
         _CACHE[recipe] = (gm, D.to_deploy(gm), art)
     gm, dg, art = _CACHE[recipe]
     if (recipe, backend) not in _lowered_dirs:
-        _lowered_dirs[recipe, backend] = lower(art, backend, tmp_path_factory.mktemp(f"lower_{recipe}_{backend}"),
+        _lowered_dirs[recipe, backend] = lower(D.fold(art), backend, tmp_path_factory.mktemp(f"lower_{recipe}_{backend}"),
                                                batch=BATCH)
     return gm, dg, _lowered_dirs[recipe, backend]
 
@@ -162,7 +162,7 @@ def test_cuda_lowering_builds_without_gpu(tmp_path_factory):
     if os.environ.get("BQC_SKIP_CUDA") == "1":
         pytest.skip("BQC_SKIP_CUDA=1")
     gm, _, _ = lowered("bidm", tmp_path_factory)
-    out = lower(gm, "tvm-cuda", tmp_path_factory.mktemp("lower_cuda"), batch=BATCH)
+    out = lower(D.fold(gm), "tvm-cuda", tmp_path_factory.mktemp("lower_cuda"), batch=BATCH)
     src = (out / "model.cu").read_text()
     assert "__popc" in src
     assert (out / "model.so").exists()

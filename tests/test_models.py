@@ -163,8 +163,8 @@ def test_unconditional_rejects_y(mnist16):
 
 
 def test_unknown_constructor_key_is_rejected():
-    with pytest.raises(TypeError):
-        UNetModel(**TINY, use_spatial_transformer=True)
+    with pytest.raises(TypeError, match="use_flux_capacitor"):
+        UNetModel(**TINY, use_flux_capacitor=True)
 
 
 # ----------------------------------------------------------------------- export

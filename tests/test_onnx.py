@@ -13,8 +13,8 @@ from test_deploy import case, qat, rel
 
 from bqc import artifact, ir
 from bqc import deploy as D
-from bqc.backends.onnx import DOMAIN, OPS, example_inputs, export_onnx
-from bqc.backends.onnx.export import resolve_deploy_graph
+from bqc.backends.onnx import DOMAIN, OPS, export_onnx
+from bqc.deploy import step_inputs as example_inputs
 from bqc.backends.onnx.reference import run as run_reference
 from bqc.errors import BqcError
 from bqc.pipeline import load_recipe
@@ -135,20 +135,22 @@ def test_export_from_artifact_directory(tmp_path):
     rec = load_recipe("binarydm")
     path = artifact.save_artifact(tmp_path / "art", base_ep=program("tiny"), gm=gm, recipe=rec,
                                   wbits=rec.wbits, abits=rec.abits, source={"kind": "test"})
-    res = export_onnx(path, tmp_path / "onnx", forms=("fakequant",))
+    res = export_onnx(D.fold(path), tmp_path / "onnx", forms=("fakequant",))
     assert res.verify["max_rel_err"] <= 1e-4
     assert (tmp_path / "onnx" / "model_fakequant.onnx").exists()
     assert not (tmp_path / "onnx" / "model.onnx").exists()
 
 
 def test_user_errors(tmp_path):
-    with pytest.raises(BqcError, match="not a bqc artifact"):
+    with pytest.raises(BqcError, match="not a deploy artifact"):
         export_onnx(tmp_path, tmp_path / "out")
     with pytest.raises(BqcError, match="opset"):
         export_onnx(D.to_deploy(case("tiny", "bidm")), tmp_path / "out", opset=13)
     with pytest.raises(BqcError):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "out")
     raw = qat("tiny", "baseline", calibrate=False)
+    with pytest.raises(BqcError, match="deploy artifact"):
+        export_onnx(raw, tmp_path / "out")  # a backend takes no QAT graph: fold it first
     with pytest.raises(BqcError, match="calibrated"):
-        resolve_deploy_graph(raw)
-    assert D.is_deployed(resolve_deploy_graph(ir.fresh_copy(raw), calibrate=True))
+        D.deploy_graph(raw)
+    assert D.is_deployed(D.deploy_graph(ir.fresh_copy(raw), calibrate=True))

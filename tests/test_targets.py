@@ -403,7 +403,7 @@ def v3_mnist16(tmp_path_factory):
         from bqc.backends.tvm.lower import lower
 
         gm = _mnist16_bidm()
-        out = lower(gm, "tvm-x86", tmp_path_factory.mktemp("v3_mnist16"), batch=2, threads=1, cpu="x86-64-v3")
+        out = lower(D.fold(gm), "tvm-x86", tmp_path_factory.mktemp("v3_mnist16"), batch=2, threads=1, cpu="x86-64-v3")
         _CACHE["v3"] = (gm, D.to_deploy(gm), out)
     return _CACHE["v3"]
 

@@ -177,7 +177,7 @@ def _tiny16_artifact(tmp_path, recipe="baseline"):
 
 def test_untrained_artifact_is_refused_unless_calibrated(tmp_path):
     from bqc import artifact, deploy as D
-    from bqc.backends.onnx.export import resolve_deploy_graph
+    resolve_deploy_graph = D.deploy_graph  # what `bqc lower` / `bqc fold` apply before a backend
 
     art = _tiny16_artifact(tmp_path)
     with pytest.raises(BqcError) as e:

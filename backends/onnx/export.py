@@ -36,8 +36,9 @@ from torch import nn
 
 from bqc import deploy as D
 from bqc import ir
-from bqc.deploy import example_inputs
+from bqc.deploy import step_inputs
 from bqc.errors import BqcError
+from bqc.signature import Signature
 
 from . import ops
 
@@ -59,23 +60,10 @@ class OnnxExport:
 # ---------------------------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------------------------
-def resolve_deploy_graph(src, *, calibrate: bool | str | None = False, info: dict | None = None) -> fx.GraphModule:
-    """A deploy graph from a deploy graph, a QAT graph, an Artifact, a DeployArtifact (``bqc
-    fold``), or a folder / shipped zoo name holding one: where every backend gets its graph.
-
-    A QAT graph whose activation quantizers were never initialised (an untrained artifact) is
-    refused unless ``calibrate`` names how to set them (:func:`bqc.deploy.calibrate`): a data
-    set (``"mnist16"``, an image folder: real images) or ``"random"`` (``True`` means
-    ``"random"``: smoke tests and speed measurements only). ``info["calibration"]`` says what
-    was done. The rule lives in :func:`bqc.deploy.deploy_graph` (``bqc fold`` applies it too)."""
-    return D.deploy_graph(src, calibrate=calibrate, info=info)
-
-
 def io_names(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
-    meta = ir.graph_meta(gm)
-    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    outputs = ["eps"] + [s["name"] for s in meta.get("state_outputs", [])]
-    return inputs, outputs
+    """The graph's input and output names (:class:`bqc.signature.Signature`)."""
+    sig = Signature.of(gm)
+    return list(sig.inputs), list(sig.outputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,9 +376,9 @@ def _export(gm: fx.GraphModule, form: str, args: list[torch.Tensor], opset: int)
     import onnx
 
     prog = export_module(gm, form)
-    inputs, outputs = io_names(gm)
-    flag = ir.graph_meta(gm).get("state_flag")
-    dyn = {n: {0: "batch"} for n in inputs if n != flag}
+    sig = Signature.of(gm)
+    inputs, outputs = list(sig.inputs), list(sig.outputs)
+    dyn = {n: {0: "batch"} for n in inputs if n != sig.state_flag}
     dyn.update({n: {0: "batch"} for n in outputs})
     f = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
@@ -462,25 +450,22 @@ def _save(model, path: Path) -> None:
 
 
 def export_onnx(src, out_dir, *, opset: int = OPSET, batch: int = 2, verify: bool = True,
-                calibrate: bool | str | None = False, forms=FORMS) -> OnnxExport:
+                forms=FORMS) -> OnnxExport:
     """Write ``model.onnx`` (ai.bqc domain) and ``model_fakequant.onnx`` into ``out_dir``.
 
-    ``src``: a deploy graph, a trained QAT graph (folded with ``bqc.deploy.to_deploy``), a
-    :class:`bqc.artifact.Artifact` or an artifact directory, a deploy artifact (``bqc fold``) or
-    its folder. ``calibrate`` (a data set, or
-    ``"random"`` / ``True`` for smoke tests of untrained artifacts only) initialises the activation
-    quantizers of an untrained QAT graph first (:func:`resolve_deploy_graph`).
-    ``verify`` runs the fake-quant model in onnxruntime at batch 2 (with TBS state) and
+    ``src``: a deploy artifact (:class:`bqc.deploy.DeployArtifact`, its folder or zoo name) or a
+    deploy graph (:func:`bqc.deploy.as_deploy_artifact`); fold a trained artifact first
+    (:func:`bqc.deploy.fold`: ``bqc lower --backend onnx`` does). ``verify`` runs the fake-quant model in onnxruntime at batch 2 (with TBS state) and
     records the relative error against the deploy graph in ``export.json``.
     """
     import onnx
 
     if opset < 17:
         raise BqcError(f"opset {opset} is too old; bqc exports opset 17 or newer")
-    gm = resolve_deploy_graph(src, calibrate=calibrate)
+    gm = D.as_deploy_artifact(src).gm
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    args = example_inputs(gm, batch=batch, seed=0)
+    args = step_inputs(gm, batch=batch, seed=0)
     paths, files = {}, {}
     for form in forms:
         model = _export(gm, form, args, opset)
@@ -490,22 +475,17 @@ def export_onnx(src, out_dir, *, opset: int = OPSET, batch: int = 2, verify: boo
         paths[form] = path
         files[FILES[form]] = {"bytes": path.stat().st_size, "initializers": initializer_bytes(model),
                               "custom_ops": custom_op_counts(model), "nodes": len(model.graph.node)}
-    inputs, outputs = io_names(gm)
-    meta = ir.graph_meta(gm)
     summary = D.deploy_summary(gm)
     manifest = {
         "format": "bqc-onnx", "opset": opset, "custom_domain": ops.DOMAIN,
         "custom_domain_version": ops.DOMAIN_VERSION, "layout_version": D.LAYOUT_VERSION,
-        "inputs": inputs, "outputs": outputs, "input_shape": meta.get("input_shape"),
-        "conditional": bool(meta.get("conditional")),
-        "state": {"inputs": meta.get("state_inputs", []), "outputs": meta.get("state_outputs", []),
-                  "flag": meta.get("state_flag")},
+        **Signature.of(gm).to_json(),
         "files": files,
         "deploy": {"total_bytes": summary["total_bytes"], "nominal_bytes": summary["nominal_bytes"]},
     }
     result = OnnxExport(out, paths, manifest)
     if verify and "fakequant" in paths:
-        result.verify = verify_fakequant(paths["fakequant"], gm, example_inputs(gm, batch=2, seed=1))
+        result.verify = verify_fakequant(paths["fakequant"], gm, step_inputs(gm, batch=2, seed=1))
         manifest["verify"] = result.verify
     (out / "export.json").write_text(json.dumps(manifest, indent=2))
     return result

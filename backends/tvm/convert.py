@@ -53,6 +53,8 @@ import torch
 from tvm import relax
 
 from bqc import packing
+from bqc.packing import pair as _pair
+from bqc.packing import words_numpy as _words
 
 __all__ = ["Converter", "BQC_OPS"]
 
@@ -65,18 +67,6 @@ BQC_OPS = ("sign_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_
 
 def _shape(node) -> tuple[int, ...]:
     return tuple(int(d) for d in node.meta["val"].shape)
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(a) for a in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
-
-def _words(t: torch.Tensor) -> np.ndarray:
-    a = t.detach().cpu().contiguous()
-    return a.numpy() if a.dtype == torch.uint32 else a.numpy().view(np.uint32)
 
 
 @dataclass

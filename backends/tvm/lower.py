@@ -1,10 +1,12 @@
-"""Lower a bqc artifact to a compiled TVM library (tvm-x86 / tvm-arm / tvm-cuda) or to ONNX.
+"""Lower a deploy artifact to a compiled TVM library (tvm-x86 / tvm-arm / tvm-cuda) or to ONNX.
 
-``lower(artifact_dir, backend, out_dir, *, batch=16, calibrate=None, threads=None) -> Path``
+``lower(deploy, backend, out_dir, *, batch=16, threads=None) -> Path``
 
-1. load the artifact and fold it (:func:`backends.onnx.export.resolve_deploy_graph`: a QAT graph
-   whose activation quantizers were never run is refused unless ``calibrate`` names a data set
-   to calibrate them on, or ``"random"`` for speed measurements; recorded as ``calibration``);
+1. take the deploy artifact (:func:`bqc.deploy.as_deploy_artifact`: a
+   :class:`~bqc.deploy.DeployArtifact`, its folder or a shipped model's zoo name). A backend
+   never loads a training artifact, calibrates or folds: ``bqc lower`` folds a trained artifact
+   first (:func:`bqc.deploy.fold`, with ``--calibrate`` for untrained ones) and hands over the
+   result; its calibration is recorded from the deploy artifact's provenance;
 2. ``bqc.deploy.export_program`` with a **static** batch (``batch``; recorded in the manifest;
    :mod:`bqc.backends.runtime` pads / splits other batch sizes);
 3. ``from_exported_program(ep, keep_params_as_input=True, custom_convert_map=Converter(...))``:
@@ -17,20 +19,20 @@
 
 The output folder is a self-contained bundle (docs/deploy.md): it loads with the TVM runtime and
 numpy only (:func:`bqc.backends.runtime.load_compiled` here; ``python3 run.py`` on a board), and
-its manifest holds no host paths: the source artifact is recorded by folder name and content
-hashes (:func:`_source_record`), next to everything sampling needs (the diffusion schedule with
+its manifest holds no host paths: the source is recorded by folder name and content hashes
+(:func:`_source_record`, from the deploy artifact's manifest), next to everything sampling needs (the diffusion schedule with
 its betas, the sampler defaults, the TBS state signature). The tools a backend needs are checked
 before any work (:func:`check_tools`), and the bundle is written in a staging folder that is
 moved into place at the end (:func:`staged_output`): a failed run leaves nothing behind.
 
 ``bench(dir, threads=None, teacher=None) -> dict`` times the compiled step against PyTorch FP32
-eager of the FP teacher (``teacher``, else resolved from the manifest) at the same batch and
-thread count.
+eager of the FP teacher at the same batch and thread count; the caller resolves the teacher
+(``bqc bench``: :func:`bqc.teacher.resolve_teacher`, by the zoo name the bundle records or
+``--teacher``), the backend loads no artifact.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -42,16 +44,17 @@ from pathlib import Path
 import numpy as np
 
 from bqc.errors import BqcError
+from bqc.backends import BACKENDS
 from bqc.backends.runtime import drop_native_log_lines
 from bqc.console import quiet, staged
+from bqc.signature import Signature
 
-__all__ = ["BACKENDS", "DEFAULT_BATCH", "lower", "bench", "build_relax", "lowered_module"]
+__all__ = ["BACKENDS", "DEFAULT_BATCH", "lower", "preflight", "bench", "build_relax", "lowered_module"]
 
-BACKENDS = ("tvm-x86", "tvm-arm", "tvm-cuda", "onnx")
 DEFAULT_BATCH = 16
 MANIFEST_FORMAT = "bqc-tvm"
 #: what :func:`lower` reports to its ``progress(stage)`` callback, in order (onnx: load, export)
-STAGES = ("load", "fold", "export", "import", "compile", "build", "write")
+STAGES = ("load", "export", "import", "compile", "build", "write")
 
 
 def _target(backend: str, threads: int | None, cpu: str | None = None, target=None):
@@ -74,13 +77,7 @@ def _target(backend: str, threads: int | None, cpu: str | None = None, target=No
         from .cuda import cuda_target
 
         return cuda_target()
-    raise BqcError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
-
-
-def _deploy_graph(src, calibrate, info: dict | None = None):
-    from bqc.backends.onnx.export import resolve_deploy_graph
-
-    return resolve_deploy_graph(src, calibrate=calibrate, info=info)
+    raise BqcError(f"unknown backend {backend!r}", hint=f"valid backends: {', '.join(BACKENDS)}")
 
 
 def lowered_module(dg, batch: int, target, progress=None):
@@ -94,7 +91,7 @@ def lowered_module(dg, batch: int, target, progress=None):
     from .convert import Converter
 
     staged(progress, "export")
-    args = D.example_inputs(dg, batch=batch, seed=0)
+    args = D.step_inputs(dg, batch=batch, seed=0)
     ep = D.export_program(dg, args, dynamic_batch=False)
     staged(progress, "import")
     conv = Converter(ep, target)
@@ -151,22 +148,6 @@ def build_relax(dg, backend: str, batch: int, threads: int | None = None, target
     mod = float_pipeline(target)(bind_params(mod, params))
     with target:
         return tvm.compile(mod, target, relax_pipeline=_vm_lowering(target)), conv
-
-
-def _signature(dg) -> dict:
-    from bqc import ir
-
-    meta = ir.graph_meta(dg)
-    inputs = [n.name for n in dg.graph.nodes if n.op == "placeholder"]
-    return {
-        "inputs": inputs,
-        "outputs": ["eps"] + [s["name"] for s in meta.get("state_outputs", [])],
-        "input_shape": list(meta.get("input_shape")),
-        "conditional": bool(meta.get("conditional")),
-        "state_inputs": [dict(s) for s in meta.get("state_inputs", [])],
-        "state_outputs": [dict(s) for s in meta.get("state_outputs", [])],
-        "state_flag": meta.get("state_flag"),
-    }
 
 
 def _cpu_entry(backend: str, target, cpu: str | None) -> dict:
@@ -254,29 +235,23 @@ def _copy_runner(out: Path) -> str:
     return "run.py"
 
 
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
+def _source_record(dart) -> dict | None:
+    """What a bundle was lowered from, without host paths, all read from the deploy artifact
+    (:class:`~bqc.deploy.DeployArtifact`, its manifest holding the provenance): the folder name
+    (the deploy artifact's, else the trained artifact it was folded from), the content hash of
+    the weights it holds (``sha256``: ``deploy.safetensors``), that of the FP teacher program of
+    the trained artifact (``teacher_sha256``: ``bqc bench --teacher`` checks it), its model
+    (``model``: a zoo name resolves the teacher by name) and what ``bqc eval`` reads of its
+    training record (data, resize, the sampling steps it was trained for). None for a deploy
+    graph that came from no folder."""
+    man = dart.manifest
+    folded_from = man.get("artifact") or {}
+    path = getattr(dart, "path", None)
+    if path is None and not folded_from:
         return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _source_record(art) -> dict | None:
-    """The artifact a bundle was lowered from, without its host path: the folder name, the
-    content hashes of its weights (``sha256``) and of its FP teacher program
-    (``teacher_sha256``: ``bqc bench --teacher`` checks it), its model (``model``: a zoo name
-    resolves the teacher by name) and what ``bqc eval`` reads of its training record (data,
-    resize, the sampling steps it was trained for). None for an in-memory graph."""
-    path = getattr(art, "path", None)
-    if path is None:
-        return None
-    path, man = Path(path), art.manifest
     src = man.get("source") or {}
-    rec = {"name": path.name, "sha256": _sha256(path / "model.safetensors"),
-           "teacher_sha256": _sha256(path / "base.pt2"),
+    rec = {"name": Path(path).name if path is not None else folded_from.get("name"),
+           "sha256": dart.tensors_sha256(), "teacher_sha256": folded_from.get("teacher_sha256"),
            "model": {k: src.get(k) for k in ("kind", "name", "description") if src.get(k) is not None}}
     train = man.get("train") or {}
     if train:
@@ -286,13 +261,13 @@ def _source_record(art) -> dict | None:
     return rec
 
 
-def _sampling_entries(art) -> dict:
+def _sampling_entries(dart) -> dict:
     """``diffusion`` (the schedule spec and prediction type, as in an artifact manifest: what
     ``bqc sample`` / ``bqc eval`` read) and ``sampler`` (the betas and the defaults the bundle's
     ``run.py`` samples with: DDIM, the step count the model was trained for, eta 0)."""
     from bqc.diffusion.schedule import NoiseSchedule
 
-    man = getattr(art, "manifest", None) or {}
+    man = dart.manifest
     if man.get("diffusion"):
         entry, sched = man["diffusion"], NoiseSchedule.from_manifest(man)
     else:
@@ -335,39 +310,44 @@ def _portable(v):
     return v
 
 
-def lower(artifact_dir, backend: str, out_dir, *, batch: int = DEFAULT_BATCH, calibrate: bool | str | None = None,
-          threads: int | None = None, cpu: str | None = None, target=None, progress=None) -> Path:
-    """Compile an artifact (dir, :class:`Artifact` or QAT/deploy graph) for ``backend``; see the
-    module docstring. ``cpu`` / ``target``: the CPU to build for (:func:`_target`). Returns
-    ``out_dir``."""
+def preflight(backend: str, threads: int | None = None, cpu: str | None = None, target=None):
+    """Check what ``backend`` needs before any work (a known backend, its tools: :func:`check_tools`,
+    a valid ``--cpu`` / ``--target``) and return its resolved target (:func:`_target`): a
+    missing compiler or a bad CPU name fails here, in well under a second, not after folding
+    or the build."""
     if backend not in BACKENDS:
-        raise BqcError(f"unknown backend {backend!r}", hint=f"choose one of {', '.join(BACKENDS)}")
-    staged(progress, "load")  # TVM itself, the target, then the artifact
-    check_tools(backend)  # a missing compiler fails here, in well under a second, not after the build
-    tgt = _target(backend, threads, cpu, target)  # a bad --cpu / --target fails before any work
+        raise BqcError(f"unknown backend {backend!r}", hint=f"valid backends: {', '.join(BACKENDS)}")
+    check_tools(backend)
+    return _target(backend, threads, cpu, target)
+
+
+def lower(deploy, backend: str, out_dir, *, batch: int = DEFAULT_BATCH, threads: int | None = None,
+          cpu: str | None = None, target=None, progress=None) -> Path:
+    """Compile a deploy artifact (:class:`~bqc.deploy.DeployArtifact`, its folder or zoo name, or a
+    deploy graph) for ``backend``; see the module docstring. ``cpu`` / ``target``: the CPU to
+    build for (:func:`_target`; ``target`` may be :func:`preflight`'s). Returns ``out_dir``."""
+    from bqc.deploy import as_deploy_artifact
+
+    staged(progress, "load")  # TVM itself, the target, then the deploy artifact
+    tgt = preflight(backend, threads, cpu, target)
     with staged_output(out_dir) as out, quiet():  # TVM's/torch's noise hidden (bqc --debug shows it)
-        _lower_into(out, artifact_dir, backend, tgt, batch=batch, calibrate=calibrate, threads=threads, cpu=cpu,
+        _lower_into(out, as_deploy_artifact(deploy), backend, tgt, batch=batch, threads=threads, cpu=cpu,
                     progress=progress)
     return Path(out_dir)
 
 
-def _lower_into(out: Path, artifact_dir, backend: str, tgt, *, batch: int, calibrate, threads, cpu,
-                progress=None) -> None:
-    """:func:`lower`'s work, written into the (staging) folder ``out``; ``progress(stage)`` is
-    told each of :data:`STAGES` as it starts."""
+def _lower_into(out: Path, dart, backend: str, tgt, *, batch: int, threads, cpu, progress=None) -> None:
+    """:func:`lower`'s work on the deploy artifact ``dart``, written into the (staging) folder
+    ``out``; ``progress(stage)`` is told each of :data:`STAGES` as it starts."""
     if backend == "onnx":
         staged(progress, "export")
         from bqc.backends.onnx.export import export_onnx
 
-        export_onnx(artifact_dir, out, batch=min(batch, 2), calibrate=calibrate)
+        export_onnx(dart, out, batch=min(batch, 2))
         return
-    from bqc import artifact as A
     from bqc import deploy as D
 
-    art = A.load_artifact(artifact_dir) if isinstance(artifact_dir, (str, Path)) else artifact_dir
-    cal: dict = {}
-    staged(progress, "fold")
-    dg = _deploy_graph(art, calibrate, cal)
+    dg = dart.gm
     t0 = time.perf_counter()
     ex, conv = build_relax(dg, backend, batch, threads, target=tgt, progress=progress)
     build_s = time.perf_counter() - t0
@@ -391,8 +371,7 @@ def _lower_into(out: Path, artifact_dir, backend: str, tgt, *, batch: int, calib
         files["cuda_source"] = "model.cu"
     files["runner"] = _copy_runner(out)
     staged(progress, "write")
-    manifest = art.manifest if isinstance(getattr(art, "manifest", None), dict) else {}
-    recipe = getattr(art, "recipe", None)
+    prov = dart.manifest
     man = {
         "format": MANIFEST_FORMAT,
         "backend": backend,
@@ -400,19 +379,19 @@ def _lower_into(out: Path, artifact_dir, backend: str, tgt, *, batch: int, calib
         **_cpu_entry(backend, tgt, cpu),
         "layout_version": D.LAYOUT_VERSION,
         "batch": int(batch),
-        "model": manifest.get("model") or manifest.get("source"),
-        "recipe": getattr(recipe, "name", None) or manifest.get("recipe"),
-        "source": _source_record(art),
-        "calibration": cal.get("calibration"),
+        "model": prov.get("source"),
+        "recipe": prov.get("recipe"),
+        "source": _source_record(dart),
+        "calibration": prov.get("calibration") or "deploy artifact",
         "runtime": _runtime_requirements(),
-        **_signature(dg),
+        **Signature.of(dg).to_json(),
         "files": files,
         "sizes": _sizes(dg),
         "kernels": dict(conv.counts),
         "fallbacks": [list(f) for f in conv.fallbacks],
         "kernel_failures": [[f[0], list(f[1]), f[2]] for f in conv.failures],
         "build_seconds": round(build_s, 1),
-        **_sampling_entries(art),  # last: the betas are long
+        **_sampling_entries(dart),  # last: the betas are long
     }
     (out / "manifest.json").write_text(json.dumps(_portable(man), indent=2, default=str))
 
@@ -441,57 +420,17 @@ def step_inputs(model, seed: int = 0):
     return x, t, y, model.raw_inputs(x, t, y, state=None)
 
 
-def _teacher_from(spec: str):
-    """(FP model, description, content hash of its program or None) for ``--teacher``: an
-    artifact or training run (its FP teacher), or any model ``bqc transform`` reads."""
-    from bqc import artifact as A
-
-    if A.is_artifact(spec):
-        return A.load_artifact(spec).teacher(), f"the FP teacher of {spec}", _sha256(Path(spec) / "base.pt2")
-    from bqc import frontend
-    from bqc import transform as tf
-    from bqc.graph import BqcModel
-
-    src = frontend.load_source(spec)
-    return BqcModel(tf.transform(src, "fp").gm), src.description, None
+#: ``bench``'s note when it is given no teacher
+NO_TEACHER = ("no FP32 teacher given: the compiled step is timed alone (pass --teacher MODEL: the artifact, "
+              "or its source model)")
 
 
-def resolve_teacher(man: dict, teacher: str | None = None):
-    """The FP32 model ``bench`` times against: ``(model, description, note)``, or
-    ``(None, None, reason)``. ``teacher`` (``--teacher``) first; else the bundle's source model
-    when it is a zoo model (resolved by name); else none (the compiled step is timed alone). A
-    ``--teacher`` artifact whose FP program differs from the one the bundle was lowered from
-    (``source.teacher_sha256``) is used, with a note saying so."""
-    src = man.get("source") or {}
-    if teacher:
-        model, desc, digest = _teacher_from(teacher)
-        want = src.get("teacher_sha256")
-        note = None
-        if digest and want and digest != want:
-            note = f"{teacher}'s FP program is not the one this library was lowered from (content hash differs)"
-        return model, desc, note
-    from bqc import frontend
+def bench(dir, threads: int | None = None, *, teacher=None, repeat: int = 10, profile: bool = True) -> dict:
+    """Compiled UNet step vs PyTorch FP32 eager of the FP teacher (same batch/threads).
 
-    name = (src.get("model") or {}).get("name") or (man.get("model") or {}).get("name")
-    kind = (src.get("model") or {}).get("kind") or (man.get("model") or {}).get("kind")
-    if kind == "zoo" and name and frontend._is_zoo_name(name):
-        model, desc, _ = _teacher_from(name)
-        return model, f"{desc} (the bundle's source model, by name)", None
-    from bqc import artifact as A
-
-    legacy = man.get("artifact")  # libraries lowered before bundles recorded the artifact's host path
-    if isinstance(legacy, str) and A.is_artifact(legacy):
-        return _teacher_from(legacy)[:2] + (None,)
-    what = f"artifact {src['name']!r}" if src.get("name") else "an in-memory graph"
-    return None, None, (f"no FP32 teacher: this library was lowered from {what} whose model bqc cannot find "
-                        "by name; the compiled step is timed alone (pass --teacher MODEL: the artifact, or its "
-                        "source model)")
-
-
-def bench(dir, threads: int | None = None, *, teacher: str | None = None, repeat: int = 10,
-          profile: bool = True) -> dict:
-    """Compiled UNet step vs PyTorch FP32 eager of the FP teacher (same batch/threads); the
-    teacher is ``teacher`` or :func:`resolve_teacher`'s (no training artifact path needed).
+    ``teacher``: ``(model, description, note)`` as :func:`bqc.teacher.resolve_teacher` returns it
+    (``bqc bench`` resolves it: the zoo model the bundle records by name, or ``--teacher``), or
+    None: the compiled step is timed alone. The backend loads no artifact.
 
     Returns ``{"backend", "threads", "batch", "bqc_ms", "torch_fp32_ms", "speedup", "size_mb",
     "fp32_size_mb", "teacher", "note", "profile"}`` (``profile``: ``[(function, ms)]``, slowest
@@ -503,17 +442,15 @@ def bench(dir, threads: int | None = None, *, teacher: str | None = None, repeat
     """
     import torch
 
-    from bqc.backends.runtime import load_compiled
-
-    from bqc.backends.runtime import read_compiled_manifest
+    from bqc.backends.runtime import load_compiled, read_compiled_manifest
 
     d = Path(dir)
     man = read_compiled_manifest(d)  # BqcError for an ONNX export or any other folder
     if man["backend"] != "tvm-x86":
         raise BqcError(f"bench runs tvm-x86 libraries on this machine; {d} is {man['backend']}")
-    fp, desc, note = resolve_teacher(man, teacher)  # a bad --teacher fails before any timing
+    fp, desc, note = teacher if teacher is not None else (None, None, NO_TEACHER)
     if fp is not None and tuple(getattr(fp, "input_shape", man["input_shape"])) != tuple(man["input_shape"]):
-        raise BqcError(f"--teacher {teacher} takes inputs of shape {tuple(fp.input_shape)}; {d} was compiled "
+        raise BqcError(f"the teacher ({desc}) takes inputs of shape {tuple(fp.input_shape)}; {d} was compiled "
                        f"for {tuple(man['input_shape'])}", hint="pass the model this library was lowered from")
     threads = int(threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts

@@ -15,7 +15,8 @@ backend is tested against.
 ``modules``            the deploy modules (``BinaryConv2d``, ``IntConv2d``, ``TBSBlend``, ...)
 ``folding``            the fold stage: :func:`fold`, :func:`to_deploy`, the QAT -> deploy table
 ``summary``            what a deploy graph stores (:func:`deploy_summary`, per-layer rows)
-``export``             :func:`example_inputs`, :func:`export_program` (the TVM hand-off),
+``export``             :func:`step_inputs` (a step's example arguments, with TBS state),
+                       :func:`export_program` (the TVM hand-off),
                        :func:`calibrate` (untrained QAT graphs, before folding)
 ``artifact``           :class:`DeployArtifact`: ``deploy.json`` + ``deploy.safetensors``, loaded
                        without pickle or recipe replay; zoo names of shipped deploy models
@@ -26,8 +27,9 @@ backend is tested against.
 """
 from __future__ import annotations
 
-from .artifact import (DEPLOY_FILES, DeployArtifact, find_deploy_artifact, is_deploy_artifact, load)
-from .export import CALIBRATION_IMAGES, calibrate, example_inputs, export_program, uncalibrated
+from .artifact import (DEPLOY_FILES, DeployArtifact, as_deploy_artifact, find_deploy_artifact, is_deploy_artifact,
+                       load)
+from .export import CALIBRATION_IMAGES, calibrate, example_inputs, export_program, step_inputs, uncalibrated
 from .folding import deploy_graph, fold, to_deploy
 from .modules import (DEPLOY_LAYERS, BinaryConv2d, BinaryLinear, FloatConv2d, FloatLinear, IntConv2d,
                       IntLinear, IntMatmul, KMap, OutScale, QuantizeCodes, RPReLU, Shortcut, SignBinarize,
@@ -41,8 +43,8 @@ __all__ = [
     "SignBinarize", "QuantizeCodes", "KMap", "OutScale", "Shortcut", "RPReLU", "TBSBlend",
     "BinaryConv2d", "IntConv2d", "FloatConv2d", "BinaryLinear", "IntLinear", "FloatLinear",
     "IntMatmul", "DEPLOY_LAYERS", "to_deploy", "is_deployed", "deploy_layers", "deploy_summary",
-    "format_summary", "unpack_words", "words_numpy", "export_program", "example_inputs",
+    "format_summary", "unpack_words", "words_numpy", "export_program", "step_inputs", "example_inputs",
     "calibrate", "uncalibrated", "CALIBRATION_IMAGES",
-    "fold", "deploy_graph", "DeployArtifact", "load", "is_deploy_artifact", "find_deploy_artifact", "DEPLOY_FILES",
+    "fold", "deploy_graph", "DeployArtifact", "as_deploy_artifact", "load", "is_deploy_artifact", "find_deploy_artifact", "DEPLOY_FILES",
     "sign_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d", "int_dense", "int_matmul",
 ]

@@ -7,9 +7,11 @@ itself, in its smallest faithful form (a few hundred KB for a binary mnist16)::
     deploy.json          "format": "bqc-deploy", "version", "layout_version" (bqc.packing);
                          provenance: "source" (model kind/name), "recipe" (name), "wbits",
                          "abits", "ebb", "train" (the source artifact's train record),
-                         "calibration" -- host absolute paths are reduced to their last part;
+                         "calibration", "artifact" (the source folder's name and content
+                         hashes) -- host absolute paths are reduced to their last part;
                          "diffusion" (schedule + prediction, as in bqc.json);
-                         "signature" (inputs, TBS state inputs/outputs and flag, outputs);
+                         "signature" (:meth:`bqc.signature.Signature.to_json`: inputs, TBS
+                         state inputs/outputs and flag, outputs);
                          "sizes" and "layers" (deploy_summary: a layer table for humans);
                          "graph": "meta" (graph annotations) and "nodes" in order, each with
                          name, op, target, args, kwargs and its bqc annotation;
@@ -57,6 +59,7 @@ from torch import nn
 import bqc.models as _models
 from bqc import __version__, ir, packing
 from bqc.errors import BqcError
+from bqc.signature import Signature
 
 from . import modules as M
 from .ops import LAYOUT_VERSION, OP_NAMES
@@ -123,7 +126,6 @@ _DEVICE = re.compile(r"(cpu|cuda|meta)(:\d{1,3})?")
 _NAME = re.compile(r"(?!__)[A-Za-z0-9_]{1,200}")  # one part of a module path (no dots, no dunders)
 _ZOO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")
 _NODE_OPS = ("placeholder", "get_attr", "call_function", "call_module", "output")
-_SIGNATURE_KEYS = ("inputs", "outputs", "state_inputs", "state_outputs", "state_flag", "input_shape", "conditional")
 #: node annotation field -> its type (:class:`bqc.ir.NodeInfo`: report and ir.dump read them)
 _ANNOTATION_TYPES = {f.name: {"int": int, "str": str}.get(str(f.type), list) for f in dataclasses.fields(ir.NodeInfo)}
 
@@ -267,11 +269,6 @@ def _provenance(manifest: dict, calibration: str | None) -> dict:
 # ---------------------------------------------------------------------------------------------
 # saving
 # ---------------------------------------------------------------------------------------------
-def _signature(gm: fx.GraphModule) -> dict:
-    meta = ir.graph_meta(gm)
-    return {k: meta.get(k) for k in _SIGNATURE_KEYS}
-
-
 def _encode_nodes(gm: fx.GraphModule) -> list[dict]:
     names = {f: n for n, f in functions().items()}
     out = []
@@ -667,9 +664,10 @@ class DeployArtifact:
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, source_manifest: dict | None = None, *,
-                   calibration: str | None = None) -> "DeployArtifact":
+                   calibration: str | None = None, source_path=None) -> "DeployArtifact":
         """Wrap a deploy graph; ``source_manifest`` is the ``bqc.json`` of the artifact it was
-        folded from (provenance and diffusion process)."""
+        folded from (provenance and diffusion process), ``source_path`` its folder (recorded by
+        name and content hashes, :func:`source_artifact_record`)."""
         if not is_deployed(gm):
             raise BqcError("a deploy artifact holds a deploy graph", hint="fold it first: bqc.deploy.fold(artifact)")
         summary = deploy_summary(gm)
@@ -677,7 +675,8 @@ class DeployArtifact:
         manifest = {
             "format": FORMAT, "version": VERSION, "bqc_version": __version__, "layout_version": LAYOUT_VERSION,
             **_provenance(source_manifest or {}, calibration),
-            "signature": _signature(gm),
+            "artifact": source_artifact_record(source_path),
+            "signature": Signature.of(gm).to_json(),
             "sizes": {k: summary[k] for k in ("total_bytes", "layer_bytes", "float_bytes", "nominal_bytes")},
             "layers": [{"name": r["name"], "role": roles.get(r["name"], ""),
                         **{k: v for k, v in r.items() if k != "name"}} for r in summary["layers"]],
@@ -704,11 +703,22 @@ class DeployArtifact:
     @property
     def provenance(self) -> dict:
         return {k: self.manifest.get(k) for k in ("source", "recipe", "paper", "wbits", "abits", "ebb", "train",
-                                                  "calibration")}
+                                                  "calibration", "artifact")}
 
     def title(self) -> str:
         m = self.manifest
         return f"deploy artifact: {m.get('recipe') or '?'} W{m.get('wbits', '?')}A{m.get('abits', '?')}"
+
+    def tensors_sha256(self) -> str:
+        """The content hash of ``deploy.safetensors`` (of the bytes :meth:`save` writes when the
+        artifact is not on disk yet): what a lowered bundle records of the weights it holds."""
+        import hashlib
+
+        from safetensors.torch import save
+
+        if self.path is not None and (Path(self.path) / DEPLOY_TENSORS).is_file():
+            return file_sha256(Path(self.path) / DEPLOY_TENSORS)
+        return hashlib.sha256(save(_encode_modules(self.gm)[1], metadata={"format": FORMAT})).hexdigest()
 
     # --- disk -------------------------------------------------------------------------------
     def save(self, out) -> Path:
@@ -757,6 +767,47 @@ class DeployArtifact:
             raise BqcError(f"{path / DEPLOY_JSON}: invalid diffusion process "
                            f"({type(e).__name__}: {str(e)[:120]})") from e
         return art
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's content (hex), read in blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_artifact_record(path) -> dict | None:
+    """What a deploy artifact records of the artifact folder it was folded from (``artifact``):
+    its folder name and the content hashes of its weights (``sha256``) and FP teacher program
+    (``teacher_sha256``: ``bqc bench --teacher`` checks it), no host path. None without a folder."""
+    if path is None:
+        return None
+    path = Path(path)
+    files = {"sha256": path / "model.safetensors", "teacher_sha256": path / "base.pt2"}
+    return {"name": path.name, **{k: file_sha256(f) if f.is_file() else None for k, f in files.items()}}
+
+
+def as_deploy_artifact(src) -> DeployArtifact:
+    """What a backend takes: a :class:`DeployArtifact`, its folder or a shipped deploy model's zoo
+    name, or a deploy graph (the in-memory form of one). Anything else (a QAT artifact or graph)
+    is refused: folding and calibrating happen before a backend (``bqc fold``, or ``bqc lower``
+    on a trained artifact, which folds it first: :func:`bqc.deploy.fold`)."""
+    if isinstance(src, DeployArtifact):
+        return src
+    if isinstance(src, fx.GraphModule) and is_deployed(src):
+        return DeployArtifact.from_graph(src)
+    if isinstance(src, (str, Path)):
+        found = find_deploy_artifact(src)
+        if found is not None:
+            return DeployArtifact.load(found)
+        raise BqcError(f"{src} is not a deploy artifact (no {DEPLOY_JSON}): backends take the output of `bqc fold`",
+                       hint=f"fold it first (`bqc fold {src} -o DIR`), or let `bqc lower {src}` fold it")
+    raise BqcError(f"backends take a deploy artifact, not a {type(src).__name__}",
+                   hint="fold it first: bqc.deploy.fold(artifact_or_graph)")
 
 
 def load(path) -> DeployArtifact:

@@ -1,6 +1,6 @@
 """A deploy graph's hand-off to compilers, and what a QAT graph needs before it can be folded.
 
-* :func:`example_inputs`: inputs in graph order (x, t[, y], TBS caches, flag);
+* :func:`step_inputs`: a graph step's example arguments in order (x, t[, y], TBS caches, flag);
 * :func:`export_program`: ``torch.export`` of a deploy graph (dynamic batch), each integer
   core one ``bqc.*`` node: what the TVM lowering imports;
 * :func:`uncalibrated` / :func:`calibrate`: an untrained QAT graph's activation quantizers
@@ -12,8 +12,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bqc import ir
 from bqc.errors import BqcError
+from bqc.signature import Signature
 
 from .summary import is_deployed
 
@@ -56,7 +56,7 @@ def calibrate(gm: fx.GraphModule, data: str, *, manifest: dict | None = None, n:
     gm.eval()
     if data == "random":
         with torch.no_grad():
-            model(*example_inputs(gm, batch=2, seed=seed)[:2])
+            model(*step_inputs(gm, batch=2, seed=seed)[:2])
         return "random (2 Gaussian inputs; for speed measurements only)"
     from bqc.data import load_dataset
     from bqc.diffusion.schedule import NoiseSchedule, q_sample
@@ -79,19 +79,22 @@ def calibrate(gm: fx.GraphModule, data: str, *, manifest: dict | None = None, n:
     return f"{data} ({len(idx)} training images at random timesteps)"
 
 
-def example_inputs(gm: fx.GraphModule, batch: int = 1, seed: int = 0, state: bool = True) -> list[torch.Tensor]:
-    """Example inputs in graph order: x, t[, y], TBS caches (random if ``state``, else zeros), flag."""
-    meta = ir.graph_meta(gm)
+def step_inputs(gm: fx.GraphModule, batch: int = 1, seed: int = 0, state: bool = True) -> list[torch.Tensor]:
+    """Seeded example arguments of a graph's *step* in graph order (:class:`bqc.signature.Signature`):
+    x, t[, y], TBS caches (random and flag 1 if ``state``, else zeros and flag 0). Not the
+    model's own example inputs (``bqc.frontend.example_inputs``: ``(x, t[, y])`` of a source
+    model, before any graph exists)."""
+    sig = Signature.of(gm)
     g = torch.Generator().manual_seed(seed)
-    args = [torch.randn(batch, *meta["input_shape"], generator=g), torch.randint(0, 1000, (batch,), generator=g)]
-    if meta.get("conditional"):
-        args.append(torch.zeros(batch, dtype=torch.long))
-    specs = meta.get("state_inputs", [])
-    for s in specs:
-        args.append(torch.randn(batch, *s["shape"], generator=g) if state else torch.zeros(batch, *s["shape"]))
-    if specs:
-        args.append(torch.tensor(1.0 if state else 0.0))
-    return args
+    x = torch.randn(batch, *sig.input_shape, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    caches = [torch.randn(batch, *s["shape"], generator=g) for s in sig.state_inputs] if state else None
+    return sig.step_args({"x": x, "t": t, "y": torch.zeros(batch, dtype=torch.long)}, caches, error=BqcError,
+                         zeros=lambda shape: torch.zeros(batch, *shape), flag=torch.tensor)
+
+
+#: the former name of :func:`step_inputs`
+example_inputs = step_inputs
 
 
 def export_program(gm: fx.GraphModule, args: list[torch.Tensor] | None = None, *, dynamic_batch: bool = True):
@@ -99,17 +102,17 @@ def export_program(gm: fx.GraphModule, args: list[torch.Tensor] | None = None, *
 
     The integer cores stay single nodes (``bqc.sign_pack.default``, ``bqc.binary_conv2d.default``,
     ...; see :mod:`bqc.deploy.ops`); everything else is ATen. ``args`` defaults to
-    ``example_inputs(gm, batch=2)``; the batch dimension is dynamic unless
+    ``step_inputs(gm, batch=2)``; the batch dimension is dynamic unless
     ``dynamic_batch=False``.
     """
     if not is_deployed(gm):
         raise BqcError("export_program takes a deploy graph", hint="fold it first: bqc.deploy.to_deploy(gm)")
     if args is None:
-        args = example_inputs(gm, batch=2)
+        args = step_inputs(gm, batch=2)
     shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        flag = ir.graph_meta(gm).get("state_flag")
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        shapes = (tuple(None if name == flag or a.dim() == 0 else {0: batch} for name, a in zip(names, args)),)
+        sig = Signature.of(gm)
+        shapes = (tuple(None if name == sig.state_flag or a.dim() == 0 else {0: batch}
+                        for name, a in zip(sig.inputs, args)),)
     return torch.export.export(_Signature(gm), tuple(args), dynamic_shapes=shapes, strict=False)

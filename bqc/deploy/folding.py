@@ -317,23 +317,28 @@ def deploy_graph(src, *, calibrate: bool | str | None = False, info: dict | None
     return to_deploy(src)
 
 
-def fold(src, *, calibrate: bool | str | None = None):
-    """``bqc fold``: a trained artifact (folder or :class:`~bqc.artifact.Artifact`) -> its
-    :class:`~bqc.deploy.artifact.DeployArtifact` (save it with ``.save(dir)``).
+def fold(src, *, calibrate: bool | str | None = None, verb: str = "fold"):
+    """``bqc fold``: a trained artifact (folder or :class:`~bqc.artifact.Artifact`) or a QAT graph
+    -> its :class:`~bqc.deploy.artifact.DeployArtifact` (save it with ``.save(dir)``); what
+    ``bqc lower`` hands a backend.
 
     Untrained artifacts follow :func:`deploy_graph`'s rule: refused unless ``calibrate`` names
-    the data to calibrate their activation quantizers on. A deploy artifact is returned as is.
+    the data to calibrate their activation quantizers on. A deploy artifact (or deploy graph) is
+    returned as one, as is. ``verb`` names the command (``fold`` / ``lower``) in the refusal.
     """
     from bqc import artifact as A
 
-    from .artifact import DeployArtifact
+    from .artifact import DeployArtifact, as_deploy_artifact
 
     src = load_source(src)
-    if isinstance(src, DeployArtifact):
-        return src
-    if not isinstance(src, A.Artifact):
+    if isinstance(src, DeployArtifact) or (isinstance(src, fx.GraphModule) and is_deployed(src)):
+        return as_deploy_artifact(src)
+    if not isinstance(src, (A.Artifact, fx.GraphModule)):
         raise BqcError(f"bqc fold takes a bqc artifact (the output of `bqc transform` / `bqc train`), "
                        f"not a {type(src).__name__}")
     info: dict = {}
-    gm = deploy_graph(src, calibrate=calibrate, info=info, verb="fold")
-    return DeployArtifact.from_graph(gm, src.manifest, calibration=info["calibration"])
+    gm = deploy_graph(src, calibrate=calibrate, info=info, verb=verb)
+    if isinstance(src, fx.GraphModule):
+        return DeployArtifact.from_graph(gm, calibration=info["calibration"])
+    return DeployArtifact.from_graph(gm, src.manifest, calibration=info["calibration"],
+                                     source_path=getattr(src, "path", None))

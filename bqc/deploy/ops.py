@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from bqc import packing
 from bqc.errors import BqcError
+from bqc.packing import pair as _pair
+from bqc.packing import words_numpy
 
 LAYOUT_VERSION = packing.LAYOUT_VERSION
 INPUT_KINDS = ("float", "bits", "codes")
@@ -32,27 +34,10 @@ OP_NAMES = ("sign_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(a) for a in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
-
 def _cview(p: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     shape = [1] * ndim
     shape[axis] = -1
     return p.reshape(shape)
-
-
-def words_numpy(t: torch.Tensor) -> np.ndarray:
-    """Packed words of a torch tensor (uint32, or int32 holding the same bits) as numpy uint32."""
-    a = t.detach().cpu().contiguous()
-    if a.dtype == torch.uint32:
-        return a.numpy()
-    if a.dtype == torch.int32:
-        return a.numpy().view(np.uint32)
-    raise TypeError(f"packed words must be uint32 (or int32 bit patterns), got {a.dtype}")
 
 
 def _words_tensor(a: np.ndarray) -> torch.Tensor:

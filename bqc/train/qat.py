@@ -38,6 +38,7 @@ from bqc.data import load_dataset
 from bqc.diffusion.schedule import NoiseSchedule, q_sample
 from bqc.diffusion.samplers import step_gap
 from bqc.errors import BqcError
+from bqc.signature import Signature
 from bqc.pipeline import ebb_switch_at
 from bqc.graph import BqcModel
 from bqc.quant.layers import _Quantized
@@ -68,16 +69,12 @@ class QATOptions:
 
 
 def _args(meta: dict, x, t, y, state=None):
-    """Positional graph inputs for (x, t, y, state) following the graph's signature."""
-    args = [x, t] + ([y] if meta.get("conditional") else [])
-    specs = meta.get("state_inputs", [])
-    if specs:
-        b = x.shape[0]
-        if state is None:
-            args += [torch.zeros((b, *s["shape"]), dtype=x.dtype) for s in specs] + [torch.zeros((), dtype=x.dtype)]
-        else:
-            args += list(state) + [torch.ones((), dtype=x.dtype)]
-    return args
+    """Positional graph inputs for (x, t, y, state) following the graph's signature
+    (:meth:`bqc.signature.Signature.step_args`)."""
+    b = x.shape[0]
+    return Signature.from_meta(meta).step_args(
+        {"x": x, "t": t, "y": y}, state, error=BqcError,
+        zeros=lambda shape: torch.zeros((b, *shape), dtype=x.dtype), flag=lambda v: torch.full((), v, dtype=x.dtype))
 
 
 class QATModel(nn.Module):
