@@ -179,7 +179,9 @@ def test_ebb_terms_logged(mnist16, tmp_path):
     header = (out / "train" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert "s2" in header and "ebb" in header
     info = json.loads((out / "train.json").read_text())
-    assert info["hparams"]["lr"] == 1e-4 and "divergence" in info
+    from bqc.pipeline import load_recipe
+
+    assert info["hparams"]["lr"] == load_recipe("binarydm").train["lr"] and "divergence" in info
 
 
 def test_eta_on_the_command_line(tmp_path):
