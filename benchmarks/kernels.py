@@ -345,10 +345,14 @@ def run_routes(args, command: str) -> int:
               "host_isa": _host_isa(), "torch": torch.__version__, "tvm": tvm.__version__,
               "loadavg": [load0, _loadavg()], "rows": parts[0]["rows"], "skipped": parts[0]["skipped"],
               "torch_avx2": parts[1]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernel_routes.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = routes_markdown(result)
-    (args.out / "kernel_routes.md").write_text(md)
+    return _write_result(args.out, "kernel_routes", result, routes_markdown(result))
+
+
+def _write_result(out: Path, stem: str, result: dict, md: str) -> int:
+    """Write ``OUT/STEM.json`` and ``OUT/STEM.md`` and print the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(md)
     print(md)
     return 0
 
@@ -510,12 +514,7 @@ def main(argv=None):
         "omp_wait_policy": args.omp_wait_policy,
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = markdown(result)
-    (args.out / "kernels.md").write_text(md)
-    print(md)
-    return 0
+    return _write_result(args.out, "kernels", result, markdown(result))
 
 
 def _host_isa() -> list:

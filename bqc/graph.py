@@ -46,7 +46,12 @@ class BqcModel(nn.Module):
 
     @property
     def signature(self) -> Signature:
-        return Signature.of(self.gm)
+        """The graph's Signature, derived once per graph (a pass that edits the graph in place
+        changes its node count, which re-derives it): forward runs every sampling/training step."""
+        key = (id(self.gm.graph), len(self.gm.graph.nodes), id(ir.graph_meta(self.gm)))
+        if getattr(self, "_signature_key", None) != key:
+            self._signature, self._signature_key = Signature.of(self.gm), key
+        return self._signature
 
     def forward(self, x: torch.Tensor, t, y=None, state: list[torch.Tensor] | None = None, **inputs):
         """``inputs``: conditioning inputs other than ``y`` the graph takes, by name."""
