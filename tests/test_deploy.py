@@ -406,3 +406,23 @@ def test_export_program_keeps_bqc_ops():
     with torch.no_grad():
         for a, b in zip(ep.module()(*args), dg(*args)):
             assert torch.equal(a, b)
+
+
+def test_reference_kernels_pick_an_exact_float_dtype():
+    """The reference kernels compute integer dot products in float32 where every partial sum
+    stays below 2^24 (exact in any order), in float64 beyond; both equal int64 arithmetic."""
+    from bqc.deploy import ops
+
+    bits = torch.zeros(1, 1, 1, 1, dtype=torch.int32)
+    assert ops._exact_dtype(bits, "bits", 9 * 4096, 1) is torch.float32
+    assert ops._exact_dtype(bits, "bits", 2 ** 24, 1) is torch.float64
+    assert ops._exact_dtype(torch.ones(3), "float", 10, 1) is None
+    g = torch.Generator().manual_seed(0)
+    for k in (64, 4096):  # 127 * 127 * k: below 2^24, then above
+        a = torch.randint(-127, 128, (3, k), generator=g, dtype=torch.int8)
+        w = torch.randint(-127, 128, (5, k), generator=g, dtype=torch.int8)
+        w[0, 0] = -128  # the int8 corner: |-128| must not overflow in the bound
+        got = ops.int_dense(a, w, torch.ones(5), "codes")
+        want = (a.long() @ w.long().t()).double()
+        assert torch.equal(got.double(), want.to(torch.float32).double())
+        assert ops._exact_dtype(a, "codes", k, 128) is (torch.float32 if k == 64 else torch.float64)

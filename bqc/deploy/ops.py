@@ -4,8 +4,10 @@ Namespace ``bqc``: ``sign_pack``, ``quantize_codes``, ``binary_conv2d``, ``binar
 ``int_conv2d``, ``int_dense``, ``int_matmul``. Each has a fake (meta) kernel, so ``torch.export``
 of a deploy graph (:func:`bqc.deploy.export_program`, dynamic batch) keeps each of them as one
 node: that is the hand-off to the TVM lowering (``from_exported_program(custom_convert_map=...)``).
-Their CPU kernels unpack the :mod:`bqc.packing` words and run exact float64 convolutions (the
-*reference executor* every backend is tested against); the slower bit-level references of
+Their CPU kernels unpack the :mod:`bqc.packing` words and run exact float convolutions (the
+*reference executor* every backend is tested against): float32 when every partial sum of the
+integer dot product stays below 2^24 in magnitude (then any summation order is exact), else
+float64 (:func:`_exact_dtype`); the slower bit-level references of
 :mod:`bqc.packing` (popcount) are reachable through ``layer.accumulate(x, impl="packing")`` and
 give identical accumulators (tested).
 
@@ -87,21 +89,42 @@ def _(x, scale, qmin, qmax):
     return torch.empty_like(x, dtype=_int_dtype(qmin, qmax))
 
 
-def _conv_input(x: torch.Tensor, x_kind: str, channels: int) -> torch.Tensor:
-    """Float64 NCHW values of a conv input of kind bits (packed NHWC) / codes / float."""
+#: below this magnitude every integer is a float32, so an integer dot product whose partial sums
+#: all stay below it is exact in float32 whatever the summation order
+_F32_EXACT = 2 ** 24
+
+
+def _max_abs(v: torch.Tensor) -> int:
+    return int(v.to(torch.int32).abs().max()) if v.numel() else 0
+
+
+def _exact_dtype(x: torch.Tensor, x_kind: str, depth: int, w_max: int) -> torch.dtype | None:
+    """The float dtype that computes a ``depth``-long dot product of integer inputs (``x``, bits
+    or codes) and integer weights of magnitude <= ``w_max`` exactly: float32 when
+    ``depth * max|x| * w_max < 2^24`` (every partial sum is then a float32 integer), else float64;
+    None for float inputs (computed in their own dtype)."""
+    if x_kind == "float":
+        return None
+    x_max = 1 if x_kind == "bits" else _max_abs(x)
+    return torch.float32 if depth * x_max * w_max < _F32_EXACT else torch.float64
+
+
+def _conv_input(x: torch.Tensor, x_kind: str, channels: int, dtype=torch.float64) -> torch.Tensor:
+    """NCHW values (``dtype``; float inputs as they are) of a conv input of kind bits (packed
+    NHWC) / codes / float."""
     if x_kind == "bits":
-        return unpack_words(x, channels).permute(0, 3, 1, 2).to(torch.float64)
+        return unpack_words(x, channels).permute(0, 3, 1, 2).to(dtype)
     if x_kind == "codes":
-        return x.to(torch.float64)
+        return x.to(dtype)
     if x_kind == "float":
         return x
     raise BqcError(f"unknown input kind {x_kind!r}; valid: {', '.join(INPUT_KINDS)}")
 
 
-def _dense_input(x: torch.Tensor, x_kind: str, features: int) -> torch.Tensor:
+def _dense_input(x: torch.Tensor, x_kind: str, features: int, dtype=torch.float64) -> torch.Tensor:
     if x_kind == "bits":
-        return unpack_words(x, features).to(torch.float64)
-    return _conv_input(x, x_kind, features)
+        return unpack_words(x, features).to(dtype)
+    return _conv_input(x, x_kind, features, dtype)
 
 
 def _scaled_sum(accs: list[torch.Tensor], scale: torch.Tensor, view) -> torch.Tensor:
@@ -114,10 +137,12 @@ def _scaled_sum(accs: list[torch.Tensor], scale: torch.Tensor, view) -> torch.Te
 
 
 def _binary_conv_accs(x, w_packed, in_channels, stride, padding, dilation, groups, x_kind):
-    """Per-basis accumulators: exact integers (float64 holding ints) for bits/codes inputs."""
+    """Per-basis accumulators: exact integers (floats holding ints, :func:`_exact_dtype`) for
+    bits/codes inputs."""
     signs = unpack_words(w_packed, in_channels)  # [B, OC, KH, KW, C] int8
     signs = signs.permute(0, 1, 4, 2, 3)  # [B, OC, C, KH, KW]
-    xv = _conv_input(x, x_kind, in_channels * groups)
+    depth = in_channels * signs.shape[3] * signs.shape[4]
+    xv = _conv_input(x, x_kind, in_channels * groups, _exact_dtype(x, x_kind, depth, 1))
     ws = signs.to(xv.dtype)
     return [F.conv2d(xv, ws[b], None, stride, padding, dilation, groups) for b in range(ws.shape[0])]
 
@@ -155,7 +180,7 @@ def _(x, w_packed, scale, in_channels, stride, padding, dilation, groups, x_kind
 
 def _binary_dense_accs(x, w_packed, in_features, x_kind):
     signs = unpack_words(w_packed, in_features)  # [B, N, K]
-    xv = _dense_input(x, x_kind, in_features)
+    xv = _dense_input(x, x_kind, in_features, _exact_dtype(x, x_kind, in_features, 1))
     ws = signs.to(xv.dtype)
     return [torch.matmul(xv, ws[b].t()) for b in range(ws.shape[0])]
 
@@ -179,7 +204,9 @@ def _(x, w_packed, scale, in_features, x_kind):
 def int_conv2d(x: torch.Tensor, w_codes: torch.Tensor, scale: torch.Tensor, stride: list[int],
                padding: list[int], dilation: list[int], groups: int, x_kind: str) -> torch.Tensor:
     """``scale[oc] * conv(x, W_codes)``: exact integer accumulate for code inputs."""
-    xv = _conv_input(x, x_kind, w_codes.shape[1] * groups)
+    depth = w_codes.shape[1] * w_codes.shape[2] * w_codes.shape[3]
+    xv = _conv_input(x, x_kind, w_codes.shape[1] * groups,
+                     _exact_dtype(x, x_kind, depth, _max_abs(w_codes)))
     acc = F.conv2d(xv, w_codes.to(xv.dtype), None, stride, padding, dilation, groups)
     if x_kind != "float":
         acc = acc.to(torch.int32)
@@ -196,7 +223,8 @@ def _(x, w_codes, scale, stride, padding, dilation, groups, x_kind):
 @torch.library.custom_op("bqc::int_dense", mutates_args=())
 def int_dense(x: torch.Tensor, w_codes: torch.Tensor, scale: torch.Tensor, x_kind: str) -> torch.Tensor:
     """``scale[n] * (x @ W_codes^T)``; exact integer accumulate for code inputs."""
-    xv = _dense_input(x, x_kind, w_codes.shape[1])
+    xv = _dense_input(x, x_kind, w_codes.shape[1],
+                      _exact_dtype(x, x_kind, w_codes.shape[1], _max_abs(w_codes)))
     acc = torch.matmul(xv, w_codes.to(xv.dtype).t())
     if x_kind != "float":
         acc = acc.to(torch.int32)
@@ -211,7 +239,8 @@ def _(x, w_codes, scale, x_kind):
 @torch.library.custom_op("bqc::int_matmul", mutates_args=())
 def int_matmul(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``scale * (A @ B)`` on integer codes (exact accumulate), output of scale's dtype."""
-    acc = torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
+    dt = _exact_dtype(a, "codes", a.shape[-1], _max_abs(b))
+    acc = torch.matmul(a.to(dt), b.to(dt)).to(torch.int32)
     return acc.to(scale.dtype) * scale
 
 
