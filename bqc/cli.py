@@ -8,6 +8,7 @@ the traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress display on std
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (and TVM) in this command [default: all cores; 1 is faster on a busy machine]")
 JsonOpt = typer.Option(False, "--json", help="print JSON on stdout instead of tables (the machine interface)")
 SeedOpt = typer.Option(0, "--seed", help="random seed (noise, timesteps, data order)")
+ContextLenOpt = typer.Option(None, "--context-len", help="text-conditioned UNets: tokens of the text embedding (the context input's L) [default: 77, CLIP's]")
 
 
 def _examples(*lines: str) -> str:
@@ -91,12 +93,17 @@ def _positive(minimum: int = 1, **values) -> None:
             raise BqcError(f"{name} must be at least {minimum}, got {v}")
 
 
-def _source(model, model_opt, config, weights, trust_pickle):
+def _source(model, model_opt, config, weights, trust_pickle, context_len: Optional[int] = None):
     from bqc import frontend
 
     name = model or model_opt
+    _positive(**{"--context-len": context_len})
     try:
-        return frontend.load_source(name, config=config, weights=weights, trust_pickle=trust_pickle)
+        src = frontend.load_source(name, config=config, weights=weights, trust_pickle=trust_pickle, context_len=context_len)
+        if context_len is not None and src.context is None:
+            raise BqcError(f"--context-len {context_len}: {src.description} is not text-conditioned (it takes no context)",
+                           hint="drop --context-len")
+        return src
     except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as e:
         # diffusers builds the module from config.json: a wrong value surfaces as whatever its
         # constructor raises; that is bad input, not a bqc bug
@@ -141,13 +148,14 @@ def inspect(
     trust_pickle: bool = TrustOpt,
     as_json: bool = JsonOpt,
     head_tail_blocks: int = typer.Option(6, help="timestep-embedded blocks at each end of the UNet that count as head/tail (role)"),
+    context_len: Optional[int] = ContextLenOpt,
     threads: Optional[int] = ThreadsOpt,
 ):
     """Capture a model and show its annotated layers (kind, role, level, block, params, MACs)."""
     from bqc import ir
 
     _use_threads(threads)
-    src = _source(model, model_opt, config, weights, trust_pickle)
+    src = _source(model, model_opt, config, weights, trust_pickle, context_len)
     _, gm = _annotated_fp(src, head_tail_blocks)
     layers = ir.layers(gm)
     blocks = ir.blocks_summary(gm)
@@ -238,6 +246,7 @@ def transform(
     force: bool = ForceOpt,
     schedule: Optional[str] = ScheduleOpt,
     prediction: Optional[str] = PredictionOpt,
+    context_len: Optional[int] = ContextLenOpt,
     threads: Optional[int] = ThreadsOpt,
 ):
     """Apply a recipe (a pipeline of passes) and write a transformed-model artifact."""
@@ -245,7 +254,7 @@ def transform(
 
     _check_out(out, "artifact", force)
     _use_threads(threads)
-    src = _source(model, model_opt, config, weights, trust_pickle)
+    src = _source(model, model_opt, config, weights, trust_pickle, context_len)
     res = tf.transform(src, recipe, wbits=wbits, abits=abits, keep_fp=keep_fp, bits=bits, dump_dir=dump_dir,
                        schedule=schedule, prediction=prediction)
     path = tf.save(res, out)
@@ -342,8 +351,37 @@ def _step_model(target: str):
     return m
 
 
+def _sampling_context(model, ds, n: int, guidance: float) -> dict:
+    """``generate``'s text-conditioning arguments: the n samples' embeddings cycle through the
+    latents file's ``context`` rows; its ``uncond`` feeds the guidance (S != 1)."""
+    want = getattr(model, "context", None)  # (L, D) of a text-conditioned graph, else None
+    if want is None:
+        if guidance != 1.0:
+            raise BqcError(f"--guidance {guidance:g}: this model is not text-conditioned (it takes no context)",
+                           hint="drop --guidance")
+        return {}
+    if ds is None or ds.context is None:
+        raise BqcError(f"this model is text-conditioned (a {want[0]}x{want[1]} text embedding per sample): sampling "
+                       "needs the embeddings", hint="pass --data latents.safetensors with context (from `bqc encode` "
+                                                    "with --captions/--text-encoder or --context)")
+    if tuple(ds.context.shape[1:]) != tuple(want):
+        raise BqcError(f"the data's text embeddings are {ds.context.shape[1]}x{ds.context.shape[2]} (L x D), the model "
+                       f"takes {want[0]}x{want[1]}")
+    import torch
+
+    return {"context": ds.context[torch.arange(n) % len(ds.context)],
+            "uncond": ds.uncond if guidance != 1.0 else None, "guidance": guidance}
+
+
+def _latent_preview(x):
+    """A viewable grid of latents: the first 3 channels (1 if fewer) scaled by the batch's max |value|."""
+    v = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
+    return v / v.abs().max().clamp(min=1e-8)
+
+
 def _samples(target: str, n: int, steps: int, seed: int, batch: int, eta: float = 0.0,
-             schedule: Optional[str] = None, prediction: Optional[str] = None, progress: bool = True):
+             schedule: Optional[str] = None, prediction: Optional[str] = None, progress: bool = True,
+             data=None, guidance: float = 1.0):
     import torch
 
     from bqc import artifact
@@ -355,9 +393,10 @@ def _samples(target: str, n: int, steps: int, seed: int, batch: int, eta: float 
     sched = artifact.read_schedule(target) or getattr(model, "schedule", None) or NoiseSchedule()
     sched = apply_overrides(sched, schedule, prediction)  # the model's own process unless overridden
     y = torch.arange(n) % 10 if getattr(model, "conditional", False) else None
+    cond = _sampling_context(model, data, n, guidance)  # text embeddings (a latents file), guidance
     with torch.no_grad():
         x = generate(model, n, tuple(model.input_shape), schedule=sched, steps=steps, eta=eta, seed=seed, batch=batch,
-                     y=y, progress=progress)
+                     y=y, progress=progress, **cond)
     if not torch.isfinite(x).all():
         raise BqcError(f"sampling {target} produced NaN/inf values", hint="the model may have diverged; evaluate an earlier checkpoint")
     return x
@@ -405,10 +444,11 @@ def pretrain(
     "bqc train art --data mnist16 --steps 1000 -o run",
     "bqc train art --data mnist16 --steps 2000 -o run --resume run   # continue to 2000 steps in total",
     "bqc train art --steps 500 --lr 2e-4 --threads 1 -o run 2> train.log",
-    "torchrun --nproc_per_node 2 -m bqc train art --steps 1000 --batch 64 -o run"))
+    "torchrun --nproc_per_node 2 -m bqc train art --steps 1000 --batch 64 -o run",
+    "bqc train sd-art --data latents.safetensors --steps 1000 -o run   # text-conditioned: latents + context (bqc encode)"))
 def train(
     target: str = typer.Argument(..., help="artifact from `bqc transform`"),
-    data: str = typer.Option("mnist16", "--data", help="mnist16 or a folder of images"),
+    data: str = typer.Option("mnist16", "--data", help="mnist16, a folder of images, or a latents file (.safetensors from `bqc encode`; a text-conditioned artifact needs one with context)"),
     resize: Optional[Tuple[int, int]] = _resize_option(),
     steps: int = typer.Option(..., "--steps", help="TOTAL optimizer steps (resuming a 3-step run with --steps 6 runs steps 4-6)"),
     seed: int = SeedOpt,
@@ -423,6 +463,7 @@ def train(
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="write a checkpoint every this many steps (and at the end and on Ctrl-C)"),
     sample_steps: int = typer.Option(50, "--sample-steps", help="sampler steps the model is trained for (BiDM's TBS gap d = 1000/steps)"),
     no_distill: bool = typer.Option(False, "--no-distill", help="train without the recipe's distillation loss (ablation)"),
+    cond_drop: float = typer.Option(0.0, "--cond-drop", help="text-conditioned models: probability that a sample's text embedding is replaced by the data file's empty-prompt embedding (classifier-free-guidance training)"),
     force: bool = ForceOpt,
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
@@ -444,7 +485,7 @@ def train(
     _use_threads(threads)
     opts = QATOptions(steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, warmup=warmup, ema_decay=ema or None,
                       checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,
-                      resize=resize, progress=not quiet)
+                      resize=resize, progress=not quiet, cond_drop=cond_drop)
     try:
         path = train_artifact(target, data, out, opts, resume=resume is not None)
     except KeyboardInterrupt as e:
@@ -488,7 +529,8 @@ def _warn_if_diverged(run_dir) -> None:
 @app.command(epilog=_examples(
     "bqc sample run -n 64 -o grid.png",
     "bqc sample run -n 1000 --steps 100 --eta 1 --npz samples.npz -o grid.png",
-    "bqc sample lib -n 64 -o grid.png   # a compiled dir from `bqc lower`"))
+    "bqc sample lib -n 64 -o grid.png   # a compiled dir from `bqc lower`",
+    "bqc sample sd-run --data latents.safetensors --guidance 7.5 --vae sd15/vae -n 4 -o grid.png   # text-to-image"))
 def sample(
     target: str = typer.Argument(..., help="artifact, trained run, compiled dir, or model"),
     n: int = typer.Option(64, "-n", help="number of samples (images)"),
@@ -498,13 +540,20 @@ def sample(
     out: Path = typer.Option(Path("samples.png"), "--out", "-o", help="PNG grid"),
     npz: Optional[Path] = typer.Option(None, "--npz", help="also save the raw samples (N,C,H,W in [-1,1])"),
     batch: int = typer.Option(256, "--batch", help="samples denoised together (memory vs speed)"),
+    data: Optional[str] = typer.Option(None, "--data", help="a latents file (.safetensors from `bqc encode`): the text embeddings of a text-conditioned model (sample i uses row i mod N) and the empty prompt for --guidance; the samples are latents"),
+    guidance: float = typer.Option(1.0, "--guidance", help="classifier-free guidance scale S: eps = eps_uncond + S (eps_cond - eps_uncond); 1 = no guidance"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder: decode the sampled latents to the PNG (without it, latents are written to OUT.safetensors and OUT shows a channel preview)"),
+    trust_pickle: bool = TrustOpt,
     force: bool = ForceOpt,
     schedule: Optional[str] = ScheduleOpt,
     prediction: Optional[str] = PredictionOpt,
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ):
-    """Draw samples with DDIM (threading TBS state) and write an image grid."""
+    """Draw samples with DDIM (threading TBS state) and write an image grid.
+
+    Latent models: with --vae the latents are decoded to the PNG; without, OUT.safetensors holds
+    them (a latents file) and OUT is a preview of their first channels."""
     import numpy as np
 
     from bqc.diffusion.grid import save_grid
@@ -521,15 +570,92 @@ def sample(
             raise BqcError(f"--npz {npz}: the raw samples are written as .npz", hint=f"name it {npz.with_suffix('.npz').name}")
         _check_out(npz, "file", force, option="--npz")
     _use_threads(threads)
+    ds = _latents_data(data)
+    latents_out = out.with_suffix(".safetensors") if (ds is not None and vae is None) else None
+    if latents_out is not None:
+        _check_out(latents_out, "file", force, option="the latents file")
+    decoder = None
+    if vae is not None:  # before sampling: a bad folder fails at once
+        from bqc.encode import load_vae
 
-    x = _samples(target, n, steps, seed, batch, eta, schedule, prediction, progress=not quiet)
+        decoder = load_vae(vae, trust_pickle=trust_pickle)
+
+    x = _samples(target, n, steps, seed, batch, eta, schedule, prediction, progress=not quiet, data=ds, guidance=guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(x, out, nrow=int(max(1, round(n ** 0.5))), scale=4)
+    nrow = int(max(1, round(n ** 0.5)))
+    if decoder is not None:
+        from bqc.encode import decode_latents
+
+        vae_model, scale, shift = decoder
+        info = ds.info if ds is not None else {}
+        scale, shift = info.get("scaling_factor", scale), info.get("shift_factor", shift)  # as the data was encoded
+        save_grid(decode_latents(vae_model, x, scale, shift), out, nrow=nrow)
+    elif latents_out is not None:
+        from bqc.data import save_latents
+
+        save_latents(latents_out, x, scaling_factor=ds.info.get("scaling_factor"), shift_factor=ds.info.get("shift_factor"),
+                     source={"sampled_from": target, "data": data, "guidance": guidance, "seed": seed, "steps": steps,
+                             "eta": eta})
+        save_grid(_latent_preview(x), out, nrow=nrow, scale=4)
+    else:
+        save_grid(x, out, nrow=nrow, scale=4)
     if npz:
         npz.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(npz, samples=x.numpy())
         mark_npz(npz)
-    console.print(f"[bold]wrote[/] {out}" + (f" and {npz}" if npz else ""))
+    console.print(f"[bold]wrote[/] {out}" + "".join(f" and {p}" for p in (latents_out, npz) if p))
+
+
+def _latents_data(data: Optional[str]):
+    """``--data`` of ``bqc sample``: a latents file, loaded (None without --data)."""
+    if data is None:
+        return None
+    from bqc.data import is_latents_file, load_dataset
+
+    if not is_latents_file(data):
+        raise BqcError(f"--data {data}: sampling takes a latents file (.safetensors from `bqc encode`), for its text "
+                       "embeddings", hint="drop --data to sample an image model")
+    return load_dataset(data)
+
+
+@app.command(epilog=_examples(
+    "bqc encode images/ --vae sd15/vae -o latents.safetensors",
+    "bqc encode images/ --vae sd15/vae --captions captions.json --text-encoder sd15/text_encoder -o latents.safetensors",
+    "bqc encode images/ --vae sd15/vae --context embeddings.safetensors --resize 256 256 -o latents.safetensors"))
+def encode(
+    images: str = typer.Argument(..., help="folder of images (PNG/JPG/...; sorted paths give the row order)"),
+    vae: str = typer.Option(..., "--vae", help="diffusers AutoencoderKL folder (config.json + safetensors), or a pipeline folder with vae/"),
+    out: Path = typer.Option(..., "--out", "-o", help="latents file to write (.safetensors)"),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="captions: JSON list (image order) or object (image name -> caption), or .txt (one per line); needs --text-encoder"),
+    text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="transformers CLIP text model folder (tokenizer in it or in ../tokenizer); also stores the empty prompt as uncond"),
+    context: Optional[Path] = typer.Option(None, "--context", help="precomputed text embeddings instead: safetensors with context [N,L,D] (and optionally uncond [1,L,D])"),
+    context_len: Optional[int] = typer.Option(None, "--context-len", help="with --text-encoder: tokens per caption [default: the tokenizer's, 77 for CLIP]"),
+    resize: Optional[Tuple[int, int]] = _resize_option(),
+    batch: int = typer.Option(8, "--batch", help="images encoded together (memory vs speed)"),
+    trust_pickle: bool = TrustOpt,
+    force: bool = ForceOpt,
+    threads: Optional[int] = ThreadsOpt,
+):
+    """Encode an image folder into a latents file with your VAE (and text encoder): the --data of latent UNets.
+
+    The latents are multiplied by the VAE's scaling_factor (recorded in the file, so `bqc sample
+    --vae` decodes them); nothing is downloaded."""
+    from bqc.encode import encode_folder
+
+    _positive(**{"--batch": batch, "--context-len": context_len})
+    if out.suffix.lower() != ".safetensors":
+        raise BqcError(f"--out {out}: a latents file is .safetensors", hint=f"name it {out.with_suffix('.safetensors').name}")
+    _check_out(out, "file", force)
+    _use_threads(threads)
+    path = encode_folder(images, vae, out, captions=captions, text_encoder=text_encoder, context=context, resize=resize,
+                         context_len=context_len, batch=batch, trust_pickle=trust_pickle)
+    from bqc.data import load_dataset
+
+    ds = load_dataset(str(path))
+    what = f"{len(ds.images)} latents {'x'.join(map(str, ds.images.shape[1:]))}"
+    if ds.context is not None:
+        what += f", text embeddings {ds.context.shape[1]}x{ds.context.shape[2]}" + (" + empty prompt" if ds.uncond is not None else "")
+    console.print(f"[bold]wrote[/] {path}: {what} (scaling factor {ds.info.get('scaling_factor')})")
 
 
 @app.command("eval", epilog=_examples(
@@ -572,6 +698,13 @@ def evaluate_cmd(
         rec = trained_on(target) if Path(target).exists() else None
         data, data_from = (rec["data"], "the data it was trained on") if rec else ("mnist16", "default")
         resize = resize or (rec or {}).get("resize")
+    from bqc.data import is_latents_file
+
+    if is_latents_file(data):
+        raise BqcError(f"eval scores images with bqc's MNIST classifier features; {data} ({data_from}) is a latents "
+                       "file, which it cannot score",
+                       hint="decode samples with `bqc sample TARGET --data LATENTS --vae VAE_DIR -o grid.png` and score "
+                            "them with your own metric")
     real = load_dataset(data, "test", resize=resize).images
     if len(real) < 2 * n:
         raise BqcError(f"{data} has {len(real)} test images; -n {n} needs {2 * n} (two disjoint real sets)")
@@ -726,11 +859,34 @@ def ebb_stage_note(manifest: dict) -> str | None:
             "`bqc train` drops the second basis at ebb_switch; lower the trained artifact for pure 1-bit weights.")
 
 
+@contextlib.contextmanager
+def _compiled_for_bench(target: str, threads: Optional[int]):
+    """``target`` itself when it is a compiled folder; a deploy artifact (a `bqc fold` folder or a
+    shipped model's name) is lowered to tvm-x86 for this CPU into a temporary folder that is
+    removed afterwards (bqc wrote it)."""
+    import tempfile
+
+    from bqc import deploy
+
+    if (Path(target) / "manifest.json").exists() or deploy.find_deploy_artifact(target) is None:
+        yield target
+        return
+    from bqc.backends.tvm import lower as tvm_lower
+
+    with tempfile.TemporaryDirectory(prefix="bqc-bench-") as tmp:
+        err_console.print(f"{target} is a deploy artifact: lowering it to tvm-x86 for this CPU first "
+                          f"(keep a library with `bqc lower {target} -o DIR`)", highlight=False)
+        with Progress("lower tvm-x86", stages=tvm_lower.STAGES) as bar:
+            lib = tvm_lower.lower(target, "tvm-x86", Path(tmp) / "lib", threads=threads, progress=bar.stage)
+        yield lib
+
+
 @app.command(epilog=_examples(
     "bqc bench lib",
-    "bqc bench lib --threads 1 --json"))
+    "bqc bench lib --threads 1 --json",
+    "bqc bench mnist16-bidm --threads 1   # a shipped model: lowered for this CPU first (a minute)"))
 def bench(
-    target: str = typer.Argument(..., help="compiled directory from `bqc lower`"),
+    target: str = typer.Argument(..., help="compiled directory from `bqc lower`, or a deploy artifact / shipped model's name (lowered to tvm-x86 for this CPU into a temporary folder first)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="threads for both bqc and torch [default: all cores]"),
     teacher: Optional[str] = typer.Option(None, "--teacher", metavar="MODEL", help=(
         "the FP32 model to time against: the artifact the library was lowered from, or its source model "
@@ -741,7 +897,9 @@ def bench(
     from bqc.backends.tvm import lower as tvm_lower
     from bqc.teacher import bundle_teacher
 
-    r = tvm_lower.bench(target, threads=threads, teacher=bundle_teacher(target, teacher))
+    _use_threads(threads)
+    with _compiled_for_bench(target, threads) as lib:
+        r = tvm_lower.bench(lib, threads=threads, teacher=bundle_teacher(lib, teacher))
     if as_json:
         sys.stdout.write(json.dumps(r, default=float) + "\n")
         return
@@ -759,33 +917,41 @@ def bench(
 @app.command(epilog=_examples(
     "bqc demo",
     "bqc demo --threads 1 -o runs/demo1",
-    "bqc demo --recipes bidm --steps 2 -n 16 --sample-steps 2 -o /tmp/demo-smoke"))
+    "bqc demo --qat bidm,binarydm --steps 500   # also a short QAT run per recipe (minutes each)",
+    "bqc demo -n 16 --sample-steps 2 --qat bidm --steps 2 -o /tmp/demo-smoke   # every stage, smoke-sized"))
 def demo(
-    steps: int = typer.Option(60, "--steps", help="QAT steps per recipe (optimizer steps, batch 64)"),
+    models: str = typer.Option("", "--models", help="comma-separated binary models to show next to the teacher: shipped names or `bqc fold` folders [default: the shipped mnist16-bidm,mnist16-binarydm]"),
+    qat: str = typer.Option("", "--qat", help="comma-separated recipes to also run a short QAT with from the teacher (see `bqc recipes`)"),
+    steps: int = typer.Option(60, "--steps", help="with --qat: QAT steps per recipe (optimizer steps, batch 64)"),
     n: int = typer.Option(256, "-n", help="samples (and real images) per evaluation"),
-    sample_steps: int = typer.Option(25, "--sample-steps", help="DDIM steps per sample"),
-    recipes: str = typer.Option("bidm,binarydm", "--recipes", help="comma-separated recipes (see `bqc recipes`)"),
+    sample_steps: int = typer.Option(100, "--sample-steps", help="DDIM steps per sample"),
+    eta: float = typer.Option(1.0, "--eta", help="DDIM eta (the study's sampler: 100 steps, eta 1)"),
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="folder for everything the demo writes"),
-    lower: bool = typer.Option(True, "--lower/--no-lower", help="lower the first recipe to tvm-x86 and benchmark it"),
+    lower: bool = typer.Option(True, "--lower/--no-lower", help="lower the first W1A1 model to tvm-x86 and benchmark it"),
     force: bool = ForceOpt,
     threads: Optional[int] = ThreadsOpt,
     quiet: bool = QuietOpt,
 ):
-    """The whole flow on the shipped mnist16: transform, QAT, sample, eval, report (and lower + bench).
+    """The shipped binary models next to their FP teacher: sample, eval, report, lower + bench.
 
-    About 8 minutes on 2 CPU cores with the defaults; ends with a summary table and the paths it wrote."""
-    from bqc.demo import DemoOptions, run_demo
-
-    names = tuple(r.strip() for r in recipes.split(",") if r.strip())
+    Shows mnist16-bidm (W1A1) and mnist16-binarydm (W1A4), what bqc ships, beside the FP mnist16
+    they were trained from; --qat adds a short QAT run per recipe. About 5 minutes on 2 CPU cores
+    with the defaults; ends with a summary table and the paths it wrote."""
+    from bqc.demo import SHIPPED, DemoOptions, run_demo, shipped_models
     from bqc.pipeline import load_recipe
 
-    for r in names:
+    names = tuple(m.strip() for m in models.split(",") if m.strip()) or SHIPPED
+    recipes = tuple(r.strip() for r in qat.split(",") if r.strip())
+    for r in recipes:
         load_recipe(r)  # unknown names fail before any work
+    shipped_models(names)
     _positive(**{"--steps": steps, "-n": n, "--sample-steps": sample_steps})
+    if eta < 0:
+        raise BqcError(f"--eta must be >= 0, got {eta}")
     _check_out(out, "demo", force)
     _use_threads(threads)
-    run_demo(DemoOptions(recipes=names, steps=steps, n=n, sample_steps=sample_steps, out=out, lower=lower,
-                         threads=threads, progress=not quiet), console)
+    run_demo(DemoOptions(models=names, qat=recipes, steps=steps, n=n, sample_steps=sample_steps, eta=eta, out=out,
+                         lower=lower, threads=threads, progress=not quiet), console)
 
 
 def _click_error_types() -> tuple:

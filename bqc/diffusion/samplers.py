@@ -18,6 +18,16 @@ at the next. A plain ``module(x, t[, y]) -> eps`` is adapted with :func:`as_step
 Randomness comes only from a ``torch.Generator`` (seeded from ``seed`` when none is given),
 drawn on the CPU and moved to the target device, so a seed gives the same samples on any
 device and the global RNG is never touched.
+
+Text conditioning and classifier-free guidance: ``cond`` (e.g. ``{"context": c}``) is passed to
+the step model as keywords, ``step_model(x, t, y, state, **cond)`` (and only when given, so a
+plain step model never sees it). With ``uncond`` (the same inputs for the empty prompt) and a
+``guidance`` scale S != 1, each step runs the model twice, once per branch, and combines the raw
+predictions as ``out_u + S * (out_c - out_u)`` (:func:`guided_call`). The state is then the pair
+``(state_c, state_u)``: each branch gets back only its own TBS caches, so the cached block
+features of the conditional and unconditional branches never mix. The branches are separate
+calls rather than one batch of 2B rows, so nothing batch-wide (a quantizer's batch statistics)
+couples them either. S = 1 runs only the conditional branch: the same computation as unguided.
 """
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ from bqc.errors import BqcError
 from bqc.diffusion.schedule import NoiseSchedule, randn
 
 __all__ = [
-    "StepModel", "as_step_model", "ddim_timesteps", "step_gap",
+    "StepModel", "as_step_model", "ddim_timesteps", "step_gap", "guided_call",
     "ddim_sample", "ddpm_sample", "generate",
 ]
 
@@ -44,10 +54,11 @@ class StepModel(Protocol):
 
 def as_step_model(module: Callable) -> StepModel:
     """Adapt a plain ``module(x, t)`` / ``module(x, t, y)`` predictor to the step
-    protocol (its state is always ``None``). ``y`` is passed only when it is not ``None``."""
+    protocol (its state is always ``None``). ``y`` is passed only when it is not ``None``; conditioning
+    inputs (``context=...``) by keyword."""
 
-    def step(x, t, y, state):
-        eps = module(x, t) if y is None else module(x, t, y)
+    def step(x, t, y, state, **cond):
+        eps = module(x, t, **cond) if y is None else module(x, t, y, **cond)
         return eps, None
 
     step.module = module  # for introspection (e.g. to switch it to eval mode)
@@ -90,9 +101,9 @@ def _x_T(shape, x_T, g, device, dtype):
     return randn(shape, generator=g, device=device, dtype=dtype)
 
 
-def _call(step_model, x, t: int, y, state):
+def _call(step_model, x, t: int, y, state, cond=None):
     tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    out = step_model(x, tt, y, state)
+    out = step_model(x, tt, y, state, **cond) if cond else step_model(x, tt, y, state)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError("step_model must return (prediction, new_state); wrap plain modules with as_step_model()")
     eps, new_state = out
@@ -101,13 +112,39 @@ def _call(step_model, x, t: int, y, state):
     return eps, new_state
 
 
+def guided_call(step_model, x, t: int, y, state, cond=None, uncond=None, guidance: float = 1.0):
+    """One model evaluation of a sampler step, with classifier-free guidance when ``uncond`` is
+    given and ``guidance != 1`` (see the module docstring): ``(out, new_state)``; the guided state
+    is the pair ``(state_c, state_u)``."""
+    if uncond is None or guidance == 1.0:
+        return _call(step_model, x, t, y, state, cond)
+    s_c, s_u = state if state is not None else (None, None)
+    out_c, s_c = _call(step_model, x, t, y, s_c, cond)
+    out_u, s_u = _call(step_model, x, t, y, s_u, uncond)
+    return out_u + guidance * (out_c - out_u), (s_c, s_u)
+
+
+def _check_guidance(cond, uncond, guidance) -> float:
+    guidance = float(guidance)
+    if guidance != guidance or abs(guidance) == float("inf"):
+        raise BqcError(f"sampler: the guidance scale must be a finite number, got {guidance!r}")
+    if guidance != 1.0 and uncond is None:
+        raise BqcError(f"sampler: guidance {guidance:g} needs the unconditional inputs (the empty-prompt embedding)",
+                       hint="give a latents file with 'uncond' (bqc encode stores it when a text encoder is given), "
+                            "or use guidance 1 (no guidance)")
+    if uncond is not None and not cond:
+        raise BqcError("sampler: unconditional inputs without conditional ones", hint="pass cond too")
+    return guidance
+
+
 @torch.no_grad()
 def ddim_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseSchedule | None = None,
                 steps: int = 50, eta: float = 0.0, seed: int | None = 0,
                 generator: torch.Generator | None = None, y: torch.Tensor | None = None,
                 x_T: torch.Tensor | None = None, device="cpu", dtype=torch.float32,
                 clip_x0: float | None = None, return_state: bool = False,
-                callback: Callable[[int, int, torch.Tensor], None] | None = None):
+                callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                cond: dict | None = None, uncond: dict | None = None, guidance: float = 1.0):
     """DDIM (Song et al. 2021) with ``steps`` steps at ``schedule.timesteps(steps)`` (bqc's
     uniform spacing, or the model's diffusers/LDM spacing and offset); ``eta = 0`` is the
     deterministic sampler, ``eta = 1`` with ``steps = T`` is DDPM ancestral sampling. The last
@@ -115,8 +152,10 @@ def ddim_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
 
     Returns the final ``x_0`` batch (and the last state when ``return_state``).
     ``callback(i, t, x)`` is called after each step. ``clip_x0`` clamps the predicted x0
-    to ``[-clip_x0, clip_x0]`` (off by default).
+    to ``[-clip_x0, clip_x0]`` (off by default). ``cond`` / ``uncond`` / ``guidance``: text
+    conditioning and classifier-free guidance (module docstring).
     """
+    guidance = _check_guidance(cond, uncond, guidance)
     schedule = schedule or NoiseSchedule()
     ts = schedule.timesteps(steps)
     g = _generator(seed, generator)
@@ -127,7 +166,7 @@ def ddim_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         a_t = float(abar[t])
         a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
-        out, state = _call(step_model, x, t, y, state)
+        out, state = guided_call(step_model, x, t, y, state, cond, uncond, guidance)
         eps, x0 = schedule.split(out, x, t)
         if clip_x0 is not None:
             x0 = x0.clamp(-clip_x0, clip_x0)
@@ -147,11 +186,13 @@ def ddpm_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
                 y: torch.Tensor | None = None, x_T: torch.Tensor | None = None, device="cpu",
                 dtype=torch.float32, variance: str = "posterior", clip_x0: float | None = None,
                 return_state: bool = False,
-                callback: Callable[[int, int, torch.Tensor], None] | None = None):
+                callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                cond: dict | None = None, uncond: dict | None = None, guidance: float = 1.0):
     """DDPM ancestral sampling over all ``T`` steps (Ho et al. 2020, algorithm 2).
 
     ``variance`` is ``"posterior"`` (beta~_t, the default) or ``"beta"`` (beta_t); no noise
-    is added at ``t = 0``."""
+    is added at ``t = 0``. ``cond`` / ``uncond`` / ``guidance`` as for :func:`ddim_sample`."""
+    guidance = _check_guidance(cond, uncond, guidance)
     if variance not in ("posterior", "beta"):
         raise BqcError(f"ddpm_sample: variance must be 'posterior' or 'beta', got {variance!r}")
     schedule = schedule or NoiseSchedule()
@@ -164,7 +205,7 @@ def ddpm_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
         a_t = float(abar[t])
         a_prev = float(abar[t - 1]) if t > 0 else 1.0
         beta = float(betas[t])
-        out, state = _call(step_model, x, t, y, state)
+        out, state = guided_call(step_model, x, t, y, state, cond, uncond, guidance)
         eps, x0 = schedule.split(out, x, t)
         if clip_x0 is None and schedule.prediction == "eps":
             mean = (x - beta / math.sqrt(1 - a_t) * eps) / math.sqrt(1 - beta)
@@ -185,7 +226,8 @@ def ddpm_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
 def generate(step_model: StepModel, n: int, shape: Sequence[int], *, schedule: NoiseSchedule | None = None,
              sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0, batch: int = 256,
              y: torch.Tensor | None = None, device="cpu", clip_x0: float | None = None,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, context: torch.Tensor | None = None, uncond: torch.Tensor | None = None,
+             guidance: float = 1.0) -> torch.Tensor:
     """Draw ``n`` samples of per-sample ``shape`` (C, H, W) in batches.
 
     All starting noise ``x_T`` is drawn up front from ``seed``, so deterministic DDIM
@@ -193,12 +235,21 @@ def generate(step_model: StepModel, n: int, shape: Sequence[int], *, schedule: N
     stochastic sampler is drawn per batch from a generator seeded with ``(seed, batch index)``.
     Returns a CPU tensor ``(n, *shape)``. ``progress``: show progress on stderr
     (:class:`bqc.console.Progress`), advancing once per sampler step of each batch.
+    ``context``: the text embedding of each sample ``(n, L, D)`` (a text-conditioned model);
+    ``uncond``: the empty-prompt embedding ``(1, L, D)``, used with ``guidance`` S != 1 for
+    classifier-free guidance (module docstring).
     """
     schedule = schedule or NoiseSchedule()
     g = torch.Generator("cpu").manual_seed(int(seed))
     x_T_all = torch.randn((n, *shape), generator=g)
     if y is not None and len(y) != n:
         raise BqcError(f"generate: got {len(y)} labels for {n} samples")
+    if context is not None and len(context) != n:
+        raise BqcError(f"generate: got {len(context)} text embeddings for {n} samples")
+    if uncond is not None and (context is None or uncond.dim() != 3 or uncond.shape[0] != 1
+                               or tuple(uncond.shape[1:]) != tuple(context.shape[1:])):
+        raise BqcError(f"generate: the empty-prompt embedding must be (1, L, D) like the text embeddings "
+                       f"(got {tuple(uncond.shape)} for {None if context is None else tuple(context.shape)})")
     from bqc.console import Progress
 
     outs = []
@@ -211,13 +262,16 @@ def generate(step_model: StepModel, n: int, shape: Sequence[int], *, schedule: N
             sl = slice(b * batch, min(n, (b + 1) * batch))
             xT = x_T_all[sl]
             yb = None if y is None else y[sl].to(device)
+            cb = None if context is None else {"context": context[sl].to(device)}
+            ub = None if uncond is None else {"context": uncond.to(device).expand(len(xT), -1, -1)}
+            guide = dict(cond=cb, uncond=ub, guidance=guidance)
             gb = torch.Generator("cpu").manual_seed(int(seed) * 1_000_003 + b + 1)
             if sampler == "ddim":
                 x = ddim_sample(step_model, xT.shape, schedule=schedule, steps=steps, eta=eta, generator=gb,
-                                y=yb, x_T=xT, device=device, clip_x0=clip_x0, callback=step_done)
+                                y=yb, x_T=xT, device=device, clip_x0=clip_x0, callback=step_done, **guide)
             elif sampler == "ddpm":
                 x = ddpm_sample(step_model, xT.shape, schedule=schedule, generator=gb, y=yb, x_T=xT,
-                                device=device, clip_x0=clip_x0, callback=step_done)
+                                device=device, clip_x0=clip_x0, callback=step_done, **guide)
             else:
                 raise BqcError(f"unknown sampler {sampler!r}", hint="use 'ddim' or 'ddpm'")
             outs.append(x.float().cpu())

@@ -12,6 +12,11 @@
 * BiDM TBS: two timesteps sharing the noise: the student runs at t+d without cache (no grad;
   the cache is stop-gradient anyway) to produce the cache, then at t with it. d defaults to
   the sampler's step gap (T / sampling steps).
+* Text conditioning: a text-conditioned artifact (a ``context`` graph input) trains on a latents
+  file with ``context`` (:mod:`bqc.data`); the student, its TBS cache pass and the teacher all get
+  the batch's text embeddings. ``cond_drop`` p replaces each row's embedding with the file's
+  ``uncond`` (the empty prompt) with probability p, as classifier-free-guidance training does
+  (default 0: the teacher was trained with its own dropout, QAT only follows it).
 * LMB: progressive warm-up: layers become binary block by block from the middle outwards
   over ``progressive_warmup`` of training.
 * ReSTE: the estimator's exponent is annealed with progress.
@@ -66,14 +71,15 @@ class QATOptions:
     distill: bool = True
     progress: bool = True
     resize: tuple[int, int] | None = None  # image folders: resize to (h, w)
+    cond_drop: float = 0.0  # text-conditioned models: P(a row's context becomes the empty prompt)
 
 
-def _args(meta: dict, x, t, y, state=None):
-    """Positional graph inputs for (x, t, y, state) following the graph's signature
+def _args(meta: dict, x, t, y, state=None, context=None):
+    """Positional graph inputs for (x, t, context, y, state) following the graph's signature
     (:meth:`bqc.signature.Signature.step_args`)."""
     b = x.shape[0]
     return Signature.from_meta(meta).step_args(
-        {"x": x, "t": t, "y": y}, state, error=BqcError,
+        {"x": x, "t": t, "y": y, "context": context}, state, error=BqcError,
         zeros=lambda shape: torch.zeros((b, *shape), dtype=x.dtype), flag=lambda v: torch.full((), v, dtype=x.dtype))
 
 
@@ -138,7 +144,18 @@ def resolved_hparams(recipe_train: dict, opts: QATOptions) -> dict:
             "grad_clip": pick(opts.grad_clip, "grad_clip", 1.0)}
 
 
-def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule, total_steps: int):
+def _drop_context(c, uncond, p: float):
+    """Classifier-free-guidance dropout: each row's text embedding becomes ``uncond`` with
+    probability ``p`` (drawn from the global RNG, which the loop seeds per step)."""
+    if c is None or p <= 0:
+        return c
+    drop = torch.rand(c.shape[0]) < p
+    return torch.where(drop[:, None, None], uncond.to(c.dtype).expand_as(c), c)
+
+
+def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule, total_steps: int,
+              uncond: torch.Tensor | None = None):
+    """``uncond``: the empty-prompt embedding ``(1, L, D)`` for ``opts.cond_drop``."""
     meta = ir.graph_meta(student)
     s_view, t_view, taps = _tap_views(student, teacher) if opts.distill else (None, None, [])
     distill = meta.get("distill") if taps else None
@@ -150,8 +167,10 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
 
     def loss_fn(model, batch, step):
         core = unwrap(model)  # model may be DDP(QATModel): grads flow through model(...)
-        x0, y = batch
+        x0, y = batch[0], batch[1]
+        c = batch[2] if len(batch) > 2 else None  # the text embeddings (text-conditioned graphs)
         y = y if meta.get("conditional") else None
+        c = _drop_context(c, uncond, opts.cond_drop)
         b = x0.shape[0]
         t = torch.randint(0, schedule.T, (b,))
         noise = torch.randn_like(x0)
@@ -161,15 +180,15 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
             t2 = (t + gap).clamp(max=schedule.T - 1)
             x_t2 = q_sample(schedule, x0, t2, noise)
             with torch.no_grad():
-                out2 = core.student(*_args(meta, x_t2, t2, y))
+                out2 = core.student(*_args(meta, x_t2, t2, y, context=c))
             state = list(out2[1:n_out])
-        args = _args(meta, x_t, t, y, state)
+        args = _args(meta, x_t, t, y, state, context=c)
         terms = {}
         if distill:
             outs = model(*args, taps=True)
             eps, s_feats = outs[0], list(outs[n_out:])
             with torch.no_grad():
-                t_outs = t_view(*_args(ir.graph_meta(teacher), x_t, t, y))
+                t_outs = t_view(*_args(ir.graph_meta(teacher), x_t, t, y, context=c))
             t_feats = list(t_outs[1:])
             if distill["loss"] == "lrm":
                 ld = core.lrm.loss(s_feats, t_feats)
@@ -242,22 +261,55 @@ def _schedule_callbacks(student, recipe_train: dict, total: int):
     return before
 
 
+def check_conditioning(want, ds, data: str, cond_drop: float = 0.0):
+    """The text embeddings the training batches carry: ``ds.context`` for a text-conditioned
+    model (``want``: its context ``[L, D]``; refused when the data has none, or of another
+    ``(L, D)``), None for other models (``want`` None; a latents file's context is then unused)."""
+    if not 0.0 <= cond_drop <= 1.0:
+        raise BqcError(f"--cond-drop must be a probability in [0, 1], got {cond_drop:g}")
+    if not want:
+        if cond_drop:
+            raise BqcError(f"--cond-drop {cond_drop:g}: this model is not text-conditioned (no context input)",
+                           hint="drop --cond-drop")
+        return None
+    want = [int(v) for v in want]
+    if ds.context is None:
+        raise BqcError(f"this artifact is text-conditioned (it takes a text embedding 'context' of {want[0]}x{want[1]} per "
+                       f"sample) but the data {data!r} has no text embeddings"
+                       + (" (image data cannot condition it)" if not ds.is_latents else ""),
+                       hint="train on a latents file with context: `bqc encode IMAGES --vae VAE_DIR --captions "
+                            "captions.json --text-encoder TEXT_DIR -o latents.safetensors` (or --context "
+                            "embeddings.safetensors), then `--data latents.safetensors`")
+    got = [int(v) for v in ds.context.shape[1:]]
+    if got != want:
+        raise BqcError(f"the data's text embeddings are {got[0]}x{got[1]} (L x D) per sample, this artifact takes "
+                       f"{want[0]}x{want[1]}",
+                       hint="encode with the model's text encoder and token count, or transform the model with "
+                            f"--context-len {got[0]}" if got[1] == want[1] else "use the text encoder the model was trained with")
+    if cond_drop > 0 and ds.uncond is None:
+        raise BqcError(f"--cond-drop {cond_drop:g} replaces prompts with the empty-prompt embedding, which {data!r} "
+                       "does not hold ('uncond')", hint="encode the data with --text-encoder (which stores it), or drop --cond-drop")
+    return ds.context
+
+
 def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -> Path:
     if opts.steps < 1:  # an untrained artifact labelled "trained", with uncalibrated quantizers
         raise BqcError(f"--steps {opts.steps}: training needs at least one step",
                        hint=f"train for some steps (e.g. --steps 500); to lower an untrained artifact, calibrate its "
                             f"activation quantizers on real data with `bqc lower {art_dir} --calibrate {data} -o DIR`")
+    manifest = artifact.read_manifest(art_dir)  # the manifest and the data first: refusals cost no model build
+    ds = load_dataset(data, "train", resize=opts.resize)
+    context = check_conditioning((manifest.get("source") or {}).get("context"), ds, data, opts.cond_drop)
     art = artifact.load_artifact(art_dir)
     student = art.gm.train()
     teacher = art.teacher().gm.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     train = dict(art.recipe.train)
-    ds = load_dataset(data, "train", resize=opts.resize)
+    meta = ir.graph_meta(student)
     shape = tuple(ds.images.shape[1:])
     if shape != tuple(art.model.input_shape):
         raise BqcError(f"data {data!r} has images of shape {shape}, the model takes {tuple(art.model.input_shape)}")
-    meta = ir.graph_meta(student)
     schedule = NoiseSchedule.from_manifest(art.manifest)  # the model's own process (default: linear eps)
     s_view, _, taps = _tap_views(student, teacher) if opts.distill else (None, None, [])
     lrm = None
@@ -268,7 +320,8 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
         lrm = LRMProjections(dims, k=int(meta["distill"].get("k", 4)), axis="width" if width else "channel")
     model = QATModel(student, lrm, s_view)
     before = _schedule_callbacks(student, train, opts.steps)
-    base_loss = make_loss(student, teacher, train, opts, schedule, opts.steps)
+    base_loss = make_loss(student, teacher, train, opts, schedule, opts.steps,
+                          uncond=ds.uncond if context is not None else None)
 
     def loss_fn(m, batch, step):
         before(step)
@@ -284,13 +337,15 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
                    "gap": tbs_gap(train, opts, schedule), "distill": opts.distill}
     if schedule != NoiseSchedule():  # (absent for the default, so older runs still resume)
         fingerprint["diffusion"] = schedule.to_dict()
+    if opts.cond_drop:
+        fingerprint["cond_drop"] = opts.cond_drop
     t0 = time.time()
     # on resume, an --lr / --grad-clip given explicitly may differ from the checkpoint's (recorded as a change)
     change = [k for k, v in (("lr", opts.lr), ("grad_clip", opts.grad_clip)) if v is not None] if resume else []
     nan_hint = (f"resume from it with a lower learning rate and/or a smaller gradient clip, e.g. `bqc train {art_dir} "
                 f"--data {data} --steps {opts.steps} -o {out} --resume {out} --lr {hp['lr'] / 2:g} --grad-clip "
                 f"{min(hp['grad_clip'] or 1.0, 1.0) / 2:g}`, or start a new run with a longer --warmup")
-    res = train_loop(model, (ds.images, ds.labels), loss_fn, cfg, out / "train", fingerprint=fingerprint, resume=resume,
+    res = train_loop(model, (ds.images, ds.labels, context), loss_fn, cfg, out / "train", fingerprint=fingerprint, resume=resume,
                      change=change, nonfinite_hint=nan_hint)
     wall = time.time() - t0
     if not DistContext.from_env("cpu").main:
