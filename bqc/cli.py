@@ -937,14 +937,14 @@ def demo(
     Shows mnist16-bidm (W1A1) and mnist16-binarydm (W1A4), what bqc ships, beside the FP mnist16
     they were trained from; --qat adds a short QAT run per recipe. About 5 minutes on 2 CPU cores
     with the defaults; ends with a summary table and the paths it wrote."""
-    from bqc.demo import SHIPPED, DemoOptions, run_demo, shipped_models
+    from bqc.demo import SHIPPED, DemoOptions, model_paths, run_demo
     from bqc.pipeline import load_recipe
 
     names = tuple(m.strip() for m in models.split(",") if m.strip()) or SHIPPED
     recipes = tuple(r.strip() for r in qat.split(",") if r.strip())
     for r in recipes:
         load_recipe(r)  # unknown names fail before any work
-    shipped_models(names)
+    model_paths(names)  # names only (cheap): the demo loads them
     _positive(**{"--steps": steps, "-n": n, "--sample-steps": sample_steps})
     if eta < 0:
         raise BqcError(f"--eta must be >= 0, got {eta}")

@@ -76,21 +76,23 @@ def _eval(model, opts: DemoOptions, real, grid: Path) -> dict:
     return evaluate(x, real, n=opts.n, seed=opts.seed)
 
 
-def shipped_models(names) -> list[tuple[str, deploy.DeployArtifact]]:
-    """The deploy artifacts ``names`` name, loaded; a name that resolves to none is refused."""
-    found = []
+def model_paths(names) -> list[Path]:
+    """The deploy artifact folders ``names`` name (without loading them); a name that resolves to
+    none is refused."""
+    paths = []
     for name in names:
         path = deploy.find_deploy_artifact(name)
         if path is None:
             raise BqcError(f"{name} is not a deploy artifact (a `bqc fold` folder or a shipped model's name)",
                            hint=f"shipped: {', '.join(SHIPPED)}; make one with `bqc fold RUN -o DIR`")
-        found.append((name, deploy.DeployArtifact.load(path)))
-    return found
+        paths.append(path)
+    return paths
 
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> list[DemoRow]:
     console = console or Console()
-    models = shipped_models(opts.models)  # refuse a bad name before any work
+    models = [(name, deploy.DeployArtifact.load(p))  # a bad name is refused before any work
+              for name, p in zip(opts.models, model_paths(opts.models))]
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
