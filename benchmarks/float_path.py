@@ -143,7 +143,7 @@ def worker(args) -> None:
 def compile_model(name: str, lib_path: str, max_batch: int) -> dict:
     import torch  # noqa: F401
 
-    from bqc.backends.tvm.float_schedules import rules_used
+    from bqc.backends.tvm.schedules.float_cpu import rules_used
     from bqc.backends.tvm.relax_import import compile_relax, import_exported
     from bqc.backends.tvm.target import x86_target
 

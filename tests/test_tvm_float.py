@@ -21,7 +21,7 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import relax, s_tir, te, tirx  # noqa: E402
 
-from bqc.backends.tvm import float_schedules as fs  # noqa: E402
+from bqc.backends.tvm.schedules import float_cpu as fs  # noqa: E402
 from bqc.backends.tvm.profile import profile_vm  # noqa: E402
 from bqc.backends.tvm.relax_import import compile_relax, import_exported  # noqa: E402
 from bqc.backends.tvm.target import x86_target  # noqa: E402

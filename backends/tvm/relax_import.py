@@ -31,14 +31,14 @@ Public API
        ``softmax`` -> TOPI ``fast_exp`` versions (vectorisable; otherwise each element is a
        scalar libm ``expf`` call, which made GroupNorm+SiLU 10x slower); ``mean(x, axis=1,
        keepdims=True)`` (and an ``abs`` feeding it: XNOR-Net's K map) -> the channel-mean
-       compute :func:`float_schedules.channel_mean_compute` (with ``prepack_conv``);
+       compute :func:`schedules.float_cpu.channel_mean_compute` (with ``prepack_conv``);
     3. ``LegalizeOps``, ``AnnotateTIROpPattern``, :class:`MarkFusable` (packed convs and TOPI
        ``group_norm`` get pattern ``kOutEWiseFusable`` so bias/residual adds fuse into the conv
        and SiLU into GroupNorm; 1-channel packed convs, the K maps, are made opaque so that a
        binary layer's epilogue fuses with its NHWC -> NCHW transpose instead), ``FoldConstant``,
        ``FuseOps``, ``FuseTIR``,
        ``DeadCodeElimination``;
-    4. :class:`float_schedules.ScheduleFloatCPU`: a rule-based schedule for every PrimFunc,
+    4. :class:`schedules.float_cpu.ScheduleFloatCPU`: a rule-based schedule for every PrimFunc,
        skipping the already-scheduled ones (``tirx.is_scheduled``/``bqc.scheduled`` attribute,
        opaque ``op_pattern = 8`` *with* a ``global_symbol``, or any non-serial loop).
 """
@@ -54,7 +54,7 @@ import tvm
 from tvm import relax
 from tvm.target import Target
 
-from . import float_schedules as fs
+from .schedules import float_cpu as fs
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class FloatRewrite:
     """Relax-level rewrites for the CPU float path.
 
     * ``prepack_conv``: float NCHW/NCW ``relax.nn.conv2d``/``conv1d`` (groups 1) with a constant
-      weight -> the packed compute :func:`float_schedules.conv_packed_compute` (weight packed at
+      weight -> the packed compute :func:`schedules.float_cpu.conv_packed_compute` (weight packed at
       compile time).
     * ``fast_math``: ``sigmoid``/``silu``/``exp``/``softmax`` -> TOPI ``fast_exp`` based
       versions (vectorisable polynomial exp; max relative error of exp about 4e-6, versus a
@@ -407,7 +407,7 @@ class CompiledRelax:
 
     @property
     def rules(self) -> dict[str, str]:
-        """Which schedule rule each PrimFunc got (see :func:`float_schedules.rules_used`)."""
+        """Which schedule rule each PrimFunc got (see :func:`schedules.float_cpu.rules_used`)."""
         return fs.rules_used(self.mod)
 
     def export_library(self, path: str) -> None:
