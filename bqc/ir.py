@@ -623,6 +623,21 @@ def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     return view
 
 
+#: the torch meta a node made by a pass copies from the node it stands for (``val`` only when asked)
+_INHERITED_META = ("nn_module_stack", "stack_trace")
+
+
+def node_like(new: fx.Node, like: fx.Node, *, val: bool = False, **bqc) -> fx.Node:
+    """Give ``new`` (a node a pass just made for ``like``) its meta: ``like``'s module stack and
+    stack trace (and ``val`` if ``val=True``), and ``like``'s annotation updated with ``bqc``
+    (e.g. ``kind="tbs", params=0, macs=0, role=""``). The one way passes annotate new nodes, so
+    each new node is attributed to the module and block it belongs to. Returns ``new``."""
+    keep = _INHERITED_META + (("val",) if val else ())
+    new.meta = {k: v for k, v in like.meta.items() if k in keep}
+    new.meta["bqc"] = {**info(like), **bqc}
+    return new
+
+
 def replace_node(old: fx.Node, new: fx.Node) -> fx.Node:
     """Replace ``old`` by ``new`` everywhere and give ``new`` the old node's name and meta.
 

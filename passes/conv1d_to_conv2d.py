@@ -49,9 +49,9 @@ class Conv1dToConv2d(Pass):
                 conv = gm.graph.call_function(aten.conv2d.default, (
                     xu, w, b, _pair(stride or [1], 1), _pair(padding or [0], 0), _pair(dilation or [1], 1), groups or 1))
                 out = gm.graph.call_function(aten.squeeze.dim, (conv, -1))
-            for new in (xu, conv, out):
-                new.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-                new.meta["bqc"] = dict(ir.info(node)) if new is conv else {**ir.info(node), "kind": "other", "params": 0, "macs": 0, "role": ""}
+            ir.node_like(conv, node)
+            for new in (xu, out):
+                ir.node_like(new, node, kind="other", params=0, macs=0, role="")
             if "val" in x.meta:
                 xu.meta["val"] = x.meta["val"].unsqueeze(-1)
                 conv.meta["val"] = node.meta["val"].unsqueeze(-1)

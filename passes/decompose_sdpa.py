@@ -20,9 +20,7 @@ aten = torch.ops.aten
 
 def _new(gm, node, target, args, kind, val=None):
     n = gm.graph.call_function(target, args)
-    n.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
-    role = ir.info(node)["role"] if kind == "matmul" else ""
-    n.meta["bqc"] = {**ir.info(node), "kind": kind, "params": 0, "macs": 0, "role": role}
+    ir.node_like(n, node, kind=kind, params=0, macs=0, role=ir.info(node)["role"] if kind == "matmul" else "")
     if val is not None:
         n.meta["val"] = val
     return n

@@ -84,8 +84,7 @@ class TbsEdges(Pass):
             users = list(feat.users)
             with graph.inserting_after(feat):
                 blend = graph.call_module(f"tbs.block_{b}", (feat, cache, t_node, flag))
-            blend.meta = {k: v for k, v in feat.meta.items() if k in ("val", "nn_module_stack")}
-            blend.meta["bqc"] = {**ir.info(feat), "kind": "tbs", "params": self.opts["groups"], "macs": 0, "role": ""}
+            ir.node_like(blend, feat, val=True, kind="tbs", params=self.opts["groups"], macs=0, role="")
             for u in users:
                 u.replace_input_with(feat, blend)
             state_in.append({"name": cache.name, "block": b, "shape": [int(d) for d in val.shape[1:]]})
