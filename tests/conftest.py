@@ -14,6 +14,28 @@ def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite golden graph dumps")
 
 
+#: test processes by default (pytest-xdist): every test runs torch on one thread, so two
+#: processes use two cores; more would multiply the suite's peak memory (8 GB budget)
+DEFAULT_WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Run the suite in ``min(2, cores)`` processes, one test file per process at a time
+    (``--dist loadfile``: a file's shared lowerings stay in one process), when pytest-xdist is
+    installed (the dev extra) and the command line does not choose (``-n 0``: one process)."""
+    opt = config.option
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    if getattr(opt, "numprocesses", None) is not None or opt.collectonly or getattr(opt, "pdb", False):
+        return
+    import os
+
+    n = min(DEFAULT_WORKERS, os.cpu_count() or 1)
+    if n > 1:
+        opt.numprocesses, opt.dist = n, "loadfile"
+
+
 @pytest.fixture(autouse=True)
 def _small_threads():
     torch.set_num_threads(1)
