@@ -1,8 +1,9 @@
 """Load a lowered (compiled) bqc model: the TVM runtime and numpy only, no training code.
 
 ``load_compiled(dir) -> CompiledModel``: a sampler step model
-``model(x, t, y=None, state=None) -> (eps, new_state)`` (torch tensors in and out when given
-torch tensors, numpy otherwise), with ``.input_shape``, ``.conditional``, ``.batch``,
+``model(x, t, y=None, state=None, context=None) -> (eps, new_state)`` (torch tensors in and out
+when given torch tensors, numpy otherwise), with ``.input_shape``, ``.conditional``,
+``.context`` (``(L, D)`` of a text-conditioned model's embedding, else None), ``.batch``,
 ``.num_state``. Like :class:`bqc.graph.BqcModel`, the first step (``state=None``) feeds zero
 caches and flag 0; later steps pass the returned state back. The library is compiled for a
 static batch (``manifest["batch"]``): smaller batches are zero-padded, larger ones split.
@@ -103,17 +104,19 @@ class CompiledModel:
         self._main = self.vm["main"]
         self.step = R.StepModel(m, self._call)  # padding/splitting and the TBS state: bqc.run's
         self.batch, self.input_shape, self.conditional = self.step.batch, self.step.input_shape, self.step.conditional
+        self.context = self.step.context
         self.state_specs, self.num_state = self.step.state_specs, self.step.num_state
 
     def eval(self):  # sampler convenience, like nn.Module
         return self
 
-    def raw_inputs(self, x, t, y=None, state=None) -> list:
+    def raw_inputs(self, x, t, y=None, state=None, context=None) -> list:
         """TVM tensors for ``main`` for exactly ``self.batch`` rows (numpy/torch inputs)."""
         import tvm
 
         args = self.step.inputs(_np(x), _np(t), None if y is None else _np(y),
-                                None if state is None else [_np(s) for s in state])
+                                None if state is None else [_np(s) for s in state],
+                                None if context is None else _np(context))
         return [tvm.runtime.tensor(a, self.dev) for a in args]
 
     def _call(self, arrays) -> list:
@@ -124,10 +127,11 @@ class CompiledModel:
         outs = [out] if hasattr(out, "numpy") else list(out)
         return [o.numpy() for o in outs]
 
-    def __call__(self, x, t, y=None, state=None):
+    def __call__(self, x, t, y=None, state=None, context=None):
         torch_in = hasattr(x, "detach")
         eps, new_state = self.step(_np(x), _np(t), None if y is None else _np(y),
-                                   None if state is None else [_np(s) for s in state])
+                                   None if state is None else [_np(s) for s in state],
+                                   None if context is None else _np(context))
         if torch_in:
             import torch
 

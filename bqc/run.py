@@ -7,14 +7,25 @@ a verbatim copy of this file, so that a board needs no bqc install::
 
     python3 run.py -n 16 --steps 50 --eta 0 --seed 0 -o samples.png     # inside the bundle
     python3 -m bqc.run DIR -n 16 --steps 50 --eta 0 --seed 0 -o samples.png
+    python3 run.py -n 4 --context prompt.npy --uncond empty.npy --guidance 7.5 -o latents.npy  # text
+
+A text-conditioned model (the manifest's ``context`` is its ``[L, D]``) takes the prompt
+embeddings with ``--context FILE.npy`` (float32 ``(L, D)`` for every sample, or ``(N, L, D)``:
+sample i takes row i mod N; refused without it); ``--guidance S`` with ``--uncond FILE.npy`` (the
+empty prompt, ``(L, D)`` or ``(1, L, D)``) runs classifier-free guidance,
+``eps_u + S (eps_c - eps_u)`` on the raw predictions, each branch with its own TBS state
+(:func:`guided`, ``bqc.diffusion.samplers.guided_call``'s rule). A model whose samples have
+other than 1 or 3 channels makes latents, which this runner cannot decode (it has no VAE): they
+are written as ``.npy`` (``-o samples.npy``), and a ``.png`` output is refused with that hint.
 
 This file must stay importable with the Python standard library, numpy and the TVM runtime
 alone: ``tvm_ffi`` (apache-tvm-ffi) and ``tvm/lib/libtvm_runtime.so`` of the apache-tvm wheel,
 loaded without importing ``tvm`` (whose compiler library a board does not need); no torch, no
 PIL, no bqc imports. It is the one home of what the host side (:mod:`bqc.backends.runtime`)
 shares with a board: the bundle manifest check, the library architecture check, the native log
-filter and the numpy step model (:class:`StepModel`: static-batch padding/splitting and the TBS
-state threading: zero caches and flag 0 on the first step, the returned state and flag 1 after).
+filter and the numpy step model (:class:`StepModel`: the model inputs in the manifest's order
+(``x, t[, context][, y]``), static-batch padding/splitting and the TBS state threading: zero
+caches and flag 0 on the first step, the returned state and flag 1 after).
 
 The sampler is DDIM (:func:`ddim`), written to match ``bqc.diffusion.samplers.ddim_sample``
 operation for operation: the same timesteps (the schedule's spacing), the same (eps, x0) split
@@ -45,7 +56,7 @@ import numpy as np
 
 __all__ = [
     "RunError", "read_manifest", "library_arch_problem", "drop_native_log_lines", "StepModel", "load",
-    "load_vm", "Schedule", "ddim", "sample", "grid", "write_png", "is_bqc_png", "main",
+    "load_vm", "Schedule", "guided", "ddim", "sample", "grid", "write_png", "is_bqc_png", "main",
 ]
 
 MANIFEST = "manifest.json"
@@ -147,15 +158,27 @@ def _as(a, dtype) -> np.ndarray:
     return np.array(np.asarray(a).astype(dtype, copy=False), order="C")
 
 
+def _model_inputs(manifest: dict) -> list:
+    """The model inputs of a bundle's step in ``main``'s order (``x, t[, context][, y]``): the
+    manifest's ``inputs`` without the TBS caches and flag (``bqc.signature.Signature.from_json``'s
+    reading; manifests without ``inputs``: ``x, t`` and ``y`` when class-conditional)."""
+    names = list(manifest.get("inputs") or ["x", "t"] + (["y"] if manifest.get("conditional") else []))
+    state = [s["name"] for s in manifest.get("state_inputs") or []]
+    flag = (manifest.get("state_flag") or names[-1]) if state else None
+    return [n for n in names if n not in state and n != flag]
+
+
 class StepModel:
-    """The compiled UNet step as a sampler calls it: ``model(x, t, y=None, state=None) ->
-    (eps, new_state)`` on numpy arrays, for any number of rows.
+    """The compiled UNet step as a sampler calls it: ``model(x, t, y=None, state=None,
+    context=None) -> (eps, new_state)`` on numpy arrays, for any number of rows.
 
     ``call(arrays) -> arrays`` runs the library's ``main`` on exactly ``batch`` rows (the
     static batch it was compiled for, ``manifest["batch"]``): fewer rows are zero-padded, more
     are split. ``state`` is what the previous call returned (``None`` on the first step: zero
     TBS caches and flag 0; later steps pass the caches back with flag 1); models without TBS
-    return ``None`` as their state.
+    return ``None`` as their state. ``context``: the text embedding of a text-conditioned model
+    (``self.context`` is its per-row ``(L, D)``, None for other models), ``(N, L, D)`` or one
+    ``(L, D)`` row for every sample; padded and split like ``x``.
     """
 
     def __init__(self, manifest: dict, call):
@@ -164,21 +187,45 @@ class StepModel:
         self.batch = int(manifest["batch"])
         self.input_shape = tuple(manifest["input_shape"])
         self.conditional = bool(manifest["conditional"])
+        self.model_inputs = _model_inputs(manifest)
+        ctx = manifest.get("context")
+        self.context = (int(ctx[0]), int(ctx[1])) if ctx and "context" in self.model_inputs else None
         self.state_specs = manifest.get("state_inputs", [])
         self.num_state = len(manifest.get("state_outputs", []))
 
-    def inputs(self, x, t, y=None, state=None) -> list:
+    def _rows(self, name: str, v, n: int) -> np.ndarray:
+        """Model input ``name`` for ``n`` rows (a scalar t / y, or one context row, broadcasts)."""
+        if name in ("t", "y"):
+            v = _as(v, np.int64)
+            return np.full((n,), v, np.int64) if v.ndim == 0 else v
+        v = _as(v, np.float32)
+        if name == "context":
+            if v.ndim == 2:
+                v = np.broadcast_to(v, (n, *v.shape))
+            if self.context is None or v.shape != (n, *self.context):
+                raise ValueError(f"context of shape {v.shape} does not fit this model, which takes "
+                                 f"(N, {', '.join(map(str, self.context or ()))}) for {n} rows")
+            v = np.array(v, order="C")
+        return v
+
+    def _feed(self, x, t, y, context, n: int) -> dict:
+        """The model inputs by name, each with ``n`` rows; ValueError for a missing one."""
+        given = {"x": x, "t": t, "y": y, "context": context}
+        feed = {}
+        for name in self.model_inputs:
+            if given.get(name) is None:
+                raise ValueError("this model is class-conditional: pass class labels y" if name == "y"
+                                 else f"this model takes the input {name!r}: pass it")
+            feed[name] = self._rows(name, given[name], n)
+        return feed
+
+    def inputs(self, x, t, y=None, state=None, context=None) -> list:
         """The arguments of ``main`` (numpy) for exactly ``batch`` rows: the calling convention of
         ``bqc.signature.Signature.step_args``, read from the manifest's signature keys (written
         by ``Signature.to_json``; this runner imports no bqc module)."""
         b = self.batch
-        t = _as(t, np.int64)
-        args = [_as(x, np.float32), np.full((b,), t, np.int64) if t.ndim == 0 else t]
-        if self.conditional:
-            if y is None:
-                raise ValueError("this model is class-conditional: pass class labels y")
-            y = _as(y, np.int64)
-            args.append(np.full((b,), y, np.int64) if y.ndim == 0 else y)
+        feed = self._feed(x, t, y, context, b)
+        args = [feed[name] for name in self.model_inputs]
         if self.state_specs:
             if state is None:
                 args += [np.zeros((b, *s["shape"]), np.float32) for s in self.state_specs]
@@ -188,19 +235,13 @@ class StepModel:
                 args.append(np.ones((), np.float32))
         return args
 
-    def __call__(self, x, t, y=None, state=None):
+    def __call__(self, x, t, y=None, state=None, context=None):
         x = _as(x, np.float32)
         n = x.shape[0]
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"input of shape {x.shape} does not fit this model, which takes "
                              f"(N, {', '.join(map(str, self.input_shape))})")
-        t = _as(t, np.int64)
-        t = np.full((n,), t, np.int64) if t.ndim == 0 else t
-        if self.conditional:
-            if y is None:
-                raise ValueError("this model is class-conditional: pass class labels y")
-            y = _as(y, np.int64)
-            y = np.full((n,), y, np.int64) if y.ndim == 0 else y
+        feed = self._feed(x, t, y, context, n)
         state = None if state is None else [_as(s, np.float32) for s in state]
         b = self.batch
         eps_parts, state_parts = [], []
@@ -214,8 +255,9 @@ class StepModel:
                     a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)], axis=0)
                 return a
 
-            outs = self._call(self.inputs(cut(x), cut(t), None if y is None else cut(y),
-                                          None if state is None else [cut(s) for s in state]))
+            part = {k: cut(v) for k, v in feed.items()}
+            outs = self._call(self.inputs(part["x"], part["t"], part.get("y"),
+                                          None if state is None else [cut(s) for s in state], part.get("context")))
             eps_parts.append(outs[0][: j - i])
             state_parts.append([o[: j - i] for o in outs[1:]])
         eps = np.concatenate(eps_parts, axis=0)
@@ -356,11 +398,30 @@ class Schedule:
         return s1a * x_t + sa * out, sa * x_t - s1a * out
 
 
+def guided(model, x, t, y, state, context=None, uncond=None, guidance: float = 1.0):
+    """One model evaluation of a sampler step (``bqc.diffusion.samplers.guided_call``'s rule):
+    with ``uncond`` (the empty prompt's embedding) and ``guidance`` S != 1, classifier-free
+    guidance ``out_u + S (out_c - out_u)`` on the raw predictions, the state being the pair
+    ``(state_c, state_u)`` (each branch its own TBS caches, separate calls); else one call with
+    ``context`` (passed only when given)."""
+    def call(s, c):
+        return model(x, t, y, s) if c is None else model(x, t, y, s, context=c)
+
+    if uncond is None or guidance == 1.0:
+        return call(state, context)
+    s_c, s_u = state if state is not None else (None, None)
+    out_c, s_c = call(s_c, context)
+    out_u, s_u = call(s_u, uncond)
+    return out_u + np.float32(guidance) * (out_c - out_u), (s_c, s_u)
+
+
 def ddim(model, x_T, schedule: Schedule, steps: int, *, eta: float = 0.0, noise=None, y=None,
-         clip_x0: float | None = None, callback=None) -> np.ndarray:
+         clip_x0: float | None = None, callback=None, context=None, uncond=None, guidance: float = 1.0) -> np.ndarray:
     """DDIM from ``x_T`` (float32 ``(N, C, H, W)``) in ``steps`` steps, threading the model's
     state from each step to the next (``bqc.diffusion.samplers.ddim_sample``'s arithmetic).
-    ``noise(shape)`` draws the eta noise (float32); ``callback(i, t)`` after each step."""
+    ``noise(shape)`` draws the eta noise (float32); ``callback(i, t)`` after each step;
+    ``context`` / ``uncond`` / ``guidance``: text conditioning and classifier-free guidance
+    (:func:`guided`)."""
     ts = schedule.timesteps(steps)
     x = np.asarray(x_T, dtype=np.float32)
     state = None
@@ -368,7 +429,7 @@ def ddim(model, x_T, schedule: Schedule, steps: int, *, eta: float = 0.0, noise=
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1
         a_t = float(schedule.abar[t])
         a_prev = float(schedule.abar[t_prev]) if t_prev >= 0 else 1.0
-        out, state = model(x, np.full((x.shape[0],), t, np.int64), y, state)
+        out, state = guided(model, x, np.full((x.shape[0],), t, np.int64), y, state, context, uncond, guidance)
         if out.shape != x.shape:
             raise RunError(f"the model returned a prediction of shape {out.shape} for input {x.shape}")
         eps, x0 = schedule.split(out, x, t)
@@ -384,16 +445,28 @@ def ddim(model, x_T, schedule: Schedule, steps: int, *, eta: float = 0.0, noise=
     return x
 
 
+def _per_sample(a, n: int):
+    """``(L, D)`` -> every sample; ``(M, L, D)`` -> sample i takes row ``i mod M`` (as ``bqc sample
+    --data`` gives a latents file's rows)."""
+    if a is None:
+        return None
+    a = np.asarray(a, dtype=np.float32)
+    return a if a.ndim == 2 else a[np.arange(n) % a.shape[0]]
+
+
 def sample(model: StepModel, schedule: Schedule, n: int, *, steps: int, eta: float = 0.0, seed: int = 0,
-           callback=None) -> np.ndarray:
-    """``n`` samples ``(n, C, H, W)`` in [-1, 1]-ish: starting noise and eta noise from
-    ``numpy.random.default_rng(seed)`` (the same numbers on every machine); class-conditional
-    models get labels ``0..9`` in turn, as ``bqc sample`` gives them."""
+           callback=None, context=None, uncond=None, guidance: float = 1.0) -> np.ndarray:
+    """``n`` samples ``(n, C, H, W)`` in [-1, 1]-ish (latents for a latent model): starting noise
+    and eta noise from ``numpy.random.default_rng(seed)`` (the same numbers on every machine);
+    class-conditional models get labels ``0..9`` in turn, as ``bqc sample`` gives them.
+    ``context``: ``(L, D)`` (every sample) or ``(M, L, D)`` (sample i takes row i mod M); with
+    ``uncond`` (``(L, D)`` or ``(1, L, D)``) and ``guidance`` != 1, classifier-free guidance."""
     rng = np.random.default_rng(int(seed))
     x_T = rng.standard_normal((int(n), *model.input_shape), dtype=np.float32)
     y = np.arange(n, dtype=np.int64) % 10 if model.conditional else None
     return ddim(model, x_T, schedule, steps, eta=eta, y=y, callback=callback,
-                noise=lambda shape: rng.standard_normal(shape, dtype=np.float32))
+                noise=lambda shape: rng.standard_normal(shape, dtype=np.float32),
+                context=_per_sample(context, n), uncond=_per_sample(uncond, n), guidance=guidance)
 
 
 # ------------------------------------------------------------------------------ PNG
@@ -468,8 +541,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta: 0 deterministic, 1 stochastic (default: the bundle's sampler default)")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the noise (default 0)")
-    p.add_argument("-o", "--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    p.add_argument("-o", "--out", default=None, help=(
+        "PNG grid to write (default samples.png); a latent model (samples of other than 1 or 3 channels): the "
+        "latents as .npy (default samples.npy), since this runner has no VAE to decode them"))
     p.add_argument("--npy", default=None, help="also save the raw samples (N, C, H, W, float32 in [-1, 1]) as .npy")
+    p.add_argument("--context", default=None, metavar="FILE.npy", help=(
+        "text-conditioned models (required): the prompt embeddings, a float32 (L, D) array (every sample) or "
+        "(N, L, D) (sample i takes row i mod N)"))
+    p.add_argument("--uncond", default=None, metavar="FILE.npy",
+                   help="the empty prompt's embedding, (L, D) or (1, L, D): the unconditional branch of --guidance")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="S", help=(
+        "classifier-free guidance scale: eps_u + S (eps_c - eps_u), each branch its own TBS state; needs "
+        "--uncond (default 1: the prompt branch only)"))
     p.add_argument("--threads", type=int, default=None, help="TVM threads (default: TVM_NUM_THREADS, else TVM's choice)")
     p.add_argument("--scale", type=int, default=4, help="pixel enlargement of the grid (default 4)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output that the runner did not write")
@@ -494,10 +577,59 @@ def _check_out(path: Path, force: bool, what: str) -> None:
                        hint="choose another name, or pass --force to replace it")
 
 
+def _embedding(path, what: str, shape, max_rows: int | None) -> np.ndarray:
+    """A prompt embedding file (``--context`` / ``--uncond``): a float ``.npy`` of ``shape``
+    ``(L, D)`` or ``(N, L, D)`` (``N <= max_rows`` when given), finite, as float32; RunError else."""
+    want = f"(L, D) = {tuple(shape)} or (N, {', '.join(map(str, shape))})"
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise RunError(f"{what} {path}: not a readable .npy array ({str(e)[:200]})",
+                       hint=f"save a float32 array of shape {want} with numpy.save") from None
+    if not isinstance(a, np.ndarray) or a.dtype.kind != "f" or a.ndim not in (2, 3) or tuple(a.shape[-2:]) != tuple(shape) \
+            or (a.ndim == 3 and not 1 <= a.shape[0] <= (max_rows or a.shape[0])) or a.size == 0:
+        raise RunError(f"{what} {path} holds a {getattr(a, 'dtype', '?')} array of shape {getattr(a, 'shape', '?')}; "
+                       f"this model takes text embeddings of shape {want}" + (f" with N <= {max_rows}" if max_rows else ""),
+                       hint="encode the prompt with the text encoder the model was trained with (bqc encode --captions "
+                            "... stores them) and save it with numpy.save")
+    if not np.isfinite(a).all():
+        raise RunError(f"{what} {path} holds NaN or inf values")
+    return a.astype(np.float32)
+
+
+def _conditioning(a, m: dict):
+    """``(context, uncond)`` of the command line for the bundle's manifest ``m``; RunError for a
+    text-conditioned model without ``--context``, or text options for a model that takes none."""
+    model_inputs = _model_inputs(m)
+    shape = m.get("context") if "context" in model_inputs else None
+    if shape is None:
+        if a.context or a.uncond or a.guidance != 1.0:
+            raise RunError("--context / --uncond / --guidance are for text-conditioned models; this bundle's model "
+                           "takes no text embedding", hint="leave them out")
+        return None, None
+    if a.context is None:
+        raise RunError(f"this model is text-conditioned: pass the prompt embeddings with --context FILE.npy, a float32 "
+                       f"array of shape (L, D) = {tuple(shape)} (every sample) or (N, {shape[0]}, {shape[1]}) "
+                       "(sample i takes row i mod N)",
+                       hint="encode the prompt with the text encoder the model was trained with (bqc encode --captions "
+                            "... stores the embeddings) and save it with numpy.save")
+    if not math.isfinite(a.guidance):
+        raise RunError(f"--guidance must be a finite number, got {a.guidance}")
+    if a.guidance != 1.0 and a.uncond is None:
+        raise RunError(f"--guidance {a.guidance:g} needs --uncond FILE.npy (the empty prompt's embedding)",
+                       hint="or use --guidance 1 (no guidance)")
+    context = _embedding(a.context, "--context", shape, None)
+    uncond = _embedding(a.uncond, "--uncond", shape, 1) if a.uncond else None
+    return context, uncond
+
+
 def _run(argv) -> int:
     a = _parser().parse_args(argv)
     d = _bundle_dir(a.dir)
-    defaults = (read_manifest(d).get("sampler") or {}).get("defaults") or {}
+    manifest = read_manifest(d)
+    context, uncond = _conditioning(a, manifest)
+    latent = len(manifest.get("input_shape") or ()) == 3 and manifest["input_shape"][0] not in (1, 3)
+    defaults = (manifest.get("sampler") or {}).get("defaults") or {}
     a.steps = int(defaults.get("steps", 50)) if a.steps is None else a.steps
     a.eta = float(defaults.get("eta", 0.0)) if a.eta is None else a.eta
     for name, v in (("-n", a.n), ("--steps", a.steps), ("--scale", a.scale), ("--threads", a.threads)):
@@ -505,8 +637,13 @@ def _run(argv) -> int:
             raise RunError(f"{name} must be at least 1, got {v}")
     if a.eta < 0:
         raise RunError(f"--eta must be >= 0, got {a.eta}")
-    out = Path(a.out)
-    if out.suffix.lower() != ".png":
+    out = Path(a.out or ("samples.npy" if latent else "samples.png"))
+    if latent and out.suffix.lower() != ".npy":
+        raise RunError(f"-o {out}: this model makes {manifest['input_shape'][0]}-channel latents, which this runner "
+                       "cannot decode to an image (it has no VAE); it writes them as .npy",
+                       hint=f"name it {out.with_suffix('.npy').name}, and decode the latents with the model's VAE "
+                            "(bqc sample --vae decodes and writes a PNG)")
+    if not latent and out.suffix.lower() != ".png":
         raise RunError(f"-o {out}: the sample grid is a PNG file", hint=f"name it {out.with_suffix('.png').name}")
     _check_out(out, a.force, "-o")
     if a.npy:
@@ -518,20 +655,29 @@ def _run(argv) -> int:
     schedule.timesteps(a.steps)  # refuse a bad --steps before any work
     t0 = time.perf_counter()
     tty = sys.stderr.isatty()
-    x = sample(model, schedule, a.n, steps=a.steps, eta=a.eta, seed=a.seed,
-               callback=lambda i, t: tty and print(f"\rstep {i + 1}/{a.steps} (t={t})  ", end="", file=sys.stderr,
+    x = sample(model, schedule, a.n, steps=a.steps, eta=a.eta, seed=a.seed, context=context, uncond=uncond,
+               guidance=a.guidance, callback=lambda i, t: tty and print(f"\rstep {i + 1}/{a.steps} (t={t})  ", end="", file=sys.stderr,
                                                    flush=True))
     if tty:
         print(file=sys.stderr)
     if not np.isfinite(x).all():
         raise RunError("sampling produced NaN/inf values", hint="the model may have diverged; lower an earlier checkpoint")
-    write_png(out, grid(x, nrow=max(1, round(a.n ** 0.5))), scale=a.scale)
+    if latent:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, x)
+    else:
+        write_png(out, grid(x, nrow=max(1, round(a.n ** 0.5))), scale=a.scale)
     if a.npy:
         Path(a.npy).parent.mkdir(parents=True, exist_ok=True)
         np.save(a.npy, x)
     m = model.manifest
-    print(f"wrote {out}: {a.n} samples of {m.get('recipe') or 'a bqc model'} ({m.get('backend')}), "
-          f"DDIM {a.steps} steps, eta {a.eta:g}, seed {a.seed}, {time.perf_counter() - t0:.1f} s")
+    guide = f", guidance {a.guidance:g}" if uncond is not None and a.guidance != 1.0 else ""
+    print(f"wrote {out}: {a.n} {'latents' if latent else 'samples'} of {m.get('recipe') or 'a bqc model'} "
+          f"({m.get('backend')}), DDIM {a.steps} steps, eta {a.eta:g}{guide}, seed {a.seed}, "
+          f"{time.perf_counter() - t0:.1f} s")
+    if latent:
+        print("the runner cannot decode latents: decode them with the model's VAE (z / scaling_factor, then the "
+              "decoder)")
     return 0
 
 

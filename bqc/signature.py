@@ -17,7 +17,8 @@ Every bqc graph (captured, QAT, deploy) and every lowered bundle is called the s
 :meth:`Signature.step_args` builds the positional list and :meth:`Signature.split_outputs`
 splits the result: :class:`bqc.graph.BqcModel`, the QAT loop, :func:`bqc.deploy.example_inputs`
 and the lowering use them. :meth:`Signature.to_json` is the one JSON form, in every manifest
-(artifact ``bqc.json``, ``deploy.json``, a bundle's ``manifest.json``, ONNX ``export.json``);
+(artifact ``bqc.json``, ``deploy.json``, a bundle's ``manifest.json``, ONNX ``export.json``;
+``context``: ``[L, D]`` of a text-conditioned model, from the graph's ``gm.meta["bqc"]["context"]``);
 :meth:`Signature.from_json` also reads the older forms (no ``state_flag``; ONNX's ``state``
 block). The bundle runner (:mod:`bqc.run`, stdlib + numpy only) reads the same JSON keys.
 """
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 #: the JSON keys of the signature (flat, as in every manifest), in the order they are written
-JSON_KEYS = ("inputs", "outputs", "input_shape", "conditional", "state_inputs", "state_outputs", "state_flag")
+JSON_KEYS = ("inputs", "outputs", "input_shape", "conditional", "context", "state_inputs", "state_outputs",
+             "state_flag")
 #: the model inputs every UNet step takes, before its conditioning inputs
 BASE_INPUTS = ("x", "t")
 
@@ -40,11 +42,14 @@ class Signature:
     ``("x", "t", "context")``, ``("x", "t", "context", "y")``);
     ``state_inputs`` / ``state_outputs``: the TBS cache inputs and feature outputs as their JSON
     dicts (``name``, ``shape`` for inputs; ``block`` / ``node`` where recorded), in order;
-    ``state_flag``: the flag input's name (None without TBS state)."""
+    ``state_flag``: the flag input's name (None without TBS state); ``context``: the per-row
+    shape ``(L, D)`` of the text embedding a text-conditioned model takes (None for other models,
+    and for manifests written before it was recorded)."""
 
     model_inputs: tuple[str, ...] = BASE_INPUTS
     input_shape: tuple[int, ...] = ()
     conditional: bool = False
+    context: tuple[int, int] | None = None
     state_inputs: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     state_outputs: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     state_flag: str | None = None
@@ -103,9 +108,11 @@ class Signature:
 
     # --- JSON (every manifest) ---------------------------------------------------------------
     def to_json(self) -> dict:
-        """The flat JSON form every manifest holds (:data:`JSON_KEYS`)."""
+        """The flat JSON form every manifest holds (:data:`JSON_KEYS`); ``context`` is ``[L, D]``
+        for a text-conditioned model, absent for others (so their manifests are unchanged)."""
         return {"inputs": list(self.inputs), "outputs": list(self.outputs),
                 "input_shape": list(self.input_shape), "conditional": self.conditional,
+                **({"context": list(self.context)} if self.context is not None else {}),
                 "state_inputs": [_plain(s) for s in self.state_inputs],
                 "state_outputs": [_plain(s) for s in self.state_outputs],
                 "state_flag": self.state_flag}
@@ -127,9 +134,11 @@ class Signature:
         if state_in and flag is None:  # older manifests: the flag is the last input
             flag = names[-1] if len(names) > len(state_in) + 2 else "tbs_flag"
         skip = {s["name"] for s in state_in} | ({flag} if flag else set())
+        ctx = d.get("context")
         return cls(model_inputs=tuple(n for n in names if n not in skip),
                    input_shape=tuple(int(v) for v in d.get("input_shape") or ()),
-                   conditional=bool(d.get("conditional")), state_inputs=state_in, state_outputs=state_out,
+                   conditional=bool(d.get("conditional")),
+                   context=(int(ctx[0]), int(ctx[1])) if ctx else None, state_inputs=state_in, state_outputs=state_out,
                    state_flag=flag if state_in else None)
 
     # --- from a graph -----------------------------------------------------------------------

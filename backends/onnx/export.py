@@ -16,8 +16,11 @@ nodes and names tensors. Two forms:
   float weights followed by a per-channel ``Mul`` (integer-valued operands keep the float32
   accumulation exact below 2^24). onnxruntime runs it.
 
-Both keep the deploy graph's signature: inputs ``x, t[, y], tbs_cache_*, tbs_flag``, outputs
-``eps, tbs_feat_*``, batch dimension dynamic (``tbs_flag`` is a scalar).
+Both keep the deploy graph's signature: inputs ``x, t[, context][, y], tbs_cache_*, tbs_flag``
+(``context``: a text-conditioned model's embedding ``(N, L, D)``; ``export.json`` records its
+``[L, D]``), outputs ``eps, tbs_feat_*``, batch dimension dynamic (``tbs_flag`` is a scalar).
+The export and its onnxruntime check use seeded inputs (:func:`bqc.deploy.step_inputs`,
+``context`` included).
 """
 from __future__ import annotations
 

@@ -21,12 +21,14 @@ The output folder is a self-contained bundle (docs/deploy.md): it loads with the
 numpy only (:func:`bqc.backends.runtime.load_compiled` here; ``python3 run.py`` on a board), and
 its manifest holds no host paths: the source is recorded by folder name and content hashes
 (:func:`_source_record`, from the deploy artifact's manifest), next to everything sampling needs (the diffusion schedule with
-its betas, the sampler defaults, the TBS state signature). The tools a backend needs are checked
+its betas, the sampler defaults, the TBS state signature, a text-conditioned model's ``context``
+``[L, D]``: the step takes ``context`` as its third input, seeded Gaussian at export). The tools a backend needs are checked
 before any work (:func:`check_tools`), and the bundle is written in a staging folder that is
 moved into place at the end (:func:`staged_output`): a failed run leaves nothing behind.
 
 ``bench(dir, threads=None, teacher=None) -> dict`` times the compiled step against PyTorch FP32
-eager of the FP teacher at the same batch and thread count; the caller resolves the teacher
+eager of the FP teacher at the same batch and thread count (both on the same seeded inputs,
+``context`` included); the caller resolves the teacher
 (``bqc bench``: :func:`bqc.teacher.resolve_teacher`, by the zoo name the bundle records or
 ``--teacher``), the backend loads no artifact.
 """
@@ -408,16 +410,26 @@ def _time(fn, repeat: int, warmup: int = 2) -> float:
     return float(np.median(ts))
 
 
-def step_inputs(model, seed: int = 0):
-    """Seeded random (x, t, y) at a compiled model's batch, and the VM's raw argument list."""
+def step_feed(model, seed: int = 0):
+    """Seeded random model inputs at a compiled model's batch (``{"x", "t"[, "y"][, "context"]}``,
+    torch tensors: what the FP teacher is called with too) and the VM's raw argument list."""
     import torch
 
     b = model.batch
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, *model.input_shape, generator=g)
-    t = torch.randint(0, 1000, (b,), generator=g)
-    y = torch.zeros(b, dtype=torch.long) if model.conditional else None
-    return x, t, y, model.raw_inputs(x, t, y, state=None)
+    feed = {"x": torch.randn(b, *model.input_shape, generator=g), "t": torch.randint(0, 1000, (b,), generator=g)}
+    if model.conditional:
+        feed["y"] = torch.zeros(b, dtype=torch.long)
+    if model.context is not None:
+        feed["context"] = torch.randn(b, *model.context, generator=g)
+    return feed, model.raw_inputs(**feed, state=None)
+
+
+def step_inputs(model, seed: int = 0):
+    """:func:`step_feed` as ``(x, t, y, raw args)`` (``y`` None for unconditional models; a
+    text-conditioned model's context is in the raw args only: use :func:`step_feed`)."""
+    feed, args = step_feed(model, seed)
+    return feed["x"], feed["t"], feed.get("y"), args
 
 
 #: ``bench``'s note when it is given no teacher
@@ -452,6 +464,10 @@ def bench(dir, threads: int | None = None, *, teacher=None, repeat: int = 10, pr
     if fp is not None and tuple(getattr(fp, "input_shape", man["input_shape"])) != tuple(man["input_shape"]):
         raise BqcError(f"the teacher ({desc}) takes inputs of shape {tuple(fp.input_shape)}; {d} was compiled "
                        f"for {tuple(man['input_shape'])}", hint="pass the model this library was lowered from")
+    want_ctx = Signature.from_json(man).context
+    if fp is not None and getattr(fp, "context", want_ctx) != want_ctx:
+        raise BqcError(f"the teacher ({desc}) takes text embeddings of shape {fp.context}; {d} was compiled for "
+                       f"{want_ctx}", hint="pass the model this library was lowered from")
     threads = int(threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
     import tvm
@@ -460,7 +476,7 @@ def bench(dir, threads: int | None = None, *, teacher=None, repeat: int = 10, pr
     torch.set_num_threads(threads)
     model = load_compiled(d)
     b = model.batch
-    x, t, y, args = step_inputs(model)
+    feed, args = step_feed(model)
     vm_main = model.vm["main"]
     bqc_ms = _time(lambda: vm_main(*args), repeat)
     res = {"backend": man["backend"], "threads": threads, "tvm_threads": tvm_threads,
@@ -472,7 +488,7 @@ def bench(dir, threads: int | None = None, *, teacher=None, repeat: int = 10, pr
             p.requires_grad_(False)
         n_fp = sum(p.numel() for p in fp.parameters())
         with torch.no_grad():
-            fp_ms = _time(lambda: fp(x, t, y), repeat)
+            fp_ms = _time(lambda: fp(**feed), repeat)
         res.update(torch_fp32_ms=fp_ms, speedup=fp_ms / bqc_ms, fp32_size_mb=4 * n_fp / 2**20)
     res["size_mb"] = man["sizes"]["total_bytes"] / 2**20
     if profile:

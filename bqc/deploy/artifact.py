@@ -36,8 +36,10 @@ the file names except what these allowlists hold:
 Anything else (an unknown op or class, an unexpected attribute, a tensor that does not fit, a
 corrupt file) is a :class:`~bqc.errors.BqcError` (exit 2) before anything runs.
 :data:`ATEN_OPS` is frozen: the ops of the deploy graphs of the zoo models (mnist16,
-ddim-cifar10, ldm4-bedrooms) under every recipe, found by :func:`graph_functions` over their
-transformed graphs (folding rewrites modules only, never ATen ops). A model that needs another
+ddim-cifar10, ldm4-bedrooms) and of the text-conditioned UNets of both families (LDM
+SpatialTransformer, diffusers UNet2DConditionModel; tests/test_text2img.py's tiny configs) under
+every recipe, found by :func:`graph_functions` over their transformed graphs (folding rewrites
+modules only, never ATen ops). A model that needs another
 op is refused by :meth:`DeployArtifact.save` with the op's name.
 """
 from __future__ import annotations
@@ -82,6 +84,10 @@ ATEN_OPS = (
     "aten.silu.default", "aten.sin.default", "aten.slice.Tensor", "aten.softmax.int", "aten.split.Tensor",
     "aten.squeeze.dim", "aten.sym_size.int", "aten.to.dtype", "aten.to.dtype_layout", "aten.transpose.int",
     "aten.unsqueeze.default", "aten.upsample_nearest2d.vec",
+    # text-conditioned UNets (LDM SpatialTransformer, diffusers Transformer2DModel; issue 16)
+    "aten._softmax.default", "aten.chunk.default", "aten.contiguous.default", "aten.expand.default",
+    "aten.gelu.default", "aten.layer_norm.default", "aten.matmul.default", "aten.permute.default",
+    "aten.view.default",
 )
 #: Python operators a saved deploy graph may call
 OPERATORS = (operator.getitem, operator.mul)
@@ -621,10 +627,18 @@ def _check_meta(meta, graph: fx.Graph) -> dict:
               and all(type(d) is int and d > 0 for d in shape) and type(meta.get("conditional")) is bool
               and all(type(s) is dict and type(s.get("name")) is str and type(s.get("shape")) is list
                       and all(type(d) is int and d > 0 for d in s["shape"]) for s in meta.get("state_inputs") or [])
-              and all(type(s) is dict and type(s.get("name")) is str for s in meta.get("state_outputs") or []))
+              and all(type(s) is dict and type(s.get("name")) is str for s in meta.get("state_outputs") or [])
+              and _context_ok(meta.get("context"), "context" in placeholders))
     if not ok:
         raise BqcError(f"{DEPLOY_JSON}: the graph's signature annotations are missing or inconsistent")
     return meta
+
+
+def _context_ok(ctx, takes_context: bool) -> bool:
+    """A text-conditioned graph (a ``context`` input) records its ``[L, D]``; no other graph does."""
+    if not takes_context:
+        return ctx is None
+    return type(ctx) is list and len(ctx) == 2 and all(type(d) is int and d > 0 for d in ctx)
 
 
 def _graph_module(root: nn.Module, graph: fx.Graph, meta: dict) -> fx.GraphModule:

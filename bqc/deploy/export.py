@@ -1,6 +1,7 @@
 """A deploy graph's hand-off to compilers, and what a QAT graph needs before it can be folded.
 
-* :func:`step_inputs`: a graph step's example arguments in order (x, t[, y], TBS caches, flag);
+* :func:`step_inputs`: a graph step's example arguments in order (x, t[, context][, y], TBS
+  caches, flag; ``context`` a seeded Gaussian ``(batch, L, D)`` for text-conditioned graphs);
 * :func:`export_program`: ``torch.export`` of a deploy graph (dynamic batch), each integer
   core one ``bqc.*`` node: what the TVM lowering imports;
 * :func:`uncalibrated` / :func:`calibrate`: an untrained QAT graph's activation quantizers
@@ -47,7 +48,8 @@ def calibrate(gm: fx.GraphModule, data: str, *, manifest: dict | None = None, n:
 
     ``data``: a data set (``mnist16`` or an image folder, as ``bqc train --data``): ``n`` training
     images, noised to uniformly drawn timesteps of the model's own schedule (as training sees
-    them), in one forward pass. ``"random"``: one batch of 2 Gaussian inputs, for speed
+    them), in one forward pass (a text-conditioned model takes the data's ``context`` rows of
+    those images: a latents file). ``"random"``: one batch of 2 Gaussian inputs, for speed
     measurements and smoke tests only (the steps it sets mean nothing).
     """
     from bqc.graph import BqcModel
@@ -55,8 +57,9 @@ def calibrate(gm: fx.GraphModule, data: str, *, manifest: dict | None = None, n:
     model = BqcModel(gm)
     gm.eval()
     if data == "random":
+        feed = model_feed(model.signature, 2, torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            model(*step_inputs(gm, batch=2, seed=seed)[:2])
+            model(**{k: v for k, v in feed.items() if k in model.signature.model_inputs})
         return "random (2 Gaussian inputs; for speed measurements only)"
     from bqc.data import load_dataset
     from bqc.diffusion.schedule import NoiseSchedule, q_sample
@@ -71,25 +74,48 @@ def calibrate(gm: fx.GraphModule, data: str, *, manifest: dict | None = None, n:
     x0 = ds.images[idx]
     t = torch.randint(0, sched.T, (len(idx),), generator=g)
     x_t = q_sample(sched, x0, t, torch.randn(x0.shape, generator=g))
-    y = None
+    y, cond = None, {}
     if model.conditional:
         y = ds.labels[idx] if ds.labels is not None else torch.zeros(len(idx), dtype=torch.long)
+    if model.context is not None:
+        if getattr(ds, "context", None) is None:
+            raise BqcError(f"this model is text-conditioned; calibration data {data!r} has no text embeddings",
+                           hint="calibrate on a latents file with 'context' (bqc encode --captions/--context)")
+        if tuple(ds.context.shape[1:]) != model.context:
+            raise BqcError(f"calibration data {data!r} has text embeddings of shape {tuple(ds.context.shape[1:])}, "
+                           f"the model takes {model.context}")
+        cond["context"] = ds.context[idx].float()
     with torch.no_grad():
-        model(x_t, t, y)
+        model(x_t, t, y, **cond)
     return f"{data} ({len(idx)} training images at random timesteps)"
+
+
+def model_feed(sig: Signature, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Seeded example *model inputs* by name (``x``, ``t``, ``context`` of a text-conditioned
+    model, ``y``): what :func:`step_inputs` and random calibration feed. ``context`` (Gaussian,
+    ``(batch, L, D)``) is drawn only for a model that takes it, so other models' inputs are those
+    of earlier versions for the same seed."""
+    feed = {"x": torch.randn(batch, *sig.input_shape, generator=g),
+            "t": torch.randint(0, 1000, (batch,), generator=g)}
+    if "context" in sig.model_inputs:
+        if sig.context is None:
+            raise BqcError("this graph takes a text embedding 'context' but records no (L, D) shape for it",
+                           hint="transform the model again with this bqc version")
+        feed["context"] = torch.randn(batch, *sig.context, generator=g)
+    feed["y"] = torch.zeros(batch, dtype=torch.long)
+    return feed
 
 
 def step_inputs(gm: fx.GraphModule, batch: int = 1, seed: int = 0, state: bool = True) -> list[torch.Tensor]:
     """Seeded example arguments of a graph's *step* in graph order (:class:`bqc.signature.Signature`):
-    x, t[, y], TBS caches (random and flag 1 if ``state``, else zeros and flag 0). Not the
-    model's own example inputs (``bqc.frontend.example_inputs``: ``(x, t[, y])`` of a source
-    model, before any graph exists)."""
+    x, t[, context][, y], TBS caches (random and flag 1 if ``state``, else zeros and flag 0). Not
+    the model's own example inputs (``bqc.frontend.example_inputs``: ``(x, t[, context][, y])`` of
+    a source model, before any graph exists)."""
     sig = Signature.of(gm)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *sig.input_shape, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
+    feed = model_feed(sig, batch, g)
     caches = [torch.randn(batch, *s["shape"], generator=g) for s in sig.state_inputs] if state else None
-    return sig.step_args({"x": x, "t": t, "y": torch.zeros(batch, dtype=torch.long)}, caches, error=BqcError,
+    return sig.step_args(feed, caches, error=BqcError,
                          zeros=lambda shape: torch.zeros(batch, *shape), flag=torch.tensor)
 
 
@@ -102,8 +128,8 @@ def export_program(gm: fx.GraphModule, args: list[torch.Tensor] | None = None, *
 
     The integer cores stay single nodes (``bqc.sign_pack.default``, ``bqc.binary_conv2d.default``,
     ...; see :mod:`bqc.deploy.ops`); everything else is ATen. ``args`` defaults to
-    ``step_inputs(gm, batch=2)``; the batch dimension is dynamic unless
-    ``dynamic_batch=False``.
+    ``step_inputs(gm, batch=2)``; the batch dimension of every input but the TBS flag (``x``,
+    ``t``, ``context``, ``y``, the caches) is dynamic unless ``dynamic_batch=False``.
     """
     if not is_deployed(gm):
         raise BqcError("export_program takes a deploy graph", hint="fold it first: bqc.deploy.to_deploy(gm)")
