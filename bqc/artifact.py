@@ -132,12 +132,14 @@ def read_manifest(path: str | Path) -> dict:
     return m
 
 
-def build_graph(base_ep, recipe, wbits: int, abits: int, *, dump_dir=None, check: bool = True):
-    """Capture form -> annotated graph -> recipe passes. Returns (gm, ctx)."""
+def build_graph(base_ep, recipe, wbits: int, abits: int, *, dump_dir=None, check: bool = True, schedule=None):
+    """Capture form -> annotated graph -> recipe passes. Returns (gm, ctx). ``schedule``: the
+    model's diffusion process (a NoiseSchedule), for the passes that read it."""
     from bqc.pipeline import PassManager
 
     gm = ir.from_exported(base_ep)
     ctx = recipe.context(wbits, abits)
+    ctx.schedule = schedule
     gm = PassManager(recipe.build(), dump_dir=dump_dir, check=check).run(gm, ctx)
     return gm, ctx
 
@@ -152,7 +154,10 @@ def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Art
     base = require_file(path / "base.pt2", "artifact base program")
     base_ep = load_exported(base)  # vetted: never unpickles, never loads native code
     recipe = Recipe.from_dict(manifest["recipe"])
-    gm, _ = build_graph(base_ep, recipe, manifest["wbits"], manifest["abits"])
+    from bqc.diffusion.schedule import NoiseSchedule
+
+    gm, _ = build_graph(base_ep, recipe, manifest["wbits"], manifest["abits"],
+                        schedule=NoiseSchedule.from_manifest(manifest))
     sd = load_safetensors(weights or path / "model.safetensors")
     missing, unexpected = gm.load_state_dict(sd, strict=False)
     if missing or unexpected:

@@ -42,7 +42,7 @@ def transform(src: frontend.ModelSource, recipe: str | Recipe, *, wbits=None, ab
     ep = frontend.capture(src)
     ctx = r.context(wbits, abits)
     r = Recipe.from_dict({**r.to_dict(), "wbits": ctx.wbits, "abits": ctx.abits})
-    gm, ctx = artifact.build_graph(ep, r, ctx.wbits, ctx.abits, dump_dir=dump_dir)
+    gm, ctx = artifact.build_graph(ep, r, ctx.wbits, ctx.abits, dump_dir=dump_dir, schedule=sched)
     return TransformResult(src, ep, gm, r, ctx, sched, where)
 
 

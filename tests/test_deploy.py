@@ -14,6 +14,7 @@ from conftest import TINY_CONFIG
 from bqc import artifact, frontend, ir
 from bqc import deploy as D
 from bqc.backends.onnx import example_inputs
+from bqc.diffusion.schedule import NoiseSchedule
 from bqc.errors import BqcError
 from bqc.graph import BqcModel
 from bqc.pipeline import load_recipe
@@ -65,7 +66,7 @@ def qat(model: str, recipe: str, stage2: bool = False, calibrate: bool = True):
     key = (model, recipe, stage2, calibrate)
     if key not in _QAT:
         rec = load_recipe(recipe)
-        gm, _ = artifact.build_graph(program(model), rec, rec.wbits, rec.abits)
+        gm, _ = artifact.build_graph(program(model), rec, rec.wbits, rec.abits, schedule=NoiseSchedule())
         gm.eval()
         if calibrate:
             with torch.no_grad():

@@ -23,7 +23,7 @@ from bqc.errors import BqcError
 from bqc.pipeline import load_recipe
 from clirun import run_cli
 
-RECIPES = ("bidm", "binarydm")
+RECIPES = ("bidm", "binarydm", "bidm-skip")  # bidm-skip: OutputSkip in a deploy graph
 _SAVED: dict = {}
 
 

@@ -291,3 +291,38 @@ def test_model_without_convs():
     src = frontend._from_module(MLP(), "pickle", "no-conv toy")
     with pytest.raises(BqcError, match="no conv"):
         _run(src, "baseline")
+
+
+# output_skip ---------------------------------------------------------------------------------
+def test_output_skip_golden_and_formula(tiny_source, golden):
+    """bidm-skip = bidm + output_skip: the graph's eps is ``sqrt(1-abar_t) x + sqrt(abar_t) F``
+    with F the bidm graph's output (same weights), the tables are the schedule's, and the FP
+    tables are counted as the pass's parameters."""
+    from bqc.diffusion.schedule import NoiseSchedule
+
+    plain, skip = _run(tiny_source, "bidm").gm, _run(tiny_source, "bidm-skip").gm
+    golden("output_skip", ir.dump(skip))
+    skip.load_state_dict(plain.state_dict(), strict=False)
+    abar = torch.as_tensor(NoiseSchedule().alphas_cumprod, dtype=torch.float64)
+    c_in, c_out = (1 - abar).sqrt().float(), abar.sqrt().float()
+    assert torch.equal(skip.output_skip.c_in, c_in) and torch.equal(skip.output_skip.c_out, c_out)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        f, _ = BqcModel(plain)(x, t)
+        eps, _ = BqcModel(skip)(x, t)
+    assert torch.allclose(eps, c_in[t].view(-1, 1, 1, 1) * x + c_out[t].view(-1, 1, 1, 1) * f, atol=1e-5)
+    node = next(n for n in skip.graph.nodes if n.name == "output_skip")
+    assert ir.info(node)["kind"] == "output_skip" and ir.info(node)["params"] == 2000
+    assert list(skip.graph.output_node().args[0])[0] is node
+
+
+def test_output_skip_refuses_other_predictions_and_a_second_run(tiny_source):
+    with pytest.raises(BqcError, match="eps-prediction"):
+        _run(tiny_source, "bidm-skip", prediction="v")
+    gm = _run(tiny_source, "bidm-skip").gm
+    ctx = PassContext()
+    with pytest.raises(BqcError, match="diffusion schedule"):
+        get_pass("output_skip")().run(gm, ctx)
+    ctx.schedule = tf.frontend.diffusion_of(tiny_source)[0]
+    with pytest.raises(BqcError, match="twice"):
+        get_pass("output_skip")().run(gm, ctx)

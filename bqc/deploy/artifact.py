@@ -111,6 +111,7 @@ MODULES: dict[str, tuple[type, dict, tuple[str, ...], dict[str, tuple[str, ...]]
                  ("scale", "proj"), {}),
     "RPReLU": (M.RPReLU, {"ch_axis": int}, ("gamma", "slope", "zeta"), {}),
     "TBSBlend": (M.TBSBlend, {"groups": int, "timesteps": int}, ("alpha",), {}),
+    "OutputSkip": (M.OutputSkip, {}, ("c_in", "c_out"), {}),
     "BinaryConv2d": (M.BinaryConv2d, _CONV, ("bias", "w_packed", "w_scale"), _CONV_PARTS),
     "IntConv2d": (M.IntConv2d, {**_CONV, "w_bits": int}, ("bias", "w_codes", "w_scale"), _CONV_PARTS),
     "FloatConv2d": (M.FloatConv2d, _CONV, ("bias", "weight"), _CONV_PARTS),

@@ -20,6 +20,8 @@ Before / after folding (one BiDM W1A1 conv)::
 ``FloatLinear``    the quantizer switched off (``quant_active`` False at fold time).
 ``IntMatmul``      activation x activation product (attention) on integer codes.
 ``TBSBlend``       BiDM cross-timestep blend ``F + flag * a[g(t)] * (cache - F)``.
+``OutputSkip``     ``eps = c_in[t] x + c_out[t] F`` (pass ``output_skip``; the same module in
+                   QAT and deploy graphs: two fixed float32 tables, no parameters).
 =================  ======================================================================
 
 Every layer is ``y = epilogue(x, core(x))``:
@@ -244,6 +246,38 @@ class TBSBlend(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, timesteps={self.timesteps}"
+
+
+class OutputSkip(nn.Module):
+    """``eps = c_in[t] * x + c_out[t] * F``: the real-valued input-to-output path of the
+    ``output_skip`` pass, with ``c_in = sqrt(1 - abar_t)``, ``c_out = sqrt(abar_t)`` of the model's
+    schedule (``T`` entries each; ``t`` is clamped to ``[0, T)``)."""
+
+    bqc_kind = "output_skip"
+
+    def __init__(self, c_in: torch.Tensor, c_out: torch.Tensor):
+        super().__init__()
+        if c_in.shape != c_out.shape or c_in.dim() != 1:
+            raise BqcError(f"OutputSkip tables must be two vectors of one length, got {tuple(c_in.shape)} "
+                           f"and {tuple(c_out.shape)}")
+        self.register_buffer("c_in", c_in.detach().clone().float())
+        self.register_buffer("c_out", c_out.detach().clone().float())
+
+    @classmethod
+    def from_alphas_cumprod(cls, abar) -> "OutputSkip":
+        abar = torch.as_tensor(abar, dtype=torch.float64)
+        return cls((1.0 - abar).sqrt(), abar.sqrt())
+
+    def forward(self, f: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        idx = t.long().clamp(0, self.c_in.shape[0] - 1)
+        shape = (-1, *([1] * (f.dim() - 1)))
+        return self.c_in[idx].view(shape).to(x.dtype) * x + self.c_out[idx].view(shape).to(f.dtype) * f
+
+    def describe(self) -> dict:
+        return {"op": "OutputSkip", "timesteps": int(self.c_in.shape[0])}
+
+    def extra_repr(self) -> str:
+        return f"T={self.c_in.shape[0]}"
 
 
 # ---------------------------------------------------------------------------------------------
