@@ -78,7 +78,9 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
 
 
 def _bqc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # wide console: the checks look for paths and names in the message, which an 80-column console
+    # folds mid-word when a path is long (pytest-xdist's tmp paths are)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
     return subprocess.run([sys.executable, "-m", "bqc", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
