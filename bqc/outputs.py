@@ -12,8 +12,9 @@ calls :func:`check_output` before doing any work. The rule:
   refused unless ``--force``; bqc then writes and replaces only the files it names itself
   (:data:`OWN_FILES`) and never deletes anything else;
 * an existing **file** output (``sample -o grid.png``, ``--npz``) is fine when bqc wrote it
-  (bqc marks its PNGs with a ``Software: bqc`` text chunk and its NPZs with a zip comment);
-  any other existing file needs ``--force``;
+  (bqc marks its PNGs with a ``Software: bqc`` text chunk and its NPZs with a zip comment; its
+  latents files, ``bqc encode`` and latent ``bqc sample``, carry ``format: bqc-latents`` in their
+  safetensors metadata); any other existing file needs ``--force``;
 * a file is never replaced by a folder, nor a folder by a file (``--force`` or not).
 
 Refusals are :class:`~bqc.errors.BqcError` (exit code 2).
@@ -92,14 +93,25 @@ def output_kind(path) -> str | None:
     return None
 
 
+#: the ``format`` a safetensors file bqc writes records in its metadata (bqc.data.LATENTS_FORMAT)
+SAFETENSORS_FORMATS = ("bqc-latents",)
+_MAX_HEADER = 1 << 24  # a safetensors header larger than this is not one bqc wrote
+
+
 def is_bqc_file(path) -> bool:
-    """True for a PNG or NPZ that bqc wrote (see the module docstring)."""
+    """True for a PNG, NPZ or latents safetensors file that bqc wrote (see the module docstring)."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
             head = f.read(8)
             if head == b"\x89PNG\r\n\x1a\n":
                 return _png_marked(p)
+            if p.suffix == ".safetensors" and len(head) == 8:
+                n = int.from_bytes(head, "little")
+                if 0 < n <= _MAX_HEADER:
+                    meta = json.loads(f.read(n)).get("__metadata__") or {}
+                    return isinstance(meta, dict) and meta.get("format") in SAFETENSORS_FORMATS
+                return False
         if head[:2] == b"PK":
             import zipfile
 

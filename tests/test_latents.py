@@ -284,3 +284,23 @@ def test_context_len_option(tmp_path, capsys):
     assert code == 2 and "not text-conditioned" in " ".join(err.split()), err
     code, _, err = run_cli(["transform", "mnist16", "--context-len", "0", "-o", tmp_path / "a"], capsys)
     assert code == 2 and "at least 1" in " ".join(err.split()), err
+
+
+def test_latents_files_bqc_wrote_may_be_replaced_others_not(tmp_path):
+    """A latents file bqc wrote (``format: bqc-latents`` in its metadata) is bqc's output, so
+    re-running `bqc encode` / a latent `bqc sample` replaces it; any other safetensors file (or a
+    damaged header) needs --force."""
+    from bqc.outputs import SAFETENSORS_FORMATS, check_output, is_bqc_file
+
+    assert LATENTS_FORMAT in SAFETENSORS_FORMATS
+    ours = _latents_file(tmp_path / "ours.safetensors")
+    assert is_bqc_file(ours) and check_output(ours, "file") == ours
+    theirs = tmp_path / "theirs.safetensors"
+    save_file({"latents": torch.zeros(1, 4, 8, 8)}, str(theirs), metadata={"format": "pt"})
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((2**40).to_bytes(8, "little") + b"{}")
+    for p in (theirs, bad):
+        assert not is_bqc_file(p)
+        with pytest.raises(BqcError, match="--force"):
+            check_output(p, "file")
+    assert check_output(theirs, "file", force=True) == theirs
