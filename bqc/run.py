@@ -223,8 +223,11 @@ class StepModel:
         """The arguments of ``main`` (numpy) for exactly ``batch`` rows: the calling convention of
         ``bqc.signature.Signature.step_args``, read from the manifest's signature keys (written
         by ``Signature.to_json``; this runner imports no bqc module)."""
+        return self._args(self._feed(x, t, y, context, self.batch), state)
+
+    def _args(self, feed: dict, state) -> list:
+        """``main``'s arguments from model inputs already shaped to ``batch`` rows (:meth:`_feed`)."""
         b = self.batch
-        feed = self._feed(x, t, y, context, b)
         args = [feed[name] for name in self.model_inputs]
         if self.state_specs:
             if state is None:
@@ -255,9 +258,8 @@ class StepModel:
                     a = np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)], axis=0)
                 return a
 
-            part = {k: cut(v) for k, v in feed.items()}
-            outs = self._call(self.inputs(part["x"], part["t"], part.get("y"),
-                                          None if state is None else [cut(s) for s in state], part.get("context")))
+            outs = self._call(self._args({k: cut(v) for k, v in feed.items()},
+                                         None if state is None else [cut(s) for s in state]))
             eps_parts.append(outs[0][: j - i])
             state_parts.append([o[: j - i] for o in outs[1:]])
         eps = np.concatenate(eps_parts, axis=0)

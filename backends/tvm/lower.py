@@ -415,13 +415,11 @@ def step_feed(model, seed: int = 0):
     torch tensors: what the FP teacher is called with too) and the VM's raw argument list."""
     import torch
 
-    b = model.batch
-    g = torch.Generator().manual_seed(seed)
-    feed = {"x": torch.randn(b, *model.input_shape, generator=g), "t": torch.randint(0, 1000, (b,), generator=g)}
-    if model.conditional:
-        feed["y"] = torch.zeros(b, dtype=torch.long)
-    if model.context is not None:
-        feed["context"] = torch.randn(b, *model.context, generator=g)
+    from bqc.deploy.export import model_feed
+
+    sig = Signature.from_json(model.manifest)
+    feed = model_feed(sig, model.batch, torch.Generator().manual_seed(seed))  # the deploy graph's example inputs
+    feed = {k: v for k, v in feed.items() if k in sig.model_inputs}
     return feed, model.raw_inputs(**feed, state=None)
 
 
