@@ -444,6 +444,7 @@ def pretrain(
     "bqc train art --data mnist16 --steps 1000 -o run",
     "bqc train art --data mnist16 --steps 2000 -o run --resume run   # continue to 2000 steps in total",
     "bqc train art --steps 500 --lr 2e-4 --threads 1 -o run 2> train.log",
+    "bqc train art --steps 2000 --lr 1e-4 --lr-schedule cosine -o run   # decay the lr to 0 at step 2000",
     "torchrun --nproc_per_node 2 -m bqc train art --steps 1000 --batch 64 -o run",
     "bqc train sd-art --data latents.safetensors --steps 1000 -o run   # text-conditioned: latents + context (bqc encode)"))
 def train(
@@ -459,6 +460,8 @@ def train(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default: the recipe's, else 0)"),
     grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="max global gradient norm, 0 = no clipping (default: the recipe's, else 1.0); with --resume, --lr / --grad-clip may differ from the run's (recorded as a change at that step)"),
     warmup: int = typer.Option(50, "--warmup", help="linear learning-rate warm-up, in optimizer steps"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant, or cosine: decay from the peak lr after the warm-up to --min-lr-ratio x lr at --steps (default: the recipe's [train] lr_schedule, else constant)"),
+    min_lr_ratio: Optional[float] = typer.Option(None, "--min-lr-ratio", help="cosine: the last step's lr as a fraction of the peak (default: the recipe's, else 0)"),
     ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights (0 disables); warmed up as min(decay, (1+k)/(10+k)) at update k"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="write a checkpoint every this many steps (and at the end and on Ctrl-C)"),
     sample_steps: int = typer.Option(50, "--sample-steps", help="sampler steps the model is trained for (BiDM's TBS gap d = 1000/steps)"),
@@ -484,6 +487,7 @@ def train(
     _check_fresh_run(out, resume is not None)
     _use_threads(threads)
     opts = QATOptions(steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, warmup=warmup, ema_decay=ema or None,
+                      lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
                       checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,
                       resize=resize, progress=not quiet, cond_drop=cond_drop)
     try:

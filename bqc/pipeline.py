@@ -202,6 +202,8 @@ TRAIN_KEYS = {
     "lr": (float, "peak learning rate (bqc train --lr overrides)"),
     "weight_decay": (float, "AdamW weight decay (--weight-decay overrides)"),
     "grad_clip": (float, "max global grad norm, 0 = none"),
+    "lr_schedule": (str, "\"constant\" or \"cosine\" (to min_lr_ratio x lr at the last step; --lr-schedule overrides)"),
+    "min_lr_ratio": (float, "cosine: the last step's lr as a fraction of the peak"),
 }
 
 

@@ -109,6 +109,15 @@ def test_recipe_hyperparameters_resolve(tmp_path):
     assert resolved_hparams(train, QATOptions(steps=1)) == {"lr": 2e-4, "weight_decay": 0.01, "grad_clip": 1.0}
     assert resolved_hparams(train, QATOptions(steps=1, lr=5e-5))["lr"] == 5e-5  # the command line wins
     assert resolved_hparams({}, QATOptions(steps=1))["lr"] == 1e-4
+    # the lr schedule: the recipe's, overridden by the command line; absent when constant (old runs resume)
+    cos = {"lr": 1e-4, "lr_schedule": "cosine", "min_lr_ratio": 0.1}
+    assert resolved_hparams(cos, QATOptions(steps=1)) == {**cos, "weight_decay": 0.0, "grad_clip": 1.0}
+    assert "lr_schedule" not in resolved_hparams(cos, QATOptions(steps=1, lr_schedule="constant"))
+    assert resolved_hparams({}, QATOptions(steps=1, lr_schedule="cosine"))["min_lr_ratio"] == 0.0
+    with pytest.raises(BqcError, match="lr schedule"):
+        resolved_hparams({}, QATOptions(steps=1, lr_schedule="step"))
+    with pytest.raises(BqcError, match="min lr ratio"):
+        resolved_hparams(cos, QATOptions(steps=1, min_lr_ratio=2.0))
     s = NoiseSchedule()
     assert tbs_gap({"tbs_gap": "sampler"}, QATOptions(steps=1, sample_steps=100), s) == 10
     assert tbs_gap({"tbs_gap": 1}, QATOptions(steps=1, sample_steps=100), s) == 1
@@ -175,13 +184,19 @@ def test_ebb_terms_logged(mnist16, tmp_path):
     for i in range(8):
         Image.fromarray((rng.random((16, 16)) * 255).astype("uint8"), "L").save(imgs / f"{i}.png")
     out = train_artifact(art, str(imgs), tmp_path / "run",
-                         QATOptions(steps=2, batch=4, warmup=1, checkpoint_every=0, progress=False))
-    header = (out / "train" / "metrics.csv").read_text().splitlines()[0].split(",")
+                         QATOptions(steps=3, batch=4, warmup=1, checkpoint_every=0, progress=False,
+                                    lr_schedule="cosine", min_lr_ratio=0.25))
+    rows = (out / "train" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
     assert "s2" in header and "ebb" in header
     info = json.loads((out / "train.json").read_text())
     from bqc.pipeline import load_recipe
 
-    assert info["hparams"]["lr"] == load_recipe("binarydm").train["lr"] and "divergence" in info
+    peak = load_recipe("binarydm").train["lr"]
+    assert info["hparams"]["lr"] == peak and "divergence" in info
+    assert info["hparams"]["lr_schedule"] == "cosine"
+    # the loop decays it: the last of 3 steps (1 warm-up) is halfway down the cosine to 0.25 x peak
+    assert float(rows[-1].split(",")[header.index("lr")]) == pytest.approx((0.25 + 0.75 * 0.5) * peak, rel=1e-3)
 
 
 def test_eta_on_the_command_line(tmp_path):

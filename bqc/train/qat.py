@@ -65,6 +65,8 @@ class QATOptions:
     ema_warmup: bool = True
     grad_clip: float | None = None  # None: the recipe's [train] grad_clip (else 1.0)
     weight_decay: float | None = None  # None: the recipe's [train] weight_decay (else 0)
+    lr_schedule: str | None = None  # None: the recipe's [train] lr_schedule (else "constant"); or "cosine"
+    min_lr_ratio: float | None = None  # cosine: the final lr as a fraction of the peak (None: the recipe's, else 0)
     checkpoint_every: int = 500
     sample_steps: int = 50  # the sampler's step count: sets BiDM's training gap d = T / steps
     tbs_gap: int | None = None
@@ -137,11 +139,23 @@ def tbs_gap(recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule) -> in
 
 
 def resolved_hparams(recipe_train: dict, opts: QATOptions) -> dict:
-    """lr / weight decay / grad clip: the command line's value, else the recipe's [train] value
-    (chosen per recipe by a sweep, see docs/RESULTS.md), else the defaults."""
+    """lr / weight decay / grad clip / lr schedule: the command line's value, else the recipe's
+    [train] value (chosen per recipe by a sweep, see docs/RESULTS.md), else the defaults.
+    The schedule keys appear only when they are not the default (constant), so runs started
+    before they existed still resume."""
     pick = lambda v, key, default: float(v) if v is not None else float(recipe_train.get(key, default))
-    return {"lr": pick(opts.lr, "lr", 1e-4), "weight_decay": pick(opts.weight_decay, "weight_decay", 0.0),
-            "grad_clip": pick(opts.grad_clip, "grad_clip", 1.0)}
+    hp = {"lr": pick(opts.lr, "lr", 1e-4), "weight_decay": pick(opts.weight_decay, "weight_decay", 0.0),
+          "grad_clip": pick(opts.grad_clip, "grad_clip", 1.0)}
+    sched = str(opts.lr_schedule if opts.lr_schedule is not None else recipe_train.get("lr_schedule", "constant"))
+    if sched not in ("constant", "cosine"):
+        raise BqcError(f"unknown lr schedule {sched!r}", hint="use 'constant' (the default) or 'cosine' (decays "
+                       "to min_lr_ratio x lr at the run's last step)")
+    if sched != "constant":
+        ratio = pick(opts.min_lr_ratio, "min_lr_ratio", 0.0)
+        if not 0.0 <= ratio <= 1.0:
+            raise BqcError(f"min lr ratio must be in [0, 1], got {ratio:g}")
+        hp.update(lr_schedule=sched, min_lr_ratio=ratio)
+    return hp
 
 
 def _drop_context(c, uncond, p: float):
@@ -330,6 +344,7 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
     out = Path(out)
     hp = resolved_hparams(train, opts)
     cfg = LoopConfig(steps=opts.steps, batch_size=opts.batch, lr=hp["lr"], warmup_steps=opts.warmup,
+                     lr_schedule=hp.get("lr_schedule", "constant"), min_lr_ratio=hp.get("min_lr_ratio", 0.0),
                      weight_decay=hp["weight_decay"], grad_clip=hp["grad_clip"] or None, ema_decay=opts.ema_decay, ema_warmup=opts.ema_warmup, seed=opts.seed,
                      checkpoint_every=opts.checkpoint_every, progress=opts.progress)
     fingerprint = {"task": "qat", "recipe": art.recipe.to_dict(), "wbits": art.manifest["wbits"],
