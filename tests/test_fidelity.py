@@ -212,3 +212,46 @@ def test_eta_on_the_command_line(tmp_path):
 
         outs.append(np.load(npz)["samples"])
     assert not (outs[0] == outs[1]).all()
+
+
+@pytest.mark.parametrize("recipe", ["fp", "baseline", "binarydm"])
+def test_teacher_target_regresses_the_teachers_output(tiny_source, recipe):
+    """``[train] target = "teacher"`` / ``--target teacher``: L_simple is the MSE to the FP
+    teacher's prediction at the same (x_t, t), with or without distillation taps; the fp
+    recipe's student *is* its teacher, so that loss is exactly 0 while the true-noise loss is not."""
+    from bqc.diffusion.schedule import NoiseSchedule, q_sample
+    from bqc.train.qat import QATModel, QATOptions, _tap_views, make_loss
+
+    student = tf.transform(tiny_source, recipe).gm.train()
+    teacher = tf.transform(tiny_source, "fp").gm.eval()
+    s_view, _, taps = _tap_views(student, teacher)
+    lrm = None
+    if ir.graph_meta(student).get("distill", {}).get("loss") == "lrm":
+        from bqc.train.losses import LRMProjections
+
+        nodes = {n.name: n for n in student.graph.nodes}
+        lrm = LRMProjections([int(nodes[tp["node"]].meta["val"].shape[1]) for tp in taps])
+    model = QATModel(student, lrm, s_view)
+    train = dict(load_recipe(recipe).train)
+    train.pop("ebb_tau", None)  # L_simple alone is compared
+    x0 = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sched = NoiseSchedule()
+    simple = {}
+    for target in ("true", "teacher"):
+        loss_fn = make_loss(student, teacher, train, QATOptions(steps=1, progress=False, target=target), sched, 1)
+        torch.manual_seed(3)
+        _, terms = loss_fn(model, (x0, None), 0)
+        simple[target] = terms["simple"]
+    torch.manual_seed(3)  # the same draws by hand
+    t = torch.randint(0, sched.T, (4,))
+    noise = torch.randn_like(x0)
+    x_t = q_sample(sched, x0, t, noise)
+    with torch.no_grad():
+        s_out, t_out = student(x_t, t)[0], teacher(x_t, t)
+        t_out = t_out[0] if isinstance(t_out, (tuple, list)) else t_out
+    assert simple["teacher"] == pytest.approx(torch.mean((s_out - t_out) ** 2).item(), rel=1e-5, abs=1e-12)
+    assert simple["true"] == pytest.approx(torch.mean((s_out - noise) ** 2).item(), rel=1e-5)
+    if recipe == "fp":
+        assert simple["teacher"] == 0.0 and simple["true"] > 0.1
+    with pytest.raises(BqcError, match="target"):
+        make_loss(student, teacher, {"target": "noise"}, QATOptions(steps=1), sched, 1)

@@ -74,6 +74,7 @@ class QATOptions:
     progress: bool = True
     resize: tuple[int, int] | None = None  # image folders: resize to (h, w)
     cond_drop: float = 0.0  # text-conditioned models: P(a row's context becomes the empty prompt)
+    target: str | None = None  # L_simple's target: None = the recipe's [train] target, else "true"; or "teacher"
 
 
 def _args(meta: dict, x, t, y, state=None, context=None):
@@ -167,10 +168,26 @@ def _drop_context(c, uncond, p: float):
     return torch.where(drop[:, None, None], uncond.to(c.dtype).expand_as(c), c)
 
 
+TARGETS = ("true", "teacher")
+
+
+def loss_target(recipe_train: dict, opts: QATOptions) -> str:
+    """What L_simple regresses: ``"true"`` (the papers: the noise, v or x0 that made x_t) or
+    ``"teacher"`` (the FP teacher's output at the same x_t, t: output distillation, a target
+    without the noise of a single draw, and the best the student can do against its teacher)."""
+    target = str(opts.target if opts.target is not None else recipe_train.get("target", "true"))
+    if target not in TARGETS:
+        raise BqcError(f"unknown L_simple target {target!r}", hint="use 'true' (the noise/v/x0 that made x_t, the "
+                       "papers' loss) or 'teacher' (the FP teacher's prediction)")
+    return target
+
+
 def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule, total_steps: int,
               uncond: torch.Tensor | None = None):
     """``uncond``: the empty-prompt embedding ``(1, L, D)`` for ``opts.cond_drop``."""
     meta = ir.graph_meta(student)
+    to_teacher = loss_target(recipe_train, opts) == "teacher"
+    t_meta = ir.graph_meta(teacher)
     s_view, t_view, taps = _tap_views(student, teacher) if opts.distill else (None, None, [])
     distill = meta.get("distill") if taps else None
     has_tbs = bool(meta.get("state_inputs"))
@@ -198,12 +215,13 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
             state = list(out2[1:n_out])
         args = _args(meta, x_t, t, y, state, context=c)
         terms = {}
+        t_out = None  # the teacher's prediction at (x_t, t), when a loss needs it
         if distill:
             outs = model(*args, taps=True)
             eps, s_feats = outs[0], list(outs[n_out:])
             with torch.no_grad():
-                t_outs = t_view(*_args(ir.graph_meta(teacher), x_t, t, y, context=c))
-            t_feats = list(t_outs[1:])
+                t_outs = t_view(*_args(t_meta, x_t, t, y, context=c))
+            t_out, t_feats = t_outs[0], list(t_outs[1:])
             if distill["loss"] == "lrm":
                 ld = core.lrm.loss(s_feats, t_feats)
             else:
@@ -212,7 +230,12 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
         else:
             eps = model(*args)[0]
             ld = torch.zeros(())
-        l_simple = F.mse_loss(eps, schedule.target(x0, noise, t))  # eps, v or x0: the model's own
+        if to_teacher and t_out is None:
+            with torch.no_grad():
+                out = teacher(*_args(t_meta, x_t, t, y, context=c))
+            t_out = out[0] if isinstance(out, (tuple, list)) else out
+        # eps, v or x0 (the model's own parameterization), or the teacher's prediction of it
+        l_simple = F.mse_loss(eps, t_out if to_teacher else schedule.target(x0, noise, t))
         terms["simple"] = float(l_simple.detach())
         loss = l_simple + float(distill["weight"] if distill else 0.0) * ld
         if ebb and not all(bool(m.stage2) for m in ebb):
@@ -354,6 +377,8 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
         fingerprint["diffusion"] = schedule.to_dict()
     if opts.cond_drop:
         fingerprint["cond_drop"] = opts.cond_drop
+    if loss_target(train, opts) != "true":  # (absent for the default, so older runs still resume)
+        fingerprint["target"] = loss_target(train, opts)
     t0 = time.time()
     # on resume, an --lr / --grad-clip given explicitly may differ from the checkpoint's (recorded as a change)
     change = [k for k, v in (("lr", opts.lr), ("grad_clip", opts.grad_clip)) if v is not None] if resume else []
@@ -371,7 +396,7 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
     student.eval()
     info = {"steps": res.step, "data": data, "wall_s_this_run": round(wall, 1), "resumed_from": res.resumed_from,
             "weights": "ema" if res.ema else "raw", "options": {k: v for k, v in vars(opts).items()},
-            "hparams": hp, "changes": res.changes, "divergence": divergence(out / "train" / "metrics.csv"),
+            "hparams": hp, "target": loss_target(train, opts), "changes": res.changes, "divergence": divergence(out / "train" / "metrics.csv"),
             "from": str(art_dir)}
     artifact.save_artifact(out / ".artifact", base_ep=art.base_ep, gm=student, recipe=art.recipe,
                            wbits=art.manifest["wbits"], abits=art.manifest["abits"],
