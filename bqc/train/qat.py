@@ -172,7 +172,7 @@ TARGETS = ("true", "teacher")
 
 
 def loss_target(recipe_train: dict, opts: QATOptions) -> str:
-    """What L_simple regresses: ``"true"`` (the papers: the noise, v or x0 that made x_t) or
+    """What L_simple regresses (``[train] target``, ``bqc train --loss-target``): ``"true"`` (the papers: the noise, v or x0 that made x_t) or
     ``"teacher"`` (the FP teacher's output at the same x_t, t: output distillation, a target
     without the noise of a single draw, and the best the student can do against its teacher)."""
     target = str(opts.target if opts.target is not None else recipe_train.get("target", "true"))
