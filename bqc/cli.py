@@ -531,6 +531,13 @@ def _warn_if_diverged(run_dir) -> None:
                           "retrain with a lower --lr (the recipe's default is in `bqc recipes`).")
 
 
+#: --vae of `bqc encode` / `bqc sample`, and the weights of an LDM yaml's first stage
+_VAE_HELP = ("diffusers AutoencoderKL folder (config.json + safetensors, or a pipeline folder with vae/), or an LDM "
+             "yaml whose model.params.first_stage_config is the VAE (with --vae-weights)")
+VaeWeightsOpt = typer.Option(None, "--vae-weights", help="with --vae MODEL.yaml: the first stage's weights, the full LDM "
+                             "checkpoint or the first stage's own state dict (.safetensors; .ckpt with --trust-pickle)")
+
+
 @app.command(epilog=_examples(
     "bqc sample run -n 64 -o grid.png",
     "bqc sample run -n 1000 --steps 100 --eta 1 --npz samples.npz -o grid.png",
@@ -547,7 +554,8 @@ def sample(
     batch: int = typer.Option(256, "--batch", help="samples denoised together (memory vs speed)"),
     data: Optional[str] = typer.Option(None, "--data", help="a latents file (.safetensors from `bqc encode`): the text embeddings of a text-conditioned model (sample i uses row i mod N) and the empty prompt for --guidance; the samples are latents"),
     guidance: float = typer.Option(1.0, "--guidance", help="classifier-free guidance scale S: eps = eps_uncond + S (eps_cond - eps_uncond); 1 = no guidance"),
-    vae: Optional[str] = typer.Option(None, "--vae", help="diffusers AutoencoderKL folder: decode the sampled latents to the PNG (without it, latents are written to OUT.safetensors and OUT shows a channel preview)"),
+    vae: Optional[str] = typer.Option(None, "--vae", help=f"decode the sampled latents to the PNG with this VAE: {_VAE_HELP} (without it, latents are written to OUT.safetensors and OUT shows a channel preview)"),
+    vae_weights: Optional[Path] = VaeWeightsOpt,
     trust_pickle: bool = TrustOpt,
     force: bool = ForceOpt,
     schedule: Optional[str] = ScheduleOpt,
@@ -580,10 +588,12 @@ def sample(
     if latents_out is not None:
         _check_out(latents_out, "file", force, option="the latents file")
     decoder = None
+    if vae_weights is not None and vae is None:
+        raise BqcError("--vae-weights are the weights of the VAE named by --vae MODEL.yaml; --vae is missing")
     if vae is not None:  # before sampling: a bad folder fails at once
         from bqc.encode import load_vae
 
-        decoder = load_vae(vae, trust_pickle=trust_pickle)
+        decoder = load_vae(vae, weights=vae_weights, trust_pickle=trust_pickle)
 
     x = _samples(target, n, steps, seed, batch, eta, schedule, prediction, progress=not quiet, data=ds, guidance=guidance)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -626,10 +636,12 @@ def _latents_data(data: Optional[str]):
 @app.command(epilog=_examples(
     "bqc encode images/ --vae sd15/vae -o latents.safetensors",
     "bqc encode images/ --vae sd15/vae --captions captions.json --text-encoder sd15/text_encoder -o latents.safetensors",
-    "bqc encode images/ --vae sd15/vae --context embeddings.safetensors --resize 256 256 -o latents.safetensors"))
+    "bqc encode images/ --vae sd15/vae --context embeddings.safetensors --resize 256 256 -o latents.safetensors",
+    "bqc encode bedrooms/ --vae lsun_bedrooms-ldm-vq-4.yaml --vae-weights model.safetensors -o latents.safetensors"))
 def encode(
     images: str = typer.Argument(..., help="folder of images (PNG/JPG/...; sorted paths give the row order)"),
-    vae: str = typer.Option(..., "--vae", help="diffusers AutoencoderKL folder (config.json + safetensors), or a pipeline folder with vae/"),
+    vae: str = typer.Option(..., "--vae", help=_VAE_HELP),
+    vae_weights: Optional[Path] = VaeWeightsOpt,
     out: Path = typer.Option(..., "--out", "-o", help="latents file to write (.safetensors)"),
     captions: Optional[Path] = typer.Option(None, "--captions", help="captions: JSON list (image order) or object (image name -> caption), or .txt (one per line); needs --text-encoder"),
     text_encoder: Optional[str] = typer.Option(None, "--text-encoder", help="transformers CLIP text model folder (tokenizer in it or in ../tokenizer); also stores the empty prompt as uncond"),
@@ -643,8 +655,8 @@ def encode(
 ):
     """Encode an image folder into a latents file with your VAE (and text encoder): the --data of latent UNets.
 
-    The latents are multiplied by the VAE's scaling_factor (recorded in the file, so `bqc sample
-    --vae` decodes them); nothing is downloaded."""
+    The latents are multiplied by the VAE's scaling_factor (an LDM yaml's scale_factor; recorded in
+    the file, so `bqc sample --vae` decodes them); nothing is downloaded."""
     from bqc.encode import encode_folder
 
     _positive(**{"--batch": batch, "--context-len": context_len})
@@ -652,8 +664,8 @@ def encode(
         raise BqcError(f"--out {out}: a latents file is .safetensors", hint=f"name it {out.with_suffix('.safetensors').name}")
     _check_out(out, "file", force)
     _use_threads(threads)
-    path = encode_folder(images, vae, out, captions=captions, text_encoder=text_encoder, context=context, resize=resize,
-                         context_len=context_len, batch=batch, trust_pickle=trust_pickle)
+    path = encode_folder(images, vae, out, vae_weights=vae_weights, captions=captions, text_encoder=text_encoder,
+                         context=context, resize=resize, context_len=context_len, batch=batch, trust_pickle=trust_pickle)
     from bqc.data import load_dataset
 
     ds = load_dataset(str(path))

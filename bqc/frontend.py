@@ -391,11 +391,12 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, *, prefix: str | None = "model.diffusion_model.") -> dict[str, torch.Tensor]:
     """Weights from safetensors or a torch checkpoint loaded with ``weights_only=True``.
 
-    Lightning-style ``{"state_dict": ...}`` is unwrapped and the LDM prefix
-    ``model.diffusion_model.`` stripped (other keys, e.g. the autoencoder's, are dropped).
+    Lightning-style ``{"state_dict": ...}`` is unwrapped. When some keys start with ``prefix``
+    (default: the LDM UNet's ``model.diffusion_model.``), only those are kept, prefix stripped
+    (other keys, e.g. the autoencoder's, are dropped); ``prefix=None`` keeps every key as stored.
     """
     path = require_file(path, "weights file")
     if path.suffix == ".safetensors":
@@ -412,8 +413,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise BqcError(f"{path} does not hold a state dict of tensors")
-    prefix = "model.diffusion_model."
-    if any(k.startswith(prefix) for k in sd):
+    if prefix and any(k.startswith(prefix) for k in sd):
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return sd
 
