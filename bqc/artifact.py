@@ -167,7 +167,7 @@ def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Art
             hint="the weights come from another model or recipe",
         )
     saved = (path / "graph.txt").read_text() if (path / "graph.txt").exists() else None
-    if saved is not None and saved != ir.dump(gm):
+    if saved is not None and saved not in (ir.dump(gm), ir.dump(gm, details=False)):  # (the older, shorter form)
         raise BqcError(f"{path}: the rebuilt graph differs from graph.txt (artifact written by another bqc version?)",
                        hint="re-run bqc transform with this version")
     return Artifact(path, manifest, base_ep, gm, recipe)

@@ -588,16 +588,72 @@ def _target_name(n: fx.Node) -> str:
     return str(n.target)
 
 
-def dump(gm: fx.GraphModule, *, annotations: bool = True) -> str:
-    """A stable, diff-friendly text form of the graph (golden tests compare these)."""
+def _fmt_option(v: Any) -> str:
+    """One option value in a dump note: bools as 0/1, lists as AxB, tables as {k=v,...}."""
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, dict):
+        return "{" + _fmt_options(v) + "}"
+    if isinstance(v, (list, tuple)):
+        return "x".join(_fmt_option(x) for x in v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _fmt_options(d: dict, skip: tuple = ()) -> str:
+    return ",".join(f"{k}={_fmt_option(v)}" for k, v in d.items() if k not in skip)
+
+
+def _layer_note(ni: dict, plan: bool = True) -> str:
+    """The annotation of a layer: kind, role, place in the UNet, bits and (once ``plan_quant``
+    ran) its plan, i.e. the quantizer names of its spec (the bits are in ``wXaY``)."""
+    note = (f"{ni['kind']} role={ni['role']} level={ni['level']} block={ni['block']}"
+            f" w{ni['w_bits']}a{ni['a_bits']}")
+    plan = ni.get("plan") if plan else None
+    return note if plan is None else f"{note} plan({_fmt_options(plan, skip=('w_bits', 'a_bits'))})"
+
+
+#: ``describe()`` keys a module note leaves out: the class name says the op, the layer's
+#: ``wXaY`` the bits; ``parts`` come first, one ``name=kind(options)`` each
+_MODULE_NOTE_SKIP = ("op", "parts", "w_bits", "a_bits", "w_bases")
+
+
+def _module_note(n: fx.Node) -> str:
+    """What a module a pass inserted says about itself (its ``describe()``), e.g.
+    ``wq=ebb(bits=1,bases=2,stage=1) aq=lsq(bits=4,signed=1) bias=1 active=1``: which quantizer
+    each part is, with the options that define its behaviour (never tensor values), so a
+    recipe that swaps a binarizer changes the dump. '' for nodes that are not such modules."""
+    if n.op != "call_module":
+        return ""
+    describe = getattr(n.graph.owning_module.get_submodule(n.target), "describe", None)
+    if describe is None:
+        return ""
+    d = describe()
+    parts = [f"{name}={p.get('kind', '?')}({_fmt_options(p, skip=('kind',))})"
+             for name, p in d.get("parts", {}).items()]
+    return " ".join(parts + [f"{k}={_fmt_option(v)}" for k, v in d.items() if k not in _MODULE_NOTE_SKIP])
+
+
+def dump(gm: fx.GraphModule, *, annotations: bool = True, details: bool = True) -> str:
+    """A stable, diff-friendly text form of the graph (golden tests compare these).
+
+    One line a node; with ``annotations`` a layer's line ends with its annotation
+    (:func:`_layer_note`) and a module a pass inserted with its options (:func:`_module_note`),
+    ``  # conv role=head level=1 block=1 w1a4 plan(weight=ebb,act=lsq) | wq=ebb(...) aq=lsq(...)``;
+    the last line is the graph's signature (inputs and cross-timestep state). ``details=False``
+    leaves out the plan and the module notes: the form bqc wrote into artifacts' graph.txt
+    before Dec 2026, still accepted when they load."""
     lines = []
     for n in gm.graph.nodes:
         args = ", ".join(_fmt_arg(a) for a in n.args)
         line = f"{n.name} = {n.op} {_target_name(n)}({args})"
         ni = n.meta.get("bqc")
-        if annotations and ni and ni.get("kind") in QUANTIZABLE_KINDS + ("attention",):
-            line += (f"  # {ni['kind']} role={ni['role']} level={ni['level']} block={ni['block']}"
-                     f" w{ni['w_bits']}a{ni['a_bits']}")
+        if annotations:
+            layer = _layer_note(ni, details) if ni and ni.get("kind") in QUANTIZABLE_KINDS + ("attention",) else ""
+            notes = [note for note in (layer, _module_note(n) if details else "") if note]
+            if notes:
+                line += "  # " + " | ".join(notes)
         lines.append(line)
     meta = graph_meta(gm)
     lines.append(f"# inputs={meta.get('inputs')} state_inputs={meta.get('state_inputs')} state_outputs={meta.get('state_outputs')}")

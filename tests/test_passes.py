@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -37,20 +38,61 @@ def _forward_backward(gm, shape, steps=2):
 
 
 # golden graphs ------------------------------------------------------------------------------
+def _tiny_recipe(name):
+    """Recipe ``name`` for the tiny reference UNet: it has 9 blocks, so head/tail = 2 blocks
+    each (the default 6 would leave no body), as the foundation goldens of tests/test_ir.py."""
+    recipe = load_recipe(name)
+    recipe.passes[0][1]["head_tail_blocks"] = 2
+    return recipe
+
+
+#: passes whose graph on the tiny UNet has a foundation golden of its own (tests/test_ir.py,
+#: the same pass and options): a recipe's dump after them must equal it
+FOUNDATION_GOLDENS = ("annotate", "conv1d_to_conv2d")
+
+
 @pytest.mark.parametrize("recipe", ["baseline", "binarydm", "bidm"])
 def test_golden_recipe_graphs(tiny_source, golden, tmp_path, recipe):
-    """One golden file per pass of the recipe: the graph after each pass (--dump-dir)."""
-    _run(tiny_source, recipe, dump_dir=tmp_path)
-    for path in sorted(tmp_path.iterdir()):
-        if path.name == "00_input.txt":
+    """The graph after each pass of the recipe (--dump-dir), kept only where the pass changed
+    it: ``RECIPE/NN_pass.txt`` (or the foundation golden it must equal), and the index
+    ``RECIPE/passes.txt`` saying which passes changed the graph, so a pass that starts or stops
+    changing it shows in review."""
+    _run(tiny_source, _tiny_recipe(recipe), dump_dir=tmp_path)
+    before = (tmp_path / "00_input.txt").read_text()
+    index = []
+    for path in sorted(p for p in tmp_path.iterdir() if p.name != "00_input.txt"):
+        text, pass_name = path.read_text(), path.stem[3:]
+        if text == before:
+            index.append(f"{path.stem} unchanged")
             continue
-        golden(f"{recipe}/{path.stem}", path.read_text())
+        name = pass_name if pass_name in FOUNDATION_GOLDENS else f"{recipe}/{path.stem}"
+        index.append(f"{path.stem} changed" + (f" (= {name}.txt)" if name == pass_name else ""))
+        golden(name, text)
+        before = text
+    golden(f"{recipe}/passes", "\n".join(index) + "\n")
+
+
+def _binarizers_by_role(dump: str) -> dict[str, set[str]]:
+    """{role: weight quantizer kinds} of the quantized layers in an ``ir.dump``."""
+    out: dict[str, set[str]] = {}
+    for line in dump.splitlines():
+        m = re.search(r":Q(?:Conv2d|Linear)\(.*# \w+ role=(\S+) .*\| wq=(\w+)\(", line)
+        if m:
+            out.setdefault(m[1], set()).add(m[2])
+    return out
+
+
+def test_binarydm_dump_names_ebb_on_head_tail_and_sign_scale_on_body(tiny_source):
+    """BinaryDM's EBB sits on the first/last blocks and the plain binarizer on the body (the
+    recipe's plan_quant.head_tail / body): the dump, hence the golden, must say so."""
+    wq = _binarizers_by_role(ir.dump(_run(tiny_source, _tiny_recipe("binarydm")).gm))
+    assert wq["head"] == wq["tail"] == {"ebb"}
+    assert wq["body"] == {"sign_scale"}
+    assert wq["input"] == wq["output"] == {"uniform"}
 
 
 def test_plan_and_insert_on_reference_unet(tiny_source):
-    recipe = load_recipe("binarydm")
-    recipe.passes[0][1]["head_tail_blocks"] = 2  # the tiny UNet has 9 blocks
-    res = _run(tiny_source, recipe)
+    res = _run(tiny_source, _tiny_recipe("binarydm"))
     by_module = {r["module"]: r for r in res.layers}
     assert (by_module["input_blocks.0.0"]["w_bits"], by_module["input_blocks.0.0"]["a_bits"]) == (8, 8)
     assert (by_module["out.2"]["w_bits"], by_module["out.2"]["a_bits"]) == (8, 8)
@@ -63,7 +105,8 @@ def test_plan_and_insert_on_reference_unet(tiny_source):
     body = mods["quant." + by_module["middle_block.0.in_layers.2"]["name"]]
     assert type(body.wq) is SignScale
     # attention matmuls get LSQ operands at the activation bits
-    assert all(r["a_bits"] == 4 for r in res.layers if r["kind"] == "matmul")
+    matmuls = [r for r in res.layers if r["kind"] == "matmul"]
+    assert matmuls and all(r["a_bits"] == 4 for r in matmuls)
 
 
 def test_fp_recipe_is_bit_identical(tiny_source, tiny_unet):
@@ -149,11 +192,13 @@ def test_distill_taps_cover_every_block(tiny_source):
 
 def test_mixed_precision_overrides(tiny_source):
     res = _run(tiny_source, "bidm", keep_fp=["middle_block.*"], bits=["output_blocks.3.*=8/8"])
-    for r in res.layers:
-        if r["module"].startswith("middle_block.") and r["kind"] != "matmul":
-            assert (r["w_bits"], r["a_bits"]) == (32, 32), r
-        if r["module"].startswith("output_blocks.3.") and r["kind"] == "conv":
-            assert (r["w_bits"], r["a_bits"]) == (8, 8), r
+    kept = [r for r in res.layers if r["module"].startswith("middle_block.") and r["kind"] != "matmul"]
+    eight = [r for r in res.layers if r["module"].startswith("output_blocks.3.") and r["kind"] == "conv"]
+    assert kept and all((r["w_bits"], r["a_bits"]) == (32, 32) for r in kept), kept
+    assert eight and all((r["w_bits"], r["a_bits"]) == (8, 8) for r in eight), eight
+    others = [r for r in res.layers if r not in kept + eight and r["role"] in ("head", "body", "tail")
+              and r["kind"] == "conv"]
+    assert others and all((r["w_bits"], r["a_bits"]) == (1, 1) for r in others)  # the rest stays W1A1
     _forward_backward(res.gm, (1, 8, 8))
 
 
@@ -162,7 +207,8 @@ def test_wbits_abits_override(tiny_source):
     inner = [r for r in res.layers if r["role"] in ("head", "body", "tail") and r["kind"] == "conv"]
     assert inner and all((r["w_bits"], r["a_bits"]) == (1, 32) for r in inner)
     res = _run(tiny_source, "baseline", abits=8)
-    assert all(r["a_bits"] == 8 for r in res.layers if r["role"] in ("head", "body", "tail") and r["kind"] == "conv")
+    inner = [r for r in res.layers if r["role"] in ("head", "body", "tail") and r["kind"] == "conv"]
+    assert inner and all((r["w_bits"], r["a_bits"]) == (1, 8) for r in inner)
 
 
 # every recipe on every model -------------------------------------------------------------------

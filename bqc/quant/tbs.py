@@ -29,5 +29,9 @@ class TBSBlend(nn.Module):
         a = (self.coefficient(t) * flag).view(-1, *([1] * (feat.dim() - 1))).to(feat.dtype)
         return torch.lerp(feat, cache.detach(), a)  # feat + a (cache - feat), one fused op
 
+    def describe(self) -> dict:
+        """JSON-able options (``bqc.ir.dump`` shows them): the timestep grouping of ``alpha``."""
+        return {"groups": self.groups, "timesteps": self.timesteps}
+
     def extra_repr(self) -> str:
         return f"groups={self.groups}, timesteps={self.timesteps}"
