@@ -465,6 +465,7 @@ def train(
     ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights (0 disables); warmed up as min(decay, (1+k)/(10+k)) at update k"),
     checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="write a checkpoint every this many steps (and at the end and on Ctrl-C)"),
     sample_steps: int = typer.Option(50, "--sample-steps", help="sampler steps the model is trained for (BiDM's TBS gap d = 1000/steps)"),
+    float_lr_scale: Optional[float] = typer.Option(None, "--float-lr-scale", help="learning-rate multiplier of the layers kept in full precision (plain Conv/Linear: residual projections, time embedding, --keep-fp layers); 0 freezes them at the teacher's weights (default: the recipe's [train] float_lr_scale, else 1)"),
     loss_target: Optional[str] = typer.Option(None, "--loss-target", help="what L_simple regresses: true (the noise/v/x0 that made x_t, as the papers) or teacher (the FP teacher's prediction at the same x_t: output distillation) (default: the recipe's [train] target, else true)"),
     no_distill: bool = typer.Option(False, "--no-distill", help="train without the recipe's distillation loss (ablation)"),
     cond_drop: float = typer.Option(0.0, "--cond-drop", help="text-conditioned models: probability that a sample's text embedding is replaced by the data file's empty-prompt embedding (classifier-free-guidance training)"),
@@ -488,7 +489,7 @@ def train(
     _check_fresh_run(out, resume is not None)
     _use_threads(threads)
     opts = QATOptions(steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, warmup=warmup, ema_decay=ema or None,
-                      lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, target=loss_target,
+                      lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, target=loss_target, float_lr_scale=float_lr_scale,
                       checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,
                       resize=resize, progress=not quiet, cond_drop=cond_drop)
     try:

@@ -204,6 +204,7 @@ TRAIN_KEYS = {
     "grad_clip": (float, "max global grad norm, 0 = none"),
     "lr_schedule": (str, "\"constant\" or \"cosine\" (to min_lr_ratio x lr at the last step; --lr-schedule overrides)"),
     "min_lr_ratio": (float, "cosine: the last step's lr as a fraction of the peak"),
+    "float_lr_scale": (float, "lr multiplier of the float Conv/Linear layers (residual projections kept FP, time embedding); 0 freezes them"),
     "target": (str, "L_simple's target: \"true\" (the noise/v/x0, the papers) or \"teacher\" (the FP teacher's output)"),
 }
 

@@ -255,3 +255,32 @@ def test_teacher_target_regresses_the_teachers_output(tiny_source, recipe):
         assert simple["teacher"] == 0.0 and simple["true"] > 0.1
     with pytest.raises(BqcError, match="target"):
         make_loss(student, teacher, {"target": "noise"}, QATOptions(steps=1), sched, 1)
+
+
+def test_float_lr_scale_zero_freezes_the_float_layers(mnist16, tmp_path):
+    """``--float-lr-scale 0`` keeps the layers the recipe left in full precision (bidm: the
+    residual projections and the time embedding) at the teacher's weights while the binary
+    layers train; the selection is exactly the plain Conv/Linear modules."""
+    from PIL import Image
+    import numpy as np
+    from bqc import artifact
+    from bqc.train.qat import QATOptions, float_layer_params, train_artifact
+
+    art = tf.save(tf.transform(mnist16, "bidm"), tmp_path / "art")
+    student = artifact.load_artifact(art).gm
+    names = {n for n, p in student.named_parameters() if any(p is q for q in float_layer_params(student))}
+    assert names and any("skip_connection" in n for n in names) and any("time_embed" in n for n in names)
+    assert not any(n.startswith("quant.") for n in names)  # no quantized layer, quantizer or K map
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray((rng.random((16, 16)) * 255).astype("uint8"), "L").save(imgs / f"{i}.png")
+    out = train_artifact(art, str(imgs), tmp_path / "run", QATOptions(steps=2, batch=4, warmup=1, checkpoint_every=0,
+                                                                     progress=False, ema_decay=None, float_lr_scale=0.0))
+    before = dict(student.named_parameters())
+    after = dict(artifact.load_artifact(out).gm.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in names)
+    moved = [n for n in before if n not in names and not torch.equal(before[n], after[n])]
+    assert any(n.startswith("quant.") for n in moved)
+    assert json.loads((out / "train.json").read_text())["hparams"]["float_lr_scale"] == 0.0

@@ -75,6 +75,7 @@ class QATOptions:
     resize: tuple[int, int] | None = None  # image folders: resize to (h, w)
     cond_drop: float = 0.0  # text-conditioned models: P(a row's context becomes the empty prompt)
     target: str | None = None  # L_simple's target: None = the recipe's [train] target, else "true"; or "teacher"
+    float_lr_scale: float | None = None  # lr multiplier of the float Conv/Linear layers (None: the recipe's, else 1)
 
 
 def _args(meta: dict, x, t, y, state=None, context=None):
@@ -102,6 +103,43 @@ class QATModel(nn.Module):
     def forward(self, *args, taps: bool = False):
         """Student outputs (and its distillation taps): the call DDP wraps."""
         return (self._tap_view if taps else self.student)(*args)
+
+
+def float_layer_params(student: torch.fx.GraphModule) -> list[nn.Parameter]:
+    """The trainable weights and biases of the layers the recipe left in full precision: the
+    conv / linear nodes of the graph that are not quantized layer modules (residual projections
+    kept FP, the time embedding, ``--keep-fp`` layers); not the quantized layers, norms, or
+    quantizer, TBS and K-map parameters. They start from the teacher's values."""
+    seen, out = set(), []
+    for n in student.graph.nodes:
+        if n.op == "call_module" or ir.info(n).get("kind") not in ir.WEIGHTED_KINDS:
+            continue
+        for a in n.args:
+            if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                p = student.get_parameter(a.target) if _is_param(student, a.target) else None
+                if p is not None and p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+def _is_param(gm: nn.Module, target: str) -> bool:
+    mod, _, name = target.rpartition(".")
+    return name in dict(gm.get_submodule(mod).named_parameters(recurse=False)) if mod else name in dict(gm.named_parameters(recurse=False))
+
+
+def param_groups(model: nn.Module, student: nn.Module, float_lr_scale: float, lr: float) -> list[dict] | None:
+    """AdamW groups: None (one group, the loop's default) unless ``float_lr_scale`` != 1, then
+    the float layers' weights at ``lr * float_lr_scale`` (left out when 0: frozen) and the rest
+    at ``lr``."""
+    if float_lr_scale == 1.0:
+        return None
+    fl = {id(p) for p in float_layer_params(student)}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in fl]
+    groups = [{"params": rest, "lr": lr}]
+    if float_lr_scale > 0 and fl:
+        groups.append({"params": [p for p in model.parameters() if id(p) in fl], "lr": lr * float_lr_scale})
+    return groups
 
 
 def _tap_views(student, teacher):
@@ -142,8 +180,8 @@ def tbs_gap(recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule) -> in
 def resolved_hparams(recipe_train: dict, opts: QATOptions) -> dict:
     """lr / weight decay / grad clip / lr schedule: the command line's value, else the recipe's
     [train] value (chosen per recipe by a sweep, see docs/RESULTS.md), else the defaults.
-    The schedule keys appear only when they are not the default (constant), so runs started
-    before they existed still resume."""
+    The schedule and float-lr keys appear only when they are not the defaults (constant, 1), so
+    runs started before they existed still resume."""
     pick = lambda v, key, default: float(v) if v is not None else float(recipe_train.get(key, default))
     hp = {"lr": pick(opts.lr, "lr", 1e-4), "weight_decay": pick(opts.weight_decay, "weight_decay", 0.0),
           "grad_clip": pick(opts.grad_clip, "grad_clip", 1.0)}
@@ -151,6 +189,11 @@ def resolved_hparams(recipe_train: dict, opts: QATOptions) -> dict:
     if sched not in ("constant", "cosine"):
         raise BqcError(f"unknown lr schedule {sched!r}", hint="use 'constant' (the default) or 'cosine' (decays "
                        "to min_lr_ratio x lr at the run's last step)")
+    scale = pick(opts.float_lr_scale, "float_lr_scale", 1.0)
+    if not 0.0 <= scale <= 1e3:
+        raise BqcError(f"float lr scale must be >= 0 (0 freezes the float layers), got {scale:g}")
+    if scale != 1.0:
+        hp["float_lr_scale"] = scale
     if sched != "constant":
         ratio = pick(opts.min_lr_ratio, "min_lr_ratio", 0.0)
         if not 0.0 <= ratio <= 1.0:
@@ -379,13 +422,17 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
         fingerprint["cond_drop"] = opts.cond_drop
     if loss_target(train, opts) != "true":  # (absent for the default, so older runs still resume)
         fingerprint["target"] = loss_target(train, opts)
+    if "float_lr_scale" in hp:
+        fingerprint["float_lr_scale"] = hp["float_lr_scale"]
     t0 = time.time()
     # on resume, an --lr / --grad-clip given explicitly may differ from the checkpoint's (recorded as a change)
     change = [k for k, v in (("lr", opts.lr), ("grad_clip", opts.grad_clip)) if v is not None] if resume else []
     nan_hint = (f"resume from it with a lower learning rate and/or a smaller gradient clip, e.g. `bqc train {art_dir} "
                 f"--data {data} --steps {opts.steps} -o {out} --resume {out} --lr {hp['lr'] / 2:g} --grad-clip "
                 f"{min(hp['grad_clip'] or 1.0, 1.0) / 2:g}`, or start a new run with a longer --warmup")
+    groups = param_groups(model, student, hp.get("float_lr_scale", 1.0), hp["lr"])
     res = train_loop(model, (ds.images, ds.labels, context), loss_fn, cfg, out / "train", fingerprint=fingerprint, resume=resume,
+                     param_groups=groups,
                      change=change, nonfinite_hint=nan_hint)
     wall = time.time() - t0
     if not DistContext.from_env("cpu").main:
