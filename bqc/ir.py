@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import networkx as nx
 import torch
@@ -633,6 +633,17 @@ def _module_note(n: fx.Node) -> str:
     parts = [f"{name}={p.get('kind', '?')}({_fmt_options(p, skip=('kind',))})"
              for name, p in d.get("parts", {}).items()]
     return " ".join(parts + [f"{k}={_fmt_option(v)}" for k, v in d.items() if k not in _MODULE_NOTE_SKIP])
+
+
+def block_output(gm: fx.GraphModule, block: int) -> Optional[fx.Node]:
+    """The output feature of UNet block ``block`` (annotate's ``block`` ids): the last node of the
+    block whose value leaves it. Found from the annotations each time (not stored), so it stays
+    right after passes replace nodes. TBS edges, distillation taps and the teacher's taps use it."""
+    members = [n for n in gm.graph.nodes if info(n).get("block") == block]
+    for n in reversed(members):
+        if any(info(u).get("block") != block for u in n.users):
+            return n
+    return members[-1] if members else None
 
 
 def dump(gm: fx.GraphModule, *, annotations: bool = True, details: bool = True) -> str:

@@ -14,7 +14,6 @@ from bqc import ir
 from bqc.errors import BqcError
 from bqc.pipeline import Pass, PassResult, register, register_fact
 
-from .tbs_edges import block_output
 
 LOSSES = {"lrm": {"k": 4, "weight": 1e-4}, "spd": {"patches": 4, "weight": 1e-2}}
 
@@ -46,7 +45,7 @@ class DistillTaps(Pass):
             settings["form"] = self.opts["form"]
         taps = []
         for b in ir.graph_meta(gm).get("blocks", []):
-            node = block_output(gm, b["id"])
+            node = ir.block_output(gm, b["id"])
             blended = [u for u in node.users if ir.info(u).get("kind") == "tbs"]
             node = blended[0] if blended else node
             taps.append({"block": b["id"], "node": node.name})

@@ -23,15 +23,6 @@ from bqc.pipeline import Pass, PassResult, register, register_fact
 from bqc.quant.tbs import TBSBlend
 
 
-def block_output(gm, block: int):
-    """The last node of a block whose value leaves the block (its output feature)."""
-    members = [n for n in gm.graph.nodes if ir.info(n).get("block") == block]
-    for n in reversed(members):
-        if any(ir.info(u).get("block") != block for u in n.users):
-            return n
-    return members[-1] if members else None
-
-
 @register_fact("tbs")
 def _check_tbs(gm) -> str | None:
     meta = ir.graph_meta(gm)
@@ -77,7 +68,7 @@ class TbsEdges(Pass):
             node.meta["bqc"] = {"kind": "placeholder", "block": -1, "role": "", "level": 0}
         flag.meta["val"] = None
         for b, cache in caches:
-            feat = block_output(gm, b)
+            feat = ir.block_output(gm, b)
             val = feat.meta.get("val")
             cache.meta["val"] = val
             gm.tbs.add_module(f"block_{b}", TBSBlend(self.opts["groups"], self.opts["timesteps"], self.opts["init"]))

@@ -147,10 +147,8 @@ def _tap_views(student, teacher):
     taps = meta.get("taps", [])
     if not taps:
         return None, None, []
-    from bqc.passes.tbs_edges import block_output
-
     s_view = ir.with_outputs(student, [tp["node"] for tp in taps])
-    t_names = [block_output(teacher, tp["block"]).name for tp in taps]
+    t_names = [ir.block_output(teacher, tp["block"]).name for tp in taps]
     t_view = ir.with_outputs(teacher, t_names)
     return s_view, t_view, taps
 
