@@ -83,6 +83,28 @@ def rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def test_unfused_per_basis_route_matches_deploy(tmp_path_factory, monkeypatch):
+    """The converter's other route for binary-weight layers, taken when a target's fused-epilogue
+    kernel does not schedule: int32 kernels, one call per basis, the scales applied by
+    ``_scaled_sum``. binarydm's EBB layers (two bases before the stage switch) and W1A4 body
+    layers lowered that way match the deploy graph as the default (fused, merged) route does."""
+    import functools
+
+    from bqc.backends.tvm import convert
+
+    gm, dg, _ = lowered("binarydm", tmp_path_factory)
+    monkeypatch.setattr(convert, "Converter", functools.partial(convert.Converter, fuse_epilogue=False))
+    out = lower(D.fold(_CACHE["binarydm"][2]), "tvm-x86", tmp_path_factory.mktemp("lower_unfused"), batch=BATCH)
+    kernels = json.loads((out / "manifest.json").read_text())["kernels"]
+    assert "merged_bases" not in kernels and kernels.get("w1ak_conv2d", 0) > 0
+    assert any(m.bases > 1 for _, m in D.deploy_layers(dg) if isinstance(m, D.BinaryConv2d))  # EBB stage 1
+    x, t = example_inputs(gm, batch=3, seed=1)[:2]
+    with torch.no_grad():
+        e, _ = load_compiled(out)(x, t)
+        e_r, _ = BqcModel(dg).eval()(x, t)
+    assert rel(e, e_r) <= 1e-4, rel(e, e_r)
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_lowered_matches_deploy_and_qat(recipe, tmp_path_factory):
     gm, dg, out = lowered(recipe, tmp_path_factory)

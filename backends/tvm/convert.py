@@ -320,6 +320,32 @@ class Converter:
         return [self._emit(imp, op.strided_slice(out, axes=[ax], begin=[b * out_ch], end=[(b + 1) * out_ch]))
                 for b in range(nb)]
 
+    def _over_bases(self, imp, kind, builder, f, fused, shape_args, inputs, weight_consts, words, scale, out_shape):
+        """A binary-weight layer as kernel calls: the ``nb`` bases of ``words`` ``[B, OC, ...]``
+        in ONE call when they merge (:meth:`_merged_bases`: weights stacked along the output
+        channels), else one call per basis, the scaled results summed in basis order.
+        ``shape_args``: the kernel builder's arguments (output channels third, as every bqc
+        kernel builder takes them); ``inputs``: the activation inputs; ``weight_consts(w)``: the
+        kernel's constant inputs for packed weights ``w`` (one basis, or all stacked). Returns
+        the float32 channels-last result of shape ``out_shape``."""
+        nb, out_ch = words.shape[:2]
+        if fused and nb > 1 and self.merge_bases:
+            wide = tuple(shape_args[:2]) + (nb * out_ch,) + tuple(shape_args[3:])
+            wall = words.reshape((nb * out_ch,) + words.shape[2:])
+            terms = self._merged_bases(imp, builder, wide, inputs + weight_consts(wall), scale, nb, out_ch, out_shape)
+            if terms is not None:
+                self._count(kind)
+                return self._sum_in_order(imp, terms)
+        accs = []
+        for b in range(nb):
+            args = inputs + weight_consts(words[b])
+            if fused:
+                accs.append(self._call_tir(imp, f, args + self._epi_args(imp, scale, b, out_ch), out_shape, "float32"))
+            else:
+                accs.append(self._call_tir(imp, f, args, out_shape, "int32"))
+        self._count(kind)
+        return self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, out_ch, len(out_shape))
+
     def _sum_in_order(self, imp, terms):
         out = None
         for t in terms:
@@ -426,27 +452,10 @@ class Converter:
         if f is None:
             return self._conv_fallback(node, imp, "binary")
         oh, ow = out_shape[2], out_shape[3]
-        if fused and nb > 1 and self.merge_bases:
-            wall = words.reshape((nb * oc,) + words.shape[2:])
-            terms = self._merged_bases(
-                imp, binary_conv2d_primfunc, (n, int(c), nb * oc, h, w, kh, sh, ph),
-                [x, relax.const(packing.block_oc(wall, self.lanes), "uint32"),
-                 relax.const(packing.conv_base_table(wall, int(c), h, w, sh, ph, lanes=self.lanes), "int32")],
-                scale, nb, oc, (n, oh, ow, oc))
-            if terms is not None:
-                self._count("binary_conv2d")
-                return self._emit(imp, op.permute_dims(self._sum_in_order(imp, terms), [0, 3, 1, 2]))
-        accs = []
-        for b in range(nb):
-            wb = relax.const(packing.block_oc(words[b], self.lanes), "uint32")
-            base = relax.const(packing.conv_base_table(words[b], int(c), h, w, sh, ph, lanes=self.lanes), "int32")
-            if fused:
-                accs.append(self._call_tir(imp, f, [x, wb, base] + self._epi_args(imp, scale, b, oc),
-                                           (n, oh, ow, oc), "float32"))
-            else:
-                accs.append(self._call_tir(imp, f, [x, wb, base], (n, oh, ow, oc), "int32"))
-        self._count("binary_conv2d")
-        y = self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, oc, 4)
+        consts = lambda wb: [relax.const(packing.block_oc(wb, self.lanes), "uint32"),
+                             relax.const(packing.conv_base_table(wb, int(c), h, w, sh, ph, lanes=self.lanes), "int32")]
+        y = self._over_bases(imp, "binary_conv2d", binary_conv2d_primfunc, f, fused, (n, int(c), oc, h, w, kh, sh, ph),
+                             [x], consts, words, scale, (n, oh, ow, oc))
         return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
 
     def _binary_dense(self, node, imp):
@@ -468,24 +477,9 @@ class Converter:
         if f is None:
             return self._dense_fallback(node, imp, "binary")
         x2 = self._emit(imp, op.reshape(x, [m, kwords]))
-        terms = None
-        if fused and nb > 1 and self.merge_bases:
-            wall = words.reshape(nb * nout, kwords)
-            terms = self._merged_bases(imp, binary_dense_primfunc, (m, int(k), nb * nout),
-                                       [x2, relax.const(packing.block_oc(wall, self.lanes), "uint32")],
-                                       scale, nb, nout, (m, nout))
-        if terms is not None:
-            self._count("binary_dense")
-            return self._emit(imp, op.reshape(self._sum_in_order(imp, terms), lead + [nout]))
-        accs = []
-        for b in range(nb):
-            args = [x2, relax.const(packing.block_oc(words[b], self.lanes), "uint32")]
-            if fused:
-                accs.append(self._call_tir(imp, f, args + self._epi_args(imp, scale, b, nout), (m, nout), "float32"))
-            else:
-                accs.append(self._call_tir(imp, f, args, (m, nout), "int32"))
-        self._count("binary_dense")
-        y = self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, nout, 2)
+        consts = lambda wb: [relax.const(packing.block_oc(wb, self.lanes), "uint32")]
+        y = self._over_bases(imp, "binary_dense", binary_dense_primfunc, f, fused, (m, int(k), nout), [x2], consts,
+                             words, scale, (m, nout))
         return self._emit(imp, op.reshape(y, lead + [nout]))
 
     # --------------------------------------------------------------- W1Ak (int8 route)
@@ -504,27 +498,9 @@ class Converter:
         if f is None:
             return self._conv_fallback(node, imp, "binary")
         xu = self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1])
-        if fused and nb > 1 and self.merge_bases:
-            sall = packing.unpack_bits(words.reshape((nb * oc,) + words.shape[2:]), c, axis=-1).transpose(0, 3, 1, 2)
-            terms = self._merged_bases(
-                imp, w1ak_conv2d_primfunc, (n, c, nb * oc, h, w, k, stride, pad),
-                [xu, relax.const(packing.block_oc_int8(sall, self.lanes), "int8"),
-                 relax.const(packing.int8_bias(sall, self.lanes), "int32")],
-                scale, nb, oc, (n, oh, ow, oc))
-            if terms is not None:
-                self._count("w1ak_conv2d")
-                return self._emit(imp, op.permute_dims(self._sum_in_order(imp, terms), [0, 3, 1, 2]))
-        accs = []
-        for b in range(nb):
-            signs = packing.unpack_bits(words[b], c, axis=-1).transpose(0, 3, 1, 2)  # OIHW int8 +-1
-            args = [xu, relax.const(packing.block_oc_int8(signs, self.lanes), "int8"),
-                    relax.const(packing.int8_bias(signs, self.lanes), "int32")]
-            if fused:
-                accs.append(self._call_tir(imp, f, args + self._epi_args(imp, scale, b, oc), (n, oh, ow, oc), "float32"))
-            else:
-                accs.append(self._call_tir(imp, f, args, (n, oh, ow, oc), "int32"))
-        self._count("w1ak_conv2d")
-        y = self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, oc, 4)
+        y = self._over_bases(imp, "w1ak_conv2d", w1ak_conv2d_primfunc, f, fused, (n, c, oc, h, w, k, stride, pad), [xu],
+                             lambda wb: self._int8_sign_consts(packing.unpack_bits(wb, c, axis=-1).transpose(0, 3, 1, 2)),
+                             words, scale, (n, oh, ow, oc))  # OIHW int8 +-1 weights
         return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
 
     def _w1ak_dense(self, node, imp, words, k):
@@ -540,27 +516,16 @@ class Converter:
         if f is None:
             return self._dense_fallback(node, imp, "binary")
         xu = self._codes_u8(imp, self._emit(imp, op.reshape(x, [m, k])), k, True)
-        if fused and nb > 1 and self.merge_bases:
-            sall = packing.unpack_bits(words.reshape((nb * nout,) + words.shape[2:]), k, axis=-1)
-            terms = self._merged_bases(imp, w1ak_dense_primfunc, (m, k, nb * nout),
-                                       [xu, relax.const(packing.block_oc_int8(sall, self.lanes), "int8"),
-                                        relax.const(packing.int8_bias(sall, self.lanes), "int32")],
-                                       scale, nb, nout, (m, nout))
-            if terms is not None:
-                self._count("w1ak_dense")
-                return self._emit(imp, op.reshape(self._sum_in_order(imp, terms), lead + [nout]))
-        accs = []
-        for b in range(nb):
-            signs = packing.unpack_bits(words[b], k, axis=-1)  # [N, K] int8 +-1
-            args = [xu, relax.const(packing.block_oc_int8(signs, self.lanes), "int8"),
-                    relax.const(packing.int8_bias(signs, self.lanes), "int32")]
-            if fused:
-                accs.append(self._call_tir(imp, f, args + self._epi_args(imp, scale, b, nout), (m, nout), "float32"))
-            else:
-                accs.append(self._call_tir(imp, f, args, (m, nout), "int32"))
-        self._count("w1ak_dense")
-        y = self._sum_in_order(imp, accs) if fused else self._scaled_sum(imp, accs, scale, nout, 2)
+        y = self._over_bases(imp, "w1ak_dense", w1ak_dense_primfunc, f, fused, (m, k, nout), [xu],
+                             lambda wb: self._int8_sign_consts(packing.unpack_bits(wb, k, axis=-1)),  # [N, K] int8 +-1
+                             words, scale, (m, nout))
         return self._emit(imp, op.reshape(y, lead + [nout]))
+
+    def _int8_sign_consts(self, signs):
+        """The int8-layout kernels' constant inputs for +-1 weights: blocked weights and the
+        per-output-channel bias that undoes the inputs' +128 offset."""
+        return [relax.const(packing.block_oc_int8(signs, self.lanes), "int8"),
+                relax.const(packing.int8_bias(signs, self.lanes), "int32")]
 
     # --------------------------------------------------------------- int8 conv / dense
     def _codes_u8(self, imp, x, c, channel_axis_last: bool, perm=None):
