@@ -73,6 +73,7 @@ RUNS: list[Run] = [
     Run("baseline-w1a4", "table-a", "baseline"),
     Run("binarydm-w1a4", "table-a", "binarydm"),
     Run("binarydm-lmb-w1a4", "table-a", "binarydm-lmb"),
+    Run("binarydm-skip-w1a4", "table-a", "binarydm-skip"),  # bqc's output skip (not in the papers)
     Run("baseline-w1a32", "table-a", "baseline", abits=32),
     Run("binarydm-w1a32", "table-a", "binarydm", abits=32),
     # Table B: fully binary
@@ -81,6 +82,7 @@ RUNS: list[Run] = [
     Run("reactnet", "table-b", "reactnet"),
     Run("reste", "table-b", "reste"),
     Run("bidm", "table-b", "bidm"),
+    Run("bidm-skip", "table-b", "bidm-skip"),  # bqc's output skip (not in the papers)
     # Ablations
     Run("binarydm-no-ebb", "ablation", "binarydm", overrides='[options.plan_quant]\nhead_tail = { weight = "sign_scale", act = "lsq" }\n', main=False),
     Run("binarydm-no-lrm", "ablation", "binarydm", distill=False, main=False),

@@ -40,6 +40,8 @@ DESCRIBE = {
     "reactnet": "ReActNet (RSign, RPReLU)",
     "reste": "ReSTE (rectified STE)",
     "bidm": "BiDM: TBS + SPD",
+    "bidm-skip": "BiDM + bqc's output skip (eps = sqrt(1-abar) x + sqrt(abar) F; not in the paper)",
+    "binarydm-skip-w1a4": "BinaryDM + bqc's output skip (not in the paper)",
     "binarydm-no-ebb": "head/tail blocks use the baseline binarizer (no EBB)",
     "binarydm-no-lrm": "no LRM distillation",
     "binarydm-lrm-k2": "LRM with K = 2 (default 4)",

@@ -3,7 +3,7 @@
 # ablations (seed 0), from the shipped mnist16 teacher, scored with the declared sampler
 # (DDIM-100, eta 1) and DDIM-100 eta 0 as the second column. One process per core; both are
 # resumable (rerun this script: finished runs are skipped, unfinished ones resume from their
-# last checkpoint). About 40 core-hours in all on this 2-core machine.
+# last checkpoint). About 45 core-hours in all on this 2-core machine (the two output-skip rows, bqc's own, included).
 #
 #   bash benchmarks/study_4k.sh [OUT]          # default OUT: /work/runs/study-4k
 #
