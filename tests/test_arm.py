@@ -9,7 +9,6 @@ assembly test needs only TVM.
 """
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
@@ -21,6 +20,7 @@ from bqc import packing as P  # noqa: E402
 from bqc.backends.tvm import arm  # noqa: E402
 from bqc.backends.tvm.schedules import arm as arm_sched  # noqa: E402
 from bqc.errors import BqcError  # noqa: E402
+from armenv import require_arm  # noqa: E402
 
 LANES = 16
 DENSE_CASES = [dict(m=8, k=512, n=64), dict(m=3, k=200, n=48), dict(m=1, k=96, n=24)]
@@ -129,21 +129,6 @@ def run_x86(func, inputs, ref):
     return args[-1].numpy()
 
 
-def _require_arm(vm: bool = False):
-    """Skip with BQC_SKIP_ARM=1, or with the reason when the toolchain + qemu (``vm``: the arm64
-    Python root of the full route) are missing; BQC_REQUIRE_ARM=1 (CI) makes that a FAILURE."""
-    if os.environ.get("BQC_SKIP_ARM") == "1":
-        pytest.skip("BQC_SKIP_ARM=1: aarch64 run tests skipped")
-    what = "arm64 Python root" if vm else "aarch64 toolchain/emulator"
-    try:
-        arm.check_arm_vm_env() if vm else arm.check_arm_env()
-    except BqcError as e:
-        msg = f"{what} missing ({e})"
-        if os.environ.get("BQC_REQUIRE_ARM") == "1":
-            pytest.fail(f"{msg} (BQC_REQUIRE_ARM=1 requires it)")
-        pytest.skip(msg)
-
-
 def _named(func, name):
     return func.with_attr("global_symbol", name)
 
@@ -193,7 +178,7 @@ def test_arm_asm_has_neon_cnt(arm_build):
 
 @pytest.fixture(scope="module")
 def arm_lib(arm_build, tmp_path_factory):
-    _require_arm()
+    require_arm()
     _, ex = arm_build
     return arm.export_arm_library(ex, tmp_path_factory.mktemp("arm") / "kernels.so")
 
@@ -220,7 +205,7 @@ def test_arm_int8_matmul_and_bitpack_match_reference(arm_build, arm_lib):
 def test_arm_relax_vm_with_binary_conv(arm_build, tmp_path):
     """A Relax VM executable (call_tir of the NEON binary conv + a float epilogue) run by TVM's
     real aarch64 runtime in the arm64 root (the full route of .ci/arm_setup.sh)."""
-    _require_arm(vm=True)
+    require_arm(vm=True)
     from tvm import relax
 
     cases, _ = arm_build
@@ -243,7 +228,7 @@ def test_arm_relax_vm_with_binary_conv(arm_build, tmp_path):
 def test_arm_vm_keeps_0d_inputs(tmp_path):
     """run_vm_under_qemu passes a 0-d input (the TBS flag of bidm models) as 0-d: the VM checks
     ranks, and np.ascontiguousarray would make it shape (1,)."""
-    _require_arm(vm=True)
+    require_arm(vm=True)
     from tvm import relax
 
     bb = relax.BlockBuilder()

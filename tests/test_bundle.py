@@ -26,7 +26,7 @@ import torch
 tvm = pytest.importorskip("tvm")
 
 from clirun import run_cli  # noqa: E402
-from test_arm import _require_arm  # noqa: E402
+from armenv import require_arm  # noqa: E402
 from test_lower import _CACHE, lowered  # noqa: E402
 
 import bqc.run as R  # noqa: E402
@@ -208,8 +208,8 @@ def test_arm_bundle_runs_under_qemu(tmp_path_factory, tmp_path):
     """The tvm-arm bundle's run.py, run by the arm64 root's python3.11 with the aarch64 wheels
     (apache-tvm runtime, apache-tvm-ffi, numpy: what docs/deploy.md installs on a board), samples
     what the host runner samples from the tvm-x86 bundle: 3 DDIM steps through the TBS state."""
-    _require_arm()
-    _require_arm(vm=True)
+    require_arm()
+    require_arm(vm=True)
     from bqc.backends.tvm import arm
 
     _, _, x86 = _bundle(tmp_path_factory)

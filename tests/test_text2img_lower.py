@@ -1,12 +1,17 @@
 """Lowering text-conditioned UNets (issue 16, part 5): the ``context`` input through the signature,
-fold, TVM (tvm-x86), the bundle runner and ONNX, on tests/test_text2img.py's tiny models (5-token
-context). Each family is folded (random calibration) and lowered once for the module, at batch 2
-(3 rows in the checks: one padded and split call). Criterion: relative error <= 1e-4 against the
-deploy graph's reference executor (torch), as tests/test_lower.py.
+fold, TVM (tvm-x86; tvm-arm run under qemu; tvm-cuda built without a GPU), the bundle runner and
+ONNX, on tests/test_text2img.py's tiny models (5-token context). Each family is folded (random
+calibration) and lowered once per backend for the module, at batch 2 (3 rows in the checks: one
+padded and split call). Criterion: relative error <= 1e-4 against the deploy graph's reference
+executor (torch), as tests/test_lower.py. The tvm-arm test follows tests/armenv.py's rule (skips
+naming `.ci/arm_setup.sh` without the arm64 root; fails under BQC_REQUIRE_ARM=1); the tvm-cuda
+test skips with BQC_SKIP_CUDA=1, as tests/test_lower.py's.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +26,7 @@ from bqc.backends.runtime import load_compiled  # noqa: E402
 from bqc.backends.tvm.lower import lower  # noqa: E402
 from bqc.graph import BqcModel  # noqa: E402
 from bqc.signature import Signature  # noqa: E402
+from armenv import require_arm  # noqa: E402
 from test_text2img import CTX_DIM, _source  # noqa: E402
 
 L = 5
@@ -44,12 +50,12 @@ def _folded(family, tmp_path_factory):
     return _CACHE[key]
 
 
-def _lowered(family, tmp_path_factory):
-    """(deploy artifact, tvm-x86 bundle folder at batch 2), built once per family."""
-    key = ("lowered", family)
+def _lowered(family, tmp_path_factory, backend="tvm-x86"):
+    """(deploy artifact, ``backend`` bundle folder at batch 2), built once per family and backend."""
+    key = ("lowered", family, backend)
     if key not in _CACHE:
         _, dart = _folded(family, tmp_path_factory)
-        _CACHE[key] = lower(dart, "tvm-x86", tmp_path_factory.mktemp(f"text-{family}-tvm") / "lib", batch=BATCH,
+        _CACHE[key] = lower(dart, backend, tmp_path_factory.mktemp(f"text-{family}-{backend}") / "lib", batch=BATCH,
                             threads=1)
     return _folded(family, tmp_path_factory)[1], _CACHE[key]
 
@@ -60,9 +66,42 @@ def _inputs(n=3, seed=1):
             torch.randn(n, L, CTX_DIM, generator=g))
 
 
+def _other_context(n=3):
+    """Another prompt for :func:`_inputs`' rows: a step with it must give another eps."""
+    return torch.randn(n, L, CTX_DIM, generator=torch.Generator().manual_seed(2))
+
+
 def rel(a, b) -> float:
     a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def _reference(dart):
+    """The deploy reference (torch) at :func:`_inputs`: ``(eps, state, eps2)``, the first step's
+    eps and TBS state (None without TBS) and, from that state, a second step's (t - 1) eps."""
+    ref = BqcModel(dart.gm).eval()
+    x, t, c = _inputs()
+    with torch.no_grad():
+        e, s = ref(x, t, context=c)
+        e2 = None if s is None else ref(x, t - 1, state=s, context=c)[0]
+    return e, s, e2
+
+
+def _assert_steps_match(got, want):
+    """The lowering criterion for a compiled step: ``got = (eps, state, eps2, eps_other)`` (the
+    first step at :func:`_inputs`, its state, the second step from the *reference's* state, and
+    the first step with :func:`_other_context`) against :func:`_reference`'s ``want``: each within
+    1e-4 relative error, and another prompt changes eps (the context really enters)."""
+    (e, s, e2, e_other), (e_r, s_r, e2_r) = got, want
+    assert float(torch.as_tensor(e_r).abs().max()) > 0
+    assert rel(e, e_r) <= 1e-4, rel(e, e_r)
+    assert rel(e_other, e_r) > 1e-3
+    assert (s is None) == (s_r is None)
+    if s_r is not None:
+        assert len(s) == len(s_r)
+        for a, b in zip(s, s_r):
+            assert rel(a, b) <= 1e-4, rel(a, b)
+        assert rel(e2, e2_r) <= 1e-4, rel(e2, e2_r)
 
 
 def test_signature_json_round_trip_with_and_without_context():
@@ -99,23 +138,115 @@ def test_tvm_lowering_matches_the_deploy_reference(family, tmp_path_factory):
     assert man["fallbacks"] == []
     model = load_compiled(out)
     assert model.context == (L, CTX_DIM) and model.batch == BATCH
-    ref = BqcModel(dart.gm).eval()
+    want = _reference(dart)
     x, t, c = _inputs()
     with torch.no_grad():
         e, s = model(x, t, context=c)
-        e_r, s_r = ref(x, t, context=c)
-        assert float(e_r.abs().max()) > 0
-        assert rel(e, e_r) <= 1e-4, rel(e, e_r)
-        assert rel(model(x, t, context=torch.randn(3, L, CTX_DIM))[0], e_r) > 1e-3  # the context really enters
-        assert (s is None) == (s_r is None) == (family != "ldm")
-        if s is not None:
-            for a, b in zip(s, s_r):
-                assert rel(a, b) <= 1e-4
-            e2, _ = model(x, t - 1, state=s_r, context=c)
-            e2_r, _ = ref(x, t - 1, state=s_r, context=c)
-            assert rel(e2, e2_r) <= 1e-4, rel(e2, e2_r)
+        e2 = None if s is None else model(x, t - 1, state=want[1], context=c)[0]
+        _assert_steps_match((e, s, e2, model(x, t, context=_other_context())[0]), want)
+    assert (s is None) == (family != "ldm")
     with pytest.raises(ValueError, match="context"):
         model(x, t)
+
+
+#: run by the arm64 root's python3.11 under qemu: the bundle's run.py as a module (numpy and the
+#: TVM runtime only, as on a board) computes the steps of _assert_steps_match on the inputs in IO,
+#: then samples through its command line with the arguments after IO (what a user runs)
+ARM_DRIVER = """
+import importlib.util
+import sys
+
+import numpy as np
+
+bundle, io, *cli = sys.argv[1:]
+spec = importlib.util.spec_from_file_location("bundle_run", bundle + "/run.py")
+R = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(R)
+def inp(name):
+    return np.load(f"{io}/{name}.npy")
+x, t, c = inp("x"), inp("t"), inp("c")
+step = R.load(bundle, threads=1)
+e, s = step(x, t, context=c)
+out = {"e": e, "e_other": step(x, t, context=inp("c_other"))[0]}
+if s is not None:
+    out.update({f"s{i}": a for i, a in enumerate(s)})
+    out["e2"] = step(x, t - 1, state=[inp(f"s_ref{i}") for i in range(len(s))], context=c)[0]
+np.savez(f"{io}/out.npz", **out)
+sys.exit(R.main(cli))
+"""
+
+
+def test_tvm_arm_bundle_under_qemu_matches_the_deploy_reference(tmp_path_factory, tmp_path):
+    """The tvm-arm bundle of the LDM ``bidm`` model (TBS state, binary activations, context), run
+    by the arm64 root's python3.11 with TVM's aarch64 runtime (tests/test_bundle.py's route): its
+    run.py step model equals the deploy reference (eps and TBS state, 3 rows on a batch-2
+    library, and a second step from the reference state), and ``run.py --context`` samples
+    latents equal to the torch DDIM sampler's on the deploy model from the same noise."""
+    require_arm()
+    require_arm(vm=True)
+    from bqc.backends.tvm import arm
+    from bqc.diffusion.samplers import ddim_sample
+
+    dart, out = _lowered("ldm", tmp_path_factory, "tvm-arm")
+    lib = (out / "model.so").read_bytes()
+    assert lib[:4] == b"\x7fELF" and lib[18] == 183  # EM_AARCH64
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["backend"] == "tvm-arm" and man["context"] == [L, CTX_DIM] and man["fallbacks"] == []
+    want = _reference(dart)
+    x, t, c = _inputs()
+    feed = {"x": x, "t": t, "c": c, "c_other": _other_context(), **{f"s_ref{i}": a for i, a in enumerate(want[1])}}
+    for name, a in feed.items():
+        np.save(tmp_path / f"{name}.npy", a.numpy())
+    (tmp_path / "driver.py").write_text(ARM_DRIVER)
+    cli = [out, "-n", "3", "--steps", "2", "--eta", "0", "--seed", "0", "--context", tmp_path / "c.npy",
+           "-o", tmp_path / "lat.npy"]
+    proc = arm.run_python_under_qemu([tmp_path / "driver.py", out, tmp_path, *cli], what="the bundle's run.py")
+    assert "wrote" in proc.stdout and "latents" in proc.stdout, proc.stdout
+    with np.load(tmp_path / "out.npz") as got:
+        state = [got[f"s{i}"] for i in range(sum(k.startswith("s") for k in got.files))]
+        _assert_steps_match((got["e"], state, got["e2"], got["e_other"]), want)
+
+    x_T = np.random.default_rng(0).standard_normal((3, 4, 8, 8), dtype=np.float32)  # run.py's noise, seed 0
+    with torch.no_grad():
+        lat = ddim_sample(dart.model, x_T.shape, schedule=dart.schedule, steps=2, x_T=torch.from_numpy(x_T),
+                          cond={"context": c})
+    got = np.load(tmp_path / "lat.npy")
+    assert got.shape == (3, 4, 8, 8) and rel(got, lat) <= 1e-4, rel(got, lat)
+
+
+def _vm_param_shapes(executable, func: str = "main") -> list:
+    """The shapes of ``func``'s parameters, in order, in a compiled Relax VM executable, read from
+    its own argument checks (the VM's statistics list one ``ErrorContext(fn=..., loc=param[i],
+    ..., annotation=R.Tensor((...)))`` per parameter): what the library checks each input against
+    when it runs, available without loading it (a tvm-cuda library loads only on a GPU)."""
+    pat = rf"fn={func}, loc=param\[(\d+)\], param=\w+, annotation=R\.Tensor\(\(([\d, ]*)\)"
+    found = {int(i): tuple(int(d) for d in dims.replace(",", " ").split())
+             for i, dims in re.findall(pat, executable.stats())}
+    assert sorted(found) == list(range(len(found))), f"unexpected VM statistics: {sorted(found)}"
+    return [found[i] for i in range(len(found))]
+
+
+def test_tvm_cuda_lowering_builds_without_gpu(tmp_path_factory, monkeypatch):
+    """tvm-cuda builds the text-conditioned step here (no GPU: running it needs one, see
+    docs/text-to-image.md): the compiled module's ``main`` takes ``context`` of (batch, L, D) as
+    its third input, in the manifest's order; no fallbacks; CUDA source with ``__popc``."""
+    if os.environ.get("BQC_SKIP_CUDA") == "1":
+        pytest.skip("BQC_SKIP_CUDA=1")
+    from bqc.backends.tvm import lower as tvm_lower
+
+    built = []
+    build = tvm_lower._build_cuda
+    monkeypatch.setattr(tvm_lower, "_build_cuda", lambda *a: built.append(build(*a)) or built[-1])
+    _, out = _lowered("ldm", tmp_path_factory, "tvm-cuda")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["backend"] == "tvm-cuda" and man["context"] == [L, CTX_DIM]
+    assert man["inputs"][:3] == ["x", "t", "context"] and man["state_inputs"]
+    assert man["fallbacks"] == [] and man["kernel_failures"] == []
+    assert "__popc" in (out / "model.cu").read_text() and (out / "model.so").exists()
+    (ex,) = built
+    caches = [(BATCH, *st["shape"]) for st in man["state_inputs"]]
+    assert man["inputs"] == ["x", "t", "context", *(st["name"] for st in man["state_inputs"]), man["state_flag"]]
+    assert _vm_param_shapes(ex) == [(BATCH, 4, 8, 8), (BATCH,), (BATCH, L, CTX_DIM), *caches, ()]
 
 
 def test_bundle_runner_with_context(tmp_path_factory, tmp_path, capsys):
