@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from bqc.data import image_files, load_dataset, save_latents
-from bqc.errors import BqcError
+from bqc.errors import BqcError, require_file
 
 __all__ = ["load_vae", "LDM_FIRST_STAGES", "encode_images", "decode_latents", "load_text_encoder", "embed_prompts",
            "read_captions", "read_context_file", "encode_folder"]
@@ -124,9 +124,7 @@ def _ldm_first_stage(path) -> tuple[str, dict, float, bool]:
     """``(diffusers class name, its config, scale_factor, scale_by_std)`` from an LDM yaml's first stage."""
     import yaml
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise BqcError(f"VAE yaml not found: {p}", hint="give the LDM yaml (e.g. v1-inference.yaml) or a diffusers VAE folder")
+    p = require_file(Path(path).expanduser(), "VAE yaml")
     try:
         doc = yaml.safe_load(p.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -219,9 +217,7 @@ def _read_weights(path, trust_pickle: bool) -> dict:
     checkpoint (:func:`bqc.frontend.load_state_dict_file`, which still refuses anything but tensors)."""
     from bqc.frontend import load_state_dict_file
 
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise BqcError(f"--vae-weights file not found: {p}")
+    p = require_file(Path(path).expanduser(), "--vae-weights file")
     if p.suffix.lower() != ".safetensors" and not trust_pickle:
         raise BqcError(f"--vae-weights {p} is not safetensors; reading a pickled checkpoint (.ckpt) unpickles it, which "
                        "can run code from the file, so bqc reads safetensors only",

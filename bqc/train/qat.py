@@ -110,22 +110,16 @@ def float_layer_params(student: torch.fx.GraphModule) -> list[nn.Parameter]:
     conv / linear nodes of the graph that are not quantized layer modules (residual projections
     kept FP, the time embedding, ``--keep-fp`` layers); not the quantized layers, norms, or
     quantizer, TBS and K-map parameters. They start from the teacher's values."""
-    seen, out = set(), []
+    params = dict(student.named_parameters())  # get_attr targets that are parameters (not buffers)
+    out: dict[int, nn.Parameter] = {}
     for n in student.graph.nodes:
         if n.op == "call_module" or ir.info(n).get("kind") not in ir.WEIGHTED_KINDS:
             continue
         for a in n.args:
-            if isinstance(a, torch.fx.Node) and a.op == "get_attr":
-                p = student.get_parameter(a.target) if _is_param(student, a.target) else None
-                if p is not None and p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-    return out
-
-
-def _is_param(gm: nn.Module, target: str) -> bool:
-    mod, _, name = target.rpartition(".")
-    return name in dict(gm.get_submodule(mod).named_parameters(recurse=False)) if mod else name in dict(gm.named_parameters(recurse=False))
+            p = params.get(a.target) if isinstance(a, torch.fx.Node) and a.op == "get_attr" else None
+            if p is not None and p.requires_grad:
+                out.setdefault(id(p), p)
+    return list(out.values())
 
 
 def param_groups(model: nn.Module, student: nn.Module, float_lr_scale: float, lr: float) -> list[dict] | None:
@@ -134,11 +128,11 @@ def param_groups(model: nn.Module, student: nn.Module, float_lr_scale: float, lr
     at ``lr``."""
     if float_lr_scale == 1.0:
         return None
-    fl = {id(p) for p in float_layer_params(student)}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in fl]
-    groups = [{"params": rest, "lr": lr}]
-    if float_lr_scale > 0 and fl:
-        groups.append({"params": [p for p in model.parameters() if id(p) in fl], "lr": lr * float_lr_scale})
+    floats = float_layer_params(student)
+    fl = {id(p) for p in floats}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in fl], "lr": lr}]
+    if float_lr_scale > 0 and floats:
+        groups.append({"params": floats, "lr": lr * float_lr_scale})
     return groups
 
 
@@ -418,8 +412,9 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
         fingerprint["diffusion"] = schedule.to_dict()
     if opts.cond_drop:
         fingerprint["cond_drop"] = opts.cond_drop
-    if loss_target(train, opts) != "true":  # (absent for the default, so older runs still resume)
-        fingerprint["target"] = loss_target(train, opts)
+    target = loss_target(train, opts)
+    if target != "true":  # (absent for the default, so older runs still resume)
+        fingerprint["target"] = target
     if "float_lr_scale" in hp:
         fingerprint["float_lr_scale"] = hp["float_lr_scale"]
     t0 = time.time()
@@ -441,7 +436,7 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
     student.eval()
     info = {"steps": res.step, "data": data, "wall_s_this_run": round(wall, 1), "resumed_from": res.resumed_from,
             "weights": "ema" if res.ema else "raw", "options": {k: v for k, v in vars(opts).items()},
-            "hparams": hp, "target": loss_target(train, opts), "changes": res.changes, "divergence": divergence(out / "train" / "metrics.csv"),
+            "hparams": hp, "target": target, "changes": res.changes, "divergence": divergence(out / "train" / "metrics.csv"),
             "from": str(art_dir)}
     artifact.save_artifact(out / ".artifact", base_ep=art.base_ep, gm=student, recipe=art.recipe,
                            wbits=art.manifest["wbits"], abits=art.manifest["abits"],
