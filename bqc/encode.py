@@ -320,6 +320,7 @@ def load_text_encoder(path, *, trust_pickle: bool = False):
     if tok_dir is None:
         raise BqcError(f"no tokenizer next to the text encoder {d} (looked in {d} and {d.parent / 'tokenizer'})",
                        hint="put the tokenizer files (vocab.json, merges.txt, tokenizer_config.json) in one of them")
+    transformers.utils.logging.disable_progress_bar()  # bqc prints its own progress
     try:
         tok = transformers.CLIPTokenizer.from_pretrained(str(tok_dir))
         model = transformers.CLIPTextModel.from_pretrained(str(d), use_safetensors=safe)

@@ -190,6 +190,59 @@ def test_encode_captions_with_text_encoder(tmp_path, vae_dir, monkeypatch):
         encode.load_text_encoder(vae_dir)  # a folder of another model is refused before any import
 
 
+def _clip_folder(root, ctx_len=6):
+    """An SD-style pair of folders (text_encoder/, tokenizer/): a tiny random transformers CLIPTextModel and a
+    character-level CLIPTokenizer (a real BPE vocabulary without merges), both saved by transformers."""
+    transformers = pytest.importorskip("transformers")
+    enc, tok_dir = root / "text_encoder", root / "tokenizer"
+    tok_dir.mkdir(parents=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {t: i for i, t in enumerate([*letters, *(c + "</w>" for c in letters), "<|startoftext|>", "<|endoftext|>"])}
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    transformers.CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"),
+                               model_max_length=ctx_len).save_pretrained(str(tok_dir))
+    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=CTX_DIM, intermediate_size=2 * CTX_DIM,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=ctx_len,
+                                      bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                      pad_token_id=vocab["<|endoftext|>"])
+    torch.manual_seed(0)
+    transformers.CLIPTextModel(cfg).save_pretrained(str(enc))
+    return enc
+
+
+def test_encode_captions_with_a_real_clip_folder(tmp_path, vae_dir, capsys):
+    """`bqc encode --captions --text-encoder` on a folder transformers wrote: the tokenizer is found in the
+    sibling tokenizer/ folder, the context length defaults to the tokenizer's, and each row is the CLIP text
+    model's last hidden state for that image's caption (the empty prompt's is 'uncond')."""
+    import transformers
+
+    enc = _clip_folder(tmp_path / "sd")
+    imgs = _image_folder(tmp_path / "imgs", n=2)
+    (tmp_path / "caps.txt").write_text("a cat\nthe dog\n")
+    out = tmp_path / "lat.safetensors"
+    code, _, err = run_cli(["encode", imgs, "--vae", vae_dir, "--captions", tmp_path / "caps.txt", "--text-encoder", enc,
+                            "-o", out, "--threads", "1"], capsys)
+    assert code == 0, err
+    ds = load_dataset(str(out))
+    tok = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "sd" / "tokenizer"))
+    model = transformers.CLIPTextModel.from_pretrained(str(enc)).eval()
+    ids = tok(["a cat", "the dog", ""], padding="max_length", max_length=6, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).last_hidden_state
+    assert ds.context.shape == (2, 6, CTX_DIM) and torch.allclose(ds.context, want[:2], atol=1e-6)
+    assert torch.allclose(ds.uncond, want[2:], atol=1e-6) and not torch.allclose(ds.context[0], ds.context[1])
+    # --context-len overrides the tokenizer's length; pickled-only text encoder weights are refused
+    code, _, err = run_cli(["encode", imgs, "--vae", vae_dir, "--captions", tmp_path / "caps.txt", "--text-encoder", enc,
+                            "--context-len", "4", "-o", tmp_path / "l4.safetensors"], capsys)
+    assert code == 0 and load_dataset(str(tmp_path / "l4.safetensors")).context.shape == (2, 4, CTX_DIM), err
+    for f in enc.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    code, _, err = run_cli(["encode", imgs, "--vae", vae_dir, "--captions", tmp_path / "caps.txt", "--text-encoder", enc,
+                            "-o", tmp_path / "x.safetensors"], capsys)
+    assert code == 2 and "only pickled weights" in " ".join(err.split()), err
+
+
 def test_read_captions_formats(tmp_path):
     from bqc.encode import read_captions
 
