@@ -8,6 +8,9 @@
 * OPs = BOPs/64 + FLOPs, with BOPs = MACs * b_w * b_a for every quantized conv/linear/matmul
   and FLOPs = MACs for the float ones (attention matmuls included; norms and elementwise ops
   are not counted, as in the papers). Per sample (batch 1).
+* EBB's stage is read from each quantizer's ``stage2`` buffer (the one truth; the trainer switches
+  it): a QAT graph still in stage 1 is counted at one basis as above, and the report says how many
+  layers hold two bases now and what folding them now would add (``ebb_stage1``).
 * A deploy graph (``bqc fold``) is counted as stored: each folded layer's packed bits (times the
   bases its buffers really hold: an EBB layer folded in stage 1 keeps two), its codes, and 32
   bits per other stored value, from :func:`bqc.deploy.summary.layer_row`.
@@ -24,6 +27,14 @@ MIB = 8 * 2**20  # bits per MiB
 
 def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _ebb_stage(mod) -> int | None:
+    """1 or 2 for a layer whose weight quantizer is EBB (from its ``stage2`` buffer), else None."""
+    from bqc.quant.binary import EBB
+
+    wq = getattr(mod, "wq", None)
+    return (1 if wq.two_bases_active() else 2) if isinstance(wq, EBB) else None
 
 
 def _quant_layer_bits(mod) -> tuple[int, int, int, int]:
@@ -64,10 +75,12 @@ def layer_costs(gm: fx.GraphModule) -> list[dict]:
             continue
         mod = _module(gm, n)
         params = ni["params"]
+        ebb_stage = None
         if isinstance(mod, DEPLOY_LAYERS):
             w_bits, a_bits, bases, params, size_bits = _deploy_layer_bits(n, mod)
         elif mod is not None and hasattr(mod, "describe"):
             w_bits, a_bits, bases, extra = _quant_layer_bits(mod)
+            ebb_stage = _ebb_stage(mod)
             weight = mod.weight.numel() if hasattr(mod, "weight") else 0
             bias = mod.bias.numel() if getattr(mod, "bias", None) is not None else 0
             size_bits = weight * w_bits * bases + 32 * (bias + extra)
@@ -84,6 +97,9 @@ def layer_costs(gm: fx.GraphModule) -> list[dict]:
             "name": n.name, "module": ni["module"], "kind": ni["kind"], "role": ni["role"],
             "w_bits": w_bits, "a_bits": a_bits, "bases": bases, "params": params, "macs": macs,
             "size_mb": size_bits / MIB, "ops": bops / 64 + flops,
+            **({"ebb_stage": ebb_stage} if ebb_stage else {}),
+            # stage 1 holds a second basis: its sign bits and its per-channel scale s2
+            **({"ebb_stage1_extra_mb": (weight * w_bits + 32 * mod.wq.s2.numel()) / MIB} if ebb_stage == 1 else {}),
         })
     return rows
 
@@ -124,8 +140,11 @@ def cost_report(gm: fx.GraphModule) -> dict:
         agg["params"] += r["params"]
         agg["size_mb"] += r["size_mb"]
         agg["ops"] += r["ops"]
+    stage1 = [r for r in rows if r.get("ebb_stage") == 1]
     return {
         "params": params, "size_mb": size, "fp32_size_mb": fp_size, "ops": ops, "fp32_ops": fp_ops,
+        "ebb_stage1": {"layers": len(stage1), "extra_size_mb": sum(r["ebb_stage1_extra_mb"] for r in stage1),
+                       "extra_ops": sum(r["ops"] for r in stage1)},
         "size_saving": fp_size / size if size else 0.0, "ops_saving": fp_ops / ops if ops else 0.0,
         "other_params": other, "by_role": by_role, "layers": rows,
     }
@@ -175,3 +194,9 @@ def print_report(rep: dict, title: str, console, *, layers: bool = False) -> Non
         f"params {rep['params']:,} · size {rep['size_mb']:.2f} MiB (fp32 {rep['fp32_size_mb']:.2f}, "
         f"{rep['size_saving']:.1f}x smaller) · OPs {rep['ops']:.3g} (fp32 {rep['fp32_ops']:.3g}, {rep['ops_saving']:.1f}x fewer)",
         highlight=False)
+    s1 = rep.get("ebb_stage1") or {}
+    if s1.get("layers"):
+        console.print(
+            f"{s1['layers']} EBB layers are in stage 1 (two bases): counted at one basis, as after the stage switch "
+            f"training makes; folded now they would keep both (+{s1['extra_size_mb']:.3f} MiB, +{s1['extra_ops']:.3g} OPs)",
+            highlight=False)

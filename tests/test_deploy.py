@@ -376,6 +376,21 @@ def test_deploy_size_close_to_cost_report():
         assert abs(stored - paper) <= 0.1 * paper, (name, stored, paper)
 
 
+
+def test_cost_report_reads_the_ebb_stage_from_the_buffers():
+    """A binarydm graph in stage 1 is counted at one basis (the papers' count), and the report says how many
+    layers hold two bases now and what they add: exactly what folding it now stores on top of stage 2."""
+    from bqc import report
+
+    s1, s2 = case("tiny", "binarydm-s1"), case("tiny", "binarydm-s2")
+    r1, r2 = report.cost_report(s1), report.cost_report(s2)
+    ebb = [r for r in r1["layers"] if "ebb_stage" in r]
+    assert ebb and all(r["ebb_stage"] == 1 for r in ebb) and r1["ebb_stage1"]["layers"] == len(ebb)
+    assert r2["ebb_stage1"]["layers"] == 0 and all(r.get("ebb_stage") == 2 for r in r2["layers"] if "ebb_stage" in r)
+    assert r1["size_mb"] == pytest.approx(r2["size_mb"])  # one basis either way
+    d1, d2 = (report.cost_report(D.to_deploy(g)) for g in (s1, s2))
+    assert d1["size_mb"] - d2["size_mb"] == pytest.approx(r1["ebb_stage1"]["extra_size_mb"], rel=1e-9)
+
 def test_deploy_state_dict_roundtrips_safetensors(tmp_path):
     from safetensors.torch import load_file, save_file
 
