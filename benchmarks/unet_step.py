@@ -146,7 +146,7 @@ def _as_trained(art: Path) -> None:
         return
     switch_ebb_to_stage2(a.gm)
     artifact.save_artifact(art, base_ep=a.base_ep, gm=a.gm, recipe=a.recipe, wbits=a.manifest["wbits"],
-                           abits=a.manifest["abits"], source=a.manifest["source"], extra={"ebb": "stage 2"})
+                           abits=a.manifest["abits"], source=a.manifest["source"])
 
 
 def build(model: str, recipe: str, batch: int, work: Path, rebuild: bool, log) -> tuple[Path, float | None]:

@@ -840,7 +840,7 @@ def lower(
                           "library's outputs are meaningless (speed measurements only)")
     elif calibrate and "train" not in artifact_manifest(target):
         err_console.print(f"[yellow]note[/]: untrained weights; activation quantizers calibrated on {escape(calibrate)}")
-    note = ebb_stage_note(artifact_manifest(target))
+    note = ebb_stage_note(dart.manifest)
     if note:
         console.print(f"[yellow]note[/]: {escape(note)}")
 
@@ -865,16 +865,15 @@ def artifact_manifest(target) -> dict:
     return artifact.read_manifest(target) if artifact.is_artifact(target) else {}
 
 
-def ebb_stage_note(manifest: dict) -> str | None:
-    """A transformed-but-untrained artifact of a recipe that switches EBB stages still has two
-    weight bases in its EBB layers (W1.x at inference): say so when lowering it."""
-    from bqc.pipeline import ebb_switch_at
-
-    train = (manifest.get("recipe") or {}).get("train") or {}
-    if ebb_switch_at(train) is None or "train" in manifest or manifest.get("ebb") == "stage 2":
+def ebb_stage_note(deploy_manifest: dict) -> str | None:
+    """EBB layers folded in stage 1 (counted from the quantizers' stage buffers when folding) keep
+    two weight bases (W1.x at inference): say so when lowering them."""
+    n = deploy_manifest.get("ebb_stage1_layers") or 0
+    if not n:
         return None
-    return ("this artifact is not trained: its EBB layers are in stage 1 (two weight bases, W1.x at inference). "
-            "`bqc train` drops the second basis at ebb_switch; lower the trained artifact for pure 1-bit weights.")
+    return (f"{n} EBB layers were still in stage 1 when folded: they keep two weight bases (W1.x at inference). "
+            "`bqc train` drops the second basis at the recipe's ebb_switch; lower a trained artifact for pure "
+            "1-bit weights.")
 
 
 @contextlib.contextmanager

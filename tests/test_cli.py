@@ -108,17 +108,18 @@ def test_demo_summary_names_what_the_speedup_compares(tmp_path):
     assert "--threads 1" in text
 
 
-def test_lower_notes_untrained_ebb_stage1():
+def test_lower_notes_ebb_layers_folded_in_stage1():
+    """`bqc lower`'s note comes from the stage buffers, counted when folding: a binarydm graph in stage 1
+    is noted, the same graph after the switch and a bidm graph (no EBB) are not."""
+    from bqc import deploy
     from bqc.cli import ebb_stage_note
-    from bqc.pipeline import load_recipe
+    from test_deploy import case
 
-    fresh = {"recipe": load_recipe("binarydm").to_dict()}
-    assert "stage 1" in ebb_stage_note(fresh)
-    assert ebb_stage_note({**fresh, "train": {"steps": 10}}) is None  # trained: s2 dropped at the switch
-    assert ebb_stage_note({**fresh, "ebb": "stage 2"}) is None
-    for r in ("baseline", "binarydm-lmb", "bidm"):  # no stage switch: nothing to say
-        assert ebb_stage_note({"recipe": load_recipe(r).to_dict()}) is None
-    assert ebb_stage_note({}) is None
+    counts = {name: deploy.fold(case("tiny", name)).manifest["ebb_stage1_layers"]
+              for name in ("binarydm-s1", "binarydm-s2", "bidm")}
+    assert counts["binarydm-s1"] > 0 and counts["binarydm-s2"] == counts["bidm"] == 0, counts
+    assert f"{counts['binarydm-s1']} EBB layers" in ebb_stage_note({"ebb_stage1_layers": counts["binarydm-s1"]})
+    assert ebb_stage_note({"ebb_stage1_layers": 0}) is None and ebb_stage_note({}) is None  # older deploy artifacts
 
 
 def test_eval_defaults_to_the_training_data(tmp_path, capsys):

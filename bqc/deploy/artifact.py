@@ -299,7 +299,6 @@ def _provenance(manifest: dict, calibration: str | None) -> dict:
         "paper": recipe.get("paper") if isinstance(recipe, dict) else None,
         "wbits": manifest.get("wbits"),
         "abits": manifest.get("abits"),
-        "ebb": manifest.get("ebb"),
         "train": manifest.get("train"),
         "calibration": calibration,
         "diffusion": manifest.get("diffusion"),
@@ -712,10 +711,12 @@ class DeployArtifact:
 
     @classmethod
     def from_graph(cls, gm: fx.GraphModule, source_manifest: dict | None = None, *,
-                   calibration: str | None = None, source_path=None) -> "DeployArtifact":
+                   calibration: str | None = None, source_path=None,
+                   ebb_stage1_layers: int | None = None) -> "DeployArtifact":
         """Wrap a deploy graph; ``source_manifest`` is the ``bqc.json`` of the artifact it was
         folded from (provenance and diffusion process), ``source_path`` its folder (recorded by
-        name and content hashes, :func:`source_artifact_record`)."""
+        name and content hashes, :func:`source_artifact_record`), ``ebb_stage1_layers`` how many
+        of its EBB quantizers were still in stage 1 (two bases) when it was folded."""
         if not is_deployed(gm):
             raise BqcError("a deploy artifact holds a deploy graph", hint="fold it first: bqc.deploy.fold(artifact)")
         summary = deploy_summary(gm)
@@ -723,6 +724,7 @@ class DeployArtifact:
         manifest = {
             "format": FORMAT, "version": VERSION, "bqc_version": __version__, "layout_version": LAYOUT_VERSION,
             **_provenance(source_manifest or {}, calibration),
+            **({} if ebb_stage1_layers is None else {"ebb_stage1_layers": int(ebb_stage1_layers)}),
             "artifact": source_artifact_record(source_path),
             "signature": Signature.of(gm).to_json(),
             "sizes": {k: summary[k] for k in ("total_bytes", "layer_bytes", "float_bytes", "nominal_bytes")},
@@ -750,7 +752,7 @@ class DeployArtifact:
 
     @property
     def provenance(self) -> dict:
-        return {k: self.manifest.get(k) for k in ("source", "recipe", "paper", "wbits", "abits", "ebb", "train",
+        return {k: self.manifest.get(k) for k in ("source", "recipe", "paper", "wbits", "abits", "ebb_stage1_layers", "train",
                                                   "calibration", "artifact")}
 
     def title(self) -> str:

@@ -336,9 +336,13 @@ def fold(src, *, calibrate: bool | str | None = None, verb: str = "fold"):
     if not isinstance(src, (A.Artifact, fx.GraphModule)):
         raise BqcError(f"bqc fold takes a bqc artifact (the output of `bqc transform` / `bqc train`), "
                        f"not a {type(src).__name__}")
+    from bqc.quant.binary import EBB
+
+    qat = src if isinstance(src, fx.GraphModule) else src.gm
+    stage1 = sum(1 for m in qat.modules() if isinstance(m, EBB) and m.two_bases_active())  # the buffers are the truth
     info: dict = {}
     gm = deploy_graph(src, calibrate=calibrate, info=info, verb=verb)
     if isinstance(src, fx.GraphModule):
-        return DeployArtifact.from_graph(gm, calibration=info["calibration"])
+        return DeployArtifact.from_graph(gm, calibration=info["calibration"], ebb_stage1_layers=stage1)
     return DeployArtifact.from_graph(gm, src.manifest, calibration=info["calibration"],
-                                     source_path=getattr(src, "path", None))
+                                     source_path=getattr(src, "path", None), ebb_stage1_layers=stage1)
