@@ -5,12 +5,13 @@
 #   bash .ci/arm_setup.sh                 # kernels route + full (Relax VM) route
 #   bash .ci/arm_setup.sh --kernels-only  # kernels route only (no arm64 root, ~20 s cold)
 #
-# Kernels route (run_under_qemu: single TVM kernels, what tests/test_arm.py needs):
+# Kernels route (run_under_qemu of the test harness tests/qemu.py: single TVM kernels, what
+# tests/test_arm.py needs):
 #  1. apt-get installs what is missing of gcc-aarch64-linux-gnu + libc6-dev-arm64-cross
 #     (cross compiler, and the aarch64 glibc that is also the emulated system root) and
 #     qemu-user-static (runs aarch64 programs on x86; no binfmt needed).
 #  2. builds the aarch64 kernel runner (C, against TVM-FFI's headers; source in
-#     backends/tvm/arm.py) into the cache dir: it dlopen()s an exported library under
+#     tests/qemu.py) into the cache dir: it dlopen()s an exported library under
 #     `qemu-aarch64-static -L /usr/aarch64-linux-gnu` and provides the few runtime hooks TVM
 #     kernels call (parallel launch, workspace, errors).
 #  3. self-test: bqc's binary dense for aarch64, `cnt` in its assembly, qemu run == numpy.
@@ -39,6 +40,7 @@ done
 
 ROOT="${BQC_ARM_ROOT:-$HOME/.cache/bqc/arm64}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
+HARNESS="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/qemu.py"  # the qemu test harness
 MIRROR="${BQC_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 t0=$(date +%s)
 
@@ -73,10 +75,10 @@ t1=$(date +%s)
 
 mkdir -p "$ROOT"
 export BQC_ARM_ROOT="$ROOT"
-runner=$("$PY" -m bqc.backends.tvm.arm build-runner)
+runner=$("$PY" "$HARNESS" build-runner)
 echo "arm_setup: runner $runner"
 if [ "${BQC_ARM_NO_SELFTEST:-0}" != "1" ]; then
-  "$PY" -m bqc.backends.tvm.arm selftest
+  "$PY" "$HARNESS" selftest
 fi
 t2=$(date +%s)
 echo "arm_setup: kernels route ready in $((t2 - t0)) s (apt $((t1 - t0)) s)"
@@ -112,7 +114,7 @@ if [ "$FULL" = 1 ]; then
     mv "$ROOT/site.tmp" "$ROOT/site"
   fi
   if [ "${BQC_ARM_NO_SELFTEST:-0}" != "1" ]; then
-    "$PY" -m bqc.backends.tvm.arm selftest-vm
+    "$PY" "$HARNESS" selftest-vm
   fi
 fi
 t3=$(date +%s)

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from bqc.backends.tvm import arm
 from bqc.errors import BqcError
+import qemu
 
 
 def require_arm(vm: bool = False) -> None:
@@ -23,7 +23,7 @@ def require_arm(vm: bool = False) -> None:
         pytest.skip("BQC_SKIP_ARM=1: aarch64 run tests skipped")
     what = "arm64 Python root" if vm else "aarch64 toolchain/emulator"
     try:
-        arm.check_arm_vm_env() if vm else arm.check_arm_env()
+        qemu.check_arm_vm_env() if vm else qemu.check_arm_run_env()
     except BqcError as e:
         msg = f"{what} missing ({e})"
         if os.environ.get("BQC_REQUIRE_ARM") == "1":

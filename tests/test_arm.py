@@ -21,6 +21,7 @@ from bqc.backends.tvm import arm  # noqa: E402
 from bqc.backends.tvm.schedules import arm as arm_sched  # noqa: E402
 from bqc.errors import BqcError  # noqa: E402
 from armenv import require_arm  # noqa: E402
+import qemu  # noqa: E402
 
 LANES = 16
 DENSE_CASES = [dict(m=8, k=512, n=64), dict(m=3, k=200, n=48), dict(m=1, k=96, n=24)]
@@ -189,7 +190,7 @@ def test_arm_kernels_match_reference_and_x86(arm_build, arm_lib, kind, count):
     for i in range(count):
         name = f"{kind}{i}"
         func, inputs, ref = cases[name]
-        (got,) = arm.run_under_qemu(arm_lib, name, inputs, [ref.shape], [ref.dtype])
+        (got,) = qemu.run_under_qemu(arm_lib, name, inputs, [ref.shape], [ref.dtype])
         np.testing.assert_array_equal(got, ref, err_msg=f"{name}: aarch64 output differs from numpy")
         np.testing.assert_array_equal(got, run_x86(func, inputs, ref), err_msg=f"{name}: aarch64 differs from x86")
 
@@ -198,7 +199,7 @@ def test_arm_int8_matmul_and_bitpack_match_reference(arm_build, arm_lib):
     cases, _ = arm_build
     for name in ("i8conv", "i8dense", "imatmul", "bitpack"):
         _, inputs, ref = cases[name]
-        (got,) = arm.run_under_qemu(arm_lib, name, inputs, [ref.shape], [ref.dtype])
+        (got,) = qemu.run_under_qemu(arm_lib, name, inputs, [ref.shape], [ref.dtype])
         np.testing.assert_array_equal(got, ref, err_msg=f"{name}: aarch64 output differs from numpy")
 
 
@@ -221,7 +222,7 @@ def test_arm_relax_vm_with_binary_conv(arm_build, tmp_path):
             out = bb.emit_output(bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2])))
         bb.emit_func_output(out)
     lib = arm.export_arm_library(tvm.compile(bb.get(), arm.arm_target(2)), tmp_path / "vm.so")
-    (got,) = arm.run_vm_under_qemu(lib, [xb])
+    (got,) = qemu.run_vm_under_qemu(lib, [xb])
     np.testing.assert_array_equal(got, (ref.astype(np.float32) * scale).transpose(0, 3, 1, 2))
 
 
@@ -242,22 +243,23 @@ def test_arm_vm_keeps_0d_inputs(tmp_path):
         bb.emit_func_output(relax.Tuple([y, out]))
     lib = arm.export_arm_library(tvm.compile(bb.get(), arm.arm_target(2)), tmp_path / "flag.so")
     xs = np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::-1]  # not C-contiguous either
-    got_y, got_f = arm.run_vm_under_qemu(lib, [xs, np.array(2.0, np.float32)])
+    got_y, got_f = qemu.run_vm_under_qemu(lib, [xs, np.array(2.0, np.float32)])
     np.testing.assert_array_equal(got_y, xs * 2 + 1)
     assert got_f.shape == () and float(got_f) == 6.0
 
 
 def test_arm_runner_reports_kernel_errors(arm_lib):
     with pytest.raises(BqcError, match="not found"):
-        arm.run_under_qemu(arm_lib, "no_such_kernel", [], [], [])
+        qemu.run_under_qemu(arm_lib, "no_such_kernel", [], [], [])
     bad = np.zeros((3, 1), np.uint32)  # wrong shape: the kernel's own argument check fails
     with pytest.raises(BqcError, match="argument #"):
-        arm.run_under_qemu(arm_lib, "bdense0", [bad, bad], [(3, 1)], [np.int32])
+        qemu.run_under_qemu(arm_lib, "bdense0", [bad, bad], [(3, 1)], [np.int32])
 
 
 def test_missing_toolchain_names_setup_script(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no aarch64-linux-gnu-gcc, no qemu
     monkeypatch.setattr(arm, "_native", lambda: False)
-    with pytest.raises(BqcError) as e:
-        arm.check_arm_env()
-    assert ".ci/arm_setup.sh" in str(e.value)
+    for check in (arm.check_arm_env, qemu.check_arm_run_env):  # export (library), export + run (harness)
+        with pytest.raises(BqcError) as e:
+            check()
+        assert ".ci/arm_setup.sh" in str(e.value)

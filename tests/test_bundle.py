@@ -210,15 +210,15 @@ def test_arm_bundle_runs_under_qemu(tmp_path_factory, tmp_path):
     what the host runner samples from the tvm-x86 bundle: 3 DDIM steps through the TBS state."""
     require_arm()
     require_arm(vm=True)
-    from bqc.backends.tvm import arm
+    import qemu
 
     _, _, x86 = _bundle(tmp_path_factory)
     _, _, out = _bundle(tmp_path_factory, "tvm-arm")
     lib = (out / "model.so").read_bytes()
     assert lib[:4] == b"\x7fELF" and lib[18] == 183  # EM_AARCH64
     assert json.loads((out / "manifest.json").read_text())["backend"] == "tvm-arm"
-    proc = arm.run_python_under_qemu([out / "run.py", out, *RUN_ARGS, "-o", tmp_path / "arm.png",
-                                      "--npy", tmp_path / "arm.npy"], what="the bundle's run.py")
+    proc = qemu.run_python_under_qemu([out / "run.py", out, *RUN_ARGS, "-o", tmp_path / "arm.png",
+                                       "--npy", tmp_path / "arm.npy"], what="the bundle's run.py")
     assert "wrote" in proc.stdout
     assert R.main([str(x86), *RUN_ARGS, "-o", str(tmp_path / "x86.png"), "--npy", str(tmp_path / "x86.npy")]) == 0
     got, want = np.load(tmp_path / "arm.npy"), np.load(tmp_path / "x86.npy")

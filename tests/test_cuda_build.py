@@ -18,6 +18,7 @@ from bqc import packing as P  # noqa: E402
 from bqc.backends.tvm import cuda  # noqa: E402
 from bqc.backends.tvm.schedules import cuda as S  # noqa: E402
 from bqc.errors import BqcError  # noqa: E402
+from cuda_emulator import emulate_kernel  # noqa: E402
 
 # the kernel builders and reference cases are shared with the ARM tests
 from test_arm import (  # noqa: E402
@@ -209,7 +210,7 @@ def test_cuda_kernels_emulated_on_cpu(kind, case):
     emulated per the PTX fragment layout), equals bqc.packing's numpy reference."""
     func, inputs, ref = _emu_case(kind, case, seed=len(kind) + sum(case.values()))
     arch = "sm_90" if kind == "mma_and" else "sm_80"
-    (got,) = cuda.emulate_kernel(func, inputs, [ref.shape], [ref.dtype], arch=arch)
+    (got,) = emulate_kernel(func, inputs, [ref.shape], [ref.dtype], arch=arch)
     np.testing.assert_array_equal(got, ref)
 
 

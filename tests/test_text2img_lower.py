@@ -184,7 +184,7 @@ def test_tvm_arm_bundle_under_qemu_matches_the_deploy_reference(tmp_path_factory
     latents equal to the torch DDIM sampler's on the deploy model from the same noise."""
     require_arm()
     require_arm(vm=True)
-    from bqc.backends.tvm import arm
+    import qemu
     from bqc.diffusion.samplers import ddim_sample
 
     dart, out = _lowered("ldm", tmp_path_factory, "tvm-arm")
@@ -200,7 +200,7 @@ def test_tvm_arm_bundle_under_qemu_matches_the_deploy_reference(tmp_path_factory
     (tmp_path / "driver.py").write_text(ARM_DRIVER)
     cli = [out, "-n", "3", "--steps", "2", "--eta", "0", "--seed", "0", "--context", tmp_path / "c.npy",
            "-o", tmp_path / "lat.npy"]
-    proc = arm.run_python_under_qemu([tmp_path / "driver.py", out, tmp_path, *cli], what="the bundle's run.py")
+    proc = qemu.run_python_under_qemu([tmp_path / "driver.py", out, tmp_path, *cli], what="the bundle's run.py")
     assert "wrote" in proc.stdout and "latents" in proc.stdout, proc.stdout
     with np.load(tmp_path / "out.npz") as got:
         state = [got[f"s{i}"] for i in range(sum(k.startswith("s") for k in got.files))]

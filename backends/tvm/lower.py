@@ -184,7 +184,7 @@ def check_tools(backend: str) -> None:
     if backend == "tvm-arm":
         from .arm import check_arm_env
 
-        check_arm_env(need_run=False)
+        check_arm_env()
     elif backend in ("tvm-x86", "tvm-cuda"):
         if not (os.environ.get("CXX") or os.environ.get("CC") or any(shutil.which(c) for c in _HOST_CC)):
             raise BqcError(f"{backend} links its library with a C compiler, and none was found ({', '.join(_HOST_CC[:4])}, "

@@ -23,7 +23,7 @@ W1A1 and int8 conv / dense (``popc`` path, any arch) share one thread mapping of
 Tensor cores (:func:`binary_dense_mma`, sm_80..sm_90): a hand-written TIR kernel for the
 dense, with ``mma.sync.aligned.m16n8k128.row.col.s32.b1.b1.s32.xor.popc`` (sm_80) or two
 ``.and.popc`` MMAs (sm_90) through TVM's ``T.ptx`` dialect. Without a GPU, every kernel here
-is checked numerically by :func:`bqc.backends.tvm.cuda.emulate_kernel`.
+is checked numerically by ``emulate_kernel`` of the test harness ``tests/cuda_emulator.py``.
 """
 from __future__ import annotations
 
