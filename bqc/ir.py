@@ -102,7 +102,6 @@ class NodeInfo:
     dist_out: int = -1  # hops to the graph output
     w_bits: int = 32
     a_bits: int = 32
-    notes: list[str] = field(default_factory=list)  # what passes did / skipped, for --explain
     part: str = ""  # inside a transformer block: proj-in, self-q/k/v/out/attn, cross-q/k/v/out/attn, ff-in, ff-out, proj-out, norm
 
 

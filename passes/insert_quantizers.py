@@ -101,7 +101,10 @@ class InsertQuantizers(Pass):
                 continue
             mod = build_module(gm, node)
             if mod is None:
+                ctx.explain(self.name, node, "kept float op", "its plan quantizes neither weight nor activation")
                 continue
+            ctx.explain(self.name, node, f"-> {type(mod).__name__}",
+                        " ".join(f"{k}={v}" for k, v in mod.describe().items()))
             container.add_module(node.name, mod)
             if node.target in _MATMUL:
                 args = tuple(node.args[:2])

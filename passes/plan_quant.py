@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from bqc import ir
 from bqc.errors import BqcError
-from bqc.pipeline import Pass, PassResult, register
+from bqc.pipeline import Pass, PassResult, register, register_fact
 
 SPEC_KEYS = {"weight", "act", "w_bits", "a_bits", "kmap", "shortcut", "post", "out_scale",
              "keep_bias", "weight_opts", "act_opts"}
@@ -61,6 +61,24 @@ def spec_bits(spec: dict, ctx) -> tuple[int, int]:
     w = 32 if spec["weight"] == "fp" else int(spec.get("w_bits", ctx.wbits))
     a = 32 if spec["act"] == "fp" else int(spec.get("a_bits", ctx.abits))
     return w, a  # the quantizer registry rejects bits a quantizer cannot do
+
+
+@register_fact("planned")
+def _check_planned(gm) -> str | None:
+    """Every conv/linear/matmul has a plan whose quantizers agree with its bits (32 exactly when float)."""
+    bad = []
+    for n in gm.graph.nodes:
+        ni = ir.info(n)
+        if ni.get("kind") not in ir.QUANTIZABLE_KINDS:
+            continue
+        plan = ni.get("plan")
+        if not isinstance(plan, dict) or "weight" not in plan or "act" not in plan:
+            bad.append(f"{n.name} (no plan)")
+        elif (plan["weight"] == "fp") != (ni.get("w_bits") == 32) and ni["kind"] != "matmul":
+            bad.append(f"{n.name} (weight {plan['weight']} at {ni.get('w_bits')} bits)")
+        elif (plan["act"] == "fp") != (ni.get("a_bits") == 32):
+            bad.append(f"{n.name} (act {plan['act']} at {ni.get('a_bits')} bits)")
+    return f"layers without a consistent plan: {bad[:5]}" if bad else None
 
 
 @register

@@ -109,6 +109,22 @@ def test_plan_and_insert_on_reference_unet(tiny_source):
     assert matmuls and all(r["a_bits"] == 4 for r in matmuls)
 
 
+
+def test_insert_explains_and_planned_fact_is_checked(tiny_source):
+    """insert_quantizers explains every planned layer (the module it built, or why it kept the float op), and the
+    'planned' fact has a checker: a layer whose plan disagrees with its bits breaks verify."""
+    res = _run(tiny_source, "binarydm")
+    ins = {e.node: e for e in res.ctx.explanations if e.pass_name == "insert_quantizers"}
+    planned = [r for r in res.layers if r["kind"] in ir.QUANTIZABLE_KINDS]
+    assert planned and len(ins) == len(planned)
+    assert {e.action for e in ins.values()} >= {"-> QConv2d", "-> QLinear", "kept float op"}
+    pm = PassManager([])
+    pm.verify(res.gm)  # consistent as transformed
+    node = next(n for n in res.gm.graph.nodes if ir.info(n).get("kind") == "conv" and ir.info(n)["w_bits"] == 1)
+    ir.info(node)["plan"] = {**ir.info(node)["plan"], "weight": "fp"}
+    with pytest.raises(AssertionError, match="invariant 'planned' broken"):
+        pm.verify(res.gm)
+
 def test_fp_recipe_is_bit_identical(tiny_source, tiny_unet):
     gm = _run(tiny_source, "fp").gm
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999])
