@@ -13,7 +13,6 @@ strict bound (seen on mnist16 at batch 20: 2 of 20 rows at 3.7e-4, docs/backends
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -181,19 +180,3 @@ def test_bench_reports_the_contract_keys(tmp_path_factory):
     # lowered from an artifact of a model folder bqc cannot find by name, and no --teacher: the
     # compiled step is timed alone, and the note says how to add the FP side (tests/test_bundle.py)
     assert r["torch_fp32_ms"] is None and r["speedup"] is None and "--teacher" in r["note"]
-
-
-def test_cuda_lowering_builds_without_gpu(tmp_path_factory):
-    if os.environ.get("BQC_SKIP_CUDA") == "1":
-        pytest.skip("BQC_SKIP_CUDA=1")
-    gm, _, _ = lowered("bidm", tmp_path_factory)
-    out = lower(D.fold(gm), "tvm-cuda", tmp_path_factory.mktemp("lower_cuda"), batch=BATCH)
-    src = (out / "model.cu").read_text()
-    assert "__popc" in src
-    assert (out / "model.so").exists()
-    # every binary layer has a CUDA kernel (the 1x1 convs whose input fits one word used to
-    # fail to schedule and fall back to float)
-    man = json.loads((out / "manifest.json").read_text())
-    assert man["kernel_failures"] == [] and man["fallbacks"] == []
-    nbin = sum(isinstance(m, (D.BinaryConv2d, D.BinaryLinear)) for _, m in D.deploy_layers(D.to_deploy(gm)))
-    assert man["kernels"]["binary_conv2d"] + man["kernels"]["binary_dense"] == nbin

@@ -229,7 +229,9 @@ def _vm_param_shapes(executable, func: str = "main") -> list:
 def test_tvm_cuda_lowering_builds_without_gpu(tmp_path_factory, monkeypatch):
     """tvm-cuda builds the text-conditioned step here (no GPU: running it needs one, see
     docs/text-to-image.md): the compiled module's ``main`` takes ``context`` of (batch, L, D) as
-    its third input, in the manifest's order; no fallbacks; CUDA source with ``__popc``."""
+    its third input, in the manifest's order; no fallbacks, a kernel for every binary layer; CUDA
+    source with ``__popc``. (The suite's one whole-model CUDA build: kernels are unit-tested in
+    tests/test_cuda_build.py.)"""
     if os.environ.get("BQC_SKIP_CUDA") == "1":
         pytest.skip("BQC_SKIP_CUDA=1")
     from bqc.backends.tvm import lower as tvm_lower
@@ -237,11 +239,14 @@ def test_tvm_cuda_lowering_builds_without_gpu(tmp_path_factory, monkeypatch):
     built = []
     build = tvm_lower._build_cuda
     monkeypatch.setattr(tvm_lower, "_build_cuda", lambda *a: built.append(build(*a)) or built[-1])
-    _, out = _lowered("ldm", tmp_path_factory, "tvm-cuda")
+    dart, out = _lowered("ldm", tmp_path_factory, "tvm-cuda")
     man = json.loads((out / "manifest.json").read_text())
     assert man["backend"] == "tvm-cuda" and man["context"] == [L, CTX_DIM]
     assert man["inputs"][:3] == ["x", "t", "context"] and man["state_inputs"]
     assert man["fallbacks"] == [] and man["kernel_failures"] == []
+    # every binary layer (1x1 convs and the attention/feed-forward linears included) has a CUDA kernel
+    nbin = sum(isinstance(m, (D.BinaryConv2d, D.BinaryLinear)) for _, m in D.deploy_layers(dart.gm))
+    assert nbin and man["kernels"]["binary_conv2d"] + man["kernels"].get("binary_dense", 0) == nbin
     assert "__popc" in (out / "model.cu").read_text() and (out / "model.so").exists()
     (ex,) = built
     caches = [(BATCH, *st["shape"]) for st in man["state_inputs"]]
