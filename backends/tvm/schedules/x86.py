@@ -361,6 +361,19 @@ def _int8_register_tile(sch, max_tile: int, route: str, *, conv: bool):
     return (acc if micro else None), T, ti, L
 
 
+def _blockized_register_tile(func: tirx.PrimFunc, target, tile: int | None, binary_weights: bool, *, conv: bool):
+    """The int8 conv / dense schedules' common start: pick the route, tile the ``acc`` block into
+    register tiles and blockize the tile. ``(func, (T, L, route))``, or ``(func, None)`` when the
+    shape does not tile (the func then keeps the default schedule)."""
+    route = _int8_route(as_target(target), binary_weights)
+    sch = new_schedule(func)
+    acc, T, inner, L = _int8_register_tile(sch, tile or DOT4_TILE.get(route, (16, 8))[0 if conv else 1], route, conv=conv)
+    if acc is None:
+        return sch.mod[sch.func_working_on], None
+    sch.blockize(inner)
+    return sch.mod[sch.func_working_on], (T, L, route)
+
+
 def schedule_int8_conv2d(func: tirx.PrimFunc, target=None, stride: int | None = None,
                          tile: int | None = None, binary_weights: bool = False) -> tirx.PrimFunc:
     """Schedule ``int8_conv2d_nhwc`` (blocks ``xpad``, ``acc`` ``[N, OH, OW, OCB, L]``, ``out``).
@@ -369,14 +382,10 @@ def schedule_int8_conv2d(func: tirx.PrimFunc, target=None, stride: int | None = 
     routes. ``tile``: at most this many output pixels per register tile (the largest divisor of
     OW not above it; default :data:`DOT4_TILE`). ``stride`` is read off the blockized input
     region (``(tile - 1) * stride + 1`` columns) when not given."""
-    target = as_target(target)
-    route = _int8_route(target, binary_weights)
-    sch = new_schedule(func)
-    acc, T, owi, L = _int8_register_tile(sch, tile or DOT4_TILE.get(route, (16, 8))[0], route, conv=True)
-    if acc is None:
-        return sch.mod[sch.func_working_on]
-    sch.blockize(owi)
-    func = sch.mod[sch.func_working_on]
+    func, tiled = _blockized_register_tile(func, target, tile, binary_weights, conv=True)
+    if tiled is None:
+        return func
+    T, L, route = tiled
     wname = str(func.params[1].name)
 
     def x_step(m, ext, t):
@@ -396,14 +405,10 @@ def schedule_int8_dense(func: tirx.PrimFunc, target=None, tile: int | None = Non
                         binary_weights: bool = False) -> tirx.PrimFunc:
     """Schedule ``int8_dense`` (blocks ``acc`` ``[M, NB, L]``, ``out``); options as
     :func:`schedule_int8_conv2d`."""
-    target = as_target(target)
-    route = _int8_route(target, binary_weights)
-    sch = new_schedule(func)
-    acc, T, mi, L = _int8_register_tile(sch, tile or DOT4_TILE.get(route, (16, 8))[1], route, conv=False)
-    if acc is None:
-        return sch.mod[sch.func_working_on]
-    sch.blockize(mi)
-    func = sch.mod[sch.func_working_on]
+    func, tiled = _blockized_register_tile(func, target, tile, binary_weights, conv=False)
+    if tiled is None:
+        return func
+    T, L, route = tiled
     xname = str(func.params[0].name)
     wname = str(func.params[1].name)
     make = _dot4_body("acc", xname, wname, T, lambda mm, ext, t: [mm[0] + t, mm[1]], L, route)
