@@ -35,6 +35,7 @@ shapes, asserts, ``torch.tensor(timestep)``, required label arguments).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -774,26 +775,70 @@ def _vet_torch_save(path, member: str, blob: bytes) -> None:
         raise _refuse_pickle(path, f"has a member ({member}) that does not load as plain tensors (a pickle of objects)") from None
 
 
+class _MemoTypeHints:
+    """Stands in for the ``typing`` module inside torch's export deserializer, with
+    ``get_type_hints`` memoised: the deserializer asks it again for every node of the program
+    (always the same few schema dataclasses), about a third of loading an artifact's base.pt2."""
+
+    def __init__(self, typing_module):
+        self._typing, self._hints = typing_module, {}
+
+    def __getattr__(self, name):
+        return getattr(self._typing, name)
+
+    def get_type_hints(self, obj, globalns=None, localns=None, include_extras=False):
+        key = (obj, id(globalns), id(localns), include_extras)
+        if key not in self._hints:
+            self._hints[key] = self._typing.get_type_hints(obj, globalns=globalns, localns=localns,
+                                                           include_extras=include_extras)
+        return self._hints[key]
+
+
+@contextlib.contextmanager
+def _fast_export_load():
+    """:class:`_MemoTypeHints` in torch's deserializer for the duration (a no-op if torch moved it)."""
+    try:
+        from torch._export.serde import serialize as serde
+    except ImportError:
+        yield
+        return
+    orig = getattr(serde, "typing", None)
+    if orig is None or not hasattr(orig, "get_type_hints"):
+        yield
+        return
+    serde.typing = _MemoTypeHints(orig)
+    try:
+        yield
+    finally:
+        serde.typing = orig
+
+
+def _torch_export_load(data: bytes):
+    import io
+
+    with _fast_export_load():
+        return torch.export.load(io.BytesIO(data))
+
+
 def load_exported(path: str | Path, *, trust_pickle: bool = False):
     """``torch.export.load`` that never unpickles (unless ``trust_pickle``) or loads native code.
 
     The archive is read once, vetted (:func:`vet_pt2`) and loaded from those bytes; while it
     loads, ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` makes every ``torch.load`` inside torch restricted.
     """
-    import io
     import os
 
     path = Path(path)
     data = path.read_bytes() if trust_pickle else vet_pt2(path)
     if trust_pickle:
         try:
-            return torch.export.load(io.BytesIO(data))
+            return _torch_export_load(data)
         except Exception as e:
             raise BqcError(f"{path} could not be loaded as a torch.export program ({type(e).__name__}: {str(e)[:200]})") from e
     saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        ep = torch.export.load(io.BytesIO(data))
+        ep = _torch_export_load(data)
         _vet_program(path, ep)
         return ep
     except BqcError:

@@ -181,3 +181,19 @@ def test_wrong_input_shape(tiny_source):
     model = BqcModel(ir.from_exported(frontend.capture(tiny_source)))
     with pytest.raises(BqcError, match=r"\(N, 1, 8, 8\)"):
         model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+
+
+def test_export_load_memo_gives_the_same_program(tmp_path, tiny_unet):
+    """load_exported memoises typing.get_type_hints inside torch's deserializer while it loads (a third of
+    the time): the program equals torch.export.load's, and torch's module is restored afterwards."""
+    from torch._export.serde import serialize as serde
+
+    ep = torch.export.export(tiny_unet, (torch.randn(2, 1, 8, 8), torch.tensor([1, 500])))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    before = serde.typing
+    got = frontend.load_exported(tmp_path / "m.pt2")
+    assert serde.typing is before
+    want = torch.export.load(tmp_path / "m.pt2")
+    assert str(got.graph) == str(want.graph) and got.graph_signature == want.graph_signature
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
+    assert torch.equal(got.module()(x, t), want.module()(x, t))
