@@ -12,7 +12,6 @@ Public entry points:
 * :func:`build_model` - a freshly initialised model from a name, a params dict or a full
   model config.
 * :func:`save_model` / :func:`load_model` - write / read a model directory.
-* :func:`example_inputs` - example ``(x, t[, y])`` for a model (for tracing/export).
 
 Everything a user can get wrong raises :class:`bqc.errors.BqcError`.
 """
@@ -38,7 +37,6 @@ __all__ = [
     "WEIGHTS_FILE",
     "build_model",
     "count_parameters",
-    "example_inputs",
     "load_model",
     "model_config",
     "save_model",
@@ -240,23 +238,6 @@ def count_parameters(model_or_config) -> int:
         with torch.device("meta"):
             model = build_model(model_or_config)
     return sum(p.numel() for p in model.parameters())
-
-
-def example_inputs(model: UNetModel, batch: int = 2, *, seed: int = 0, device=None) -> tuple[torch.Tensor, ...]:
-    """Example ``(x, t)`` (or ``(x, t, y)`` for a class-conditional model) for ``model``.
-
-    Use ``batch >= 2`` for tracing with a dynamic batch dimension (a batch of 1 specialises).
-    """
-    g = torch.Generator().manual_seed(seed)
-    s = model.image_size
-    x = torch.randn(batch, model.in_channels, s, s, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    out = [x, t]
-    if model.num_classes is not None:
-        out.append(torch.randint(0, model.num_classes, (batch,), generator=g))
-    if device is not None:
-        out = [o.to(device) for o in out]
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------- files

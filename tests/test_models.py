@@ -11,6 +11,16 @@ from bqc.models import zoo
 from bqc.models.unet import UNetModel, timestep_embedding
 
 
+def _inputs(model: UNetModel, batch: int = 2, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random ``(x, t[, y])`` for a zoo UNet (bqc's own: ``bqc.frontend.example_inputs`` of its source)."""
+    g = torch.Generator().manual_seed(seed)
+    s = model.image_size
+    out = [torch.randn(batch, model.in_channels, s, s, generator=g), torch.randint(0, 1000, (batch,), generator=g)]
+    if model.num_classes is not None:
+        out.append(torch.randint(0, model.num_classes, (batch,), generator=g))
+    return tuple(out)
+
+
 def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     # openaimodel zero-initialises the output convs, so a fresh model outputs zeros; give
     # every parameter a random value so that comparisons mean something.
@@ -171,7 +181,7 @@ def test_unknown_constructor_key_is_rejected():
 
 
 def test_export_dynamic_batch(mnist16):
-    x, t = zoo.example_inputs(mnist16, batch=2)
+    x, t = _inputs(mnist16, batch=2)
     batch = torch.export.Dim("batch")
     ep = torch.export.export(mnist16, (x, t), dynamic_shapes={"x": {0: batch}, "timesteps": {0: batch}})
     gm = ep.module()
@@ -180,18 +190,18 @@ def test_export_dynamic_batch(mnist16):
     assert any("softmax" in s for s in targets)
     with torch.no_grad():
         for b in (1, 5):
-            x, t = zoo.example_inputs(mnist16, batch=b, seed=b)
+            x, t = _inputs(mnist16, batch=b, seed=b)
             torch.testing.assert_close(gm(x, t), mnist16(x, t), atol=1e-5, rtol=0)
 
 
 def test_export_class_conditional_dynamic_batch():
     torch.manual_seed(0)
     m = _randomize(UNetModel(**TINY, num_classes=4)).eval()
-    args = zoo.example_inputs(m, batch=2)
+    args = _inputs(m, batch=2)
     assert len(args) == 3
     batch = torch.export.Dim("batch")
     ep = torch.export.export(m, args, dynamic_shapes={"x": {0: batch}, "timesteps": {0: batch}, "y": {0: batch}})
-    x, t, y = zoo.example_inputs(m, batch=3, seed=1)
+    x, t, y = _inputs(m, batch=3, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x, t, y), m(x, t, y), atol=1e-5, rtol=0)
 
@@ -204,7 +214,7 @@ def test_save_load_round_trip(mnist16, tmp_path):
     assert (d / "config.json").exists() and (d / "model.safetensors").exists()
     cfg_file = json.loads((d / "config.json").read_text())
     assert cfg_file["arch"] == "openai-unet" and cfg_file["params"] == zoo.CONFIGS["mnist16"]
-    x, t = zoo.example_inputs(mnist16, batch=3)
+    x, t = _inputs(mnist16, batch=3)
     for src in (d, d / "config.json"):
         m2, cfg = zoo.load_model(src)
         assert cfg["params"] == zoo.CONFIGS["mnist16"]
@@ -216,7 +226,7 @@ def test_save_load_round_trip(mnist16, tmp_path):
 
 def test_load_with_explicit_weights_and_build_from_json(mnist16, tmp_path):
     d = zoo.save_model(mnist16, "mnist16", tmp_path / "m")
-    x, t = zoo.example_inputs(mnist16, batch=2)
+    x, t = _inputs(mnist16, batch=2)
     for w in (d, d / "model.safetensors"):
         m2, _ = zoo.load_model(d / "config.json", weights=w)
         with torch.no_grad():
