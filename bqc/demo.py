@@ -206,4 +206,12 @@ def print_summary(rows: list[DemoRow], console: Console, wall: float, out: Path,
     console.print(f"wrote {out}/summary.json and:", highlight=False)
     for r in rows:
         for k, v in r.paths.items():
-            console.print(f"  {r.name:16s} {k:9s} {v}", highlight=False)
+            console.print(f"  {r.name:16s} {k:9s} {_shown(v)}", highlight=False)
+
+
+def _shown(path) -> str:
+    """``path`` relative to the current directory when it lies inside it (shorter lines), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)

@@ -92,7 +92,7 @@ def test_eval_json_is_one_object_on_stdout():
     assert {"fid", "kid", "precision", "recall", "is", "n", "fid_floor"} <= set(m) and m["n"] == 16
 
 
-def test_demo_summary_names_what_the_speedup_compares(tmp_path):
+def test_demo_summary_names_what_the_speedup_compares(tmp_path, monkeypatch):
     """The demo's closing table and notes (the whole demo is the README's main job, minutes)."""
     from rich.console import Console
 
@@ -102,10 +102,15 @@ def test_demo_summary_names_what_the_speedup_compares(tmp_path):
     rep = {"size_mb": 0.29, "size_saving": 14.4, "ops_saving": 24.8}
     bench = {"bqc_ms": 11.0, "torch_fp32_ms": 33.0, "speedup": 3.0, "threads": 1, "batch": 16}
     con = Console(record=True, width=200)
-    print_summary([DemoRow("bidm", "W1A1", m, rep, bench=bench), DemoRow("binarydm", "W1A4", m, rep)], con, 90.0, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    paths = {"model": tmp_path / "models" / "checkpoints" / "x", "samples": "/elsewhere/s.png"}
+    print_summary([DemoRow("bidm", "W1A1", m, rep, bench=bench), DemoRow("binarydm", "W1A4", m, rep, paths=paths)],
+                  con, 90.0, tmp_path)
     text = con.export_text()
     assert "3.00x" in text and "11.0 ms vs torch FP32 eager 33.0 ms, 1 threads, batch 16" in text
     assert "--threads 1" in text
+    # paths inside the current directory are shown relative to it, others as given
+    assert "model     models/checkpoints/x" in text and "samples   /elsewhere/s.png" in text
 
 
 def test_lower_notes_ebb_layers_folded_in_stage1():
