@@ -331,6 +331,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     import torch
 
+    from bqc.runtime import tune_allocator
+
+    tune_allocator()  # as bqc's commands do: the runs train and sample in this process
     torch.set_num_threads(args.threads)
     cmd = _command_line(argv if argv is not None else sys.argv[1:])
     s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, n=args.n, sample_steps=args.sample_steps,

@@ -22,15 +22,17 @@ from pathlib import Path
 
 import torch
 
+from machine import code_version
 from bqc import frontend, ir, transform as tf
 from bqc.data import load_dataset
 from bqc.diffusion.schedule import NoiseSchedule
 from bqc.pipeline import load_recipe
+from bqc.runtime import tune_allocator
 from bqc.train.losses import LRMProjections
 from bqc.train.loop import LoopConfig, make_optimizer
-from bqc.train.qat import QATModel, QATOptions, _tap_views, make_loss
+from bqc.train.qat import QATModel, QATOptions, _tap_views, make_loss, param_groups, resolved_hparams
 
-CONFIGS = [("fp", None), ("baseline", None), ("binarydm", None), ("bidm", None)]
+RECIPES = ["fp", "baseline", "binarydm", "bidm", "binarydm-skip", "bidm-skip"]  # the last two: the shipped models' recipes
 
 
 def make_stepper(src, recipe: str, data, args):
@@ -50,9 +52,12 @@ def make_stepper(src, recipe: str, data, args):
     opts = QATOptions(steps=args.steps, batch=args.batch, progress=False)
     if recipe == "fp":  # plain DDPM loss on the FP graph: the baseline the ratios refer to
         opts.distill = False
-    loss_fn = make_loss(student, teacher, dict(load_recipe(recipe).train), opts, NoiseSchedule(), args.steps)
-    opt = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}],
-                         LoopConfig(steps=args.steps, batch_size=args.batch, lr=1e-4))  # the trainer's AdamW
+    train = dict(load_recipe(recipe).train)
+    loss_fn = make_loss(student, teacher, train, opts, NoiseSchedule(), args.steps)
+    # the trainer's AdamW and parameter groups (a recipe that freezes its float layers trains fewer weights)
+    groups = param_groups(model, student, resolved_hparams(train, opts).get("float_lr_scale", 1.0), 1e-4)
+    opt = make_optimizer(groups or [{"params": [p for p in model.parameters() if p.requires_grad]}],
+                         LoopConfig(steps=args.steps, batch_size=args.batch, lr=1e-4))
     g = torch.Generator().manual_seed(0)
 
     def step(i: int) -> float:
@@ -87,15 +92,22 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated, fp first (the ratios' reference)")
     p.add_argument("--before", default=None, help="an earlier run's train_speed.json: shown as before/after")
+    p.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
+                   help="tuned: glibc malloc as bqc's commands set it (bqc.runtime.tune_allocator); default: untouched")
     args = p.parse_args(argv)
+    tuned = args.allocator == "tuned" and tune_allocator()
     torch.set_num_threads(args.threads)
     src = frontend.load_source("mnist16")
     src.exported = frontend.capture(src)
     data = load_dataset("mnist16", "train").images[:4096]
     rows = []
-    medians = time_recipes(src, [r for r, _ in CONFIGS], data, args)
-    for recipe, _ in CONFIGS:
+    recipes = args.recipes.split(",")
+    if recipes[0] != "fp":
+        p.error("--recipes must start with fp (the ratios are to the FP step)")
+    medians = time_recipes(src, recipes, data, args)
+    for recipe in recipes:
         ms = 1000 * medians[recipe]
         rows.append({"recipe": recipe, "bits": f"W{load_recipe(recipe).wbits}A{load_recipe(recipe).abits}", "step_ms": round(ms, 1)})
         print(f"{recipe:10s} {ms:8.1f} ms/step", flush=True)
@@ -106,16 +118,18 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": cmd, "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "threads": args.threads, "batch": args.batch, "timed_steps": args.steps,
-              "model": "mnist16", "torch": torch.__version__, "rows": rows}
+              "model": "mnist16", "torch": torch.__version__, "bqc": code_version(),
+              "allocator": "tuned" if tuned else "default", "rows": rows}
     before = json.loads(Path(args.before).read_text()) if args.before else None
     if before:
         result["before"] = before
     (out / "train_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = [f"Command: `{cmd}` (median of {args.steps} interleaved steps, batch {args.batch}, {args.threads} threads;"
-          f" 1-minute load average {os.getloadavg()[0]:.2f} at the end)", ""]
+    md = [f"Command: `{cmd}` (bqc {result['bqc']}, {result['allocator']} malloc; median of {args.steps} interleaved steps, batch {args.batch},"
+          f" {args.threads} threads; 1-minute load average {os.getloadavg()[0]:.2f} at the end)", ""]
     if before:
         old = {r["recipe"]: r for r in before["rows"]}
-        md += [f"Before: `{before['command']}` (1-minute load average {before.get('load_avg_1m_at_end', '?')} at the end)", "",
+        md += [f"Before: `{before['command']}` (bqc {before.get('bqc', '?')}, {before.get('allocator', 'default')} malloc; 1-minute load average "
+               f"{before.get('load_avg_1m_at_end', '?')} at the end)", "",
                "| recipe | bits | before (ms) | before vs FP | after (ms) | after vs FP |", "|---|---|---|---|---|---|"]
         md += [f"| {r['recipe']} | {r['bits']} | {old.get(r['recipe'], {}).get('step_ms', '-')} | "
                f"{old.get(r['recipe'], {}).get('ratio_vs_fp', '-')}x | {r['step_ms']} | {r['ratio_vs_fp']}x |" for r in rows]

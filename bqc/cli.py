@@ -993,6 +993,9 @@ def _interrupted(line: str) -> None:
 def main() -> None:
     """Console entry point: BqcError and usage errors -> one paragraph on stderr, exit 2;
     Ctrl-C -> exit 130."""
+    from bqc.runtime import tune_allocator
+
+    tune_allocator()  # recycled memory for eager torch's temporaries (bqc.runtime)
     try:
         rc = app(standalone_mode=False)
     except BqcError as e:

@@ -262,7 +262,10 @@ def test_float_lr_scale_zero_freezes_the_float_layers(tiny_source, tmp_path):
     from PIL import Image
     import numpy as np
     from bqc import artifact
-    from bqc.train.qat import QATOptions, float_layer_params, train_artifact
+    from bqc.train.qat import QATOptions, float_layer_params, param_groups, train_artifact
+
+    def float_layer_params_all(gm, names):
+        return [p for n, p in gm.named_parameters() if n in names]
 
     art = tf.save(tf.transform(tiny_source, "bidm"), tmp_path / "art")
     student = artifact.load_artifact(art).gm
@@ -279,6 +282,10 @@ def test_float_lr_scale_zero_freezes_the_float_layers(tiny_source, tmp_path):
     before = dict(student.named_parameters())
     after = dict(artifact.load_artifact(out).gm.named_parameters())
     assert all(torch.equal(before[n], after[n]) for n in names)
+    frozen = artifact.load_artifact(art).gm  # frozen means no gradient work for them either
+    groups = param_groups(frozen, frozen, 0.0, 1e-4)
+    assert len(groups) == 1 and all(not p.requires_grad for p in float_layer_params_all(frozen, names))
+    assert not any(any(p is q for q in groups[0]["params"]) for p in float_layer_params_all(frozen, names))
     moved = [n for n in before if n not in names and not torch.equal(before[n], after[n])]
     assert any(n.startswith("quant.") for n in moved)
     assert json.loads((out / "train.json").read_text())["hparams"]["float_lr_scale"] == 0.0

@@ -164,6 +164,18 @@ def test_sign_estimators_gradient_shape(seed):
         assert torch.allclose(xx.grad, expected)
 
 
+def test_hard_sign_edge_values():
+    """METHODS' sign: +1 for x >= 0 (both zeros, the smallest subnormals), -1 below, in x's
+    dtype."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = torch.tensor([-0.0, 0.0, 1e-45, -1e-45, tiny, -tiny, 2.0, -3.0, float("inf"), float("-inf")])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        xd = x.to(dtype)
+        y = q.hard_sign(xd)
+        assert y.dtype == dtype
+        assert torch.equal(y, (xd >= 0).to(dtype) * 2 - 1)
+
+
 def test_reste_estimator_and_anneal():
     est = q.ReSTE(o_start=1.0, o_end=3.0, t=1.5)
     x = torch.tensor([-2.0, -1.4, -0.5, -0.05, 0.0, 0.05, 0.5, 1.4, 2.0], requires_grad=True)

@@ -124,12 +124,17 @@ def float_layer_params(student: torch.fx.GraphModule) -> list[nn.Parameter]:
 
 def param_groups(model: nn.Module, student: nn.Module, float_lr_scale: float, lr: float) -> list[dict] | None:
     """AdamW groups: None (one group, the loop's default) unless ``float_lr_scale`` != 1, then
-    the float layers' weights at ``lr * float_lr_scale`` (left out when 0: frozen) and the rest
-    at ``lr``."""
+    the float layers' weights at ``lr * float_lr_scale`` and the rest at ``lr``. At 0 the float
+    layers are frozen: left out, and their ``requires_grad`` turned off so that backward skips
+    their weight gradients (the same updates: the gradient clip only sees the optimizer's
+    parameters)."""
     if float_lr_scale == 1.0:
         return None
     floats = float_layer_params(student)
     fl = {id(p) for p in floats}
+    if float_lr_scale == 0:
+        for p in floats:
+            p.requires_grad_(False)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in fl], "lr": lr}]
     if float_lr_scale > 0 and floats:
         groups.append({"params": floats, "lr": lr * float_lr_scale})

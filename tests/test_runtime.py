@@ -1,0 +1,35 @@
+"""bqc.runtime: the allocator setting bqc's commands apply (its speed: benchmarks/train_speed.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = ("import ctypes, bqc.runtime as r; ok = r.tune_allocator(); "
+         "print(ok, r.tune_allocator(), r._glibc() is not None)")
+
+
+def _run(env_extra: dict) -> list[str]:
+    env = {**os.environ, **env_extra}
+    out = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, env=env, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_tune_allocator_applies_once_on_glibc_and_can_be_turned_off():
+    tuned, again, glibc = _run({"BQC_MALLOC": ""})
+    if glibc == "False":
+        pytest.skip("this Linux's C library is not glibc (musl's mallopt does nothing)")
+    assert tuned == "True" and again == "True"  # applied, and the second call reports the same
+    assert _run({"BQC_MALLOC": "default"})[:2] == ["False", "False"]
+
+
+def test_the_console_entry_point_tunes_the_allocator(capsys):
+    from bqc import runtime
+    from clirun import run_cli
+
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "bqc" in out
+    assert runtime._state["tuned"] is not None  # main() asked (True on glibc, False elsewhere)
