@@ -13,6 +13,7 @@ from a checkout before a speed change) adds its numbers to the table as before/a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -53,28 +54,45 @@ def make_stepper(src, recipe: str, data, args):
     if recipe == "fp":  # plain DDPM loss on the FP graph: the baseline the ratios refer to
         opts.distill = False
     train = dict(load_recipe(recipe).train)
-    loss_fn = make_loss(student, teacher, train, opts, NoiseSchedule(), args.steps)
+    parts: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timer(part: str):
+        t = time.perf_counter()
+        yield
+        parts[part] = parts.get(part, 0.0) + time.perf_counter() - t
+
+    loss_fn = make_loss(student, teacher, train, opts, NoiseSchedule(), args.steps, timer=timer)
     # the trainer's AdamW and parameter groups (a recipe that freezes its float layers trains fewer weights)
     groups = param_groups(model, student, resolved_hparams(train, opts).get("float_lr_scale", 1.0), 1e-4)
     opt = make_optimizer(groups or [{"params": [p for p in model.parameters() if p.requires_grad]}],
                          LoopConfig(steps=args.steps, batch_size=args.batch, lr=1e-4))
     g = torch.Generator().manual_seed(0)
 
-    def step(i: int) -> float:
+    def step(i: int) -> dict[str, float]:
+        """Seconds: the whole step ("step") and its parts (loss parts, backward, optimizer, other)."""
         idx = torch.randint(0, len(data), (args.batch,), generator=g)
+        parts.clear()
         t0 = time.perf_counter()
         loss, _ = loss_fn(model, (data[idx], None), i)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return time.perf_counter() - t0
+        with timer("backward"):
+            loss.backward()
+        with timer("optimizer"):
+            opt.step()
+        total = time.perf_counter() - t0
+        return {**parts, "other": total - sum(parts.values()), "step": total}
 
     return step
 
 
-def time_recipes(src, recipes: list[str], data, args) -> dict[str, float]:
-    """Median step time per recipe, the recipes' steps interleaved (fp, baseline, ..., fp, ...)
-    so that a change in machine load hits every recipe alike and the ratios stay fair."""
+PARTS = ["cache pass", "student", "teacher", "distill", "backward", "optimizer", "other"]
+
+
+def time_recipes(src, recipes: list[str], data, args) -> dict[str, dict[str, float]]:
+    """Median seconds per recipe of the step and of each part, the recipes' steps interleaved
+    (fp, baseline, ..., fp, ...) so that a change in machine load hits every recipe alike and the
+    ratios stay fair."""
     steppers = {r: make_stepper(src, r, data, args) for r in recipes}
     times = {r: [] for r in recipes}
     for i in range(args.warmup + args.steps):
@@ -82,7 +100,7 @@ def time_recipes(src, recipes: list[str], data, args) -> dict[str, float]:
             dt = step(i)
             if i >= args.warmup:
                 times[r].append(dt)
-    return {r: statistics.median(v) for r, v in times.items()}
+    return {r: {k: statistics.median(t.get(k, 0.0) for t in v) for k in ["step", *PARTS]} for r, v in times.items()}
 
 
 def main(argv=None) -> None:
@@ -108,9 +126,11 @@ def main(argv=None) -> None:
         p.error("--recipes must start with fp (the ratios are to the FP step)")
     medians = time_recipes(src, recipes, data, args)
     for recipe in recipes:
-        ms = 1000 * medians[recipe]
-        rows.append({"recipe": recipe, "bits": f"W{load_recipe(recipe).wbits}A{load_recipe(recipe).abits}", "step_ms": round(ms, 1)})
-        print(f"{recipe:10s} {ms:8.1f} ms/step", flush=True)
+        ms = {k: round(1000 * v, 1) for k, v in medians[recipe].items()}
+        r = load_recipe(recipe)
+        rows.append({"recipe": recipe, "bits": f"W{r.wbits}A{r.abits}", "step_ms": ms["step"],
+                     "parts_ms": {k: ms[k] for k in PARTS}})
+        print(f"{recipe:14s} {ms['step']:8.1f} ms/step  " + "  ".join(f"{k} {ms[k]:.1f}" for k in PARTS), flush=True)
     fp = rows[0]["step_ms"]
     for r in rows:
         r["ratio_vs_fp"] = round(r["step_ms"] / fp, 2)
@@ -136,6 +156,11 @@ def main(argv=None) -> None:
     else:
         md += ["| recipe | bits | step (ms) | vs FP |", "|---|---|---|---|"]
         md += [f"| {r['recipe']} | {r['bits']} | {r['step_ms']} | {r['ratio_vs_fp']}x |" for r in rows]
+    md += ["", "Where each step goes (ms, medians of each part over the same steps, so they need not sum to the step's "
+           "median; cache pass: BiDM's no-grad TBS forward at t + d; student/teacher: forward passes; distill: the "
+           "LRM / SPD loss; other: noise draw, L_simple, zero_grad):", "",
+           "| recipe | " + " | ".join(PARTS) + " | step |", "|---|" + "---|" * (len(PARTS) + 1)]
+    md += [f"| {r['recipe']} | " + " | ".join(f"{r['parts_ms'][k]:.1f}" for k in PARTS) + f" | {r['step_ms']} |" for r in rows]
     (out / "train_speed.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

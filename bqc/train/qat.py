@@ -28,6 +28,7 @@ accept.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -222,9 +223,15 @@ def loss_target(recipe_train: dict, opts: QATOptions) -> str:
     return target
 
 
+def _untimed(part: str):
+    return contextlib.nullcontext()
+
+
 def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule, total_steps: int,
-              uncond: torch.Tensor | None = None):
-    """``uncond``: the empty-prompt embedding ``(1, L, D)`` for ``opts.cond_drop``."""
+              uncond: torch.Tensor | None = None, timer=_untimed):
+    """``uncond``: the empty-prompt embedding ``(1, L, D)`` for ``opts.cond_drop``. ``timer(part)``:
+    a context manager around each part of the loss ("cache pass", "student", "teacher", "distill");
+    ``benchmarks/train_speed.py --parts`` times them."""
     meta = ir.graph_meta(student)
     to_teacher = loss_target(recipe_train, opts) == "teacher"
     t_meta = ir.graph_meta(teacher)
@@ -250,28 +257,31 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
         if has_tbs:  # the cache: the student's block outputs one sampling step earlier (t + d)
             t2 = (t + gap).clamp(max=schedule.T - 1)
             x_t2 = q_sample(schedule, x0, t2, noise)
-            with torch.no_grad():
+            with torch.no_grad(), timer("cache pass"):
                 out2 = core.student(*_args(meta, x_t2, t2, y, context=c))
             state = list(out2[1:n_out])
         args = _args(meta, x_t, t, y, state, context=c)
         terms = {}
         t_out = None  # the teacher's prediction at (x_t, t), when a loss needs it
         if distill:
-            outs = model(*args, taps=True)
+            with timer("student"):
+                outs = model(*args, taps=True)
             eps, s_feats = outs[0], list(outs[n_out:])
-            with torch.no_grad():
+            with torch.no_grad(), timer("teacher"):
                 t_outs = t_view(*_args(t_meta, x_t, t, y, context=c))
             t_out, t_feats = t_outs[0], list(t_outs[1:])
-            if distill["loss"] == "lrm":
-                ld = core.lrm.loss(s_feats, t_feats)
-            else:
-                ld = spd_loss(s_feats, t_feats, int(distill.get("patches", 4)), form=distill.get("form", "paper"))
+            with timer("distill"):
+                if distill["loss"] == "lrm":
+                    ld = core.lrm.loss(s_feats, t_feats)
+                else:
+                    ld = spd_loss(s_feats, t_feats, int(distill.get("patches", 4)), form=distill.get("form", "paper"))
             terms[distill["loss"]] = float(ld.detach())
         else:
-            eps = model(*args)[0]
+            with timer("student"):
+                eps = model(*args)[0]
             ld = torch.zeros(())
         if to_teacher and t_out is None:
-            with torch.no_grad():
+            with torch.no_grad(), timer("teacher"):
                 out = teacher(*_args(t_meta, x_t, t, y, context=c))
             t_out = out[0] if isinstance(out, (tuple, list)) else out
         # eps, v or x0 (the model's own parameterization), or the teacher's prediction of it
