@@ -18,8 +18,10 @@ cd "$(dirname "$0")/.."
 OUT=${1:-/work/runs/study-4k}
 mkdir -p "$OUT"
 common=(--steps 4000 --seeds 0,1 -n 1000 --sample-steps 100 --main-eta 1 --eta 0 --threads 1 --out "$OUT")
-# core 1: the W1A1 table (the slow rows), core 2: the W1A4/W1A32 table, then the ablations
-nohup python benchmarks/replicate.py --only table-b "${common[@]}" > "$OUT/core1.log" 2>&1 &
-nohup bash -c "python benchmarks/replicate.py --only table-a ${common[*]} && \
-               python benchmarks/replicate.py --only ablation ${common[*]}" > "$OUT/core2.log" 2>&1 &
-echo "started; logs in $OUT/core1.log and $OUT/core2.log"
+# core 1: the W1A1 table (the slow rows), core 2: the W1A4/W1A32 table, then the ablations.
+# Each chain holds a lock while it runs (flock), so rerunning this script starts only the chains
+# that are not running (two processes never train one run); logs are appended across resumes.
+nohup flock -n "$OUT/core1.lock" python benchmarks/replicate.py --only table-b "${common[@]}" >> "$OUT/core1.log" 2>&1 &
+nohup flock -n "$OUT/core2.lock" bash -c "python benchmarks/replicate.py --only table-a ${common[*]} && \
+               python benchmarks/replicate.py --only ablation ${common[*]}" >> "$OUT/core2.log" 2>&1 &
+echo "started the chains not already running; logs in $OUT/core1.log and $OUT/core2.log"
