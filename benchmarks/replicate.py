@@ -18,6 +18,17 @@ Every training invocation appends its command line to ``OUT/commands.txt`` (and 
 ``OUT/summary.json`` and writes the results page (``--doc``, images in ``img/`` beside it) with
 ``benchmarks/replicate_report.py``. Rows whose difference is within the seed spread are
 reported as ties, not wins.
+
+``--keep DIR`` makes a study outlive its machine: every finished run's small files (``done.json``,
+the eval JSONs, sample grids, ``trained/train.json`` and ``metrics.csv``; never checkpoints or
+weights) are copied to ``DIR/<run>/seed<k>/`` as soon as the run finishes, with ``commands.txt``;
+a run that is finished in DIR but not in OUT is restored from DIR instead of trained again. DIR
+lives in the repository (``benchmarks/results/study_4k``), so committing it keeps the results when
+OUT is lost; ``--report --out DIR`` reads it directly.
+
+    python benchmarks/replicate.py --only table-a --steps 4000 --out /work/runs/study-4k \
+        --keep benchmarks/results/study_4k                                # train, keep results
+    python benchmarks/replicate.py --report --out /work/runs/study-4k --keep benchmarks/results/study_4k
 """
 from __future__ import annotations
 
@@ -226,6 +237,63 @@ def do_run(run: Run, seed: int, s: Settings, src) -> dict:
     return result
 
 
+# What --keep copies of a finished run (relative to OUT/<run>/seed<k>/): results, never weights.
+KEEP_FILES = ("done.json", "eval.json", "eval-*.json", "samples.png", "samples-*.png", "recipe.toml",
+              "trained/train.json", "trained/train/metrics.csv")
+KEEP_LOGS = ("commands.txt", "rescore.txt")
+
+
+def _finished_runs(root: Path) -> list[Path]:
+    """``root/<run>/seed<k>`` folders holding a ``done.json``."""
+    return sorted(f.parent for f in Path(root).glob("*/seed*/done.json") if f.is_file())
+
+
+def _copy_results(src: Path, dst: Path) -> None:
+    """Copy one finished run's KEEP_FILES from ``src`` to ``dst`` (same relative paths)."""
+    from bqc.artifact import atomic_write_bytes
+
+    for pat in KEEP_FILES:
+        for f in sorted(src.glob(pat)):
+            if f.is_file() and not f.is_symlink():
+                t = dst / f.relative_to(src)
+                t.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(t, f.read_bytes())
+
+
+def _merge_logs(src: Path, dst: Path) -> None:
+    """Append the lines of ``src``'s command logs that ``dst``'s lack."""
+    for name in KEEP_LOGS:
+        f = Path(src) / name
+        if f.is_file():
+            for line in f.read_text().splitlines():
+                if line.strip():
+                    _append_line(Path(dst) / name, line)
+
+
+def keep_results(out: Path, keep: Path) -> list[str]:
+    """Copy every finished run in ``out`` to ``keep`` (see --keep); returns ``run/seedK`` names."""
+    done = []
+    for d in _finished_runs(out):
+        rel = d.relative_to(out)
+        _copy_results(d, Path(keep) / rel)
+        done.append(str(rel))
+    _merge_logs(out, keep)
+    return done
+
+
+def restore_results(keep: Path, out: Path) -> list[str]:
+    """Copy runs finished in ``keep`` but not in ``out`` back into ``out``; returns their names.
+    A partial run in ``out`` (checkpoints, no done.json) is left as it is: the kept result wins."""
+    restored = []
+    for d in _finished_runs(keep):
+        rel = d.relative_to(keep)
+        if not (Path(out) / rel / "done.json").is_file():
+            _copy_results(d, Path(out) / rel)
+            restored.append(str(rel))
+    _merge_logs(keep, out)
+    return restored
+
+
 def _score_variants(model, s: Settings, seed: int, d: Path, result: dict) -> None:
     """Add the metrics of every variant ``result`` lacks (same noise, same N)."""
     for v in s.variants:
@@ -326,6 +394,9 @@ def main(argv=None) -> None:
                    help="train nothing: aggregate finished runs into OUT/summary.json and write the results page")
     p.add_argument("--doc", default=str(ROOT / "docs" / "RESULTS.md"),
                    help="with --report: the page to write (images go to img/ next to it)")
+    p.add_argument("--keep", default=None,
+                   help="a folder in the repository that keeps every finished run's results (no weights) and "
+                        "restores them into OUT: the study survives the loss of OUT")
     p.add_argument("--long", default=None,
                    help="with --report: OUT directory of a longer-budget study, reported in its own section")
     args = p.parse_args(argv)
@@ -348,6 +419,11 @@ def main(argv=None) -> None:
         keys = set(args.only.split(","))
         runs = [r for r in RUNS if r.table in keys or r.name in keys]
     out = Path(s.out)
+    keep = Path(args.keep) if args.keep else None
+    if keep is not None and keep.resolve() != out.resolve():
+        restored = restore_results(keep, out)
+        if restored:
+            print(f"restored {len(restored)} finished runs from {_show(keep)}", flush=True)
     prev = _read_json(out / "summary.json") or {}
     results = []
     if args.rescore:
@@ -375,8 +451,12 @@ def main(argv=None) -> None:
                 if run.main or i == 0:
                     print(f"== {run.name} seed {seed}", flush=True)
                     results.append(do_run(run, seed, s, src))
+                    if keep is not None:
+                        keep_results(out, keep)
     else:
         results = [json.loads(f.read_text()) for f in sorted(Path(s.out).glob("*/seed*/done.json"))]
+    if keep is not None and keep.resolve() != out.resolve():
+        keep_results(out, keep)
     summary = summarise(results)
     report = _report_module()
     settings = {k: str(v) for k, v in vars(s).items()}

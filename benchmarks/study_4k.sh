@@ -7,17 +7,23 @@
 #
 #   bash benchmarks/study_4k.sh [OUT]          # default OUT: /work/runs/study-4k
 #
+# Every finished run's results (JSON, grids, training log; no weights) are also kept in KEEP
+# (default: benchmarks/results/study_4k of this checkout; set KEEP=/path/to/your/checkout/...
+# when running from a frozen copy) and restored from there: commit KEEP and the study survives
+# the loss of OUT (a new machine); only unfinished runs are lost.
+#
 # Run it from a frozen copy of the code, so that edits to your checkout never change a run in
 # flight (a resumed run must see the code it started with):
 #   git worktree add --detach /work/runs/code-study HEAD
 #   python3 -m pip install --no-deps --no-build-isolation /work/runs/code-study --target /work/runs/code-study-site
-#   PYTHONPATH=/work/runs/code-study-site bash /work/runs/code-study/benchmarks/study_4k.sh
-#   python benchmarks/replicate.py --report --out OUT    # regenerate docs/RESULTS.md
+#   KEEP=$PWD/benchmarks/results/study_4k PYTHONPATH=/work/runs/code-study-site bash /work/runs/code-study/benchmarks/study_4k.sh
+#   python benchmarks/replicate.py --report --out benchmarks/results/study_4k   # regenerate docs/RESULTS.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/work/runs/study-4k}
+KEEP=${KEEP:-$PWD/benchmarks/results/study_4k}
 mkdir -p "$OUT"
-common=(--steps 4000 --seeds 0,1 -n 1000 --sample-steps 100 --main-eta 1 --eta 0 --threads 1 --out "$OUT")
+common=(--steps 4000 --seeds 0,1 -n 1000 --sample-steps 100 --main-eta 1 --eta 0 --threads 1 --out "$OUT" --keep "$KEEP")
 # core 1: the W1A1 table (the slow rows), core 2: the W1A4/W1A32 table, then the ablations.
 # Each chain holds a lock while it runs (flock), so rerunning this script starts only the chains
 # that are not running (two processes never train one run); logs are appended across resumes.

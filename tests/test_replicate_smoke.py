@@ -143,3 +143,41 @@ def test_speed_section_matches_measured_recipes_only(tmp_path):
     assert "`baseline-w1a4`" not in text  # measured at 2 threads only
     assert "`bidm-no-spd`" not in text  # ablation rows are not matched to a recipe's measurement
     assert "No measured row" in "\n".join(rr._speed_section(rep.RUNS, rows, tmp_path / "missing.json"))
+
+
+def test_keep_and_restore_results(tmp_path):
+    """--keep copies a finished run's results (never weights) and restores them into a lost OUT,
+    where the run then counts as finished instead of training again."""
+    rep = _load_replicate()
+    out, keep = tmp_path / "out", tmp_path / "keep"
+    d = out / "baseline-w1a4" / "seed0"
+    (d / "trained" / "train").mkdir(parents=True)
+    (d / "artifact").mkdir()
+    result = {"run": "baseline-w1a4", "seed": 0, "metrics": {"fid": 10.0}}
+    (d / "done.json").write_text(json.dumps(result))
+    (d / "eval-eta0.json").write_text("{}")
+    (d / "samples.png").write_bytes(b"png")
+    (d / "trained" / "train" / "metrics.csv").write_text("step,loss\n1,0.5\n")
+    (d / "trained" / "model.safetensors").write_bytes(b"weights")  # never kept
+    (d / "artifact" / "bqc.json").write_text("{}")
+    partial = out / "bidm" / "seed0" / "trained"  # unfinished: no done.json, not kept
+    partial.mkdir(parents=True)
+    (out / "commands.txt").write_text("python benchmarks/replicate.py --only table-a\n")
+
+    assert rep.keep_results(out, keep) == ["baseline-w1a4/seed0"]
+    kept = sorted(str(p.relative_to(keep)) for p in keep.rglob("*") if p.is_file())
+    assert kept == ["baseline-w1a4/seed0/done.json", "baseline-w1a4/seed0/eval-eta0.json",
+                    "baseline-w1a4/seed0/samples.png", "baseline-w1a4/seed0/trained/train/metrics.csv",
+                    "commands.txt"]
+
+    lost = tmp_path / "new-machine"
+    assert rep.restore_results(keep, lost) == ["baseline-w1a4/seed0"]
+    assert rep.restore_results(keep, lost) == []  # already there
+    assert rep.do_run(next(r for r in rep.RUNS if r.name == "baseline-w1a4"), 0,
+                      rep.Settings(out=lost), None) == result  # finished: not trained again
+    assert (lost / "commands.txt").read_text() == "python benchmarks/replicate.py --only table-a\n"
+    # a partial run in OUT is not overwritten by restore unless the kept one is finished
+    (lost / "bidm" / "seed0").mkdir(parents=True)
+    (lost / "bidm" / "seed0" / "ckpt").write_text("x")
+    rep.restore_results(keep, lost)
+    assert not (lost / "bidm" / "seed0" / "done.json").exists()
