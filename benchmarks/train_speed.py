@@ -30,7 +30,7 @@ from bqc.diffusion.schedule import NoiseSchedule
 from bqc.pipeline import load_recipe
 from bqc.runtime import tune_allocator
 from bqc.train.losses import LRMProjections
-from bqc.train.loop import LoopConfig, make_optimizer
+from bqc.train.loop import LoopConfig, make_optimizer, trainable_groups
 from bqc.train.qat import QATModel, QATOptions, _tap_views, make_loss, param_groups, resolved_hparams
 
 RECIPES = ["fp", "baseline", "binarydm", "bidm", "binarydm-skip", "bidm-skip"]  # the last two: the shipped models' recipes
@@ -65,7 +65,7 @@ def make_stepper(src, recipe: str, data, args):
     loss_fn = make_loss(student, teacher, train, opts, NoiseSchedule(), args.steps, timer=timer)
     # the trainer's AdamW and parameter groups (a recipe that freezes its float layers trains fewer weights)
     groups = param_groups(model, student, resolved_hparams(train, opts).get("float_lr_scale", 1.0), 1e-4)
-    opt = make_optimizer(groups or [{"params": [p for p in model.parameters() if p.requires_grad]}],
+    opt = make_optimizer(groups or trainable_groups(model),
                          LoopConfig(steps=args.steps, batch_size=args.batch, lr=1e-4))
     g = torch.Generator().manual_seed(0)
 

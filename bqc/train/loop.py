@@ -356,6 +356,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
 
 
+def trainable_groups(model: torch.nn.Module) -> list[dict]:
+    """The loop's default parameter groups: one group of every parameter that needs a gradient."""
+    return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+
 def make_optimizer(param_groups, config: LoopConfig) -> torch.optim.AdamW:
     """The loop's AdamW, with the multi-tensor (``foreach``) update: the same per-element
     arithmetic as the per-parameter loop (bitwise equal, tests/test_train_speed.py), without
@@ -396,7 +401,7 @@ def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig
     model.to(device)
 
     if param_groups is None:
-        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        param_groups = trainable_groups(model)
     opt = make_optimizer(param_groups, config)
     for g in opt.param_groups:
         g.setdefault("initial_lr", g["lr"])
