@@ -8,6 +8,7 @@ fail.
 
     python benchmarks/eps_by_t.py RUNS/fp/seed0/artifact RUNS/baseline-w1a4/seed0/trained ...
     python benchmarks/eps_by_t.py --md benchmarks/results/eps_by_t.md ART [ART ...]
+    python benchmarks/eps_by_t.py RUNS/fp/seed0/artifact mnist16-bidm mnist16-binarydm   # shipped models too
 """
 from __future__ import annotations
 
@@ -24,14 +25,12 @@ def eps_errors(art_dir: str, n: int = 256, timesteps=TIMESTEPS, seed: int = 0) -
     """[(t, MSE(eps_hat, eps), mean(eps_hat) - mean(eps))] for one artifact (first sampling step: no TBS cache)."""
     import torch
 
-    from bqc import artifact
     from bqc.data import load_dataset
     from bqc.diffusion.schedule import NoiseSchedule, q_sample
-    from bqc.graph import BqcModel
 
     x0 = load_dataset("mnist16", "test").images[:n]
     sched = NoiseSchedule()
-    model = BqcModel(artifact.load_artifact(art_dir).gm).eval()
+    model = _load_model(art_dir)
     g = torch.Generator().manual_seed(seed)
     out = []
     with torch.no_grad():
@@ -41,6 +40,18 @@ def eps_errors(art_dir: str, n: int = 256, timesteps=TIMESTEPS, seed: int = 0) -
             eps, _ = model(q_sample(sched, x0, tt, noise), tt, None, None)
             out.append((int(t), float(((eps - noise) ** 2).mean()), float(eps.mean() - noise.mean())))
     return out
+
+
+def _load_model(path: str):
+    """A QAT artifact folder, or a deploy artifact (``bqc fold``'s folder or a shipped name such
+    as ``mnist16-bidm``), as a model called ``model(x_t, t, y, state)``."""
+    from bqc import artifact
+    from bqc import deploy
+    from bqc.graph import BqcModel
+
+    if artifact.is_artifact(path):
+        return BqcModel(artifact.load_artifact(path).gm).eval()
+    return deploy.load(path).model.eval()
 
 
 def _label(p: str) -> str:
