@@ -3,7 +3,9 @@ teacher above a timestep and the student below it (and the reverse), same noise,
 
     python benchmarks/hybrid_sampling.py RUN --out DIR [-n 500] [--steps 100] [--eta 1] [--switch 600,300]
 
-RUN is a trained artifact (its teacher is the FP model it was transformed from). Writes
+RUN is a trained artifact (its teacher is the FP model it was transformed from), or a deploy
+artifact (``bqc fold``'s folder, or a shipped name such as ``mnist16-bidm``; its teacher: the zoo
+model it was trained from, or ``--teacher``). Writes
 ``DIR/hybrid.json`` (FID, classifier-confident, precision, recall per split), a 64-sample grid
 per split and ``DIR/command.txt``. The student's TBS cache is threaded across its own steps; its
 first step after the teacher's runs without a cache, as the first sampling step always does.
@@ -28,6 +30,7 @@ def main(argv=None) -> None:
     p.add_argument("--switch", default="600,300", help="timesteps where the model changes (comma-separated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--teacher", default=None, help="the FP model (default: the run's own teacher)")
     a = p.parse_args(argv)
     import torch
 
@@ -39,8 +42,18 @@ def main(argv=None) -> None:
     from bqc.graph import BqcModel
     from bqc.metrics import evaluate
 
-    art = artifact.load_artifact(a.run)
-    student, teacher = BqcModel(art.gm).eval(), BqcModel(art.teacher().gm).eval()
+    from bqc import deploy
+    from bqc.teacher import _teacher_from
+
+    if artifact.is_artifact(a.run):
+        art = artifact.load_artifact(a.run)
+        student, teacher = BqcModel(art.gm).eval(), BqcModel(art.teacher().gm).eval()
+    else:
+        dart = deploy.load(a.run)
+        student = dart.model.eval()
+        teacher = _teacher_from(a.teacher or (dart.manifest.get("source") or {}).get("name"))[0].eval()
+    if a.teacher and artifact.is_artifact(a.run):
+        teacher = _teacher_from(a.teacher)[0].eval()
     real = load_dataset("mnist16", "test").images
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
