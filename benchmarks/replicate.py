@@ -319,7 +319,11 @@ def rescore(run: Run, seed: int, s: Settings) -> dict | None:
     if result.get("n") != s.n or result.get("sample_steps") != s.sample_steps:
         raise SystemExit(f"{d}: scored with n={result.get('n')}, {result.get('sample_steps')} steps; "
                          f"rescore with the same -n and --sample-steps")
-    art = artifact.load_artifact(d / ("trained" if run.train else "artifact"))
+    model_dir = d / ("trained" if run.train else "artifact")
+    if not artifact.is_artifact(model_dir):
+        raise SystemExit(f"{d}: its model is not on this machine (a result restored from --keep holds no weights); "
+                         f"rescoring it needs the run trained again")
+    art = artifact.load_artifact(model_dir)
     model = BqcModel(art.gm).eval()
     t0 = time.time()
     _score_variants(model, s, seed, d, result)

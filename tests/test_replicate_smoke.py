@@ -153,7 +153,7 @@ def test_keep_and_restore_results(tmp_path):
     d = out / "baseline-w1a4" / "seed0"
     (d / "trained" / "train").mkdir(parents=True)
     (d / "artifact").mkdir()
-    result = {"run": "baseline-w1a4", "seed": 0, "metrics": {"fid": 10.0}}
+    result = {"run": "baseline-w1a4", "seed": 0, "n": 1000, "sample_steps": 100, "metrics": {"fid": 10.0}}
     (d / "done.json").write_text(json.dumps(result))
     (d / "eval-eta0.json").write_text("{}")
     (d / "samples.png").write_bytes(b"png")
@@ -176,6 +176,12 @@ def test_keep_and_restore_results(tmp_path):
     assert rep.do_run(next(r for r in rep.RUNS if r.name == "baseline-w1a4"), 0,
                       rep.Settings(out=lost), None) == result  # finished: not trained again
     assert (lost / "commands.txt").read_text() == "python benchmarks/replicate.py --only table-a\n"
+    # rescoring a restored run (no weights here) says why instead of failing inside the loader
+    import pytest
+
+    with pytest.raises(SystemExit, match="not on this machine"):
+        rep.rescore(next(r for r in rep.RUNS if r.name == "baseline-w1a4"), 0,
+                    rep.Settings(out=lost, variants=rep.variants_from_args(None, 0.0)))
     # a partial run in OUT is not overwritten by restore unless the kept one is finished
     (lost / "bidm" / "seed0").mkdir(parents=True)
     (lost / "bidm" / "seed0" / "ckpt").write_text("x")
