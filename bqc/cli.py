@@ -784,6 +784,37 @@ def fold(
                           "model's outputs are meaningless (speed measurements only)")
 
 
+@app.command(epilog=_examples(
+    "bqc unfold mnist16-bidm -o art   # the shipped W1A1 model as a QAT artifact",
+    "bqc train art --steps 4000 --seed 1 --loss-target teacher -o run   # train on from it",
+    "bqc unfold run-deploy --recipe my_recipe.toml --model my_unet/ -o art"))
+def unfold(
+    target: str = typer.Argument(..., help="deploy artifact (bqc fold's folder) or a shipped model's name"),
+    out: Path = typer.Option(..., "--out", "-o", help="artifact folder to write (bqc transform's format)"),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help=(
+        "the recipe the model was trained with (name or TOML file) [default: the one it names]")),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=(
+        "the FP model it was trained from [default: the zoo model it names]")),
+    force: bool = ForceOpt,
+    threads: Optional[int] = ThreadsOpt,
+):
+    """The inverse of fold: a deploy artifact back into a QAT artifact that `bqc train` trains on.
+    Binary weights start at scale * sign (the latent magnitudes are not in the deploy artifact);
+    thresholds, steps and every float parameter are copied. Checked: the unfolded model computes
+    what the deploy artifact computes. A warm start, not a resume (no optimizer state, no EMA)."""
+    from bqc import transform as tf
+    from bqc.deploy.unfold import unfold as unfold_deploy
+
+    _check_out(out, "artifact", force)
+    _use_threads(threads)
+    res, info = unfold_deploy(target, recipe=recipe, model=model)
+    path = tf.save(res, out, extra={"unfolded_from": {k: v for k, v in info.items() if k != "deploy"}
+                                    | {"deploy": target}})
+    console.print(f"[bold]wrote[/] {path}  recipe {res.recipe.name} W{res.ctx.wbits}A{res.ctx.abits}: "
+                  f"{info['layers']} quantized layers and {info['tbs']} TBS blends set from {escape(target)}, "
+                  f"{info['copied']} float tensors copied; matches it to {info['max_rel_diff']:.1e} (relative)")
+
+
 # lowering -----------------------------------------------------------------------------------
 @app.command(epilog=_examples(
     "bqc lower run --backend tvm-x86 -o lib",

@@ -46,10 +46,11 @@ def transform(src: frontend.ModelSource, recipe: str | Recipe, *, wbits=None, ab
     return TransformResult(src, ep, gm, r, ctx, sched, where)
 
 
-def save(res: TransformResult, out: str | Path) -> Path:
+def save(res: TransformResult, out: str | Path, extra: dict | None = None) -> Path:
+    """Write the artifact; ``extra``: more manifest (bqc.json) entries (``bqc unfold``'s provenance)."""
     sched, where = (res.schedule, res.schedule_from) if res.schedule is not None else frontend.diffusion_of(res.source)
     src = {"kind": res.source.kind, "description": res.source.description,
            **{k: v for k, v in res.source.info.items() if k != "params"}}
     return artifact.save_artifact(out, base_ep=res.base_ep, gm=res.gm, recipe=res.recipe,
                                   wbits=res.ctx.wbits, abits=res.ctx.abits, source=src,
-                                  extra={"diffusion": sched.manifest_entry(where)})
+                                  extra={"diffusion": sched.manifest_entry(where), **(extra or {})})
