@@ -9,6 +9,9 @@ model it was trained from, or ``--teacher``). Writes
 ``DIR/hybrid.json`` (FID, classifier-confident, precision, recall per split), a 64-sample grid
 per split and ``DIR/command.txt``. The student's TBS cache is threaded across its own steps; its
 first step after the teacher's runs without a cache, as the first sampling step always does.
+``--other MODEL`` puts a second binary model in the teacher's place (two timestep experts: e.g.
+one trained with ``bqc train --t-range 0 300`` below 300, RUN above); each model gets back only
+its own TBS cache.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--teacher", default=None, help="the FP model (default: the run's own teacher)")
+    p.add_argument("--other", default=None, help=(
+        "a second binary model (artifact, deploy artifact or shipped name, e.g. a timestep expert trained with "
+        "`bqc train --t-range`) in the teacher's place: the 'teacher' splits use it instead"))
     a = p.parse_args(argv)
     import torch
 
@@ -54,6 +60,10 @@ def main(argv=None) -> None:
         teacher = _teacher_from(a.teacher or (dart.manifest.get("source") or {}).get("name"))[0].eval()
     if a.teacher and artifact.is_artifact(a.run):
         teacher = _teacher_from(a.teacher)[0].eval()
+    other = None
+    if a.other:
+        other = (BqcModel(artifact.load_artifact(a.other).gm) if artifact.is_artifact(a.other)
+                 else deploy.load(a.other).model).eval()
     real = load_dataset("mnist16", "test").images
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,15 +72,22 @@ def main(argv=None) -> None:
     splits = [("student", None), ("teacher", None)] + [(f"{hi}_above_{sw}", (hi, int(sw)))
                                                         for sw in a.switch.split(",") for hi in ("teacher", "student")]
     for tag, how in splits:
-        def step(x, t, y, state, how=how, tag=tag):
+        last = {"model": None}  # a TBS cache is only handed back to the model that made it
+
+        def step(x, t, y, state, how=how, tag=tag, last=last):
             if how is None:
                 use_teacher = tag == "teacher"
             else:
                 above = int(t[0]) > how[1]
                 use_teacher = above if how[0] == "teacher" else not above
-            if use_teacher:
+            model = other if use_teacher else student
+            if model is None:  # the FP teacher (no cache)
+                last["model"] = None
                 return teacher(x, t)[0], None
-            return student(x, t, state=state)
+            if last["model"] is not model:
+                state = None
+            last["model"] = model
+            return model(x, t, state=state)
 
         step.module = student
         t0 = time.time()

@@ -468,6 +468,7 @@ def train(
     float_lr_scale: Optional[float] = typer.Option(None, "--float-lr-scale", help="learning-rate multiplier of the layers kept in full precision (plain Conv/Linear: residual projections, time embedding, --keep-fp layers); 0 freezes them at the teacher's weights (default: the recipe's [train] float_lr_scale, else 1)"),
     loss_target: Optional[str] = typer.Option(None, "--loss-target", help="what L_simple regresses: true (the noise/v/x0 that made x_t, as the papers) or teacher (the FP teacher's prediction at the same x_t: output distillation) (default: the recipe's [train] target, else true)"),
     no_distill: bool = typer.Option(False, "--no-distill", help="train without the recipe's distillation loss (ablation)"),
+    t_range: Optional[Tuple[int, int]] = typer.Option(None, "--t-range", metavar="LO HI", help="train on timesteps LO <= t < HI only (a timestep expert, e.g. 0 300 for the low-noise steps) [default: all]"),
     cond_drop: float = typer.Option(0.0, "--cond-drop", help="text-conditioned models: probability that a sample's text embedding is replaced by the data file's empty-prompt embedding (classifier-free-guidance training)"),
     force: bool = ForceOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -485,13 +486,16 @@ def train(
             raise BqcError(f"--resume {resume} is not the run in --out {out}", hint="pass the same directory to both")
     _positive(0, **{"--steps": steps})
     _positive(**{"--batch": batch})
+    if t_range is not None and not 0 <= t_range[0] < t_range[1]:
+        raise BqcError(f"--t-range {t_range[0]} {t_range[1]}: need 0 <= LO < HI")
     _check_out(out, "run", force)
     _check_fresh_run(out, resume is not None)
     _use_threads(threads)
     opts = QATOptions(steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, warmup=warmup, ema_decay=ema or None,
                       lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, target=loss_target, float_lr_scale=float_lr_scale,
                       checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,
-                      resize=resize, progress=not quiet, cond_drop=cond_drop)
+                      resize=resize, progress=not quiet, cond_drop=cond_drop,
+                      t_range=None if t_range is None else tuple(t_range))
     try:
         path = train_artifact(target, data, out, opts, resume=resume is not None)
     except KeyboardInterrupt as e:

@@ -255,6 +255,32 @@ def test_teacher_target_regresses_the_teachers_output(tiny_source, recipe):
         make_loss(student, teacher, {"target": "noise"}, QATOptions(steps=1), sched, 1)
 
 
+def test_t_range_trains_on_those_timesteps_only(tiny_source, capsys, tmp_path):
+    """``--t-range LO HI`` (a timestep expert): every training timestep the student sees is in
+    [LO, HI); out-of-range values are refused before any work (exit 2)."""
+    from bqc.diffusion.schedule import NoiseSchedule
+    from bqc.train.qat import QATModel, QATOptions, make_loss
+    from clirun import run_cli
+
+    student = tf.transform(tiny_source, "baseline").gm.train()
+    teacher = tf.transform(tiny_source, "fp").gm.eval()
+    seen = []
+    hook = student.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    x0 = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for rng in ((0, 300), (990, 1000)):
+        seen.clear()
+        loss_fn = make_loss(student, teacher, {}, QATOptions(steps=1, progress=False, t_range=rng), NoiseSchedule(), 1)
+        for step in range(3):
+            loss_fn(QATModel(student, None), (x0, None), step)
+        t = torch.cat(seen)
+        assert len(t) == 48 and int(t.min()) >= rng[0] and int(t.max()) < rng[1], rng
+    hook.remove()
+    with pytest.raises(BqcError, match="t-range"):
+        make_loss(student, teacher, {}, QATOptions(steps=1, t_range=(0, 2000)), NoiseSchedule(), 1)
+    code, _, err = run_cli(["train", "mnist16", "--steps", "1", "--t-range", "300", "0", "-o", tmp_path / "r"], capsys)
+    assert code == 2 and "t-range" in err and not (tmp_path / "r").exists()
+
+
 def test_float_lr_scale_zero_freezes_the_float_layers(tiny_source, tmp_path):
     """``--float-lr-scale 0`` keeps the layers the recipe left in full precision (bidm: the
     residual projections and the time embedding) at the teacher's weights while the binary

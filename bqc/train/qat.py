@@ -77,6 +77,7 @@ class QATOptions:
     cond_drop: float = 0.0  # text-conditioned models: P(a row's context becomes the empty prompt)
     target: str | None = None  # L_simple's target: None = the recipe's [train] target, else "true"; or "teacher"
     float_lr_scale: float | None = None  # lr multiplier of the float Conv/Linear layers (None: the recipe's, else 1)
+    t_range: tuple[int, int] | None = None  # train on timesteps lo <= t < hi only (a timestep expert); None: all
 
 
 def _args(meta: dict, x, t, y, state=None, context=None):
@@ -227,6 +228,16 @@ def _untimed(part: str):
     return contextlib.nullcontext()
 
 
+def timestep_range(opts: QATOptions, schedule: NoiseSchedule) -> tuple[int, int]:
+    """``(lo, hi)``: the training timesteps ``lo <= t < hi`` (``--t-range``; default all ``T``)."""
+    if opts.t_range is None:
+        return 0, schedule.T
+    lo, hi = (int(v) for v in opts.t_range)
+    if not 0 <= lo < hi <= schedule.T:
+        raise BqcError(f"--t-range {lo} {hi}: need 0 <= LO < HI <= {schedule.T} (the model's timesteps)")
+    return lo, hi
+
+
 def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: NoiseSchedule, total_steps: int,
               uncond: torch.Tensor | None = None, timer=_untimed):
     """``uncond``: the empty-prompt embedding ``(1, L, D)`` for ``opts.cond_drop``. ``timer(part)``:
@@ -242,6 +253,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
     tau = float(recipe_train.get("ebb_tau", 0.0))
     n_out = 1 + len(meta.get("state_outputs", []))
     ebb = ebb_modules(student)  # the same modules every step (the stage is a flag on each)
+    t_lo, t_hi = timestep_range(opts, schedule)
 
     def loss_fn(model, batch, step):
         core = unwrap(model)  # model may be DDP(QATModel): grads flow through model(...)
@@ -250,7 +262,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
         y = y if meta.get("conditional") else None
         c = _drop_context(c, uncond, opts.cond_drop)
         b = x0.shape[0]
-        t = torch.randint(0, schedule.T, (b,))
+        t = torch.randint(t_lo, t_hi, (b,))
         noise = torch.randn_like(x0)
         x_t = q_sample(schedule, x0, t, noise)
         state = None
@@ -432,6 +444,8 @@ def train_artifact(art_dir, data: str, out, opts: QATOptions, *, resume=False) -
         fingerprint["target"] = target
     if "float_lr_scale" in hp:
         fingerprint["float_lr_scale"] = hp["float_lr_scale"]
+    if opts.t_range is not None:  # (absent for the default, so older runs still resume)
+        fingerprint["t_range"] = list(timestep_range(opts, schedule))
     t0 = time.time()
     # on resume, an --lr / --grad-clip given explicitly may differ from the checkpoint's (recorded as a change)
     change = [k for k, v in (("lr", opts.lr), ("grad_clip", opts.grad_clip)) if v is not None] if resume else []
