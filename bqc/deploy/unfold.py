@@ -161,10 +161,10 @@ def _unfold_layer(q, d, where: str) -> None:
         _unfold_act(q.aq_a, d.act_a, where)
         _unfold_act(q.aq_b, d.act_b, where)
         return
-    if not bool(q.quant_active) or d.weight_kind == "float":
-        if d.weight_kind != "float" or bool(q.quant_active):
-            raise BqcError(f"{where}: the deploy layer is {d.weight_kind}, its recipe's layer is "
-                           f"{'quantized' if bool(q.quant_active) else 'float'}")
+    if (d.weight_kind == "float") != (not bool(q.quant_active)):
+        raise BqcError(f"{where}: the deploy layer is {d.weight_kind}, its recipe's layer is "
+                       f"{'quantized' if bool(q.quant_active) else 'float'}")
+    if d.weight_kind == "float":
         _set(q.weight, d.weight)
     elif d.weight_kind == "binary":
         if q.wq is None or q.wq.kind in ("uniform", "lsq"):
@@ -217,13 +217,14 @@ def unfold_into(qgm, dgm) -> dict:
             _set(q.alpha, d.alpha)
             counts["tbs"] += 1
         else:
-            if not isinstance(d, M._DeployLayer if not isinstance(d, M.IntMatmul) else M.IntMatmul):
+            if not isinstance(d, (M._DeployLayer, M.IntMatmul)):
                 raise BqcError(f"{node.name}: a {type(d).__name__} deploy module for a quantized layer")
             _unfold_layer(q, d, node.name)
             counts["layers"] += 1
         covered.add(node.target)
+    qnames = {m.name for m in qgm.graph.nodes}
     extra = [n.name for n in dgm.graph.nodes if n.op == "call_module" and str(n.target).startswith("deploy.")
-             and n.name not in {m.name for m in qgm.graph.nodes}]
+             and n.name not in qnames]
     if extra:
         raise BqcError(f"the deploy artifact has layers the recipe's graph does not ({extra[:3]})",
                        hint="pass the recipe the model was trained with (--recipe)")
