@@ -83,7 +83,7 @@ def check_host_cpu(manifest: dict, path) -> None:
 class CompiledModel:
     def __init__(self, path):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: a runtime-only TVM has no compiler
 
         self.path = Path(path)
         self.manifest = m = read_compiled_manifest(self.path)
@@ -100,7 +100,7 @@ class CompiledModel:
             self.dev = tvm.cpu(0)
         self.lib = lib
         with drop_native_log_lines("Scope Loaded:"):
-            self.vm = relax.VirtualMachine(lib, self.dev)
+            self.vm = VirtualMachine(lib, self.dev)
         self._main = self.vm["main"]
         self.step = R.StepModel(m, self._call)  # padding/splitting and the TBS state: bqc.run's
         self.batch, self.input_shape, self.conditional = self.step.batch, self.step.input_shape, self.step.conditional

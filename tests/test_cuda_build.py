@@ -225,6 +225,23 @@ def test_bad_arch_is_a_bqc_error():
         cuda.cuda_target("ampere")
 
 
+def test_jit_compile_is_bqcs_own_nvcc_callback(cuda_build):
+    """The load-time compile callback bqc registers (it needs TVM's runtime only): nvcc turns a
+    build's CUDA source into a fatbin for the named arch, with no fast math; nvcc's errors
+    become a BqcError that carries them."""
+    import tvm_ffi
+
+    _require_nvcc()
+    arch, ex = cuda_build
+    fatbin = cuda.jit_compile(cuda.cuda_source(ex), arch)
+    assert fatbin[:4] == bytes.fromhex("50ed55ba")  # the fatbin magic
+    assert "--use_fast_math" not in cuda.JIT_FLAGS
+    cuda._register_jit(arch)
+    assert bytes(tvm_ffi.get_global_func("tvm_callback_cuda_compile")(cuda.cuda_source(ex))) == fatbin
+    with pytest.raises(BqcError, match="nvcc failed"):
+        cuda.jit_compile("this is not CUDA", arch)
+
+
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CUDA_HOME", raising=False)

@@ -148,25 +148,36 @@ def test_compiled_sample_matches_torch(tmp_path_factory):
     assert rel(got, want) <= 1e-3, rel(got, want)
 
 
-def test_lowered_dir_loads_without_training_code(tmp_path_factory):
-    """The runtime module imports only tvm + numpy (torch only to wrap torch inputs)."""
+def test_lowered_dir_loads_without_training_code(tmp_path_factory, tmp_path):
+    """The runtime module imports only tvm + numpy (torch only to wrap torch inputs), and runs on
+    TVM's runtime library alone (``TVM_USE_RUNTIME_LIB=1``: no compiler library, as on a board or
+    a GPU machine given only the runtime part of the apache-tvm wheel), with the same outputs."""
+    import os
     import subprocess
     import sys
+
+    import numpy as np
 
     _, _, out = lowered("bidm", tmp_path_factory)
     code = (
         "import sys, numpy as np; sys.modules['bqc.deploy'] = None; sys.modules['bqc.quant'] = None\n"
+        "import tvm.base; assert tvm.base._RUNTIME_ONLY\n"
         "import importlib.util as u\n"
         f"spec = u.spec_from_file_location('rt', {str(__import__('bqc.backends.runtime', fromlist=['x']).__file__)!r})\n"
         "rt = u.module_from_spec(spec); spec.loader.exec_module(rt)\n"
         f"m = rt.load_compiled({str(out)!r})\n"
-        "x = np.random.randn(2, *m.input_shape).astype('float32')\n"
+        "x = np.random.default_rng(0).standard_normal((2, *m.input_shape)).astype('float32')\n"
         "e, s = m(x, np.array([5, 9]))\n"
+        f"np.save({str(tmp_path / 'e.npy')!r}, e)\n"
         "assert e.shape == x.shape and np.isfinite(e).all(); print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
     assert "Scope Loaded" not in r.stderr  # TVM's per-memory-scope load warning is filtered
+    model = load_compiled(out)
+    x = np.random.default_rng(0).standard_normal((2, *model.input_shape)).astype("float32")
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), model(x, np.array([5, 9]))[0])
 
 
 def test_bench_reports_the_contract_keys(tmp_path_factory):

@@ -1,12 +1,15 @@
-"""The CUDA target of the TVM backend: build, inspect, PTX, export (no GPU needed to build).
+"""The CUDA target of the TVM backend: build, inspect, PTX, export (no GPU needed to build), load.
 
 ``tvm.compile`` for a CUDA target yields a host module (LLVM, x86) that imports a CUDA module
 holding the generated CUDA C source. The apache-tvm wheel has no CUDA *compiler* step at build
 time: the exported library carries that source, and the CUDA runtime (``libtvm_runtime_cuda``,
 loaded when ``libcuda.so.1`` exists) JIT-compiles it when the library is loaded, through the
-Python callback ``tvm_callback_cuda_compile`` that ``import tvm.support.nvcc`` registers. That
-callback uses NVRTC (needs the ``cuda-bindings``/``cuda-python`` package) unless
-``TVM_CUDA_COMPILE_MODE=nvcc``. :func:`load_cuda_library` sets this up.
+global function ``tvm_callback_cuda_compile``. :func:`load_cuda_library` registers bqc's own
+(:func:`jit_compile`: ``nvcc --fatbin`` for the GPU's compute capability, no fast math), which
+needs only TVM's runtime, not its compiler library: a lowered bundle then runs on a GPU machine
+with the runtime-only part of the apache-tvm wheel (``TVM_USE_RUNTIME_LIB=1``, or the wheel
+without ``libtvm_compiler.so``), ``tvm_ffi`` and nvcc. ``compile_mode="nvrtc"`` uses TVM's own
+callback instead (NVRTC through the ``cuda-bindings`` package; needs TVM's compiler library).
 
 Without a GPU, a build is checked by compiling its CUDA source to PTX with nvcc
 (:func:`compile_ptx`) and looking for ``popc.b32``/``popc.b64``; its numerics are checked by
@@ -17,6 +20,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 from bqc.errors import BqcError
@@ -39,6 +44,7 @@ __all__ = [
     "compile_ptx",
     "compile_fatbin",
     "export_cuda_library",
+    "jit_compile",
     "load_cuda_library",
     "popcount_evidence",
 ]
@@ -152,28 +158,101 @@ def export_cuda_library(executable_or_module, path) -> Path:
     return path
 
 
-def load_cuda_library(path, *, compile_mode: str | None = None):
+#: nvcc flags of :func:`jit_compile`: TVM's own nvcc callback's, without ``--use_fast_math`` (the
+#: float parts must match the PyTorch reference, as on the CPU targets)
+JIT_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__")
+
+
+def ensure_cuda_runtime() -> None:
+    """Load TVM's CUDA runtime (``libtvm_runtime_cuda.so``, beside ``libtvm_runtime.so``) when
+    ``import tvm`` did not: a runtime-only TVM skips its CUDA backend hook, which needs the
+    compiler library. Without an NVIDIA driver (no ``libcuda.so.1``) it stays unloaded and
+    :func:`load_cuda_library` says so."""
+    import ctypes
+
+    import tvm.base
+
+    libs = tvm.base._LOADED_LIBS
+    if "tvm_runtime_cuda" in libs or "tvm_runtime" not in libs:
+        return
+    lib = Path(libs["tvm_runtime"]._name).resolve().parent / "libtvm_runtime_cuda.so"
+    if lib.is_file():
+        try:
+            libs["tvm_runtime_cuda"] = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
+        except OSError as e:  # e.g. libcuda.so.1 / libcudart.so.13 not found
+            _RUNTIME_PROBLEM[:] = [str(e)]
+
+
+_RUNTIME_PROBLEM: list[str] = []  # why libtvm_runtime_cuda.so did not load, for load_cuda_library's error
+
+
+def device_arch(device_id: int = 0) -> str:
+    """``sm_XY`` of the CUDA device (TVM runtime only)."""
+    import tvm
+
+    ensure_cuda_runtime()
+    dev = tvm.cuda(device_id)
+    if not dev.exist:
+        raise BqcError("no CUDA GPU is visible here", hint="run on a machine with an NVIDIA GPU and its driver")
+    return _check_arch("sm_" + dev.compute_version.replace(".", ""))
+
+
+def jit_compile(code: str, arch: str | None = None) -> bytes:
+    """A fatbin (SASS for ``arch``, default the GPU's, + PTX) of CUDA source, via nvcc."""
+    arch = _check_arch(arch or device_arch())
+    nvcc = find_nvcc()
+    with tempfile.TemporaryDirectory(prefix="bqc-cuda-") as d:
+        src, out = Path(d) / "model.cu", Path(d) / "model.fatbin"
+        src.write_text(code)
+        r = subprocess.run([nvcc, "--fatbin", f"-arch={arch}", *JIT_FLAGS, "-o", str(out), str(src)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BqcError(f"nvcc failed to compile the library's CUDA source for {arch}:\n{r.stdout}{r.stderr}"[-4000:])
+        return out.read_bytes()
+
+
+def _register_jit(arch: str | None) -> None:
+    import tvm_ffi
+
+    def tvm_callback_cuda_compile(code, *_target):
+        return jit_compile(code, arch)
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", tvm_callback_cuda_compile, override=True)
+
+
+def load_cuda_library(path, *, compile_mode: str | None = None, arch: str | None = None):
     """Load an exported CUDA library on a GPU machine (``tvm.runtime.load_module``).
 
-    The CUDA source inside is JIT-compiled on load by ``tvm.support.nvcc``:
-    ``compile_mode="nvcc"`` (default when ``TVM_CUDA_COMPILE_MODE`` is unset and nvcc exists)
-    or ``"nvrtc"`` (needs the ``cuda-bindings`` package).
+    The CUDA source inside is JIT-compiled on load: ``compile_mode="nvcc"`` (default when nvcc
+    is found) by :func:`jit_compile` for ``arch`` (default: the GPU's), needing TVM's runtime
+    only; ``"nvrtc"`` by TVM's own callback (the ``cuda-bindings`` package and TVM's compiler
+    library). ``TVM_CUDA_COMPILE_MODE`` sets the default too.
     """
     import tvm
-    import tvm.support.nvcc  # noqa: F401  (registers tvm_callback_cuda_compile)
 
     mode = compile_mode or os.environ.get("TVM_CUDA_COMPILE_MODE")
     if mode is None:
-        mode = "nvcc" if shutil.which("nvcc") else "nvrtc"
+        try:
+            find_nvcc()
+            mode = "nvcc"
+        except BqcError:
+            mode = "nvrtc"
     if mode not in ("nvcc", "nvrtc"):
         raise BqcError(f"compile_mode must be 'nvcc' or 'nvrtc', got {mode!r}")
-    os.environ["TVM_CUDA_COMPILE_MODE"] = mode
+    ensure_cuda_runtime()
+    if mode == "nvcc":
+        _register_jit(arch)
+    else:
+        import tvm.support.nvcc  # noqa: F401  (registers TVM's tvm_callback_cuda_compile)
+
+        os.environ["TVM_CUDA_COMPILE_MODE"] = mode
     try:
         return tvm.runtime.load_module(str(path))
     except Exception as e:
         if "load_from_bytes.cuda" in str(e):
+            why = f": {_RUNTIME_PROBLEM[0]}" if _RUNTIME_PROBLEM else ""
             raise BqcError(
                 f"cannot load CUDA library {path}: TVM's CUDA runtime is not available here "
-                "(it needs an NVIDIA driver, libcuda.so.1)",
+                f"(it needs an NVIDIA driver, libcuda.so.1, and the CUDA runtime, libcudart){why}",
             ) from e
         raise
