@@ -8,6 +8,7 @@ Two halves, because the GPU machine need not have TVM's compiler (the apache-tvm
     python benchmarks/cuda_device.py prepare DIR     # any machine with bqc (full TVM; no GPU, no nvcc)
     python benchmarks/cuda_device.py run DIR         # the GPU machine: bqc, torch, TVM runtime, nvcc
     python benchmarks/cuda_device.py report DIR/result.json   # -> benchmarks/results/cuda_device.{json,md}
+    python benchmarks/cuda_device.py explain DIR BUNDLE OUTPUTS.npz   # a miss: forced flips in the reference
 
 ``prepare`` writes into DIR:
 
@@ -29,6 +30,10 @@ device sync) interleaved with the FP teacher (the zoo model the bundle records, 
 ``--rounds`` calls each after warm-up, each call synchronised. It writes ``DIR/result.json``
 (``$OUT/result.json`` too when ``OUT`` is set), one section at a time, so a run cut short keeps
 what it measured. Nothing is asserted: the JSON records passes, failures and their messages.
+A bundle whose numerics miss the bound also leaves its first step's outputs
+(``BUNDLE-outputs.npz``); ``explain`` then tells, on the CPU machine, whether a few forced
+sign / code flips at near-boundary inputs of the reference account for the difference
+(:mod:`bqc.deploy.flips`) or not.
 """
 from __future__ import annotations
 
@@ -314,6 +319,10 @@ def run_bundle(d: Path, rounds: int, warmup: int) -> dict:
     rels = [v for k, v in row.items() if k.startswith("rel_")]
     row["numerics_ok"] = bool(all(np.isfinite(r) and r <= TOL for r in rels))
     row["tolerance"] = TOL
+    if not row["numerics_ok"]:  # kept for `explain` (forced flips in the reference, on the CPU machine)
+        outs = {"e1": np.asarray(e1), **{f"s1_{k}": np.asarray(a) for k, a in enumerate(s1 or [])}}
+        for p in [d / "outputs.npz"] + ([Path(os.environ["OUT"]) / f"{d.name}-outputs.npz"] if os.environ.get("OUT") else []):
+            np.savez(p, **outs)
 
     # timing: the compiled step on device-resident inputs vs the FP teacher in torch FP32 / FP16
     dev = model.dev
@@ -392,6 +401,28 @@ def run(d: Path, rounds: int, warmup: int, only: set[str] | None) -> Result:
     return res
 
 
+# ------------------------------------------------------------------------------------ explain
+def explain_outputs(d: Path, name: str, outputs: Path) -> dict:
+    """Step 1 of bundle ``name`` as the GPU computed it (``outputs``, saved by ``run`` when its
+    numerics missed the bound) explained by forced flips in the reference
+    (:func:`bqc.deploy.flips.explain`)."""
+    import torch
+
+    from bqc.deploy import as_deploy_artifact
+    from bqc.deploy.flips import explain
+    from bqc.graph import BqcModel
+
+    source = {b[0]: b[1] for b in BUNDLES}.get(name, "mnist16-bidm")
+    dart = as_deploy_artifact(source if isinstance(source, str) else str(d / "work" / f"{name}-deploy"))
+    z, o = np.load(d / "bundles" / name / "reference.npz"), np.load(outputs)
+    ns = sum(k.startswith("s1_") for k in o.files)
+    target = (torch.from_numpy(o["e1"]), [torch.from_numpy(o[f"s1_{k}"]) for k in range(ns)] or None)
+    r = explain(BqcModel(dart.gm).eval(), dart.gm, target, torch.from_numpy(z["x"]), torch.from_numpy(z["t"]))
+    r["flips"] = [vars(f) for f in r["flips"]]
+    print(json.dumps(r, indent=1))
+    return r
+
+
 # ------------------------------------------------------------------------------------ report
 def report(result: Path) -> None:
     data = json.loads(result.read_text())
@@ -443,8 +474,9 @@ def report(result: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["prepare", "run", "report"])
+    ap.add_argument("mode", choices=["prepare", "run", "report", "explain"])
     ap.add_argument("dir", type=Path)
+    ap.add_argument("explain_args", nargs="*", help="explain: BUNDLE_NAME OUTPUTS.npz")
     ap.add_argument("--arch", default="sm_90", help="prepare: the kernels' CUDA arch (sm_90: H100/H200)")
     ap.add_argument("--big-batch", type=int, default=256, help="prepare: also lower mnist16-bidm at this batch (0: no)")
     ap.add_argument("--only", default="", help="comma-separated bundle names")
@@ -460,6 +492,8 @@ def main(argv=None) -> int:
         (a.dir / "prepared.json").write_text(json.dumps(info, indent=1) + "\n")
     elif a.mode == "run":
         run(a.dir, a.rounds, a.warmup, only)
+    elif a.mode == "explain":
+        explain_outputs(a.dir, *a.explain_args)
     else:
         report(a.dir)
     return 0
