@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     from bqc import artifact
     from bqc.data import load_dataset
     from bqc.diffusion.grid import save_grid
-    from bqc.diffusion.samplers import generate
+    from bqc.diffusion.samplers import generate, timestep_experts
     from bqc.graph import BqcModel
     from bqc.metrics import evaluate
 
@@ -71,25 +71,13 @@ def main(argv=None) -> None:
     res = {}
     splits = [("student", None), ("teacher", None)] + [(f"{hi}_above_{sw}", (hi, int(sw)))
                                                         for sw in a.switch.split(",") for hi in ("teacher", "student")]
+    models = {"student": student, "teacher": other if other is not None else teacher}
     for tag, how in splits:
-        last = {"model": None}  # a TBS cache is only handed back to the model that made it
-
-        def step(x, t, y, state, how=how, tag=tag, last=last):
-            if how is None:
-                use_teacher = tag == "teacher"
-            else:
-                above = int(t[0]) > how[1]
-                use_teacher = above if how[0] == "teacher" else not above
-            model = other if use_teacher else student
-            if model is None:  # the FP teacher (no cache)
-                last["model"] = None
-                return teacher(x, t)[0], None
-            if last["model"] is not model:
-                state = None
-            last["model"] = model
-            return model(x, t, state=state)
-
-        step.module = student
+        if how is None:  # one model everywhere
+            step = timestep_experts([models[tag]], [])
+        else:  # `hi` above the switch, the other one below; each gets back only its own TBS cache
+            hi, switch = how
+            step = timestep_experts([models[hi], models["student" if hi == "teacher" else "teacher"]], [switch])
         t0 = time.time()
         with torch.no_grad():
             x = generate(step, a.n, tuple(student.input_shape), steps=a.steps, eta=a.eta, seed=a.seed, batch=250)

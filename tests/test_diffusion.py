@@ -9,6 +9,7 @@ from bqc.diffusion import (
     NoiseSchedule, as_step_model, ddim_sample, ddim_timesteps, ddpm_sample, eps_loss, generate, q_sample,
     save_grid, step_gap,
 )
+from bqc.diffusion.samplers import timestep_experts
 from bqc.errors import BqcError
 
 
@@ -120,6 +121,34 @@ def test_state_threading(sampler):
     assert seen[0] is None
     assert seen[1:] == [(i, ts[i]) for i in range(len(ts) - 1)]
     assert int(final[0]) == len(ts) - 1 and int(final[1][0]) == 0
+
+
+def test_timestep_experts_split_by_t_and_keep_their_own_state():
+    """Each expert runs its timesteps (t > switch: the first) and gets back only the state it
+    made at the step before; the composite samples what the experts would by hand."""
+    s = NoiseSchedule(T=100)
+    calls = []
+
+    def expert(tag, scale):
+        def step(x, t, y, state):
+            calls.append((tag, int(t[0]), None if state is None else state[0]))
+            return scale * torch.tanh(x), [tag]
+        return step
+
+    model = timestep_experts([expert("hi", 0.3), expert("lo", 0.1)], [30])
+    out = ddim_sample(model, (2, 1, 2, 2), schedule=s, steps=10, seed=0)
+    ts = ddim_timesteps(100, 10)
+    assert [(c[0], c[1]) for c in calls] == [("hi" if t > 30 else "lo", t) for t in ts]
+    first_lo = next(i for i, c in enumerate(calls) if c[0] == "lo")
+    assert calls[0][2] is None and calls[first_lo][2] is None  # no cache across experts
+    assert all(c[2] == c[0] for i, c in enumerate(calls) if i not in (0, first_lo))
+
+    def by_hand(x, t, y, state):
+        return (0.3 if int(t[0]) > 30 else 0.1) * torch.tanh(x), None
+
+    assert torch.equal(out, ddim_sample(by_hand, (2, 1, 2, 2), schedule=s, steps=10, seed=0))
+    with pytest.raises(BqcError, match="switches"):
+        timestep_experts([by_hand, by_hand, by_hand], [10, 30])
 
 
 def test_labels_reach_the_model():

@@ -40,7 +40,7 @@ from bqc.errors import BqcError
 from bqc.diffusion.schedule import NoiseSchedule, randn
 
 __all__ = [
-    "StepModel", "as_step_model", "ddim_timesteps", "step_gap", "guided_call",
+    "StepModel", "as_step_model", "timestep_experts", "ddim_timesteps", "step_gap", "guided_call",
     "ddim_sample", "ddpm_sample", "generate",
 ]
 
@@ -62,6 +62,33 @@ def as_step_model(module: Callable) -> StepModel:
         return eps, None
 
     step.module = module  # for introspection (e.g. to switch it to eval mode)
+    return step
+
+
+def timestep_experts(models: Sequence[StepModel], switches: Sequence[int]) -> StepModel:
+    """One step model made of timestep experts: ``models[0]`` for ``t > switches[0]``,
+    ``models[1]`` for ``switches[0] >= t > switches[1]``, ..., the last one below the last switch
+    (``switches`` descending, one fewer than ``models``; e.g. ``[high, low], [300]``).
+
+    Its state is ``(k, state_k)``: a cross-timestep (TBS) cache goes back only to the expert that
+    made it, and only at the next step; an expert's first step after another expert's runs
+    without a cache, as the first sampling step always does. All rows of a sampling step share
+    ``t`` (the samplers' convention), so one expert runs the whole batch.
+    """
+    models, switches = list(models), [int(s) for s in switches]
+    if len(models) != len(switches) + 1 or any(a <= b for a, b in zip(switches, switches[1:])):
+        raise BqcError(f"timestep experts: {len(models)} models need {len(models) - 1} descending switches, "
+                       f"got {switches}")
+
+    def step(x, t, y, state, **cond):
+        tt = int(t.reshape(-1)[0])
+        k = next((i for i, sw in enumerate(switches) if tt > sw), len(switches))
+        own = state[1] if state is not None and state[0] == k else None
+        out, new = models[k](x, t, y, own, **cond)
+        return out, (k, new)
+
+    step.module = models[0]
+    step.experts = models
     return step
 
 
