@@ -38,6 +38,7 @@ sign / code flips at near-boundary inputs of the reference account for the diffe
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -190,8 +191,10 @@ def prepare_bundles(out: Path, big_batch: int, only: set[str] | None) -> list[di
             print(f"lowered {name} in {time.perf_counter() - t0:.0f} s", flush=True)
         (d / "model.cu").unlink(missing_ok=True)  # the library carries the same source
         np.savez(d / "reference.npz", **reference_steps(dep, rows))
-        zoo_name = "mnist16" if isinstance(source, str) else source[0]  # the shipped models' teacher
-        (d / "teacher.json").write_text(json.dumps({"zoo": zoo_name}) + "\n")
+        model = json.loads((d / "manifest.json").read_text()).get("model") or {}
+        zoo = model["name"] if model.get("kind") == "zoo" else source[0]  # a shipped model records its teacher
+        deploy = dep if isinstance(source, str) else str(Path(dep).relative_to(out))
+        (d / "source.json").write_text(json.dumps({"zoo": zoo, "deploy": deploy}) + "\n")
         done.append({"name": name, "source": source if isinstance(source, str) else "/".join(source), "batch": batch})
     return done
 
@@ -272,11 +275,11 @@ def _median_ms(samples) -> float:
 
 def eager_teacher(d: Path):
     """The bundle's FP model as the eager ``nn.Module``: the zoo model ``prepare`` recorded in
-    ``teacher.json``, with its shipped weights when there are some (else its random init: the
+    ``source.json``, with its shipped weights when there are some (else its random init: the
     timing does not depend on the weights)."""
     from bqc import frontend
 
-    return frontend._load_zoo(json.loads((d / "teacher.json").read_text())["zoo"]).module.eval()
+    return frontend._load_zoo(json.loads((d / "source.json").read_text())["zoo"]).module.eval()
 
 
 def fp16_teacher(model):
@@ -356,11 +359,12 @@ def run_bundle(d: Path, rounds: int, warmup: int) -> dict:
     tb = rng.integers(1, 1000, model.batch)
     args = model.raw_inputs(xb, tb)
     main = model.vm["main"]
-    teacher = eager_teacher(d).cuda()
+    cpu_teacher = eager_teacher(d)
+    half = fp16_teacher(copy.deepcopy(cpu_teacher)).cuda()
+    teacher = cpu_teacher.cuda()
     x = torch.from_numpy(xb).cuda()
     t = torch.from_numpy(tb).cuda()
     torch.backends.cudnn.benchmark = True
-    half = fp16_teacher(eager_teacher(d)).cuda()
     xh = x.half()
 
     def bqc_step():
@@ -408,7 +412,6 @@ def run_bundle(d: Path, rounds: int, warmup: int) -> dict:
 
 
 def run(d: Path, rounds: int, warmup: int, only: set[str] | None) -> Result:
-    os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc" if shutil.which("nvcc") else "nvrtc")
     paths = [d / "result.json"] + ([Path(os.environ["OUT"]) / "result.json"] if os.environ.get("OUT") else [])
     res = Result(paths)
     res.data["command"] = "python benchmarks/cuda_device.py " + " ".join(sys.argv[1:])
@@ -444,8 +447,8 @@ def explain_outputs(d: Path, name: str, outputs: Path) -> dict:
     from bqc.deploy.flips import explain
     from bqc.graph import BqcModel
 
-    source = {b[0]: b[1] for b in BUNDLES}.get(name, "mnist16-bidm")
-    dart = as_deploy_artifact(source if isinstance(source, str) else str(d / "work" / f"{name}-deploy"))
+    deploy = json.loads((d / "bundles" / name / "source.json").read_text())["deploy"]
+    dart = as_deploy_artifact(str(d / deploy) if (d / deploy).exists() else deploy)  # a folder under DIR, or a shipped name
     z, o = np.load(d / "bundles" / name / "reference.npz"), np.load(outputs)
     ns = sum(k.startswith("s1_") for k in o.files)
     target = (torch.from_numpy(o["e1"]), [torch.from_numpy(o[f"s1_{k}"]) for k in range(ns)] or None)

@@ -163,6 +163,9 @@ def export_cuda_library(executable_or_module, path) -> Path:
 JIT_FLAGS = ("-O3", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__")
 
 
+_RUNTIME_PROBLEM: list[str] = []  # why libtvm_runtime_cuda.so did not load, for load_cuda_library's error
+
+
 def ensure_cuda_runtime() -> None:
     """Load TVM's CUDA runtime (``libtvm_runtime_cuda.so``, beside ``libtvm_runtime.so``) when
     ``import tvm`` did not: a runtime-only TVM skips its CUDA backend hook, which needs the
@@ -181,9 +184,6 @@ def ensure_cuda_runtime() -> None:
             libs["tvm_runtime_cuda"] = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
         except OSError as e:  # e.g. libcuda.so.1 / libcudart.so.13 not found
             _RUNTIME_PROBLEM[:] = [str(e)]
-
-
-_RUNTIME_PROBLEM: list[str] = []  # why libtvm_runtime_cuda.so did not load, for load_cuda_library's error
 
 
 def device_arch(device_id: int = 0) -> str:

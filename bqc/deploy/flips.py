@@ -17,6 +17,7 @@ float tensor itself is left alone for everything else that reads it (K maps, sho
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,7 @@ def _pushed(q, x: torch.Tensor, index: tuple) -> torch.Tensor:
         return x
     step = float(q.step)
     u = float(x[index]) / step
-    h = float(torch.floor(torch.tensor(u))) + 0.5
+    h = math.floor(u) + 0.5
     x[index] = (h + 0.5 if u < h else h - 0.5) * step  # the centre of the other code
     return x
 
@@ -168,29 +169,23 @@ def explain(model, gm, target, *args, tol: float = 1e-4, rel_eps: float = 1e-5, 
     first whose flip at least halves the relative error (eps and TBS state together), record it,
     look again from the new run, until the error is within ``tol`` or nothing helps. Returns
     ``{"error": before, "error_after": after, "flips": [Flip...], "explained": after <= tol,
-    "candidates": n}``: ``explained`` with flips means the difference was rounding at
+    "tried": flips tried}``: ``explained`` with flips means the difference was rounding at
     boundaries (the flips' margins say how close); not explained means a real discrepancy.
     """
     want = _flat(target)
     flips: list[Flip] = []
-    with forced(gm, flips):
-        out, inputs = record_inputs(model, gm, *args, **kwargs)
+    out, inputs = record_inputs(model, gm, *args, **kwargs)
     err0 = err = _rel(_flat(out), want)
     tried = 0
     while err > tol and len(flips) < max_flips:
-        cands = [c for c in near_boundary(gm, inputs, rel_eps) if c not in flips]
-        best = None
-        for c in cands:
+        for c in (c for c in near_boundary(gm, inputs, rel_eps) if c not in flips):
             tried += 1
-            with forced(gm, flips + [c]), torch.no_grad():
-                e = _rel(_flat(model(*args, **kwargs)), want)
+            with forced(gm, flips + [c]):  # the inputs recorded are the next search's
+                out, seen = record_inputs(model, gm, *args, **kwargs)
+            e = _rel(_flat(out), want)
             if e <= 0.5 * err:
-                best = (c, e)
+                flips, err, inputs = flips + [c], e, seen
                 break
-        if best is None:
+        else:
             break
-        flips.append(best[0])
-        err = best[1]
-        with forced(gm, flips):
-            _, inputs = record_inputs(model, gm, *args, **kwargs)
     return {"error": err0, "error_after": err, "flips": flips, "explained": err <= tol, "tried": tried}

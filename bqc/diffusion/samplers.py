@@ -88,7 +88,6 @@ def timestep_experts(models: Sequence[StepModel], switches: Sequence[int]) -> St
         return out, (k, new)
 
     step.module = models[0]
-    step.experts = models
     return step
 
 
