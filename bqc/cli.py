@@ -236,7 +236,7 @@ def transform(
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
     wbits: Optional[int] = typer.Option(None, "--wbits", help="override the recipe's weight bits [default: the recipe's]"),
     abits: Optional[int] = typer.Option(None, "--abits", help="override the recipe's activation bits [default: the recipe's]"),
-    keep_fp: list[str] = typer.Option([], "--keep-fp", help="glob of layer/module names to keep full precision (repeatable)"),
+    keep_fp: list[str] = typer.Option([], "--keep-fp", help="glob of layer/module names to keep full precision (repeatable; wins over an overlapping --bits)"),
     bits: list[str] = typer.Option([], "--bits", help="per-layer override NAME_GLOB=W/A, e.g. 'out*=8/8' (repeatable)"),
     explain: bool = typer.Option(False, "--explain", help="list every conv/linear/matmul with what was done and why"),
     dump_dir: Optional[Path] = typer.Option(None, "--dump-dir", help="write the graph after every pass here"),

@@ -5,6 +5,11 @@ layer float; ``--bits NAME=8/8`` gives it uniform 8-bit weights and activations,
 keeps the recipe's binary weight quantizer with ``a_bits=4``, and so on. The overrides come
 from the recipe's ``settings`` (``bqc transform`` records the CLI flags there, so artifacts
 replay them). A glob that matches nothing is an error: a typo must not pass silently.
+
+``--keep-fp`` wins where the two overlap: ``--bits 'output_blocks.*=1/4' --keep-fp
+'*skip_connection'`` gives the decoder 4-bit activations and keeps its residual projections float.
+A ``--bits`` glob does reach layers the recipe keeps float (a ``=1/4`` glob over a BiDM decoder
+binarizes its residual projections too); ``--explain`` lists each such decision.
 """
 from __future__ import annotations
 
@@ -43,14 +48,6 @@ class MixedPrecision(Pass):
         keep = list(self.opts["keep_fp"]) + list(ctx.settings.get("keep_fp", []))
         bits = list(self.opts["bits"]) + list(ctx.settings.get("bits", []))
         layers = [n for n in gm.graph.nodes if "plan" in ir.info(n)]
-        for pattern in keep:
-            hits = [n for n in layers if _matches(n, pattern)]
-            if not hits:
-                raise BqcError(f"--keep-fp {pattern!r} matches no layer", hint="see `bqc inspect MODEL` for layer and module names")
-            for n in hits:
-                ir.info(n)["plan"] = {"weight": "fp", "act": "fp"}
-                ir.info(n)["w_bits"] = ir.info(n)["a_bits"] = 32
-                ctx.explain(self.name, n, "kept fp", f"--keep-fp {pattern}")
         for item in bits:
             pattern, w, a = parse_bits(item)
             hits = [n for n in layers if _matches(n, pattern)]
@@ -75,4 +72,12 @@ class MixedPrecision(Pass):
                 ir.info(n)["plan"] = plan
                 ir.info(n)["w_bits"], ir.info(n)["a_bits"] = spec_bits(plan, ctx)
                 ctx.explain(self.name, n, f"W{ir.info(n)['w_bits']}A{ir.info(n)['a_bits']}", f"--bits {item}")
+        for pattern in keep:
+            hits = [n for n in layers if _matches(n, pattern)]
+            if not hits:
+                raise BqcError(f"--keep-fp {pattern!r} matches no layer", hint="see `bqc inspect MODEL` for layer and module names")
+            for n in hits:
+                ir.info(n)["plan"] = {"weight": "fp", "act": "fp"}
+                ir.info(n)["w_bits"] = ir.info(n)["a_bits"] = 32
+                ctx.explain(self.name, n, "kept fp", f"--keep-fp {pattern}")
         return PassResult(gm, changed=False)

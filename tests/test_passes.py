@@ -218,6 +218,18 @@ def test_mixed_precision_overrides(tiny_source):
     _forward_backward(res.gm, (1, 8, 8))
 
 
+def test_keep_fp_wins_over_bits(tiny_source):
+    """An overlapping --bits glob must not silently quantize what --keep-fp keeps float (the
+    residual projections under a decoder-wide =1/4 glob)."""
+    res = _run(tiny_source, "bidm", keep_fp=["*skip_connection"], bits=["output_blocks.*=1/4"])
+    dec = [r for r in res.layers if r["module"].startswith("output_blocks.") and r["kind"] == "conv"]
+    skips = [r for r in dec if r["module"].endswith("skip_connection")]
+    convs = [r for r in dec if r not in skips and r["role"] in ("head", "body", "tail")]
+    assert skips and all((r["w_bits"], r["a_bits"]) == (32, 32) for r in skips), skips
+    assert convs and all((r["w_bits"], r["a_bits"]) == (1, 4) for r in convs), convs
+    _forward_backward(res.gm, (1, 8, 8))
+
+
 def test_wbits_abits_override(tiny_source):
     res = _run(tiny_source, "baseline", abits=32)  # W1A32
     inner = [r for r in res.layers if r["role"] in ("head", "body", "tail") and r["kind"] == "conv"]
