@@ -250,6 +250,7 @@ def transform(
     threads: Optional[int] = ThreadsOpt,
 ):
     """Apply a recipe (a pipeline of passes) and write a transformed-model artifact."""
+    from bqc import report
     from bqc import transform as tf
 
     _check_out(out, "artifact", force)
@@ -264,7 +265,7 @@ def transform(
         _print_explain(res)
     n_q = sum(1 for r in res.layers if r["w_bits"] < 32 or r["a_bits"] < 32)
     console.print(f"[bold]wrote[/] {path}  recipe {res.recipe.name} W{res.ctx.wbits}A{res.ctx.abits}: "
-                  f"{n_q}/{len(res.layers)} layers quantized")
+                  f"{n_q}/{len(res.layers)} layers quantized ({report.precision_mix(res.layers)})")
 
 
 def _print_explain(res) -> None:
@@ -774,15 +775,15 @@ def fold(
 ):
     """Fold a trained artifact into its inference form and save it (packed sign bits, integer
     codes, the graph as JSON: no pickle, no recipe replay). sample, eval, report, lower take it."""
-    from bqc import deploy
+    from bqc import deploy, report
 
     _check_out(out, "deploy", force)
     _use_threads(threads)
     art = deploy.fold(target, calibrate=calibrate)
     path = art.save(out)
     size = sum((path / f).stat().st_size for f in deploy.DEPLOY_FILES)
-    console.print(f"[bold]wrote[/] {path}  {escape(art.title())}, {len(art.manifest['layers'])} folded layers, "
-                  f"{size / 2**20:.3f} MiB on disk")
+    console.print(f"[bold]wrote[/] {path}  {escape(art.title())}, {len(art.manifest['layers'])} folded layers "
+                  f"({report.precision_mix(art.manifest['layers'])}), {size / 2**20:.3f} MiB on disk")
     if calibrate == "random":
         err_console.print("[bold yellow]warning:[/] activation quantizers calibrated on random inputs: this "
                           "model's outputs are meaningless (speed measurements only)")

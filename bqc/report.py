@@ -25,6 +25,16 @@ from bqc import ir
 MIB = 8 * 2**20  # bits per MiB
 
 
+def precision_mix(layers) -> str:
+    """How many quantized layers have each W/A, most common first: ``"W1A1 57, W1A4 12, W8A8 2"``
+    (``layers``: rows with ``w_bits`` and ``a_bits``, as a transform result's or a deploy
+    manifest's; float layers are left out)."""
+    from collections import Counter
+
+    mix = Counter(f"W{r['w_bits']}A{r['a_bits']}" for r in layers if r["w_bits"] < 32 or r["a_bits"] < 32)
+    return ", ".join(f"{k} {n}" for k, n in sorted(mix.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from bqc import frontend, ir, transform as tf
+from bqc import frontend, ir, report, transform as tf
 from bqc.errors import BqcError
 from bqc.graph import BqcModel
 from bqc.pipeline import PassContext, PassManager, get_pass, load_recipe, recipe_names
@@ -227,6 +227,9 @@ def test_keep_fp_wins_over_bits(tiny_source):
     convs = [r for r in dec if r not in skips and r["role"] in ("head", "body", "tail")]
     assert skips and all((r["w_bits"], r["a_bits"]) == (32, 32) for r in skips), skips
     assert convs and all((r["w_bits"], r["a_bits"]) == (1, 4) for r in convs), convs
+    mix = dict(kv.split() for kv in report.precision_mix(res.layers).split(", "))
+    assert int(mix["W1A4"]) == sum((r["w_bits"], r["a_bits"]) == (1, 4) for r in res.layers) >= len(convs)
+    assert "W32A32" not in mix and int(mix["W1A1"]) > 0  # float layers are not counted
     _forward_backward(res.gm, (1, 8, 8))
 
 
