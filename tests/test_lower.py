@@ -1,7 +1,7 @@
 """Lowering a bqc artifact to TVM (backends/tvm/lower.py) and running it (backends/runtime.py).
 
 Tiny calibrated QAT graphs (TINY_CONFIG, one random calibration batch) of the baseline,
-binarydm and bidm recipes, saved as artifacts (:func:`tiny_artifact`), are lowered for tvm-x86 at
+binarydm and bidm recipes and of a per-layer mix (bidm with a W1A4 decoder, ``VARIANTS``), saved as artifacts (:func:`tiny_artifact`), are lowered for tvm-x86 at
 batch 2 and compared with the deploy graph's reference executor (``to_deploy(gm)`` forward, the deploy contract) and with the QAT
 model, through the samplers' calling convention (first step without state, second step with
 the TBS state for bidm; 3 rows against a batch-2 library, so padding and splitting run too).
@@ -31,7 +31,10 @@ from bqc.pipeline import load_recipe  # noqa: E402
 # binarydm covers baseline's W1A4 layers (the same single-basis body) plus EBB and LRM, so
 # baseline is not lowered separately (suite time); tests/test_kernels_x86.py and
 # tests/test_targets.py check every W1A4 route on its own.
-RECIPES = ["binarydm", "bidm"]
+RECIPES = ["binarydm", "bidm", "bidm+a4-decoder"]
+# per-layer mixes as `bqc transform --bits/--keep-fp` makes them: a W1A1 BiDM graph (TBS state,
+# K maps, shortcuts) whose decoder has 4-bit activations, its residual projections kept float
+VARIANTS = {"bidm+a4-decoder": ("bidm", {"bits": ["output_blocks.*=1/4"], "keep_fp": ["*skip_connection"]})}
 BATCH = 2
 _CACHE: dict = {}  # in-memory graphs: released after this module (conftest._release_memory)
 # bundle folders on disk, by (recipe, backend): paths only, kept for the session so that
@@ -55,9 +58,10 @@ def tiny_artifact(recipe: str, tmp_path_factory):
         for name, p in m.named_parameters():
             if p.dim() == 4 and ("out_layers.3" in name or name.startswith("out.2")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    root = tmp_path_factory.mktemp(f"tiny_{recipe}")
+    root = tmp_path_factory.mktemp(f"tiny_{recipe.replace('+', '_')}")
     zoo.save_model(m, {"arch": "openai-unet", "params": TINY_CONFIG}, root / "model")
-    res = tf.transform(frontend.load_source(str(root / "model")), load_recipe(recipe))
+    base, overrides = VARIANTS.get(recipe, (recipe, {}))
+    res = tf.transform(frontend.load_source(str(root / "model")), load_recipe(base), **overrides)
     gm = res.gm.eval()
     with torch.no_grad():
         gm(*example_inputs(gm, batch=2, seed=0))  # calibrate the activation quantizers
@@ -72,7 +76,7 @@ def lowered(recipe: str, tmp_path_factory, backend: str = "tvm-x86"):
         _CACHE[recipe] = (gm, D.to_deploy(gm), art)
     gm, dg, art = _CACHE[recipe]
     if (recipe, backend) not in _lowered_dirs:
-        _lowered_dirs[recipe, backend] = lower(D.fold(art), backend, tmp_path_factory.mktemp(f"lower_{recipe}_{backend}"),
+        _lowered_dirs[recipe, backend] = lower(D.fold(art), backend, tmp_path_factory.mktemp(f"lower_{recipe.replace('+', '_')}_{backend}"),
                                                batch=BATCH)
     return gm, dg, _lowered_dirs[recipe, backend]
 
@@ -112,6 +116,8 @@ def test_lowered_matches_deploy_and_qat(recipe, tmp_path_factory):
     assert man["fallbacks"] == []
     nbin = sum(isinstance(m, (D.BinaryConv2d, D.BinaryLinear)) for _, m in D.deploy_layers(dg))
     assert sum(man["kernels"].get(k, 0) for k in ("binary_conv2d", "binary_dense", "w1ak_conv2d", "w1ak_dense")) == nbin
+    if recipe in VARIANTS:  # both kinds of binary-weight kernel in one library
+        assert man["kernels"].get("w1ak_conv2d", 0) > 0 and man["kernels"].get("binary_conv2d", 0) > 0, man["kernels"]
     model = load_compiled(out)
     assert model.batch == BATCH and model.input_shape == (1, 8, 8)
     ref, qat = BqcModel(dg).eval(), BqcModel(gm).eval()
