@@ -844,13 +844,18 @@ def lower(
         "untrained artifacts: set the activation quantizers' steps from real images of DATA (mnist16 or an "
         "image folder) before folding; `random` uses 2 Gaussian inputs (speed measurements only). Without it, "
         "an artifact whose activation quantizers were never calibrated is refused")),
+    check: bool = typer.Option(True, "--check/--no-check", help=(
+        "run the built library on 4 seeded rows (two sampling steps with TBS state) against the deploy graph's "
+        "reference executor, where this machine can run it; a row off by more than 1e-4 must be explained by "
+        "rounding flips at quantizer boundaries, else the command fails (exit 1)")),
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
 ):
     """Fold the trained quantizers into packed/integer form and compile for a target.
 
     A trained artifact is folded first (as `bqc fold`); the backend gets the deploy artifact.
-    Progress shows the stages (fold, load, export, import, compile, build, write; 0.5-5 minutes on CPU)."""
+    Progress shows the stages (fold, load, export, import, compile, build, write; 0.5-5 minutes on CPU),
+    then the library is checked against the reference (--no-check skips it)."""
     from bqc.backends import BACKENDS
 
     if backend not in BACKENDS:
@@ -879,6 +884,34 @@ def lower(
     note = ebb_stage_note(dart.manifest)
     if note:
         console.print(f"[yellow]note[/]: {escape(note)}")
+    if check and backend != "onnx":  # the ONNX export verifies its fake-quant model itself
+        _check_lowered(dart, path)
+
+
+def _check_lowered(dart, path) -> None:
+    """``bqc lower``'s numerics check (:mod:`bqc.backends.check`), recorded as the manifest's
+    ``verify``; a difference that rounding flips do not explain fails the command (exit 1)."""
+    from bqc.backends import check as C
+
+    man_path = Path(path) / "manifest.json"
+    manifest = json.loads(man_path.read_text())
+    why = C.why_not_here(manifest, path)
+    if why:
+        console.print(f"[yellow]note[/]: not checked on this machine ({escape(why)}); "
+                      "bqc's tests check every kernel route against the reference")
+        return
+    res = C.check_lowered(dart, path)
+    manifest["verify"] = res.to_json()
+    tmp = man_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(man_path)
+    if res.ok:
+        console.print(escape(res.summary()))
+        return
+    err_console.print(f"[bold red]error:[/] {escape(res.summary())}. The library computes something else than "
+                      "the model: this is a bqc bug. Please report it with the deploy artifact; the bundle is "
+                      f"kept for that ({escape(str(path))}, its manifest's \"verify\" has the rows).")
+    raise typer.Exit(1)
 
 
 def lowered_cpu_note(path) -> str | None:

@@ -197,3 +197,66 @@ def test_bench_reports_the_contract_keys(tmp_path_factory):
     # lowered from an artifact of a model folder bqc cannot find by name, and no --teacher: the
     # compiled step is timed alone, and the note says how to add the FP side (tests/test_bundle.py)
     assert r["torch_fp32_ms"] is None and r["speedup"] is None and "--teacher" in r["note"]
+
+
+def _tiny_deploy(recipe: str):
+    return D.fold(_CACHE[recipe][2])
+
+
+def test_check_lowered_passes_a_correct_bundle(tmp_path_factory):
+    """`bqc lower`'s check (backends/check.py) on a correct bidm bundle: two steps (the second
+    fed the reference's TBS state), every row within the contract, nothing to explain."""
+    from bqc.backends import check as C
+
+    _, _, out = lowered("bidm", tmp_path_factory)
+    assert C.why_not_here(json.loads((out / "manifest.json").read_text()), out) is None
+    res = C.check_lowered(_tiny_deploy("bidm"), out, rows=3)
+    assert res.ok and res.steps == 2 and res.rows == 3, res.to_json()
+    assert res.max_rel_err <= C.TOL and res.rows_over_tol == [] and res.flips == []
+
+
+def test_check_lowered_fails_a_wrong_bundle(tmp_path_factory, monkeypatch):
+    """A library that is really wrong (one row's eps off by 1% of its range) is not excused as a
+    rounding flip: the check names the row, and `bqc lower` exits 1 with the result recorded in
+    the manifest's "verify"."""
+    import typer
+
+    from bqc import cli
+    from bqc.backends import check as C
+    from bqc.backends import runtime
+
+    _, _, out = lowered("bidm", tmp_path_factory)
+    real = runtime.load_compiled
+
+    def wrong(path):
+        model = real(path)
+
+        def call(x, t, y=None, state=None, context=None):
+            eps, st = model(x, t, y=y, state=state, context=context)
+            eps = eps.clone()
+            eps[1] += 0.01 * eps.abs().max()
+            return eps, st
+        return call
+
+    monkeypatch.setattr(runtime, "load_compiled", wrong)
+    res = C.check_lowered(_tiny_deploy("bidm"), out, rows=3)
+    assert not res.ok and (0, 1) in res.rows_over_tol
+    assert [u["row"] for u in res.unexplained if u["step"] == 0] == [1], res.unexplained
+    assert res.max_rel_err > 1e-3
+    manifest = (out / "manifest.json").read_text()
+    try:
+        with pytest.raises(typer.Exit) as e:
+            cli._check_lowered(_tiny_deploy("bidm"), out)
+        assert e.value.exit_code == 1
+        assert json.loads((out / "manifest.json").read_text())["verify"]["ok"] is False
+    finally:  # the bundle is shared with other tests
+        (out / "manifest.json").write_text(manifest)
+
+
+def test_check_lowered_says_why_not_here(tmp_path):
+    """A CUDA bundle on a machine without a GPU (this suite's) is not run: the reason is given."""
+    from bqc.backends import check as C
+
+    tvm_cuda = tvm.cuda(0).exist
+    why = C.why_not_here({"backend": "tvm-cuda", "files": {"library": "model.so"}}, tmp_path)
+    assert (why is None) == bool(tvm_cuda), why
