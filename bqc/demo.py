@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from bqc import artifact, deploy, frontend, transform as tf
 from bqc.console import Column, Progress, show_table
@@ -170,8 +171,12 @@ def _lower_and_bench(dart: deploy.DeployArtifact, dest: Path, console: Console, 
     try:
         from bqc.teacher import bundle_teacher
 
+        from bqc.backends import check
+
         with Progress("lower tvm-x86", stages=tvm_lower.STAGES, enabled=opts.progress) as bar:
             tvm_lower.lower(dart, "tvm-x86", dest, threads=opts.threads, progress=bar.stage)
+        checked = check.check_lowered(dart, dest)  # as `bqc lower` does
+        console.print(("" if checked.ok else "[bold red]error:[/] ") + escape(f"tvm-x86 {checked.summary()}"))
         with Progress("bench", enabled=opts.progress) as bar:
             bar.stage("time the compiled step and torch FP32")
             return tvm_lower.bench(dest, threads=opts.threads, teacher=bundle_teacher(dest))

@@ -249,6 +249,9 @@ def test_demo_transcript_at_80_columns_is_readable_and_quiet(tmp_path):
     for stage in ("load", "export", "import", "compile", "build", "write"):
         assert re.search(rf"lower tvm-x86 \[\d/6\] {stage}", text), stage
     assert re.search(r"train \d+/2 .*loss", text) and "sampling 16 (ddim-2)" in text
+    # the lowered model is checked against the reference, as `bqc lower` does, and passes
+    assert re.search(r"tvm-x86 checked against the deploy\s+graph's\s+reference\s+executor: 4 rows x 2\s+steps", text), text
+    assert "error:" not in text
     rows = {}  # the table's row of each model (its first line; the paths listed at the end come later)
     for ln in text.splitlines():
         if ln.split() and ln.split()[0] in ("fp", "mnist16-bidm", "mnist16-binarydm", "bidm"):
