@@ -775,15 +775,15 @@ def fold(
 ):
     """Fold a trained artifact into its inference form and save it (packed sign bits, integer
     codes, the graph as JSON: no pickle, no recipe replay). sample, eval, report, lower take it."""
-    from bqc import deploy, report
+    from bqc import deploy
 
     _check_out(out, "deploy", force)
     _use_threads(threads)
     art = deploy.fold(target, calibrate=calibrate)
     path = art.save(out)
     size = sum((path / f).stat().st_size for f in deploy.DEPLOY_FILES)
-    console.print(f"[bold]wrote[/] {path}  {escape(art.title())}, {len(art.manifest['layers'])} folded layers "
-                  f"({report.precision_mix(art.manifest['layers'])}), {size / 2**20:.3f} MiB on disk")
+    console.print(f"[bold]wrote[/] {path}  {escape(art.title())}, {len(art.manifest['layers'])} folded layers, "
+                  f"{size / 2**20:.3f} MiB on disk")
     if calibrate == "random":
         err_console.print("[bold yellow]warning:[/] activation quantizers calibrated on random inputs: this "
                           "model's outputs are meaningless (speed measurements only)")

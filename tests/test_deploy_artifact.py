@@ -348,3 +348,14 @@ def test_a_copy_of_a_shipped_model_is_recorded_by_its_zoo_name(tmp_path):
     (copy / "model.safetensors").write_bytes(bytes(data))
     assert zoo_twin(src) is None and _provenance({"source": src}, None)["source"]["kind"] == "bqc"
     assert zoo_twin({"kind": "zoo", "name": "mnist16"}) is None
+
+
+def test_title_names_the_layers_of_other_precisions():
+    """A --bits mix reads as one: the recipe's bits plus the layers of any other precision than
+    the recipe's and the 8-bit head/tail."""
+    def title(*bits):
+        layers = [{"w_bits": w, "a_bits": a} for w, a in bits]
+        return D.DeployArtifact(None, {"recipe": "bidm-skip", "wbits": 1, "abits": 1, "layers": layers}).title()
+
+    assert title((8, 8), (1, 1), (1, 1), (8, 8)) == "deploy artifact: bidm-skip W1A1"
+    assert title((8, 8), (1, 1), (1, 4), (1, 4), (4, 4)) == "deploy artifact: bidm-skip W1A1 + W1A4 (2 layers) + W4A4 (1 layer)"

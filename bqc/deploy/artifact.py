@@ -51,6 +51,7 @@ import math
 import operator
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -756,8 +757,13 @@ class DeployArtifact:
                                                   "calibration", "artifact")}
 
     def title(self) -> str:
+        """``deploy artifact: RECIPE WxAy``, plus the layers of other precisions than the recipe's
+        and the 8-bit head/tail (``--bits`` mixes): ``... W1A1 + W1A4 (9 layers)``."""
         m = self.manifest
-        return f"deploy artifact: {m.get('recipe') or '?'} W{m.get('wbits', '?')}A{m.get('abits', '?')}"
+        bits = f"W{m.get('wbits', '?')}A{m.get('abits', '?')}"
+        mix = Counter(f"W{r.get('w_bits')}A{r.get('a_bits')}" for r in m.get("layers", []))
+        other = [f"{k} ({n} layer{'s' if n > 1 else ''})" for k, n in sorted(mix.items()) if k not in (bits, "W8A8")]
+        return f"deploy artifact: {m.get('recipe') or '?'} {bits}" + "".join(f" + {o}" for o in other)
 
     def tensors_sha256(self) -> str:
         """The content hash of ``deploy.safetensors`` (of the bytes :meth:`save` writes when the
