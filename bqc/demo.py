@@ -119,10 +119,10 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> list[DemoRow]
         folder = out / Path(name).name
         folder.mkdir(parents=True, exist_ok=True)
         grid = folder / "samples.png"
-        bits = f"W{dart.manifest.get('wbits', '?')}A{dart.manifest.get('abits', '?')}"
+        bits = dart.bits()
         row = DemoRow(Path(name).name, bits, _eval(dart.model.eval(), opts, real, grid), cost_report(dart.gm),
                       {"model": str(dart.path), "samples": str(grid)}, time.time() - t0)
-        if not lowered and bits == "W1A1":  # one lowering keeps the demo inside 10 minutes
+        if not lowered and bits.startswith("W1A1"):  # one lowering keeps the demo inside 10 minutes
             lowered = True
             row.bench = _lower_and_bench(dart, folder / "tvm-x86", console, opts)
             if row.bench:

@@ -359,3 +359,27 @@ def test_title_names_the_layers_of_other_precisions():
 
     assert title((8, 8), (1, 1), (1, 1), (8, 8)) == "deploy artifact: bidm-skip W1A1"
     assert title((8, 8), (1, 1), (1, 4), (1, 4), (4, 4)) == "deploy artifact: bidm-skip W1A1 + W1A4 (2 layers) + W4A4 (1 layer)"
+    mixed = D.DeployArtifact(None, {"wbits": 1, "abits": 1, "layers": [{"w_bits": 1, "a_bits": a} for a in (1, 4, 2)]})
+    assert mixed.bits() == "W1A1+A2+A4"
+    assert D.DeployArtifact(None, {"wbits": 1, "abits": 4, "layers": [{"w_bits": 4, "a_bits": 4}]}).bits() == "W1A4"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DA.CHECKPOINTS.iterdir() if (p / "deploy.json").is_file()))
+def test_every_shipped_binary_model_loads_and_steps(name):
+    """Each deploy artifact bqc ships loads by its zoo name (the allowlisted graph, no pickle),
+    records the zoo teacher it was trained from, and takes a sampling step (with its TBS state
+    when it has one) to finite outputs."""
+    from bqc import cli
+
+    dart = D.load(name)
+    assert dart.manifest["source"]["kind"] == "zoo" and dart.manifest["source"]["name"] == "mnist16"
+    model = cli._step_model(name)
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([900, 20])
+    with torch.no_grad():
+        eps, state = model(x, t)
+        if state is not None:
+            eps, state = model(x, t - 10, state=state)
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+    if name == "mnist16-bidm-a4dec":  # binary weights everywhere, 4-bit activations in the decoder
+        assert "W1A1 + W1A4 (35 layers)" in dart.title()
+        assert all(r["w_bits"] in (1, 4, 8) for r in dart.manifest["layers"])

@@ -765,6 +765,14 @@ class DeployArtifact:
         other = [f"{k} ({n} layer{'s' if n > 1 else ''})" for k, n in sorted(mix.items()) if k not in (bits, "W8A8")]
         return f"deploy artifact: {m.get('recipe') or '?'} {bits}" + "".join(f" + {o}" for o in other)
 
+    def bits(self) -> str:
+        """The recipe's ``WxAy`` plus the other activation widths of layers with its weight bits
+        (a ``--bits`` mix): ``W1A1+A4`` for a W1A1 model whose decoder runs at 4-bit activations."""
+        m = self.manifest
+        wb, ab = m.get("wbits", "?"), m.get("abits", "?")
+        extra = sorted({r.get("a_bits") for r in m.get("layers", []) if r.get("w_bits") == wb and r.get("a_bits") != ab})
+        return f"W{wb}A{ab}" + "".join(f"+A{a}" for a in extra)
+
     def tensors_sha256(self) -> str:
         """The content hash of ``deploy.safetensors`` (of the bytes :meth:`save` writes when the
         artifact is not on disk yet): what a lowered bundle records of the weights it holds."""
