@@ -58,29 +58,26 @@ class CheckResult:
 
 
 def why_not_here(manifest: dict, path) -> str | None:
-    """None when this machine can run the bundle at ``path``; else why not (another CPU
-    architecture, missing ISA features, no CUDA GPU)."""
+    """None when this machine can run the bundle at ``path``; else why not: the reasons
+    :class:`~bqc.backends.runtime.CompiledModel` would refuse it with (another CPU architecture,
+    missing ISA features), or no CUDA GPU."""
     from pathlib import Path
 
-    from bqc import run as R
-    from bqc.backends.hostcpu import machine, missing_features
+    from bqc.backends import runtime
+    from bqc.errors import BqcError
 
-    backend = manifest.get("backend")
-    if backend == "tvm-cuda":
+    if manifest.get("backend") == "tvm-cuda":
         try:
             import tvm
 
             return None if tvm.cuda(0).exist else "no CUDA GPU on this machine"
         except Exception as e:  # noqa: BLE001 - a TVM without CUDA support
             return f"TVM cannot reach a CUDA GPU here ({type(e).__name__})"
-    problem = R.library_arch_problem(Path(path) / manifest["files"]["library"], backend)
-    if problem:
-        return problem[0]
-    cpu = manifest.get("cpu")
-    if isinstance(cpu, dict) and cpu.get("arch", "x86_64") == machine():
-        missing = missing_features(cpu.get("required_features") or [])
-        if missing:
-            return f"this machine's CPU lacks {', '.join(missing)}"
+    try:
+        runtime._check_library_arch(Path(path) / manifest["files"]["library"], manifest.get("backend"))
+        runtime.check_host_cpu(manifest, path)
+    except BqcError as e:
+        return e.message
     return None
 
 
@@ -90,8 +87,10 @@ def _rows(out, i: int) -> tuple:
 
 
 def _rel(a, b) -> float:
-    a = torch.cat([a[0].reshape(-1)] + [s.reshape(-1) for s in (a[1] or [])]).double()
-    b = torch.cat([b[0].reshape(-1)] + [s.reshape(-1) for s in (b[1] or [])]).double()
+    """The deploy contract's measure: max |a - b| / max |b| over eps and the state."""
+    from bqc.deploy.flips import flat
+
+    a, b = flat(a), flat(b)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
@@ -111,30 +110,50 @@ def check_lowered(dart, path, *, rows: int = ROWS, seed: int = 0, tol: float = T
     feed = model_feed(sig, rows, g)
     x, t = feed.pop("x"), feed.pop("t")
     kw = {k: v for k, v in feed.items() if k in sig.model_inputs}
-    calls = [(x, t, None)]
     res = CheckResult(rows=rows, steps=1, max_rel_err=0.0, tol=tol)
+
+    def step(k: int, xs, ts, state):
+        """One sampling step of every row; a row over ``tol`` goes to :func:`flips.explain`."""
+        got, want = model(xs, ts, state=state, **kw), ref(xs, ts, state=state, **kw)
+        for i in range(rows):
+            err = _rel(_rows(got, i), _rows(want, i))
+            res.max_rel_err = max(res.max_rel_err, err)
+            if err <= tol:
+                continue
+            res.rows_over_tol.append((k, i))
+            row = {n: v[i:i + 1] for n, v in kw.items()}
+            row["state"] = None if state is None else [s[i:i + 1] for s in state]
+            args = (xs[i:i + 1], ts[i:i + 1])
+            found = flips.explain(ref, gm, _rows(got, i), *args, tol=tol, **row)["flips"]
+            with flips.forced(gm, found):  # judged again in the contract's own measure
+                after = _rel(_rows(got, i), ref(*args, **row))
+            res.flips += [{"module": f.module, "margin": f.margin} for f in found]
+            if not found or after > tol:
+                res.unexplained.append({"step": k, "row": i, "error_after": after})
+        return want
+
     with torch.no_grad():
-        step = 0
-        while step < len(calls):
-            xs, ts, state = calls[step]
-            got, want = model(xs, ts, state=state, **kw), ref(xs, ts, state=state, **kw)
-            if step == 0 and want[1] is not None:  # a second step, fed the reference's state
-                calls.append((torch.randn(x.shape, generator=g), (t - 20).clamp(min=0), want[1]))
-                res.steps = 2
-            for i in range(rows):
-                err = _rel(_rows(got, i), _rows(want, i))
-                res.max_rel_err = max(res.max_rel_err, err)
-                if err <= tol:
-                    continue
-                res.rows_over_tol.append((step, i))
-                row_kw = {k: v[i:i + 1] for k, v in kw.items()}
-                row_state = None if state is None else [s[i:i + 1] for s in state]
-                args = (xs[i:i + 1], ts[i:i + 1])
-                found = flips.explain(ref, gm, _rows(got, i), *args, state=row_state, tol=tol, **row_kw)["flips"]
-                with flips.forced(gm, found):  # judged again in the contract's own measure
-                    after = _rel(_rows(got, i), ref(*args, state=row_state, **row_kw))
-                res.flips += [{"module": f.module, "margin": f.margin} for f in found]
-                if not found or after > tol:
-                    res.unexplained.append({"step": step, "row": i, "error_after": after})
-            step += 1
+        _, state = step(0, x, t, None)
+        if state is not None:  # a second step, fed the reference's state
+            res.steps = 2
+            step(1, torch.randn(x.shape, generator=g), (t - 20).clamp(min=0), state)
+    return res
+
+
+def check_and_record(dart, path) -> CheckResult | str:
+    """:func:`check_lowered` with the defaults, recorded as the bundle manifest's ``verify``; or,
+    when this machine cannot run the bundle, why not (:func:`why_not_here`)."""
+    import json
+    from pathlib import Path
+
+    from bqc.checkpoint import atomic_write_text
+
+    man_path = Path(path) / "manifest.json"
+    manifest = json.loads(man_path.read_text())
+    why = why_not_here(manifest, path)
+    if why:
+        return why
+    res = check_lowered(dart, path)
+    manifest["verify"] = res.to_json()
+    atomic_write_text(man_path, json.dumps(manifest, indent=2))
     return res

@@ -891,20 +891,13 @@ def lower(
 def _check_lowered(dart, path) -> None:
     """``bqc lower``'s numerics check (:mod:`bqc.backends.check`), recorded as the manifest's
     ``verify``; a difference that rounding flips do not explain fails the command (exit 1)."""
-    from bqc.backends import check as C
+    from bqc.backends import check
 
-    man_path = Path(path) / "manifest.json"
-    manifest = json.loads(man_path.read_text())
-    why = C.why_not_here(manifest, path)
-    if why:
-        console.print(f"[yellow]note[/]: not checked on this machine ({escape(why)}); "
+    res = check.check_and_record(dart, path)
+    if isinstance(res, str):
+        console.print(f"[yellow]note[/]: not checked on this machine ({escape(res)}); "
                       "bqc's tests check every kernel route against the reference")
         return
-    res = C.check_lowered(dart, path)
-    manifest["verify"] = res.to_json()
-    tmp = man_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(man_path)
     if res.ok:
         console.print(escape(res.summary()))
         return

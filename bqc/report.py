@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx as fx
 
@@ -25,13 +27,15 @@ from bqc import ir
 MIB = 8 * 2**20  # bits per MiB
 
 
-def precision_mix(layers) -> str:
-    """How many quantized layers have each W/A, most common first: ``"W1A1 57, W1A4 12, W8A8 2"``
-    (``layers``: rows with ``w_bits`` and ``a_bits``, as a transform result's or a deploy
-    manifest's; float layers are left out)."""
-    from collections import Counter
+def precision_counts(layers) -> Counter:
+    """How many quantized layers have each ``(w_bits, a_bits)`` (``layers``: rows with ``w_bits`` and
+    ``a_bits``, as a transform result's or a deploy manifest's; float layers are left out)."""
+    return Counter((r["w_bits"], r["a_bits"]) for r in layers if r["w_bits"] < 32 or r["a_bits"] < 32)
 
-    mix = Counter(f"W{r['w_bits']}A{r['a_bits']}" for r in layers if r["w_bits"] < 32 or r["a_bits"] < 32)
+
+def precision_mix(layers) -> str:
+    """:func:`precision_counts` as text, most common first: ``"W1A1 57, W1A4 12, W8A8 2"``."""
+    mix = {f"W{w}A{a}": n for (w, a), n in precision_counts(layers).items()}
     return ", ".join(f"{k} {n}" for k, n in sorted(mix.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

@@ -51,7 +51,6 @@ import math
 import operator
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -759,18 +758,22 @@ class DeployArtifact:
     def title(self) -> str:
         """``deploy artifact: RECIPE WxAy``, plus the layers of other precisions than the recipe's
         and the 8-bit head/tail (``--bits`` mixes): ``... W1A1 + W1A4 (9 layers)``."""
+        from bqc.report import precision_counts
+
         m = self.manifest
-        bits = f"W{m.get('wbits', '?')}A{m.get('abits', '?')}"
-        mix = Counter(f"W{r.get('w_bits')}A{r.get('a_bits')}" for r in m.get("layers", []))
-        other = [f"{k} ({n} layer{'s' if n > 1 else ''})" for k, n in sorted(mix.items()) if k not in (bits, "W8A8")]
-        return f"deploy artifact: {m.get('recipe') or '?'} {bits}" + "".join(f" + {o}" for o in other)
+        wa = (m.get("wbits", "?"), m.get("abits", "?"))
+        other = [f" + W{w}A{a} ({n} layer{'s' if n > 1 else ''})"
+                 for (w, a), n in sorted(precision_counts(m.get("layers", [])).items()) if (w, a) not in (wa, (8, 8))]
+        return f"deploy artifact: {m.get('recipe') or '?'} W{wa[0]}A{wa[1]}" + "".join(other)
 
     def bits(self) -> str:
         """The recipe's ``WxAy`` plus the other activation widths of layers with its weight bits
         (a ``--bits`` mix): ``W1A1+A4`` for a W1A1 model whose decoder runs at 4-bit activations."""
+        from bqc.report import precision_counts
+
         m = self.manifest
         wb, ab = m.get("wbits", "?"), m.get("abits", "?")
-        extra = sorted({r.get("a_bits") for r in m.get("layers", []) if r.get("w_bits") == wb and r.get("a_bits") != ab})
+        extra = sorted(a for w, a in precision_counts(m.get("layers", [])) if w == wb and a != ab)
         return f"W{wb}A{ab}" + "".join(f"+A{a}" for a in extra)
 
     def tensors_sha256(self) -> str:

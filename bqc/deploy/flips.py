@@ -24,7 +24,7 @@ import torch
 
 from .modules import QuantizeCodes, SignBinarize
 
-__all__ = ["Flip", "quantizers", "record_inputs", "near_boundary", "forced", "explain"]
+__all__ = ["Flip", "quantizers", "record_inputs", "near_boundary", "forced", "explain", "flat"]
 
 _METHODS = ("quantize", "codes", "forward")
 
@@ -150,7 +150,8 @@ def forced(gm, flips: list[Flip]):
         yield
 
 
-def _flat(out) -> torch.Tensor:
+def flat(out) -> torch.Tensor:
+    """A step's ``(eps, state)`` as one float64 vector (what the errors here are measured on)."""
     eps, state = out
     parts = [eps.reshape(-1)] + [s.reshape(-1) for s in (state or [])]
     return torch.cat([p.double() for p in parts])
@@ -172,17 +173,17 @@ def explain(model, gm, target, *args, tol: float = 1e-4, rel_eps: float = 1e-5, 
     "tried": flips tried}``: ``explained`` with flips means the difference was rounding at
     boundaries (the flips' margins say how close); not explained means a real discrepancy.
     """
-    want = _flat(target)
+    want = flat(target)
     flips: list[Flip] = []
     out, inputs = record_inputs(model, gm, *args, **kwargs)
-    err0 = err = _rel(_flat(out), want)
+    err0 = err = _rel(flat(out), want)
     tried = 0
     while err > tol and len(flips) < max_flips:
         for c in (c for c in near_boundary(gm, inputs, rel_eps) if c not in flips):
             tried += 1
             with forced(gm, flips + [c]):  # the inputs recorded are the next search's
                 out, seen = record_inputs(model, gm, *args, **kwargs)
-            e = _rel(_flat(out), want)
+            e = _rel(flat(out), want)
             if e <= 0.5 * err:
                 flips, err, inputs = flips + [c], e, seen
                 break
