@@ -259,6 +259,8 @@ def transform(
     res = tf.transform(src, recipe, wbits=wbits, abits=abits, keep_fp=keep_fp, bits=bits, dump_dir=dump_dir,
                        schedule=schedule, prediction=prediction)
     path = tf.save(res, out)
+    for w in res.ctx.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {escape(w)}")
     if res.schedule_from.startswith("assumed"):
         console.print(f"[yellow]note[/]: diffusion process {escape(res.schedule_from)}; pass --schedule/--prediction if the model was trained otherwise")
     if explain:

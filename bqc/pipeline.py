@@ -60,6 +60,7 @@ class PassContext:
     recipe: str = "fp"
     settings: dict = field(default_factory=dict)  # recipe [settings] table (e.g. head_tail_blocks)
     explanations: list[Explanation] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said to the user after the transform (one paragraph each)
     schedule: Any = None  # the model's diffusion process (NoiseSchedule), for passes that need it
 
     def explain(self, pass_name: str, node: str | fx.Node, action: str, reason: str) -> None:

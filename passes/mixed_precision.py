@@ -9,7 +9,9 @@ replay them). A glob that matches nothing is an error: a typo must not pass sile
 ``--keep-fp`` wins where the two overlap: ``--bits 'output_blocks.*=1/4' --keep-fp
 '*skip_connection'`` gives the decoder 4-bit activations and keeps its residual projections float.
 A ``--bits`` glob does reach layers the recipe keeps float (a ``=1/4`` glob over a BiDM decoder
-binarizes its residual projections too); ``--explain`` lists each such decision.
+binarizes its residual projections too): ``--explain`` lists each such decision, and the
+transform warns (``PassContext.warnings``) naming the layers and the ``--keep-fp`` that would
+protect them.
 """
 from __future__ import annotations
 
@@ -48,11 +50,15 @@ class MixedPrecision(Pass):
         keep = list(self.opts["keep_fp"]) + list(ctx.settings.get("keep_fp", []))
         bits = list(self.opts["bits"]) + list(ctx.settings.get("bits", []))
         layers = [n for n in gm.graph.nodes if "plan" in ir.info(n)]
+        recipe_float = {n.name for n in layers if ir.info(n)["plan"].get("weight") == "fp"}
+        reached: dict[str, list] = {}  # --bits item -> layers the recipe kept float that it quantizes
         for item in bits:
             pattern, w, a = parse_bits(item)
             hits = [n for n in layers if _matches(n, pattern)]
             if not hits:
                 raise BqcError(f"--bits {item!r} matches no layer", hint="see `bqc inspect MODEL` for layer and module names")
+            if w != 32:
+                reached[item] = [n for n in hits if n.name in recipe_float]
             for n in hits:
                 plan = dict(ir.info(n)["plan"])
                 if w == 32:
@@ -80,4 +86,19 @@ class MixedPrecision(Pass):
                 ir.info(n)["plan"] = {"weight": "fp", "act": "fp"}
                 ir.info(n)["w_bits"] = ir.info(n)["a_bits"] = 32
                 ctx.explain(self.name, n, "kept fp", f"--keep-fp {pattern}")
+        for item, nodes in reached.items():
+            nodes = [n for n in nodes if not any(_matches(n, p) for p in keep)]
+            if nodes:
+                ctx.warnings.append(_reached_warning(item, nodes, ctx.recipe))
         return PassResult(gm, changed=False)
+
+
+def _reached_warning(item: str, nodes: list, recipe: str) -> str:
+    """One paragraph: ``--bits ITEM`` quantized layers the recipe keeps full precision."""
+    modules = list(dict.fromkeys(ir.info(n).get("module") or n.name for n in nodes))  # attention: 2 matmuls, 1 module
+    shown = ", ".join(modules[:4]) + (", ..." if len(modules) > 4 else "")
+    roles = sorted({str(ir.info(n).get("role", "?")) for n in nodes})
+    return (f"--bits {item!r} also quantizes {len(nodes)} layer(s) the recipe {recipe!r} keeps full precision "
+            f"({'/'.join(roles)}: {shown}). If that is not meant, add --keep-fp for them "
+            f"(e.g. --keep-fp '*{(ir.info(nodes[0]).get('module') or nodes[0].name).rsplit('.', 1)[-1]}'); "
+            f"`--explain` lists every decision.")

@@ -230,7 +230,24 @@ def test_keep_fp_wins_over_bits(tiny_source):
     mix = dict(kv.split() for kv in report.precision_mix(res.layers).split(", "))
     assert int(mix["W1A4"]) == sum((r["w_bits"], r["a_bits"]) == (1, 4) for r in res.layers) >= len(convs)
     assert "W32A32" not in mix and int(mix["W1A1"]) > 0  # float layers are not counted
+    assert not any("skip_connection" in w for w in res.ctx.warnings)  # --keep-fp protects them: not warned about
     _forward_backward(res.gm, (1, 8, 8))
+
+
+def test_bits_reaching_recipe_float_layers_warns(tiny_source):
+    """A --bits glob over BiDM's decoder also binarizes the residual projections the recipe keeps
+    float: that happens (the user asked for it), but not silently."""
+    plain = _run(tiny_source, "bidm")
+    kept = {r["name"] for r in plain.layers if r["module"].startswith("output_blocks.") and r["w_bits"] == 32}
+    assert any(r["module"].endswith("skip_connection") for r in plain.layers if r["name"] in kept)
+    assert plain.ctx.warnings == []
+    res = _run(tiny_source, "bidm", bits=["output_blocks.*=1/4"])
+    assert all(r["w_bits"] == 1 for r in res.layers if r["name"] in kept)
+    assert len(res.ctx.warnings) == 1, res.ctx.warnings
+    w = res.ctx.warnings[0]
+    assert f"{len(kept)} layer(s)" in w and "skip_connection" in w and "--keep-fp" in w
+    # a glob that only reaches layers the recipe quantizes anyway says nothing
+    assert _run(tiny_source, "bidm", bits=["output_blocks.*.in_layers*=1/4"]).ctx.warnings == []
 
 
 def test_wbits_abits_override(tiny_source):
