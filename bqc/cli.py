@@ -228,7 +228,8 @@ PredictionOpt = typer.Option(None, "--prediction", help="override what the model
 @app.command(epilog=_examples(
     "bqc transform mnist16 --recipe bidm -o art",
     "bqc transform mnist16 --recipe binarydm --keep-fp 'out*' --explain -o art",
-    "bqc transform ddim-cifar10 --recipe xnor --bits 'input*=8/8' -o cifar-xnor"))
+    "bqc transform ddim-cifar10 --recipe xnor --bits 'input*=8/8' -o cifar-xnor",
+    "bqc transform mnist16 --recipe bidm-skip --bits '@decoder=1/4' --keep-fp '@res-proj' -o art-a4dec"))
 def transform(
     model: Optional[str] = ModelArg,
     model_opt: Optional[str] = ModelOpt,
@@ -236,8 +237,8 @@ def transform(
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
     wbits: Optional[int] = typer.Option(None, "--wbits", help="override the recipe's weight bits [default: the recipe's]"),
     abits: Optional[int] = typer.Option(None, "--abits", help="override the recipe's activation bits [default: the recipe's]"),
-    keep_fp: list[str] = typer.Option([], "--keep-fp", help="glob of layer/module names to keep full precision (repeatable; wins over an overlapping --bits)"),
-    bits: list[str] = typer.Option([], "--bits", help="per-layer override NAME_GLOB=W/A, e.g. 'out*=8/8' (repeatable)"),
+    keep_fp: list[str] = typer.Option([], "--keep-fp", help="glob of layer/module names, or a selector (@encoder, @middle, @decoder, @res-proj, @head, ...), to keep full precision (repeatable; wins over an overlapping --bits)"),
+    bits: list[str] = typer.Option([], "--bits", help="per-layer override NAME_GLOB=W/A, e.g. 'out*=8/8' or '@decoder=1/4' (repeatable)"),
     explain: bool = typer.Option(False, "--explain", help="list every conv/linear/matmul with what was done and why"),
     dump_dir: Optional[Path] = typer.Option(None, "--dump-dir", help="write the graph after every pass here"),
     config: Optional[str] = ConfigOpt,

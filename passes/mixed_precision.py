@@ -1,6 +1,9 @@
 """``mixed_precision``: per-layer overrides of the plan (``--keep-fp GLOB``, ``--bits GLOB=W/A``).
 
-Globs match a layer's node name or its module path (``fnmatch``). ``--keep-fp`` makes the
+Globs match a layer's node name or its module path (``fnmatch``). ``@encoder``, ``@middle`` and
+``@decoder`` select a UNet section on any model family (openaimodel ``output_blocks.*`` and
+diffusers ``up_blocks.*`` are both ``@decoder``); ``@res-proj``, ``@head``, ... select a role
+(``bqc inspect`` shows both). ``--keep-fp`` makes the
 layer float; ``--bits NAME=8/8`` gives it uniform 8-bit weights and activations, ``=1/4``
 keeps the recipe's binary weight quantizer with ``a_bits=4``, and so on. The overrides come
 from the recipe's ``settings`` (``bqc transform`` records the CLI flags there, so artifacts
@@ -24,8 +27,26 @@ from bqc.pipeline import Pass, PassResult, register
 from .plan_quant import spec_bits
 
 
+#: ``@NAME`` selectors: the UNet section a layer sits in (any model family: openaimodel's
+#: ``output_blocks`` and diffusers' ``up_blocks`` are both the decoder), or its role
+SECTIONS = {"encoder": "input", "middle": "middle", "decoder": "output"}
+ROLES = ("input", "output", "time-embed", "emb-proj", "res-proj", "cross-kv", "head", "body", "tail")
+
+
+def _check_selector(pattern: str, flag: str) -> None:
+    if pattern.startswith("@") and pattern[1:] not in SECTIONS and pattern[1:] not in ROLES:
+        raise BqcError(f"{flag} {pattern!r}: unknown selector",
+                       hint=f"sections: {', '.join('@' + k for k in SECTIONS)}; roles: {', '.join('@' + r for r in ROLES)}; "
+                            "anything else is a glob of layer or module names")
+
+
 def _matches(node, pattern: str) -> bool:
+    """``pattern``: a glob of the node's name or module path, or an ``@`` selector (a section:
+    ``@encoder`` / ``@middle`` / ``@decoder``; or a role: ``@res-proj``, ``@head``, ...)."""
     ni = ir.info(node)
+    if pattern.startswith("@"):
+        key = pattern[1:]
+        return ni.get("section") == SECTIONS[key] if key in SECTIONS else ni.get("role") == key
     return fnmatch.fnmatchcase(node.name, pattern) or fnmatch.fnmatchcase(ni.get("module", ""), pattern)
 
 
@@ -54,6 +75,7 @@ class MixedPrecision(Pass):
         reached: dict[str, list] = {}  # --bits item -> layers the recipe kept float that it quantizes
         for item in bits:
             pattern, w, a = parse_bits(item)
+            _check_selector(pattern, "--bits")
             hits = [n for n in layers if _matches(n, pattern)]
             if not hits:
                 raise BqcError(f"--bits {item!r} matches no layer", hint="see `bqc inspect MODEL` for layer and module names")
@@ -79,6 +101,7 @@ class MixedPrecision(Pass):
                 ir.info(n)["w_bits"], ir.info(n)["a_bits"] = spec_bits(plan, ctx)
                 ctx.explain(self.name, n, f"W{ir.info(n)['w_bits']}A{ir.info(n)['a_bits']}", f"--bits {item}")
         for pattern in keep:
+            _check_selector(pattern, "--keep-fp")
             hits = [n for n in layers if _matches(n, pattern)]
             if not hits:
                 raise BqcError(f"--keep-fp {pattern!r} matches no layer", hint="see `bqc inspect MODEL` for layer and module names")

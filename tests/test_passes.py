@@ -250,6 +250,21 @@ def test_bits_reaching_recipe_float_layers_warns(tiny_source):
     assert _run(tiny_source, "bidm", bits=["output_blocks.*.in_layers*=1/4"]).ctx.warnings == []
 
 
+def test_section_and_role_selectors(tiny_source):
+    """``@decoder`` / ``@res-proj`` select what the openaimodel globs select, by the annotation
+    (so they mean the same on diffusers' ``up_blocks``); an unknown selector is an error."""
+    by_glob = _run(tiny_source, "bidm", bits=["output_blocks.*=1/4"], keep_fp=["*skip_connection"])
+    by_sel = _run(tiny_source, "bidm", bits=["@decoder=1/4"], keep_fp=["@res-proj"])
+    key = lambda res: [(r["name"], r["w_bits"], r["a_bits"]) for r in res.layers]  # noqa: E731
+    assert key(by_sel) == key(by_glob)
+    assert any(r["a_bits"] == 4 for r in by_sel.layers)
+    enc, plain = _run(tiny_source, "bidm", bits=["@encoder=8/8"]), _run(tiny_source, "bidm")
+    changed = {a["name"] for a, b in zip(enc.layers, plain.layers) if (a["w_bits"], a["a_bits"]) != (b["w_bits"], b["a_bits"])}
+    assert changed and all(r["module"].startswith("input_blocks.") for r in enc.layers if r["name"] in changed)
+    with pytest.raises(BqcError, match="unknown selector"):
+        _run(tiny_source, "bidm", bits=["@decodr=1/4"])
+
+
 def test_wbits_abits_override(tiny_source):
     res = _run(tiny_source, "baseline", abits=32)  # W1A32
     inner = [r for r in res.layers if r["role"] in ("head", "body", "tail") and r["kind"] == "conv"]
@@ -305,6 +320,15 @@ def test_every_recipe_on_mnist16_and_diffusers(zoo_sources, diffusers_source, re
         nq = sum(r["w_bits"] < 32 or r["a_bits"] < 32 for r in res.layers)
         assert (nq == 0) == (recipe == "fp"), (src.description, nq)
         _forward_backward(res.gm, (src.in_channels, src.image_size, src.image_size))
+
+
+def test_decoder_selector_on_diffusers(diffusers_source):
+    """``@decoder`` is diffusers' ``up_blocks`` (the same selector as openaimodel's output_blocks)."""
+    res = _run(diffusers_source, "bidm", bits=["@decoder=1/4"], keep_fp=["@res-proj"])
+    a4 = [r for r in res.layers if (r["w_bits"], r["a_bits"]) == (1, 4)]
+    assert a4 and all(r["module"].startswith("up_blocks.") for r in a4)
+    assert not any(r["role"] == "res-proj" and r["w_bits"] < 32 for r in res.layers)
+    _forward_backward(res.gm, (diffusers_source.in_channels, diffusers_source.image_size, diffusers_source.image_size))
 
 
 @pytest.mark.slow
