@@ -86,6 +86,22 @@ def rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+@pytest.mark.parametrize("h,w,k,s,p,want", [
+    (64, 1, 1, 1, 0, (1, 64)),      # mnist16 attention qkv: conv1d over 8 x 8 pixels
+    (256, 1, 1, 1, 0, (4, 64)),     # ddim-cifar10 attention: 16 x 16 pixels
+    (16, 16, 1, 1, 0, (4, 64)),     # a 1x1 conv on a 16 x 16 map
+    (7, 1, 1, 1, 0, (1, 7)),        # fewer pixels than a row
+    (16, 16, 3, 1, 1, (16, 16)),    # a 3x3 conv keeps its geometry
+    (16, 16, 1, 2, 0, (16, 16)),    # so does a strided one
+    (32, 64, 1, 1, 0, (32, 64)),    # rows already wide enough
+])
+def test_pixel_rows(h, w, k, s, p, want):
+    from bqc.backends.tvm.convert import pixel_rows
+
+    got = pixel_rows(h, w, k, s, p)
+    assert got == want and got[0] * got[1] == h * w
+
+
 def test_unfused_per_basis_route_matches_deploy(tmp_path_factory, monkeypatch):
     """The converter's other route for binary-weight layers, taken when a target's fused-epilogue
     kernel does not schedule: int32 kernels, one call per basis, the scales applied by
@@ -116,6 +132,8 @@ def test_lowered_matches_deploy_and_qat(recipe, tmp_path_factory):
     assert man["fallbacks"] == []
     nbin = sum(isinstance(m, (D.BinaryConv2d, D.BinaryLinear)) for _, m in D.deploy_layers(dg))
     assert sum(man["kernels"].get(k, 0) for k in ("binary_conv2d", "binary_dense", "w1ak_conv2d", "w1ak_dense")) == nbin
+    # the attention's 1x1 convs (conv1d over the flattened image, [N, C, HW, 1]) run as rows of pixels
+    assert man["kernels"].get("pixel_rows", 0) > 0, man["kernels"]
     if recipe in VARIANTS:  # both kinds of binary-weight kernel in one library
         assert man["kernels"].get("w1ak_conv2d", 0) > 0 and man["kernels"].get("binary_conv2d", 0) > 0, man["kernels"]
     model = load_compiled(out)

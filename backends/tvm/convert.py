@@ -69,6 +69,27 @@ def _shape(node) -> tuple[int, ...]:
     return tuple(int(d) for d in node.meta["val"].shape)
 
 
+#: widest pixel row a 1x1 conv's kernel call is given (see :func:`pixel_rows`)
+PIXEL_ROW = 64
+
+
+def pixel_rows(h: int, w: int, kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """The ``(H', W')`` a conv kernel is called with for an ``H x W`` input.
+
+    A 1x1, stride-1, unpadded conv treats pixels independently, and its NHWC input and output
+    are the same memory under any ``H' x W' = H x W``. The kernels parallelise over rows and
+    register-tile along a row, so a narrow row costs a row's setup per few pixels: the
+    attention ``qkv`` / ``proj_out`` convs (conv1d over the flattened image, ``W = 1``) ran
+    6-11x slower as ``64 x 1`` than as ``1 x 64`` (mnist16, W1A1 and int8 kernels alike). Such a
+    conv is called with rows of the largest divisor of ``H x W`` up to :data:`PIXEL_ROW`, when
+    that is wider than ``W``; anything else keeps its shape. Exact: the same per-pixel sums."""
+    if (kernel, stride, padding) != (1, 1, 0) or w >= PIXEL_ROW:
+        return h, w
+    n = h * w
+    row = max(d for d in range(1, min(n, PIXEL_ROW) + 1) if n % d == 0)
+    return (n // row, row) if row > w else (h, w)
+
+
 @dataclass
 class Converter:
     """Builds the ``custom_convert_map`` for one exported program and one target.
@@ -447,16 +468,20 @@ class Converter:
             return self._w1ak_conv2d(node, imp, words, int(c), kh, sh, ph)
         if not (geom and x_kind == "bits"):
             return self._conv_fallback(node, imp, "binary")
-        n, h, w, _ = _shape(x_node)
+        n, h0, w0, cw = _shape(x_node)
+        h, w = pixel_rows(h0, w0, kh, sh, ph)
         f, fused = self._kernel_epi(binary_conv2d_primfunc, n, int(c), oc, h, w, kh, sh, ph, scale=scale)
         if f is None:
             return self._conv_fallback(node, imp, "binary")
         oh, ow = out_shape[2], out_shape[3]
+        if (h, w) != (h0, w0):
+            x = self._emit(imp, op.reshape(x, [n, h, w, cw]))
+            self._count("pixel_rows")
         consts = lambda wb: [relax.const(packing.block_oc(wb, self.lanes), "uint32"),
                              relax.const(packing.conv_base_table(wb, int(c), h, w, sh, ph, lanes=self.lanes), "int32")]
         y = self._over_bases(imp, "binary_conv2d", binary_conv2d_primfunc, f, fused, (n, int(c), oc, h, w, kh, sh, ph),
-                             [x], consts, words, scale, (n, oh, ow, oc))
-        return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
+                             [x], consts, words, scale, (n, h, w, oc) if (h, w) != (h0, w0) else (n, oh, ow, oc))
+        return self._nchw(imp, y, (n, oh, ow, oc))
 
     def _binary_dense(self, node, imp):
         from .kernels.build import binary_dense_primfunc
@@ -492,16 +517,17 @@ class Converter:
         x_node = node.args[0]
         x, scale = imp.env[x_node], imp.env[node.args[2]]
         nb, oc = words.shape[:2]
-        n, _, h, w = _shape(x_node)
+        n, _, h0, w0 = _shape(x_node)
+        h, w = pixel_rows(h0, w0, k, stride, pad)
         oh, ow = _shape(node)[2:]
         f, fused = self._kernel_epi(w1ak_conv2d_primfunc, n, c, oc, h, w, k, stride, pad, scale=scale)
         if f is None:
             return self._conv_fallback(node, imp, "binary")
-        xu = self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1])
+        xu = self._rows(imp, self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1]), h, w)
         y = self._over_bases(imp, "w1ak_conv2d", w1ak_conv2d_primfunc, f, fused, (n, c, oc, h, w, k, stride, pad), [xu],
                              lambda wb: self._int8_sign_consts(packing.unpack_bits(wb, c, axis=-1).transpose(0, 3, 1, 2)),
-                             words, scale, (n, oh, ow, oc))  # OIHW int8 +-1 weights
-        return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
+                             words, scale, (n, h, w, oc) if (h, w) != (h0, w0) else (n, oh, ow, oc))  # OIHW int8 +-1 weights
+        return self._nchw(imp, y, (n, oh, ow, oc))
 
     def _w1ak_dense(self, node, imp, words, k):
         from .kernels.build import w1ak_dense_primfunc
@@ -555,22 +581,38 @@ class Converter:
                 and ph == pw and dh == dw == 1 and wc.dtype == np.int8)
         if not fast:
             return self._conv_fallback(node, imp, "int")
-        n, _, h, w = _shape(x_node)
+        n, _, h0, w0 = _shape(x_node)
+        h, w = pixel_rows(h0, w0, kh, sh, ph)
         oh, ow = _shape(node)[2:]
         f, fused = self._kernel_epi(int8_conv2d_primfunc, n, c, oc, h, w, kh, sh, ph, scale=scale)
         if f is None:
             return self._conv_fallback(node, imp, "int")
-        xu = self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1])
+        xu = self._rows(imp, self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1]), h, w)
         args = [xu, relax.const(packing.block_oc_int8(wc, self.lanes), "int8"),
                 relax.const(packing.int8_bias(wc, self.lanes), "int32")]
         s2 = self._emit(imp, op.reshape(scale, [1, oc]))
         self._count("int_conv2d")
+        out_shape = (n, h, w, oc)  # (n, oh, ow, oc) unless pixel_rows regrouped the pixels
         if fused:
-            y = self._call_tir(imp, f, args + self._epi_args(imp, s2, 0, oc), (n, oh, ow, oc), "float32")
+            y = self._call_tir(imp, f, args + self._epi_args(imp, s2, 0, oc), out_shape, "float32")
         else:
-            acc = self._call_tir(imp, f, args, (n, oh, ow, oc), "int32")
+            acc = self._call_tir(imp, f, args, out_shape, "int32")
             y = self._scaled_sum(imp, [acc], s2, oc, 4)
-        return self._emit(imp, op.permute_dims(y, [0, 3, 1, 2]))
+        return self._nchw(imp, y, (n, oh, ow, oc))
+
+    def _rows(self, imp, x_nhwc, h: int, w: int):
+        """A channels-last kernel input regrouped to ``h x w`` pixels (:func:`pixel_rows`)."""
+        shape = [int(d) for d in x_nhwc.ty.shape]
+        if shape[1:3] == [h, w]:
+            return x_nhwc
+        self._count("pixel_rows")
+        return self._emit(imp, relax.op.reshape(x_nhwc, [shape[0], h, w, shape[3]]))
+
+    def _nchw(self, imp, y, nhwc: tuple):
+        """A kernel's channels-last output (any regrouping of its pixels) -> NCHW."""
+        if [int(d) for d in y.ty.shape] != list(nhwc):
+            y = self._emit(imp, relax.op.reshape(y, list(nhwc)))
+        return self._emit(imp, relax.op.permute_dims(y, [0, 3, 1, 2]))
 
     def _int_dense(self, node, imp):
         from .kernels.build import int8_dense_primfunc
