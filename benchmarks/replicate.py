@@ -475,7 +475,7 @@ def main(argv=None) -> None:
         print(f"{name:22s} {row['bits']:7s} FID {row['fid']:8.2f} ±{row['fid_spread']:.2f}  "
               f"prec {row['precision']:.2f} rec {row['recall']:.2f}  size {row['size_mb']:.3f} MiB")
     if args.report:
-        extra = ["--long", _show(Path(args.long))] if args.long else []
+        extra = (["--keep", _show(keep)] if keep is not None else []) + (["--long", _show(Path(args.long))] if args.long else [])
         report_cmd = _command_line(["--report", "--out", _show(out), "--doc", _show(Path(args.doc)), *extra])
         doc = report.write_report(out, Path(args.doc), RUNS, summarise, compare, report_cmd=report_cmd,
                                   long_out=Path(args.long) if args.long else None)

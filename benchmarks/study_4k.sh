@@ -17,7 +17,7 @@
 #   git worktree add --detach /work/runs/code-study HEAD
 #   python3 -m pip install --no-deps --no-build-isolation /work/runs/code-study --target /work/runs/code-study-site
 #   KEEP=$PWD/benchmarks/results/study_4k PYTHONPATH=/work/runs/code-study-site bash /work/runs/code-study/benchmarks/study_4k.sh
-#   python benchmarks/replicate.py --report --out benchmarks/results/study_4k   # regenerate docs/RESULTS.md
+#   python benchmarks/replicate.py --report --out /work/runs/study-4k --keep benchmarks/results/study_4k --doc docs/RESULTS.md   # regenerate the page
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-/work/runs/study-4k}
