@@ -18,6 +18,7 @@ protect them.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 
 from bqc import ir
@@ -35,7 +36,8 @@ ROLES = ("input", "output", "time-embed", "emb-proj", "res-proj", "cross-kv", "h
 
 def _check_selector(pattern: str, flag: str) -> None:
     if pattern.startswith("@") and pattern[1:] not in SECTIONS and pattern[1:] not in ROLES:
-        raise BqcError(f"{flag} {pattern!r}: unknown selector",
+        close = difflib.get_close_matches(pattern[1:], [*SECTIONS, *ROLES], n=1)
+        raise BqcError(f"{flag} {pattern!r}: unknown selector" + (f" (did you mean '@{close[0]}'?)" if close else ""),
                        hint=f"sections: {', '.join('@' + k for k in SECTIONS)}; roles: {', '.join('@' + r for r in ROLES)}; "
                             "anything else is a glob of layer or module names")
 

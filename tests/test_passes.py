@@ -261,7 +261,7 @@ def test_section_and_role_selectors(tiny_source):
     enc, plain = _run(tiny_source, "bidm", bits=["@encoder=8/8"]), _run(tiny_source, "bidm")
     changed = {a["name"] for a, b in zip(enc.layers, plain.layers) if (a["w_bits"], a["a_bits"]) != (b["w_bits"], b["a_bits"])}
     assert changed and all(r["module"].startswith("input_blocks.") for r in enc.layers if r["name"] in changed)
-    with pytest.raises(BqcError, match="unknown selector"):
+    with pytest.raises(BqcError, match="unknown selector.*did you mean '@decoder'"):
         _run(tiny_source, "bidm", bits=["@decodr=1/4"])
 
 
