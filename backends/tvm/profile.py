@@ -215,6 +215,8 @@ def op_kind(name: str) -> str:
     # bqc's own kernels (backends/tvm/kernels): named bqc_<kind>_<shape>[_epilogue]
     if n.startswith(("bqc_bconv", "bqc_bdense")):
         return "binary kernels"
+    if n.startswith(("bqc_w1akconv", "bqc_w1akdense")):  # binary weights x k-bit codes (the int8 layout)
+        return "W1Ak kernels"
     if n.startswith(("bqc_qconv", "bqc_qdense", "bqc_imatmul")):
         return "int8 kernels"
     if n.startswith(("bqc_bitpack", "bqc_quantize")):
