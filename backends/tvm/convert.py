@@ -480,7 +480,7 @@ class Converter:
         consts = lambda wb: [relax.const(packing.block_oc(wb, self.lanes), "uint32"),
                              relax.const(packing.conv_base_table(wb, int(c), h, w, sh, ph, lanes=self.lanes), "int32")]
         y = self._over_bases(imp, "binary_conv2d", binary_conv2d_primfunc, f, fused, (n, int(c), oc, h, w, kh, sh, ph),
-                             [x], consts, words, scale, (n, h, w, oc) if (h, w) != (h0, w0) else (n, oh, ow, oc))
+                             [x], consts, words, scale, self._kernel_out(n, oc, h0, w0, h, w, oh, ow))
         return self._nchw(imp, y, (n, oh, ow, oc))
 
     def _binary_dense(self, node, imp):
@@ -526,7 +526,7 @@ class Converter:
         xu = self._rows(imp, self._codes_u8(imp, x, c, True, perm=[0, 2, 3, 1]), h, w)
         y = self._over_bases(imp, "w1ak_conv2d", w1ak_conv2d_primfunc, f, fused, (n, c, oc, h, w, k, stride, pad), [xu],
                              lambda wb: self._int8_sign_consts(packing.unpack_bits(wb, c, axis=-1).transpose(0, 3, 1, 2)),
-                             words, scale, (n, h, w, oc) if (h, w) != (h0, w0) else (n, oh, ow, oc))  # OIHW int8 +-1 weights
+                             words, scale, self._kernel_out(n, oc, h0, w0, h, w, oh, ow))  # OIHW int8 +-1 weights
         return self._nchw(imp, y, (n, oh, ow, oc))
 
     def _w1ak_dense(self, node, imp, words, k):
@@ -592,13 +592,20 @@ class Converter:
                 relax.const(packing.int8_bias(wc, self.lanes), "int32")]
         s2 = self._emit(imp, op.reshape(scale, [1, oc]))
         self._count("int_conv2d")
-        out_shape = (n, h, w, oc)  # (n, oh, ow, oc) unless pixel_rows regrouped the pixels
+        out_shape = self._kernel_out(n, oc, h0, w0, h, w, oh, ow)
         if fused:
             y = self._call_tir(imp, f, args + self._epi_args(imp, s2, 0, oc), out_shape, "float32")
         else:
             acc = self._call_tir(imp, f, args, out_shape, "int32")
             y = self._scaled_sum(imp, [acc], s2, oc, 4)
         return self._nchw(imp, y, (n, oh, ow, oc))
+
+    @staticmethod
+    def _kernel_out(n: int, oc: int, h0: int, w0: int, h: int, w: int, oh: int, ow: int) -> tuple:
+        """The NHWC output shape of a kernel called on ``h x w`` pixels for an ``h0 x w0`` input
+        whose conv output is ``oh x ow``: the regrouped rows when :func:`pixel_rows` regrouped
+        them (a 1x1 stride-1 conv: same pixels), else the conv's own output."""
+        return (n, h, w, oc) if (h, w) != (h0, w0) else (n, oh, ow, oc)
 
     def _rows(self, imp, x_nhwc, h: int, w: int):
         """A channels-last kernel input regrouped to ``h x w`` pixels (:func:`pixel_rows`)."""
