@@ -8,8 +8,10 @@
 * single ops the rules special-case (packed conv: stride 2, 1x1, OC not a multiple of 16,
   conv1d; GroupNorm with several channels per group; dense; softmax) against torch;
 * the rewrites of the lowering path: ``mean(|x|, axis=1)`` -> channel-mean compute (static and
-  dynamic batch), the tiled NHWC -> NCHW transpose schedule, and the converter's adaptive-pool
-  (shortcut channel pooling) and nearest-upsample rewrites (bit-identical to torch).
+  dynamic batch), the tiled NHWC <-> NCHW transpose schedule (also through a fused reshape, and
+  narrower where wide vectors would alias in L1), the converter's pixel-row views (kept out of
+  fusion, zero-copy) and its adaptive-pool (shortcut channel pooling) and nearest-upsample
+  rewrites (bit-identical to torch).
 """
 from __future__ import annotations
 
@@ -294,6 +296,98 @@ def test_transpose_tiling_rule():
     out = tvm.runtime.tensor(np.zeros((2, 48, 8, 8), "float32"), dev)
     ex["main"](tvm.runtime.tensor(xn, dev), tvm.runtime.tensor(sn, dev), out)
     assert np.array_equal(out.numpy(), xn.transpose(0, 3, 1, 2) * sn[None, :, None, None])
+
+
+def _vector_width(func) -> int:
+    """Extent of the (one) vectorised loop of a scheduled PrimFunc's output block."""
+    sch = s_tir.Schedule(func)
+    blk = fs._blocks(sch)[-1]
+    kinds = [sch.get(lp) for lp in sch.get_loops(blk)]
+    vec = [int(lp.extent) for lp in kinds if lp.kind == tvm.tirx.ForKind.VECTORIZED]
+    assert len(vec) == 1, kinds
+    return vec[0]
+
+
+def _run_prim(f, target, *arrays, out_shape, out_dtype):
+    ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=target)
+    dev = tvm.cpu(0)
+    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype), dev)
+    ex["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], out)
+    return out.numpy()
+
+
+def test_transpose_tiling_rule_through_a_fused_reshape():
+    """NCHW -> [N, HW, C] (an attention's ``reshape(b, c, -1)`` fused before the NHWC
+    transpose and quantizer): the read index is ``p % W``, contiguous in runs of W pixels, and
+    the block is still tiled, with the read tile a divisor of W (it was left flat: 3.5x slower
+    on ddim-cifar10's attention inputs)."""
+    x = te.placeholder((2, 48, 4, 8), "float32", name="x")
+    y = te.compute((2, 32, 48), lambda n, p, c: x[n, c, p // 8, p % 8] * 2.0, name="y")
+    f = te.create_prim_func([x, y]).without_attr("global_symbol")
+    sch = s_tir.Schedule(f)
+    assert fs._contiguous_read_iter(sch, sch.get_sblock("y")) == (1, 8)
+    assert fs._schedule_transpose_block(sch, sch.get_sblock("y"), 16)
+    unrolled = [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("y"))
+                if sch.get(lp).kind == tvm.tirx.ForKind.UNROLLED]
+    assert unrolled == [8], unrolled
+    target = x86_target(num_cores=2)
+    g = fs.schedule_primfunc(f, target)
+    xn = np.random.randn(2, 48, 4, 8).astype("float32")
+    got = _run_prim(g, target, xn, out_shape=(2, 32, 48), out_dtype="float32")
+    assert np.array_equal(got, xn.reshape(2, 48, 32).transpose(0, 2, 1) * 2.0)
+
+
+@pytest.mark.parametrize("hw,width", [(16, 16), (32, 8)])
+def test_transpose_vector_width_avoids_l1_set_aliasing(hw, width):
+    """NCHW float -> NHWC uint8 codes (a W1Ak layer's input): each vector lane gathers from
+    another channel plane. At 32x32 pixels the planes are 4 KiB apart, so 16 lanes would share
+    one 8-way L1 set and evict each other (measured 1.13 -> 0.64 ms on [4, 256, 32, 32] at 8
+    lanes); at 16x16 (1 KiB apart) the full 16 lanes stay."""
+    c = 32
+    x = te.placeholder((1, c, hw, hw), "float32", name="x")
+    y = te.compute((1, hw, hw, c), lambda n, h, w, ch: tvm.tirx.Cast("uint8", x[n, ch, h, w] * 4.0 + 128.0),
+                   name="y")
+    f = te.create_prim_func([x, y]).without_attr("global_symbol")
+    target = x86_target(num_cores=2)
+    g = fs.schedule_primfunc(f, target)
+    assert _vector_width(g) == width
+    xn = np.random.uniform(-30, 30, (1, c, hw, hw)).astype("float32")
+    got = _run_prim(g, target, xn, out_shape=(1, hw, hw, c), out_dtype="uint8")
+    assert np.array_equal(got, (xn * 4.0 + 128.0).astype("uint8").transpose(0, 2, 3, 1))
+
+
+def test_converter_view_stays_out_of_fusion_and_runs_as_a_reshape():
+    """``Converter._view`` (a kernel's input regrouped into pixel rows, or its output back): not
+    fused into the transpose next to it (whose tiling needs plain indices; fused, the W1Ak 1x1
+    input pass was 2.5x slower), and rewritten into a zero-copy ``R.reshape`` for the VM."""
+    from types import SimpleNamespace
+
+    from tvm.relax.backend.cpu_generic import pipeline as rp
+
+    from bqc.backends.tvm.convert import Converter
+    from bqc.backends.tvm.relax_import import _vm_lowering, float_pipeline
+
+    target = x86_target(num_cores=2)
+    conv = Converter(torch.export.export(torch.nn.Identity(), (torch.zeros(1),)), target)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([2, 16, 4, 4], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            v = bb.emit(relax.op.permute_dims(relax.op.multiply(x, relax.const(2.0, "float32")), [0, 2, 3, 1]))
+            v = conv._view(SimpleNamespace(block_builder=bb), v, [2, 1, 16, 16])
+            out = bb.emit_output(relax.op.add(v, relax.const(1.0, "float32")))
+        bb.emit_func_output(out)
+    mod = float_pipeline(target)(bb.get())
+    fused = [f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "transpose" in gv.name_hint]
+    assert len(fused) == 1 and list(fused[0].params[-1].shape) == [2, 4, 4, 16]  # NHWC, not the rows
+    lowered = tvm.transform.Sequential(rp.dataflow_lower_passes(target))(mod)
+    script = lowered["main"].script()
+    assert "R.reshape" in script and fs.VIEW_PREFIX not in script
+    with target:
+        ex = tvm.compile(mod, target, relax_pipeline=_vm_lowering(target))
+    xn = np.random.randn(2, 16, 4, 4).astype("float32")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xn)).numpy()
+    assert np.array_equal(got, (xn * 2.0).transpose(0, 2, 3, 1).reshape(2, 1, 16, 16) + 1.0)
 
 
 class _Shortcut(torch.nn.Module):

@@ -303,7 +303,11 @@ class MarkFusable:
             if "global_symbol" in attrs:
                 continue
             name = gv.name_hint
-            if name.startswith(fs.CONV_PREFIX) and _out_channels(func) == 1:
+            if name.startswith(fs.VIEW_PREFIX):
+                # a kernel's input/output regrouped (``Converter._view``): kept out of fusion so
+                # that the transpose next to it keeps plain indices; runs as a zero-copy reshape
+                updates[gv] = func.with_attr("op_pattern", fs.OP_PATTERN_OPAQUE)
+            elif name.startswith(fs.CONV_PREFIX) and _out_channels(func) == 1:
                 # a 1-channel conv (XNOR-Net's K map, ``k * mean_c |x|``): fusing the layer's
                 # elementwise epilogue into it would make the binary conv's NHWC -> NCHW
                 # transpose a pass of its own; left alone, the epilogue fuses with the

@@ -43,6 +43,7 @@ function attribute ``bqc.float_rule``.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -57,12 +58,19 @@ OP_PATTERN_OPAQUE = 8
 OP_PATTERN_OUT_EWISE_FUSABLE = 4
 #: output channels per packed weight block (16 float32 = one zmm register)
 OC_BLOCK = 16
+#: L1 data cache geometry assumed by the transpose tiling (line bytes, bytes one way spans,
+#: ways): 32 KiB 8-way, common to x86 cores since Sandy Bridge and to Zen; a wrong guess only
+#: costs speed
+L1_LINE, L1_SET_SPAN, L1_WAYS = 64, 4096, 8
 #: blocks doing less work than this (at batch 1) run single-threaded
 PARALLEL_MIN_WORK = 1 << 14
 #: maximum register accumulators (vectors) of a conv / gemm tile
 MAX_ACC = 16
 #: block-name prefix of the packed conv compute
 CONV_PREFIX = "bqc_fconv"
+#: name prefix of the pixel-regrouping reshapes next to a kernel (``Converter._view``), which
+#: ``MarkFusable`` keeps out of fusion
+VIEW_PREFIX = "bqc_view"
 SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled", "bqc.scheduled")
 
 
@@ -353,15 +361,23 @@ def _loads(expr, out: list) -> list:
     return out
 
 
-def _contiguous_read_iter(sch, block) -> int | None:
-    """Index of the block iter var that walks the innermost axis of most of the block's read
-    elements (summed over the loads whose innermost index is a plain iter var, plus a constant);
-    None if there is no such load."""
+def _contiguous_read_iter(sch, block) -> tuple[int, int | None] | None:
+    """``(i, period)``: the block iter var ``i`` that walks the innermost axis of most of the
+    block's read elements, and ``period`` when those reads are contiguous only within runs of
+    ``period`` steps of it (an inner axis of a reshape fused before the transpose: index
+    ``v % period``), else None. Indices are simplified under the iter vars' bounds first, so
+    the zero terms a fused reshape leaves (``v // 64`` for ``v < 64``) do not hide a plain
+    variable. Weighted by the elements of each load (summed over loads whose innermost index
+    is a plain iter var, plus a constant, or that modulo a constant); None if there is none."""
     st = sch.get(block)
     if not isinstance(st.body, tirx.BufferStore):
         return None
+    ana = tvm.sym.Analyzer()
+    for iv in st.iter_vars:
+        ana.bind(iv.var, iv.dom)
     loads = _loads(st.body.value, [])
     weight: dict[int, int] = {}
+    period: dict[int, int | None] = {}
     for ld in loads:
         buf = _load_buffer(ld)
         if buf is None:
@@ -369,7 +385,10 @@ def _contiguous_read_iter(sch, block) -> int | None:
         shape = [_int(d) for d in buf.shape]
         if any(d is None for d in shape) or not ld.indices:
             continue
-        last = ld.indices[-1]
+        last = ana.simplify(ld.indices[-1])
+        mod = None
+        if isinstance(last, tirx.FloorMod) and isinstance(last.b, tirx.IntImm):
+            last, mod = last.a, int(last.b.value)
         if isinstance(last, tirx.Add) and isinstance(last.b, tirx.IntImm):
             last = last.a
         if not isinstance(last, tirx.Var):
@@ -377,9 +396,45 @@ def _contiguous_read_iter(sch, block) -> int | None:
         idx = next((i for i, iv in enumerate(st.iter_vars) if iv.var.same_as(last)), None)
         if idx is not None:
             weight[idx] = weight.get(idx, 0) + int(np.prod(shape))  # elements (all 32-bit here)
+            if mod is not None:
+                period[idx] = math.gcd(period[idx], mod) if period.get(idx) else mod
+            else:
+                period.setdefault(idx, None)
     if not weight:
         return None
-    return max(weight, key=lambda i: weight[i])
+    best = max(weight, key=lambda i: weight[i])
+    return best, period.get(best)
+
+
+def _gather_lines_per_set(sch, block, it: int | None) -> float:
+    """Per vector lane, how many of the cache lines a vectorised gather along block iter var
+    ``it`` lands in one L1 set: lanes ``stride`` bytes apart share a set when ``stride`` is a
+    multiple of the set span (:data:`L1_SET_SPAN`; a channel stride of 32x32 float pixels is
+    4 KiB, so 16 lanes would fall in one 8-way set and evict each other on every load).
+    The largest over the block's loads."""
+    if it is None:
+        return 0.0
+    st = sch.get(block)
+    if not isinstance(st.body, tirx.BufferStore):
+        return 0.0
+    var = st.iter_vars[it].var
+    worst = 0.0
+    for ld in _loads(st.body.value, []):
+        buf = _load_buffer(ld)
+        if buf is None:
+            continue
+        shape = [_int(d) for d in buf.shape]
+        if any(d is None for d in shape):
+            continue
+        k = next((k for k, e in enumerate(ld.indices)
+                  if any(v.same_as(var) for v in tirx.analysis.undefined_vars(e, []))), None)
+        if k is None or k == len(shape) - 1:
+            continue
+        stride = int(np.prod(shape[k + 1:], dtype=np.int64)) * tvm.runtime.DataType(buf.dtype).bits // 8
+        lines = max(1, stride // L1_LINE)
+        sets = L1_SET_SPAN // L1_LINE
+        worst = max(worst, 1.0 / (sets // math.gcd(lines, sets)))
+    return worst
 
 
 def _schedule_transpose_block(sch, block, lanes: int) -> bool:
@@ -406,16 +461,18 @@ def _schedule_transpose_block(sch, block, lanes: int) -> bool:
     ext = [_extent(sch, lp) for lp in loops]
     if any(e is None for e in ext):
         return False
-    rd = _contiguous_read_iter(sch, block)
-    if rd is None:
+    found = _contiguous_read_iter(sch, block)
+    if found is None:
         return False
+    rd, period = found
     # innermost output axis with extent > 1 (the write-contiguous one)
     inner = next((j for j in range(len(loops) - 1, -1, -1) if ext[j] > 1), None)
     rloop = pos[rd]
     if inner is None or rloop == inner or ext[rloop] < 4 or ext[inner] < 4:
         return False
-    vec = next((v for v in (lanes, 8, 4) if ext[inner] % v == 0), 0)
-    tile = _largest_divisor(ext[rloop], lanes)
+    ways = _gather_lines_per_set(sch, block, pos.index(inner) if inner in pos else None)
+    vec = next((v for v in (lanes, 8, 4) if ext[inner] % v == 0 and v * ways <= L1_WAYS), 0)
+    tile = _largest_divisor(math.gcd(ext[rloop], period) if period else ext[rloop], lanes)
     if not vec or tile < 4:
         return False
     work = _work(sch, block)
