@@ -45,9 +45,12 @@ def _randomise_zero_modules(m):
 
 
 def _check_special_rules(rules):
-    """Every packed conv got the conv rule, every GroupNorm the groupnorm rule."""
+    """Every packed conv got the conv rule (the 1x1 ones the conv1x1 rule), every GroupNorm the
+    groupnorm rule."""
     for name, rule in rules.items():
-        if "fconv" in name:
+        if "fconv1x1" in name:
+            assert rule == "conv1x1", (name, rule)
+        elif "fconv" in name:
             assert rule == "conv", (name, rule)
         elif "group_norm" in name:
             assert rule == "groupnorm", (name, rule)
@@ -247,6 +250,32 @@ def test_single_ops_match_torch():
     with torch.no_grad():
         ref = m(x, e).numpy()
     assert _rel(c(x, e), ref) <= RTOL
+
+
+class _Proj(torch.nn.Module):
+    """A ResBlock's channel-changing residual projection: 1x1 conv + residual add."""
+
+    def __init__(self, c, o):
+        super().__init__()
+        self.p = torch.nn.Conv2d(c, o, 1)
+
+    def forward(self, x, r):
+        return self.p(x) + r
+
+
+@pytest.mark.parametrize("c,o,hw", [(64, 32, 16), (24, 40, 32), (48, 16, 4), (16, 24, 6)])
+def test_conv1x1_rule_nchw_matches_torch(c, o, hw):
+    """1x1 convs (BiDM's full-precision residual projections) take the NCHW conv1x1 compute
+    and rule: whole short rows or part of a long one per tile, any OC, the residual add fused;
+    same result as torch."""
+    torch.manual_seed(0)
+    m = _Proj(c, o).eval()
+    x, r = torch.randn(2, c, hw, hw), torch.randn(2, o, hw, hw)
+    mod, params = import_exported(m, (x, r), dynamic_batch=False)
+    comp = compile_relax(mod, params, x86_target(num_cores=2))
+    assert [rule for name, rule in comp.rules.items() if "fconv" in name] == ["conv1x1"], comp.rules
+    with torch.no_grad():
+        assert _rel(comp(x, r), m(x, r).numpy()) <= 1e-5
 
 
 def test_pack_conv_weight_layout():

@@ -238,11 +238,17 @@ class _FloatRewriter(relax.PyExprMutator):
         if out_dtype not in ("", "float32"):
             return call
         oc = int(w.shape[0])
-        wp = fs.pack_conv_weight(w)
         strides = [int(s) for s in a.strides]
         padding = [int(p) for p in a.padding]
         dilation = [int(d) for d in a.dilation]
         self.count += 1
+        if nd == 2 and w.shape[2:] == (1, 1) and strides == [1, 1] and not any(padding) and dilation == [1, 1] \
+                and all(isinstance(x_ty.shape[i], tvm.tirx.IntImm) for i in (1, 2, 3)):
+            return self.builder_.call_te(
+                fs.conv1x1_compute, x, relax.const(np.ascontiguousarray(w[:, :, 0, 0].T)), "float32",
+                primfunc_name_hint=fs.CONV1X1_PREFIX,
+            )
+        wp = fs.pack_conv_weight(w)
         return self.builder_.call_te(
             fs.conv_packed_compute, x, relax.const(wp), oc, strides, padding, dilation, "float32",
             primfunc_name_hint=f"{fs.CONV_PREFIX}{nd}d",
@@ -261,7 +267,8 @@ class FloatRewrite:
 
     * ``prepack_conv``: float NCHW/NCW ``relax.nn.conv2d``/``conv1d`` (groups 1) with a constant
       weight -> the packed compute :func:`schedules.float_cpu.conv_packed_compute` (weight packed at
-      compile time).
+      compile time); a 1x1 stride-1 unpadded conv2d with static channels and pixels ->
+      :func:`schedules.float_cpu.conv1x1_compute` (NCHW in and out, weight ``[IC, OC]``).
     * ``fast_math``: ``sigmoid``/``silu``/``exp``/``softmax`` -> TOPI ``fast_exp`` based
       versions (vectorisable polynomial exp; max relative error of exp about 4e-6, versus a
       scalar libm call per element otherwise).

@@ -10,6 +10,11 @@ gives each fused float PrimFunc a rule-based schedule (no tuning run):
   reduced over ``(ic, kh, kw)`` with one broadcast input load per ``OT`` FMAs, then written back
   to NCHW together with the fused epilogue (bias, time-embedding add, residual add).
   The outer tiles (batch x channel blocks x rows x column blocks) run in parallel.
+* **conv1x1** (``bqc_fconv1x1_*`` blocks, :func:`conv1x1_compute`: a 1x1 stride-1 unpadded
+  conv, e.g. BiDM's full-precision residual projections): NCHW in and out, no channels-last
+  copy; a register tile of ``OT`` output channels by about two vectors of pixels (whole short
+  rows), one weight broadcast per output channel and pixel vectors loaded per input channel,
+  written back with the epilogue (2-2.4x the packed conv on the zoo's 1x1 shapes).
 * **gemm** (a reduction block whose body is ``sum(a * b)``: dense layers, attention
   ``bmm``, a topi conv left as is): output-stationary register tile with the innermost output
   axis vectorised, epilogue computed per tile.
@@ -20,10 +25,11 @@ gives each fused float PrimFunc a rule-based schedule (no tuning run):
   ``mean_c |x|``): channel loop outside, contiguous spatial axis vectorised inside.
 * **injective** (SiLU, adds, concat, split, transpose, nearest upsample, the sin/cos time
   embedding): a block whose reads are mostly contiguous along another axis than its output's
-  innermost one (NHWC <-> NCHW transposes, usually fused with a binary layer's epilogue) is
-  tiled ``16 x 16`` (read axis unrolled, output axis vectorised: every read cache line used
-  whole while in L1); every other block fused flat, a 16-lane vectorised inner chunk where
-  the trailing extent allows, the rest parallel.
+  innermost one (NHWC <-> NCHW transposes, usually fused with a binary layer's epilogue or
+  its input quantizer, also through a fused reshape) is tiled ``16 x 16`` (read axis
+  unrolled, output axis vectorised: every read cache line used whole while in L1; 8 lanes
+  where 16 would land in one L1 set); every other block fused flat, a 16-lane vectorised
+  inner chunk where the trailing extent allows, the rest parallel.
 
 Producers/consumers that are pure elementwise or reindexing (reshape, expand_dims, broadcast
 adds) are inlined first. Small blocks (less than :data:`PARALLEL_MIN_WORK` scalar operations at
@@ -161,6 +167,28 @@ def conv_packed_compute(x: te.Tensor, wp: te.Tensor, out_channels: int, strides:
 
 
 CMEAN_PREFIX = "bqc_cmean"
+
+
+#: block-name prefix of the 1x1 conv compute (:func:`conv1x1_compute`)
+CONV1X1_PREFIX = f"{CONV_PREFIX}1x1"
+
+
+def conv1x1_compute(x: te.Tensor, wt: te.Tensor, out_dtype: str | None = None) -> te.Tensor:
+    """A 1x1 stride-1 unpadded NCHW conv with the pixels left where they are:
+    ``out[n, o, h, w] = sum_c x[n, c, h, w] * wt[c, o]`` (``wt``: the ``[IC, OC]`` weight).
+
+    In NCHW each input channel's pixels are contiguous, so the reduction over channels reads
+    whole pixel vectors and broadcasts one weight per output channel, and the output is
+    written NCHW as it is computed: no channels-last copy of the input (the ``_pad`` stage of
+    :func:`conv_packed_compute`) and no transpose back. Stages: ``bqc_fconv1x1_acc`` (the
+    reduction) and ``bqc_fconv1x1_out`` (identity; inlined into the epilogue)."""
+    out_dtype = out_dtype or x.dtype
+    rc = te.reduce_axis((0, x.shape[1]), name="rc")
+    acc = te.compute((x.shape[0], wt.shape[1], x.shape[2], x.shape[3]),
+                     lambda n, o, h, w: te.sum(x[n, rc, h, w].astype(out_dtype) * wt[rc, o].astype(out_dtype),
+                                               axis=rc),
+                     name=f"{CONV1X1_PREFIX}_acc")
+    return te.compute(acc.shape, lambda *i: acc(*i), name=f"{CONV1X1_PREFIX}_out")
 
 
 def channel_mean_compute(x: te.Tensor, absolute: bool = False) -> te.Tensor:
@@ -584,7 +612,7 @@ def _gemm_like(sch, block) -> bool:
 
 def _tile_reduction_under(sch, acc: SBlockRV, out: SBlockRV, lanes: int, *,
                           vec_acc_axis: int, out_tiles: list[tuple[int, int]],
-                          n_parallel: int, work: int) -> None:
+                          n_parallel: int, work: int, vec_fuse: bool = False) -> None:
     """Shared core of the conv and gemm rules.
 
     ``out_tiles``: for each loop of the consumer block ``out`` (in order), the inner tile
@@ -592,6 +620,8 @@ def _tile_reduction_under(sch, acc: SBlockRV, out: SBlockRV, lanes: int, *,
     form the tile loop nest (first ``n_parallel`` fused and parallel); ``acc`` is computed at
     the innermost outer loop, its reduction loops hoisted above its spatial loops, the
     ``vec_acc_axis``-th spatial loop of ``acc`` vectorised and the rest unrolled.
+    ``vec_fuse``: the last two spatial loops of ``acc`` are fused first and vectorised in
+    chunks of ``lanes`` (pixels of several short rows in one vector).
     """
     loops = sch.get_loops(out)
     assert len(loops) == len(out_tiles)
@@ -617,6 +647,15 @@ def _tile_reduction_under(sch, acc: SBlockRV, out: SBlockRV, lanes: int, *,
     kinds = _iter_kinds(sch, acc)
     sp = [lp for lp, k in zip(aloops, kinds) if k == 0]
     rd = [lp for lp, k in zip(aloops, kinds) if k == 2]
+    if vec_fuse and len(sp) >= 2:
+        fused = sch.fuse(sp[-2], sp[-1])
+        ext = _extent(sch, fused)
+        if ext is not None and ext > lanes and ext % lanes == 0:
+            po, fused = sch.split(fused, factors=[None, lanes])
+            sp = sp[:-2] + [po, fused]
+        else:
+            sp = sp[:-2] + [fused]
+        vec_acc_axis = -1
     vec = sp[vec_acc_axis]
     others = [lp for lp in sp if not sch.get(lp).same_as(sch.get(vec)) and _extent(sch, lp) != 1]
     sch.reorder(*rd, *others, vec)
@@ -669,6 +708,37 @@ def schedule_conv(sch, target) -> str:
     except Exception:  # no pad stage (1x1 conv)
         pass
     return "conv"
+
+
+def schedule_conv1x1(sch, target) -> str:
+    """:func:`conv1x1_compute` (+ fused epilogue): tiles of ``OT`` output channels by about
+    two vectors of pixels (``HT`` whole rows when a row is shorter than that), accumulated in
+    registers over the input channels (pixel vectors loaded, weights broadcast), written back
+    NCHW with the epilogue; the tiles run in parallel."""
+    lanes = _vec_lanes(target)
+    acc_name = f"{CONV1X1_PREFIX}_acc"
+    _inline_injective(sch, keep=lambda n: n == acc_name)
+    acc = sch.get_sblock(acc_name)
+    consumers = sch.get_consumers(acc)
+    if len(consumers) != 1 or not _is_spatial(sch, consumers[0]):
+        raise RuntimeError("1x1 conv epilogue is not a single spatial block")
+    out = consumers[0]
+    o_ext = [_extent(sch, lp) for lp in sch.get_loops(out)]
+    if len(o_ext) != 4 or any(e is None for e in o_ext[1:]):
+        raise RuntimeError("1x1 conv epilogue is not [N, OC, H, W] with static OC, H, W")
+    _, oc, h, w = o_ext
+    if w >= 2 * lanes:
+        ht, wt = 1, _largest_divisor(w, 2 * lanes)
+    else:  # whole rows, preferring a pixel count that fills whole vectors
+        rows = [d for d in range(1, h + 1) if h % d == 0 and d * w <= 2 * lanes] or [1]
+        ht, wt = max(rows, key=lambda d: ((d * w) % lanes == 0, (d * w) % 8 == 0, d)), w
+    nvec = -(-ht * wt // lanes)
+    ot = _largest_divisor(oc, max(1, MAX_ACC // nvec))
+    red_work = _extent1(sch, sch.get_loops(acc)[-1])
+    _tile_reduction_under(sch, acc, out, lanes, vec_acc_axis=-1,
+                          out_tiles=[(1, 0), (ot, 0), (ht, 0), (wt, 0)], n_parallel=2,
+                          work=_work(sch, out) * red_work, vec_fuse=True)
+    return "conv1x1"
 
 
 def _schedule_pad(sch, pad) -> None:
@@ -828,6 +898,8 @@ def schedule_primfunc(func: tirx.PrimFunc, target: Target | None = None) -> tirx
     rules: list = []
     if any(n.startswith(f"{CONV_PREFIX}_acc") for n in names):
         rules.append(schedule_conv)
+    if any(n.startswith(f"{CONV1X1_PREFIX}_acc") for n in names):
+        rules.append(schedule_conv1x1)
     if f"{CMEAN_PREFIX}_sum" in names:
         rules.append(schedule_channel_mean)
     if has_red:
