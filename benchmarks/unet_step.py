@@ -17,8 +17,10 @@ step (``eps = model(x, t)`` at the compiled batch) of
 * ``bqc``: the compiled library through the Relax VM (``load_compiled(dir).vm["main"]``), and
 * ``torch``: the artifact's FP32 teacher (``Artifact.teacher()``), eager, ``torch.no_grad``,
 
-interleaved (``--rounds`` rounds of one call each, after warm-up calls), each call timed by wall
-clock and by process CPU time. Reported: wall-clock median and minimum, CPU-time median, and the
+interleaved (``--rounds`` rounds; in each, ``--block`` consecutive calls of one side, then of the
+other, all but the first of each block timed: a sampler calls the step back to back, and the
+first call after a switch pays for the other runtime's still-spinning worker threads and its
+weights in L2), each call timed by wall clock and by process CPU time. Reported: wall-clock median and minimum, CPU-time median, and the
 ratios ``torch / bqc`` of each. The machine may be shared: the 1-minute load average is recorded
 before and after each worker; at T = 1 the CPU-time ratio is the undisturbed comparison (both
 sides run on the calling thread), at T > 1 only a quiet machine gives meaningful numbers.
@@ -44,10 +46,12 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_BATCH = {"mnist16": 16, "ddim-cifar10": 4}
+#: consecutive calls of one side per round (the first untimed)
+BLOCK = 3
 
 
 # ------------------------------------------------------------------------------------ worker
-def _worker(lib_dir: str, threads: int, rounds: int, warmup: int, profile: bool) -> dict:
+def _worker(lib_dir: str, threads: int, rounds: int, warmup: int, profile: bool, block: int = BLOCK) -> dict:
     os.environ["TVM_NUM_THREADS"] = str(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import numpy as np
@@ -82,14 +86,20 @@ def _worker(lib_dir: str, threads: int, rounds: int, warmup: int, profile: bool)
             f()
     wall = {k: [] for k in fns}
     cpu = {k: [] for k in fns}
+    # each round runs `block` steps of one side, then of the other, and times all but the
+    # first: a sampler calls the model step after step, and the first call after a switch
+    # pays for the other runtime (its worker threads still spinning on the other core,
+    # torch's weights having evicted bqc's from L2 and the reverse)
     for _ in range(rounds):
         for k, f in fns.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            f()
-            wall[k].append((time.perf_counter() - t0) * 1e3)
-            cpu[k].append((time.process_time() - c0) * 1e3)
+            for i in range(block):
+                c0, t0 = time.process_time(), time.perf_counter()
+                f()
+                if i:
+                    wall[k].append((time.perf_counter() - t0) * 1e3)
+                    cpu[k].append((time.process_time() - c0) * 1e3)
     res = {"threads": threads, "tvm_threads": int(tvm.get_global_func("runtime.NumThreads")()),
-           "torch_threads": torch.get_num_threads(), "batch": b, "rounds": rounds}
+           "torch_threads": torch.get_num_threads(), "batch": b, "rounds": rounds, "block": block}
     for k in fns:
         res[f"{k}_wall_median_ms"] = float(np.median(wall[k]))
         res[f"{k}_wall_min_ms"] = float(np.min(wall[k]))
@@ -164,10 +174,10 @@ def build(model: str, recipe: str, batch: int, work: Path, rebuild: bool, log) -
     return lib, lower_s
 
 
-def measure(lib: Path, threads: int, rounds: int, warmup: int, profile: bool) -> dict:
+def measure(lib: Path, threads: int, rounds: int, warmup: int, profile: bool, block: int = BLOCK) -> dict:
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", str(lib), "--threads", str(threads), "--rounds", str(rounds),
-           "--warmup", str(warmup)] + ([] if profile else ["--no-profile"])
+           "--warmup", str(warmup), "--block", str(block)] + ([] if profile else ["--no-profile"])
     load0 = os.getloadavg()[0]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     load1 = os.getloadavg()[0]
@@ -189,7 +199,9 @@ def _fmt_md(data: dict) -> str:
                  "training ends in (one basis; binarydm rows before 2026-11-22 02:10 were timed in stage 1 and "
                  "were re-measured). One step = "
                  "`eps = model(x, t)` at the compiled batch; each side timed in the same worker "
-                 "process, interleaved. Speedup = torch / bqc: wall-clock median / wall-clock min / "
+                 "process, interleaved (rows with a `block` in the JSON, from 2026-12-05 04:30: blocks of "
+                 "that many back-to-back calls per side, the first untimed; before: one call per side "
+                 "in turn, which at T = 2 made each side pay for the other's spinning threads). Speedup = torch / bqc: wall-clock median / wall-clock min / "
                  "process CPU-time median (the undisturbed one at T = 1 on a shared machine).")
     lines.append("")
     lines.append("| model | recipe | batch | T | bqc ms (median / min / cpu) | torch FP32 ms (median / min / cpu) "
@@ -247,6 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", action="append", default=[], help="MODEL=B (default mnist16=16, ddim-cifar10=4)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--block", type=int, default=BLOCK, help="consecutive calls of one side per round (first untimed)")
     ap.add_argument("--work", default="/tmp/bqc_unet_step")
     ap.add_argument("--out", default=str(RESULTS / "unet_step"))
     ap.add_argument("--rebuild", action="store_true")
@@ -259,7 +272,7 @@ def main(argv=None) -> int:
         out.with_suffix(".md").write_text(_fmt_md(json.loads(out.with_suffix(".json").read_text())))
         return 0
     if a.worker:
-        res = _worker(a.worker, int(a.threads), a.rounds, a.warmup, not a.no_profile)
+        res = _worker(a.worker, int(a.threads), a.rounds, a.warmup, not a.no_profile, a.block)
         print(json.dumps(res))
         return 0
     batches = dict(DEFAULT_BATCH)
@@ -283,7 +296,7 @@ def main(argv=None) -> int:
         for recipe in a.recipes.split(","):
             lib, lower_s = build(model, recipe, batches.get(model, 4), work, a.rebuild, log)
             for th in [int(v) for v in a.threads.split(",")]:
-                res = measure(lib, th, a.rounds, a.warmup, not a.no_profile)
+                res = measure(lib, th, a.rounds, a.warmup, not a.no_profile, a.block)
                 key = f"{model}/{recipe}/t{th}"
                 prev = data["entries"].get(key, {})
                 data["entries"][key] = {"model": model, "recipe": recipe, "threads": th, "command": command,
