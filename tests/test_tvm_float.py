@@ -419,6 +419,27 @@ def test_converter_view_stays_out_of_fusion_and_runs_as_a_reshape():
     assert np.array_equal(got, (xn * 2.0).transpose(0, 2, 3, 1).reshape(2, 1, 16, 16) + 1.0)
 
 
+def test_quantizer_rounding_vectorised_half_to_even():
+    """An activation quantizer (``x / s``, clip, round half to even = ``tirx.nearbyint``, int8)
+    compiles to vector code (TVM 0.27 does not mark ``nearbyint`` vectorisable: the whole loop
+    fell back to scalar code, which LLVM then vectorised across rows with gathers and byte
+    extracts) and still rounds ties to even, as torch does."""
+    assert tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable")
+    x = te.placeholder((2, 8, 4, 16), "float32", name="x")
+    c = lambda v: tvm.tirx.const(v, "float32")  # noqa: E731
+    y = te.compute(x.shape, lambda *i: tvm.tirx.Cast("int8", tvm.tirx.nearbyint(
+        tvm.tirx.max(tvm.tirx.min(x(*i) * c(2.0), c(7.0)), c(-8.0)))), name="y")
+    target = x86_target(num_cores=2)
+    g = fs.schedule_primfunc(te.create_prim_func([x, y]).without_attr("global_symbol"), target)
+    ex = tvm.compile(tvm.IRModule({"main": g.with_attr("global_symbol", "main")}), target=target)
+    asm = "\n".join(m.inspect_source("asm") for m in [ex.mod, *ex.mod.imports])
+    assert "vrndscaleps" in asm and "vgather" not in asm and "pextrb" not in asm
+    ties = np.array([0.25, 0.75, 1.25, -0.25, -0.75, -1.25, 0.3, -0.3], "float32")
+    xn = np.resize(ties, (2, 8, 4, 16)).astype("float32")
+    got = _run_prim(g, target, xn, out_shape=(2, 8, 4, 16), out_dtype="int8")
+    assert np.array_equal(got, torch.round(torch.from_numpy(xn) * 2.0).clamp(-8, 7).to(torch.int8).numpy())
+
+
 class _Shortcut(torch.nn.Module):
     """``Shortcut(channels="pool")``'s channel mapping (NCHW -> [B, HW, C] -> adaptive pool ->
     NCHW) and a 2x nearest upsample."""

@@ -80,6 +80,20 @@ VIEW_PREFIX = "bqc_view"
 SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled", "bqc.scheduled")
 
 
+def _nearbyint_vectorizable() -> None:
+    """Mark ``tirx.nearbyint`` (round half to even: Relax's ``round``, torch's ``round``, the
+    activation quantizers' rounding) vectorisable, as ``tirx.round`` and ``floor`` already are:
+    TVM 0.27 does not, so every loop containing it fell back to scalar code (a [16, 64, 16, 16]
+    quantizer 0.24 ms, 0.03 vectorised; LLVM lowers the vector form to one ``vrndscaleps`` /
+    ``frintx``, same results)."""
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    if op.get_attr("TVectorizable") is None:
+        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
+
+
+_nearbyint_vectorizable()
+
+
 # ----------------------------------------------------------------------------- conv compute
 
 
