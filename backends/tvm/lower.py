@@ -106,7 +106,7 @@ def _build_cuda(mod, params, target):
     import tvm
     from tvm import relax
 
-    from .relax_import import bind_params
+    from .relax_import import MarkViewsOpaque, bind_params
 
     mod = bind_params(mod, params)
     seq = tvm.transform.Sequential([
@@ -115,6 +115,7 @@ def _build_cuda(mod, params, target):
         relax.transform.FoldConstant(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
+        MarkViewsOpaque(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
