@@ -628,7 +628,7 @@ class Converter:
         fused into the transpose next to it, a pixel regrouping turns the transpose's reads
         into div/mod index arithmetic that no longer tiles (measured 2.5x slower on the
         quantize + NCHW -> NHWC pass of a W1Ak 1x1 conv); left alone, the VM runs it as a
-        zero-copy reshape (``RewriteDataflowReshape``; ``MarkFusable`` makes it opaque)."""
+        zero-copy reshape (``RewriteDataflowReshape``; ``MarkViewsOpaque`` makes it opaque)."""
         from tvm import te, topi
 
         src = [int(d) for d in x.ty.shape]

@@ -293,21 +293,17 @@ def _out_channels(func) -> int | None:
         return None
 
 
-def _view_opaque(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
-    """A kernel's input/output regrouped (``Converter._view``), kept out of fusion: fused, the
-    transpose next to it would lose its plain indices (and FuseTIR rejects fusing it into a
-    legalized op); alone, ``RewriteDataflowReshape`` makes it a zero-copy reshape."""
-    return func.with_attr("op_pattern", fs.OP_PATTERN_OPAQUE)
-
-
 @tvm.transform.module_pass(opt_level=0, name="BqcMarkViewsOpaque")
 class MarkViewsOpaque:
-    """Only :func:`_view_opaque` (the CUDA pipeline, which keeps TVM's own fusion otherwise)."""
+    """Keep a kernel's input/output regroupings (``Converter._view``, :data:`fs.VIEW_PREFIX`)
+    out of fusion, in every pipeline: fused, the transpose next to one would lose its plain
+    indices (and FuseTIR rejects fusing it into a legalized op); alone,
+    ``RewriteDataflowReshape`` makes it a zero-copy reshape."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         for gv, func in list(mod.functions_items()):
             if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith(fs.VIEW_PREFIX):
-                mod[gv] = _view_opaque(func)
+                mod[gv] = func.with_attr("op_pattern", fs.OP_PATTERN_OPAQUE)
         return mod
 
 
@@ -328,9 +324,7 @@ class MarkFusable:
             if "global_symbol" in attrs:
                 continue
             name = gv.name_hint
-            if name.startswith(fs.VIEW_PREFIX):
-                updates[gv] = _view_opaque(func)
-            elif name.startswith(fs.CONV_PREFIX) and _out_channels(func) == 1:
+            if name.startswith(fs.CONV_PREFIX) and _out_channels(func) == 1:
                 # a 1-channel conv (XNOR-Net's K map, ``k * mean_c |x|``): fusing the layer's
                 # elementwise epilogue into it would make the binary conv's NHWC -> NCHW
                 # transpose a pass of its own; left alone, the epilogue fuses with the
@@ -364,6 +358,7 @@ def float_pipeline(target, *, schedule: bool = True, prepack_conv: bool = True,
     passes += [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
+        MarkViewsOpaque(),
         MarkFusable(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

@@ -75,7 +75,7 @@ MAX_ACC = 16
 #: block-name prefix of the packed conv compute
 CONV_PREFIX = "bqc_fconv"
 #: name prefix of the pixel-regrouping reshapes next to a kernel (``Converter._view``), which
-#: ``MarkFusable`` keeps out of fusion
+#: ``MarkViewsOpaque`` keeps out of fusion
 VIEW_PREFIX = "bqc_view"
 SCHEDULED_ATTRS = ("tirx.is_scheduled", "tir.is_scheduled", "bqc.scheduled")
 
@@ -448,14 +448,12 @@ def _contiguous_read_iter(sch, block) -> tuple[int, int | None] | None:
     return best, period.get(best)
 
 
-def _gather_lines_per_set(sch, block, it: int | None) -> float:
+def _gather_lines_per_set(sch, block, it: int) -> float:
     """Per vector lane, how many of the cache lines a vectorised gather along block iter var
     ``it`` lands in one L1 set: lanes ``stride`` bytes apart share a set when ``stride`` is a
     multiple of the set span (:data:`L1_SET_SPAN`; a channel stride of 32x32 float pixels is
     4 KiB, so 16 lanes would fall in one 8-way set and evict each other on every load).
     The largest over the block's loads."""
-    if it is None:
-        return 0.0
     st = sch.get(block)
     if not isinstance(st.body, tirx.BufferStore):
         return 0.0
@@ -512,7 +510,7 @@ def _schedule_transpose_block(sch, block, lanes: int) -> bool:
     rloop = pos[rd]
     if inner is None or rloop == inner or ext[rloop] < 4 or ext[inner] < 4:
         return False
-    ways = _gather_lines_per_set(sch, block, pos.index(inner) if inner in pos else None)
+    ways = _gather_lines_per_set(sch, block, pos.index(inner))
     vec = next((v for v in (lanes, 8, 4) if ext[inner] % v == 0 and v * ways <= L1_WAYS), 0)
     tile = _largest_divisor(math.gcd(ext[rloop], period) if period else ext[rloop], lanes)
     if not vec or tile < 4:
