@@ -440,6 +440,102 @@ def test_quantizer_rounding_vectorised_half_to_even():
     assert np.array_equal(got, torch.round(torch.from_numpy(xn) * 2.0).clamp(-8, 7).to(torch.int8).numpy())
 
 
+def _relax_main(shape, body):
+    """A one-input Relax ``main`` whose dataflow block is ``body(bb, x)``."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(list(shape), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_exp_poly_accuracy_and_range():
+    """:func:`fs.exp_poly` (exp, sigmoid and SiLU's exponential): relative error within 5e-7 of
+    float64 over the whole float32 range it covers (2e-7 on |x| <= 1), saturating (not NaN, not wrapping the
+    exponent bits) beyond it; sigmoid within 1e-7 absolute, exactly 0/1 far out."""
+    xn = np.concatenate([np.linspace(-87.0, 87.9, 40001), [-1e4, -200.0, -88.5, 88.5, 200.0, 1e4, 0.0]])
+    xn = np.resize(xn.astype("float32"), (1, 40008))
+    target = x86_target(num_cores=2)
+    for name, f, ref in (
+        ("exp", lambda v: fs.exp_poly(v), np.exp),
+        ("sigmoid", lambda v: 1.0 / (1.0 + fs.exp_poly(-v)), lambda v: 1.0 / (1.0 + np.exp(-v))),
+    ):
+        x = te.placeholder(xn.shape, "float32", name="x")
+        y = te.compute(xn.shape, lambda *i: f(x(*i)), name=name)
+        g = fs.schedule_primfunc(te.create_prim_func([x, y]).without_attr("global_symbol"), target)
+        got = _run_prim(g, target, xn, out_shape=xn.shape, out_dtype="float32").astype(np.float64)
+        with np.errstate(over="ignore"):
+            want = ref(xn.astype(np.float64))
+        assert np.isfinite(got).all(), name
+        inside = np.abs(xn) <= 87.0
+        if name == "exp":
+            rel = np.abs(got[inside] / want[inside] - 1)
+            assert rel.max() < 5e-7 and rel[np.abs(xn[inside]) <= 1.0].max() < 2e-7
+            assert got[xn == 1e4][0] == got[xn == 88.5][0] > 1e38  # e^88, saturated
+            assert 0 < got[xn == -1e4][0] < 1e-37
+        else:
+            assert np.abs(got - want).max() < 1e-7
+            assert got[xn == 1e4][0] == 1.0 and got[xn == -1e4][0] < 1e-37
+
+
+@pytest.mark.parametrize("batch", [3, None])
+def test_group_norm_silu_rewrite(batch):
+    """GroupNorm + torch.export's SiLU (``x * sigmoid(x)``) -> :func:`fs.group_norm_compute`
+    (affine folded into one multiply-add) with one ``x / (1 + exp(-x))`` epilogue: a single
+    fused, groupnorm-scheduled function (the sigmoid is gone), equal to torch (static and
+    symbolic batch)."""
+    from bqc.backends.tvm.relax_import import _vm_lowering, float_pipeline
+
+    c, g, hw = 32, 8, 8
+    rs = np.random.RandomState(0)
+    gamma, beta = (rs.rand(c) + 0.5).astype("float32"), rs.randn(c).astype("float32")
+    n = batch if batch is not None else tirx.Var("n", "int64")
+
+    def body(bb, x):
+        v = bb.emit(relax.op.nn.group_norm(x, relax.const(gamma), relax.const(beta), g, 1, [2, 3]))
+        return relax.op.multiply(v, bb.emit(relax.op.sigmoid(v)))
+
+    target = x86_target(num_cores=2)
+    mod = float_pipeline(target)(_relax_main((n, c, hw, hw), body))
+    funcs = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert list(funcs) == ["fused_group_norm_fast_silu"], list(funcs)
+    assert str(funcs["fused_group_norm_fast_silu"].attrs["bqc.float_rule"]) == "groupnorm"
+    with target:
+        ex = tvm.compile(mod, target, relax_pipeline=_vm_lowering(target))
+    xn = (3.0 * rs.randn(3, c, hw, hw) + 1.0).astype("float32")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xn)).numpy()
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(
+        torch.from_numpy(xn), g, torch.from_numpy(gamma), torch.from_numpy(beta))).numpy()
+    assert _rel(got, ref) < 1e-6
+
+
+@pytest.mark.parametrize("shape,rule", [((4, 64, 64), "softmax"), ((8, 16, 16), "softmax"),
+                                        ((None, 32, 32), "softmax"), ((4, 6, 10), None)])
+def test_softmax_rule(shape, rule):
+    """Softmax over the last axis -> :func:`fs.softmax_compute` (vectorised partial max / sum,
+    per-row stages) where the row is a multiple of 4 lanes at least twice over; TOPI's
+    ``fast_softmax`` otherwise. Both equal torch; symbolic leading axes too."""
+    from bqc.backends.tvm.relax_import import _vm_lowering, float_pipeline
+
+    dims = [tirx.Var("n", "int64") if d is None else d for d in shape]
+    target = x86_target(num_cores=2)
+    mod = float_pipeline(target)(_relax_main(dims, lambda bb, x: relax.op.nn.softmax(x, -1)))
+    rules = fs.rules_used(mod)
+    if rule is None:
+        assert fs.SOFTMAX_PREFIX not in rules and "fast_softmax" in rules, rules
+    else:
+        assert rules.get(fs.SOFTMAX_PREFIX) == rule, rules
+    with target:
+        ex = tvm.compile(mod, target, relax_pipeline=_vm_lowering(target))
+    xn = (4.0 * np.random.RandomState(1).randn(*[2 if d is None else d for d in shape])).astype("float32")
+    xn[..., 0] = 60.0  # a dominant logit: exp(x - max) underflows elsewhere, no overflow
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(xn)).numpy()
+    ref = torch.softmax(torch.from_numpy(xn), -1).numpy()
+    assert np.abs(got - ref).max() < 1e-6
+
+
 class _Shortcut(torch.nn.Module):
     """``Shortcut(channels="pool")``'s channel mapping (NCHW -> [B, HW, C] -> adaptive pool ->
     NCHW) and a 2x nearest upsample."""

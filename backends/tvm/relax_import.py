@@ -28,8 +28,10 @@ Public API
     2. :class:`FloatRewrite`: float ``conv2d``/``conv1d`` with constant weights -> the packed
        ``bqc_fconv`` TE compute (weight packed to ``[OC/16, KH, KW, IC, 16]`` at compile time,
        input transposed to channels-last inside the kernel); ``sigmoid``/``silu``/``exp``/
-       ``softmax`` -> TOPI ``fast_exp`` versions (vectorisable; otherwise each element is a
-       scalar libm ``expf`` call, which made GroupNorm+SiLU 10x slower); ``mean(x, axis=1,
+       ``softmax`` -> versions on :func:`schedules.float_cpu.exp_poly` (a vectorisable
+       polynomial; otherwise each element is a scalar libm ``expf`` call, which made
+       GroupNorm+SiLU 10x slower), ``x * sigmoid(x)`` -> one SiLU, ``group_norm`` ->
+       :func:`schedules.float_cpu.group_norm_compute` (affine folded); ``mean(x, axis=1,
        keepdims=True)`` (and an ``abs`` feeding it: XNOR-Net's K map) -> the channel-mean
        compute :func:`schedules.float_cpu.channel_mean_compute` (with ``prepack_conv``);
     3. ``LegalizeOps``, ``AnnotateTIROpPattern``, :class:`MarkFusable` (packed convs and TOPI
@@ -140,19 +142,26 @@ def _const_array(expr) -> np.ndarray | None:
     return None
 
 
-def _fast_sigmoid(x):
-    from tvm import te, topi
+def _fast_exp(x):
+    from tvm import te
 
-    e = topi.fast_exp(topi.negative(x))
+    return te.compute(x.shape, lambda *i: fs.exp_poly(x(*i)), name="fast_exp", tag="elemwise")
+
+
+def _fast_sigmoid(x):
+    from tvm import te
+
     one = tvm.tirx.const(1.0, x.dtype)
-    return te.compute(x.shape, lambda *i: one / (one + e(*i)), name="fast_sigmoid", tag="elemwise")
+    return te.compute(x.shape, lambda *i: one / (one + fs.exp_poly(-x(*i))), name="fast_sigmoid",
+                      tag="elemwise")
 
 
 def _fast_silu(x):
     from tvm import te
 
-    s = _fast_sigmoid(x)
-    return te.compute(x.shape, lambda *i: x(*i) * s(*i), name="fast_silu", tag="elemwise")
+    one = tvm.tirx.const(1.0, x.dtype)
+    return te.compute(x.shape, lambda *i: x(*i) / (one + fs.exp_poly(-x(*i))), name="fast_silu",
+                      tag="elemwise")
 
 
 def _is_f32(expr) -> bool:
@@ -171,6 +180,10 @@ class _FloatRewriter(relax.PyExprMutator):
         self.conv1d = tvm.ir.Op.get("relax.nn.conv1d")
         self.math = {tvm.ir.Op.get(n): n for n in ("relax.sigmoid", "relax.nn.silu", "relax.nn.softmax", "relax.exp")}
         self.mean = tvm.ir.Op.get("relax.mean")
+        self.group_norm = tvm.ir.Op.get("relax.nn.group_norm")
+        self.multiply = tvm.ir.Op.get("relax.multiply")
+        self.call_tir = tvm.ir.Op.get("relax.call_tir")
+        self.sigmoids: set = set()  # GlobalVars of the emitted fast_sigmoid PrimFuncs
         self.abs = tvm.ir.Op.get("relax.abs")
         self.count = 0
 
@@ -193,6 +206,20 @@ class _FloatRewriter(relax.PyExprMutator):
         return self.builder_.call_te(fs.channel_mean_compute, x, absolute,
                                      primfunc_name_hint=fs.CMEAN_PREFIX)
 
+    def _group_norm(self, call):
+        """NCHW float32 ``group_norm`` over ``[H, W]`` with static C, H, W and both affine
+        parameters -> :func:`fs.group_norm_compute`; None otherwise (TOPI's legalization)."""
+        a = call.attrs
+        x, gamma, beta = call.args
+        ty = getattr(x, "ty", None)
+        if not _is_f32(x) or ty.ndim != 4 or ty.shape is None or int(a.channel_axis) % 4 != 1 \
+                or sorted(int(i) % 4 for i in a.axes) != [2, 3] or not (bool(a.center) and bool(a.scale)) \
+                or not all(isinstance(ty.shape[i], tvm.tirx.IntImm) for i in (1, 2, 3)) \
+                or not (_is_f32(gamma) and _is_f32(beta)):
+            return None
+        return self.builder_.call_te(fs.group_norm_compute, x, gamma, beta, int(a.num_groups),
+                                     float(a.epsilon), primfunc_name_hint=fs.GROUP_NORM_PREFIX)
+
     def _math(self, call):
         from tvm import topi
 
@@ -201,22 +228,49 @@ class _FloatRewriter(relax.PyExprMutator):
         if not _is_f32(x):
             return call
         if name == "relax.sigmoid":
-            return self.builder_.call_te(_fast_sigmoid, x, primfunc_name_hint="fast_sigmoid")
+            new = self.builder_.call_te(_fast_sigmoid, x, primfunc_name_hint="fast_sigmoid")
+            self.sigmoids.add(new.args[0])
+            return new
         if name == "relax.nn.silu":
             return self.builder_.call_te(_fast_silu, x, primfunc_name_hint="fast_silu")
         if name == "relax.exp":
-            return self.builder_.call_te(topi.fast_exp, x, primfunc_name_hint="fast_exp")
+            return self.builder_.call_te(_fast_exp, x, primfunc_name_hint="fast_exp")
         if name == "relax.nn.softmax":
-            return self.builder_.call_te(topi.nn.fast_softmax, x, int(call.attrs.axis),
-                                         primfunc_name_hint="fast_softmax")
+            ty = x.ty
+            axis = int(call.attrs.axis) % ty.ndim
+            length = ty.shape[-1] if ty.shape is not None else None
+            width = next((w for w in (16, 8, 4) if isinstance(length, tvm.tirx.IntImm)
+                          and int(length) % w == 0 and int(length) >= 2 * w), 0)
+            if axis == ty.ndim - 1 and width:
+                return self.builder_.call_te(fs.softmax_compute, x, width,
+                                             primfunc_name_hint=fs.SOFTMAX_PREFIX)
+            return self.builder_.call_te(topi.nn.fast_softmax, x, axis, primfunc_name_hint="fast_softmax")
         return call
+
+    def _silu(self, call):
+        """``x * sigmoid(x)`` (how torch.export spells SiLU) -> one ``x / (1 + exp(-x))``; the
+        sigmoid, if nothing else reads it, is dropped by dead-code elimination."""
+        for x, s in (call.args, call.args[::-1]):
+            if not (isinstance(s, relax.Var) and _is_f32(x)):
+                continue
+            bound = self.lookup_binding(s)
+            if isinstance(bound, relax.Call) and bound.op == self.call_tir and bound.args[0] in self.sigmoids \
+                    and bound.args[1][0].same_as(x) and list(x.ty.shape) == list(s.ty.shape):
+                return self.builder_.call_te(_fast_silu, x, primfunc_name_hint="fast_silu")
+        return None
 
     def visit_call_(self, call):  # noqa: N802 - TVM visitor name
         call = self.visit_expr_post_order(call)
         if not isinstance(call, tvm.ir.expr.Call):
             return call
+        if self.fast_math and call.op == self.multiply:
+            new = self._silu(call)
+            return call if new is None else new
         if self.fast_math and call.op in self.math:
             return self._math(call)
+        if self.fast_math and call.op == self.group_norm:
+            new = self._group_norm(call)
+            return call if new is None else new
         if self.prepack and call.op == self.mean:
             new = self._channel_mean(call)
             return call if new is None else new
@@ -269,9 +323,12 @@ class FloatRewrite:
       weight -> the packed compute :func:`schedules.float_cpu.conv_packed_compute` (weight packed at
       compile time); a 1x1 stride-1 unpadded conv2d with static channels and pixels ->
       :func:`schedules.float_cpu.conv1x1_compute` (NCHW in and out, weight ``[IC, OC]``).
-    * ``fast_math``: ``sigmoid``/``silu``/``exp``/``softmax`` -> TOPI ``fast_exp`` based
-      versions (vectorisable polynomial exp; max relative error of exp about 4e-6, versus a
-      scalar libm call per element otherwise).
+    * ``fast_math``: ``sigmoid``/``silu``/``exp`` -> computes on :func:`fs.exp_poly`
+      (vectorisable polynomial exp, max relative error 4.1e-7, versus a scalar libm call per
+      element otherwise); ``x * sigmoid(x)`` (torch.export's SiLU) -> one ``x / (1 + e^-x)``;
+      last-axis ``softmax`` -> :func:`fs.softmax_compute` (TOPI's ``fast_softmax`` where the
+      row is not a multiple of 4 lanes twice over); NCHW ``group_norm`` ->
+      :func:`fs.group_norm_compute` (``x * a + b`` with per-channel ``a``, ``b``).
     """
 
     def __init__(self, prepack_conv: bool = True, fast_math: bool = True):
@@ -309,9 +366,9 @@ class MarkViewsOpaque:
 
 @tvm.transform.module_pass(opt_level=0, name="BqcMarkFusable")
 class MarkFusable:
-    """Give the packed convs and TOPI ``group_norm`` the ``kOutEWiseFusable`` pattern so that
-    FuseOps fuses their elementwise consumers (bias/residual adds; GroupNorm + SiLU); 1-channel
-    packed convs (K maps) are made opaque instead (see ``transform_module``).
+    """Give the packed convs and ``group_norm`` (ours or TOPI's) the ``kOutEWiseFusable``
+    pattern so that FuseOps fuses their elementwise consumers (bias/residual adds; GroupNorm +
+    SiLU); 1-channel packed convs (K maps) are made opaque instead (see ``transform_module``).
 
     Opaque functions that carry a ``global_symbol`` (hand-written kernels) are left alone."""
 
@@ -331,7 +388,7 @@ class MarkFusable:
                 # transpose instead (one pass over the conv output) and the K conv writes
                 # only [N, 1, H, W]
                 updates[gv] = func.with_attr("op_pattern", fs.OP_PATTERN_OPAQUE)
-            elif name.startswith(fs.CONV_PREFIX) or name.startswith("group_norm"):
+            elif name.startswith(fs.CONV_PREFIX) or name.startswith(fs.GROUP_NORM_PREFIX):
                 updates[gv] = func.with_attr("op_pattern", fs.OP_PATTERN_OUT_EWISE_FUSABLE)
         for gv, func in updates.items():
             mod[gv] = func
