@@ -257,34 +257,57 @@ def exp_poly(v):
 GROUP_NORM_PREFIX = "group_norm"
 
 
+#: lanes of GroupNorm's partial sums (:func:`group_norm_compute`)
+GN_LANES = 16
+
+
+def _pairwise_sum(terms: list):
+    """``terms[0] + ... + terms[-1]`` as a balanced tree (depth log2 n instead of a chain)."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
 def group_norm_compute(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, groups: int,
                        eps: float) -> te.Tensor:
     """GroupNorm of an ``[N, C, H, W]`` tensor (the batch may be symbolic), as
-    :func:`schedule_groupnorm` expects it: one reduction stage (sum and sum of squares per
-    ``(n, group)``, as TOPI's) and one elementwise stage ``x * a + b`` with the per-channel
-    ``a = gamma / std`` and ``b = beta - mean * a`` (loop-invariant, hoisted out of the vector
-    loop: one multiply-add per element instead of TOPI's subtract, multiply and multiply-add;
-    torch's CPU kernel computes it the same way)."""
+    :func:`schedule_groupnorm` expects it: one reduction stage, the sum and sum of squares of
+    each ``(n, group)`` as :data:`GN_LANES` partial sums over the flattened pixels (a plain
+    data-parallel lane axis, vectorised); the per-channel ``a = gamma / std`` and
+    ``b = beta - mean * a`` (partial sums added pairwise) as a small stage of their own; then
+    ``x * a + b``: one multiply-add per element instead of TOPI's subtract, multiply and
+    multiply-add (torch's CPU kernel computes it the same way), no serial 16-add chain per
+    group (TOPI's rfactor), and no square root and division on the critical path in front of
+    each channel's vector loop."""
     n_, c_, h_, w_ = x.shape
     c, h, w = int(c_), int(h_), int(w_)
     cpg = c // groups
-    rc, rh, rw = (te.reduce_axis((0, e), name=nm) for e, nm in ((cpg, "rc"), (h, "rh"), (w, "rw")))
+    lanes = next((v for v in (GN_LANES, 8, 4, 2) if (h * w) % v == 0), 1)
+    rc = te.reduce_axis((0, cpg), name="rc")
+    rk = te.reduce_axis((0, h * w // lanes), name="rk")
     zero = tirx.const(0.0, x.dtype)
     sum_sumsq = te.comm_reducer(lambda a, b: (a[0] + b[0], a[1] + b[1]), lambda t0, t1: (zero, zero),
                                 name="sum_sumsq")
 
-    def stats(n, g):
-        v = x[n, g * cpg + rc, rh, rw]
-        return sum_sumsq((v, v * v), axis=[rc, rh, rw])
+    def stats(n, g, lane):
+        p = rk * lanes + lane
+        v = x[n, g * cpg + rc, p // w, p % w]
+        return sum_sumsq((v, v * v), axis=[rc, rk])
 
-    s, ss = te.compute((n_, groups), stats, name=f"{GROUP_NORM_PREFIX}_stats")
+    s, ss = te.compute((n_, groups, lanes), stats, name=f"{GROUP_NORM_PREFIX}_stats")
     inv = tirx.const(1.0 / (cpg * h * w), x.dtype)
 
-    def norm(n, ch, i, j):
+    def scale_shift(n, ch):
         g = ch // cpg
-        mean = s[n, g] * inv
-        a = tirx.rsqrt(ss[n, g] * inv - mean * mean + tirx.const(eps, x.dtype)) * gamma[ch]
-        return x[n, ch, i, j] * a + (beta[ch] - mean * a)
+        mean = _pairwise_sum([s[n, g, lane] for lane in range(lanes)]) * inv
+        var = _pairwise_sum([ss[n, g, lane] for lane in range(lanes)]) * inv - mean * mean
+        a = tirx.rsqrt(var + tirx.const(eps, x.dtype)) * gamma[ch]
+        return a, beta[ch] - mean * a
+
+    a, b = te.compute((n_, c), scale_shift, name=f"{GROUP_NORM_PREFIX}_scale")
+
+    def norm(n, ch, i, j):
+        return x[n, ch, i, j] * a[n, ch] + b[n, ch]
 
     return te.compute(x.shape, norm, name=GROUP_NORM_PREFIX)
 
@@ -889,34 +912,9 @@ def schedule_gemm(sch, target) -> str:
     return "gemm"
 
 
-def schedule_groupnorm(sch, target) -> str:
-    """GroupNorm (+ fused elementwise epilogue, e.g. SiLU): per (batch, group) in parallel,
-    statistics then normalisation, both over vectors of the contiguous spatial axis."""
-    lanes = _vec_lanes(target)
-    _inline_injective(sch)
-    blocks = _blocks(sch)
-    red = [b for b in blocks if _is_reduction(sch, b)]
-    sp = [b for b in blocks if _is_spatial(sch, b)]
-    if len(red) != 1 or len(sp) != 1 or len(blocks) != 2:
-        raise RuntimeError("not a statistics + normalisation pair")
-    red, out = red[0], sp[0]
-    kinds = _iter_kinds(sch, red)
-    ivs = sch.get(red).iter_vars
-    if kinds[:2] != [0, 0] or any(k != 2 for k in kinds[2:]) or len(kinds) < 3:
-        raise RuntimeError("statistics block is not [N, G] x reductions")
-    groups = _int(ivs[1].dom.extent)
-    cpg = _int(ivs[2].dom.extent)
-    oloops = sch.get_loops(out)
-    o_ext = [_extent(sch, lp) for lp in oloops]
-    if len(oloops) < 3 or groups is None or cpg is None or o_ext[1] != groups * cpg:
-        raise RuntimeError("normalisation block does not match the groups")
-    work = _work(sch, out)
-    # statistics at root, (batch, group) in parallel; the contiguous reduction is split into
-    # vec-wide partial sums (rfactor) so that it vectorises. (rfactor/compute_at under a fused
-    # symbolic-batch loop derives out-of-bounds regions in TVM 0.27, so everything stays at root.)
-    rl = sch.get_loops(red)
-    red_par = sch.fuse(rl[0], rl[1])
-    _parallel(sch, red_par, work)
+def _rfactor_vectorised(sch, red, lanes: int) -> None:
+    """Fuse a reduction block's loops after the first, split off ``lanes`` partial results
+    (rfactor) and vectorise them; scalar if that fails (still correct)."""
     rl = sch.get_loops(red)[1:]
     try:
         inner = sch.fuse(*rl) if len(rl) > 1 else rl[0]
@@ -930,6 +928,52 @@ def schedule_groupnorm(sch, target) -> str:
             sch.decompose_reduction(rf, rf_loops[-2])
     except Exception as e:  # noqa: BLE001 - scalar statistics are still correct
         log.debug("groupnorm rfactor failed: %s", e)
+
+
+def schedule_groupnorm(sch, target) -> str:
+    """GroupNorm (+ fused elementwise epilogue, e.g. SiLU): per (batch, group) in parallel,
+    statistics then normalisation, both over vectors of the contiguous spatial axis (ours: the
+    per-channel scale and shift in between, vectorised over channels)."""
+    lanes = _vec_lanes(target)
+    scale_name = f"{GROUP_NORM_PREFIX}_scale"
+    _inline_injective(sch, keep=lambda n: n == scale_name)
+    blocks = _blocks(sch)
+    scale = [b for b in blocks if _name(sch, b) == scale_name]
+    blocks = [b for b in blocks if _name(sch, b) != scale_name]
+    red = [b for b in blocks if _is_reduction(sch, b)]
+    sp = [b for b in blocks if _is_spatial(sch, b)]
+    if len(red) != 1 or len(sp) != 1 or len(blocks) != 2:
+        raise RuntimeError("not a statistics + normalisation pair")
+    red, out = red[0], sp[0]
+    if scale:
+        _schedule_injective_block(sch, scale[0], lanes)
+    kinds = _iter_kinds(sch, red)
+    ivs = sch.get(red).iter_vars
+    # TOPI's: [N, G] x reductions; ours (group_norm_compute): [N, G, lanes] x [C/G, pixels/lanes]
+    partial = kinds == [0, 0, 0, 2, 2]
+    if not partial and (kinds[:2] != [0, 0] or any(k != 2 for k in kinds[2:]) or len(kinds) < 3):
+        raise RuntimeError("statistics block is not [N, G] x reductions")
+    groups = _int(ivs[1].dom.extent)
+    cpg = _int(ivs[3 if partial else 2].dom.extent)
+    oloops = sch.get_loops(out)
+    o_ext = [_extent(sch, lp) for lp in oloops]
+    if len(oloops) < 3 or groups is None or cpg is None or o_ext[1] != groups * cpg:
+        raise RuntimeError("normalisation block does not match the groups")
+    work = _work(sch, out)
+    # statistics at root, (batch, group) in parallel. Ours: the lane axis innermost and
+    # vectorised. TOPI's: the contiguous reduction is split into vec-wide partial sums (rfactor)
+    # so that it vectorises. (rfactor/compute_at under a fused symbolic-batch loop derives
+    # out-of-bounds regions in TVM 0.27, so everything stays at root.)
+    rl = sch.get_loops(red)
+    red_par = sch.fuse(rl[0], rl[1])
+    _parallel(sch, red_par, work)
+    if partial:
+        _, lane, rc, rk = sch.get_loops(red)
+        sch.reorder(rc, rk, lane)
+        sch.vectorize(lane)
+        sch.decompose_reduction(red, rc)
+    else:
+        _rfactor_vectorised(sch, red, lanes)
     # normalisation (+ epilogue): (batch, group) in parallel, spatial axis vectorised
     g, _ci = sch.split(oloops[1], factors=[groups, cpg])
     spatial = oloops[2:]
