@@ -327,6 +327,32 @@ def test_transpose_tiling_rule():
     assert np.array_equal(out.numpy(), xn.transpose(0, 3, 1, 2) * sn[None, :, None, None])
 
 
+def test_transpose_tiling_next_to_a_heavier_nchw_read():
+    """A binary layer's NHWC output transposed to NCHW next to BiDM's pooled shortcut (two NCHW
+    reads of a tensor twice the output's size, through a fused reshape): the transposed read
+    still gets the tile (the NCHW reads stay vector loads in it; flat, every lane of the
+    transposed read was a separate cache line), and after inlining, the indices are simplified
+    under the block's bounds, so no div/mod of the fused reshape is left for the vectoriser."""
+    x = te.placeholder((2, 8, 8, 32), "float32", name="x")
+    r = te.placeholder((2, 64, 8, 8), "float32", name="r")
+    flat = te.compute((2, 64, 64), lambda n, c, p: r[n, c, p // 8, p % 8], name="flat")
+    y = te.compute((2, 32, 8, 8), lambda n, c, h, w: x[n, h, w, c] + 0.5 * (
+        flat[n, 2 * c, (h * 8 + w) % 64] + flat[n, 2 * c + 1, (h * 8 + w) % 64]), name="y")
+    f = te.create_prim_func([x, r, y]).without_attr("global_symbol")
+    target = x86_target(num_cores=2)
+    g = fs.schedule_primfunc(f, target)
+    assert str(g.attrs["bqc.float_rule"]) == "injective"
+    sch = s_tir.Schedule(g)
+    loops = [sch.get(lp) for lp in sch.get_loops(fs._blocks(sch)[-1])]
+    assert [lp.kind for lp in loops[-2:]] == [tvm.tirx.ForKind.UNROLLED, tvm.tirx.ForKind.VECTORIZED]
+    body = g.script()
+    assert "%" not in body.split("T.writes")[-1] and "//" not in body.split("T.writes")[-1]
+    xn, rn = np.random.randn(2, 8, 8, 32).astype("float32"), np.random.randn(2, 64, 8, 8).astype("float32")
+    got = _run_prim(g, target, xn, rn, out_shape=(2, 32, 8, 8), out_dtype="float32")
+    want = xn.transpose(0, 3, 1, 2) + 0.5 * (rn[:, 0::2] + rn[:, 1::2])
+    assert np.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def _vector_width(func) -> int:
     """Extent of the (one) vectorised loop of a scheduled PrimFunc's output block."""
     sch = s_tir.Schedule(func)
@@ -354,7 +380,7 @@ def test_transpose_tiling_rule_through_a_fused_reshape():
     y = te.compute((2, 32, 48), lambda n, p, c: x[n, c, p // 8, p % 8] * 2.0, name="y")
     f = te.create_prim_func([x, y]).without_attr("global_symbol")
     sch = s_tir.Schedule(f)
-    assert fs._contiguous_read_iter(sch, sch.get_sblock("y")) == (1, 8)
+    assert fs._read_iters(sch, sch.get_sblock("y")) == {1: (2 * 48 * 4 * 8, 8)}
     assert fs._schedule_transpose_block(sch, sch.get_sblock("y"), 16)
     unrolled = [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("y"))
                 if sch.get(lp).kind == tvm.tirx.ForKind.UNROLLED]

@@ -31,9 +31,11 @@ gives each fused float PrimFunc a rule-based schedule (no tuning run):
 * **channel mean** (``bqc_cmean_*`` blocks from :func:`channel_mean_compute`, the K map's
   ``mean_c |x|``): channel loop outside, contiguous spatial axis vectorised inside.
 * **injective** (SiLU, adds, concat, split, transpose, nearest upsample, the sin/cos time
-  embedding): a block whose reads are mostly contiguous along another axis than its output's
-  innermost one (NHWC <-> NCHW transposes, usually fused with a binary layer's epilogue or
-  its input quantizer, also through a fused reshape) is tiled ``16 x 16`` (read axis
+  embedding): indices simplified under the block's bounds after inlining (a fused reshape
+  chain leaves div/mod the vectoriser cannot see through); a block with reads (at least a
+  quarter of its output's size) contiguous along another axis than its output's innermost
+  one (NHWC <-> NCHW transposes, usually fused with a binary layer's epilogue or its input
+  quantizer, also through a fused reshape) is tiled ``16 x 16`` (read axis
   unrolled, output axis vectorised: every read cache line used whole while in L1; 8 lanes
   where 16 would land in one L1 set); every other block fused flat, a 16-lane vectorised
   inner chunk where the trailing extent allows, the rest parallel.
@@ -474,9 +476,9 @@ def _parallel(sch, loop, work: int) -> None:
 
 
 def _block_bindings(sch, block) -> list | None:
-    """The loop variables the block's iter vars are bound to (in iter-var order), or None if
-    the block is not directly under its innermost loop or some binding is not a plain loop
-    variable."""
+    """The loop variables the block's iter vars are bound to (in iter-var order; a constant for
+    an extent-1 axis whose loop ``StmtSimplify`` removed), or None if the block is not directly
+    under its innermost loop or some binding is neither."""
     loops = sch.get_loops(block)
     if not loops:
         return None
@@ -484,7 +486,7 @@ def _block_bindings(sch, block) -> list | None:
     if type(realize).__name__ != "SBlockRealize":
         return None
     vals = list(realize.iter_values)
-    if not all(isinstance(v, tirx.Var) for v in vals):
+    if not all(isinstance(v, (tirx.Var, tirx.IntImm)) for v in vals):
         return None
     return vals
 
@@ -518,24 +520,22 @@ def _loads(expr, out: list) -> list:
     return out
 
 
-def _contiguous_read_iter(sch, block) -> tuple[int, int | None] | None:
-    """``(i, period)``: the block iter var ``i`` that walks the innermost axis of most of the
-    block's read elements, and ``period`` when those reads are contiguous only within runs of
-    ``period`` steps of it (an inner axis of a reshape fused before the transpose: index
-    ``v % period``), else None. Indices are simplified under the iter vars' bounds first, so
-    the zero terms a fused reshape leaves (``v // 64`` for ``v < 64``) do not hide a plain
-    variable. Weighted by the elements of each load (summed over loads whose innermost index
-    is a plain iter var, plus a constant, or that modulo a constant); None if there is none."""
+def _read_iters(sch, block) -> dict[int, tuple[int, int | None]]:
+    """``{i: (weight, period)}`` over the block iter vars ``i`` that walk the innermost axis of
+    some of the block's loads: ``weight`` sums the elements of those loads' buffers (all 32-bit
+    here), ``period`` is set when the reads are contiguous only within runs of ``period`` steps
+    of ``i`` (an inner axis of a reshape fused before the transpose: index ``v % period``).
+    Indices are simplified under the iter vars' bounds first, so the zero terms a fused reshape
+    leaves (``v // 64`` for ``v < 64``) do not hide a plain variable. Only loads whose innermost
+    index is a plain iter var, plus a constant, or that modulo a constant count."""
     st = sch.get(block)
     if not isinstance(st.body, tirx.BufferStore):
-        return None
+        return {}
     ana = tvm.sym.Analyzer()
     for iv in st.iter_vars:
         ana.bind(iv.var, iv.dom)
-    loads = _loads(st.body.value, [])
-    weight: dict[int, int] = {}
-    period: dict[int, int | None] = {}
-    for ld in loads:
+    found: dict[int, tuple[int, int | None]] = {}
+    for ld in _loads(st.body.value, []):
         buf = _load_buffer(ld)
         if buf is None:
             continue
@@ -551,16 +551,13 @@ def _contiguous_read_iter(sch, block) -> tuple[int, int | None] | None:
         if not isinstance(last, tirx.Var):
             continue
         idx = next((i for i, iv in enumerate(st.iter_vars) if iv.var.same_as(last)), None)
-        if idx is not None:
-            weight[idx] = weight.get(idx, 0) + int(np.prod(shape))  # elements (all 32-bit here)
-            if mod is not None:
-                period[idx] = math.gcd(period[idx], mod) if period.get(idx) else mod
-            else:
-                period.setdefault(idx, None)
-    if not weight:
-        return None
-    best = max(weight, key=lambda i: weight[i])
-    return best, period.get(best)
+        if idx is None:
+            continue
+        weight, period = found.get(idx, (0, None))
+        if mod is not None:
+            period = math.gcd(period, mod) if period else mod
+        found[idx] = (weight + int(np.prod(shape)), period)
+    return found
 
 
 def _gather_lines_per_set(sch, block, it: int) -> float:
@@ -593,9 +590,9 @@ def _gather_lines_per_set(sch, block, it: int) -> float:
 
 
 def _schedule_transpose_block(sch, block, lanes: int) -> bool:
-    """A spatial block whose reads are mostly contiguous along another axis than the output's
-    innermost one (:func:`_contiguous_read_iter`; NHWC <-> NCHW transposes, usually fused
-    with a binary layer's epilogue): tile both
+    """A spatial block with reads contiguous along another axis than the output's innermost one
+    (:func:`_read_iters`; NHWC <-> NCHW transposes, usually fused with a binary layer's
+    epilogue): tile both
     axes, ``T x V`` (read axis unrolled, output axis vectorised), so that each read cache
     line is used whole while it is in L1. False if the block is not of that form."""
     kinds = _iter_kinds(sch, block)
@@ -603,27 +600,38 @@ def _schedule_transpose_block(sch, block, lanes: int) -> bool:
         return False
     loops = sch.get_loops(block)
     binds = _block_bindings(sch, block)
-    if binds is None or len(binds) != len(loops) or len(loops) < 2:
+    if binds is None or len(loops) < 2:
         return False
     loop_vars = [sch.get(lp).loop_var for lp in loops]
-    # iter var i bound to loop pos[i]
+    # iter var i bound to loop pos[i] (None: bound to a constant)
     pos = []
     for v in binds:
-        j = next((k for k, lv in enumerate(loop_vars) if lv.same_as(v)), None)
-        if j is None:
+        j = None if isinstance(v, tirx.IntImm) else next(
+            (k for k, lv in enumerate(loop_vars) if lv.same_as(v)), None)
+        if j is None and not isinstance(v, tirx.IntImm):
             return False
         pos.append(j)
     ext = [_extent(sch, lp) for lp in loops]
     if any(e is None for e in ext):
         return False
-    found = _contiguous_read_iter(sch, block)
-    if found is None:
+    bound = [j for j in pos if j is not None]
+    if len(set(bound)) != len(bound) or any(ext[j] != 1 for j in range(len(loops)) if j not in bound):
         return False
-    rd, period = found
     # innermost output axis with extent > 1 (the write-contiguous one)
     inner = next((j for j in range(len(loops) - 1, -1, -1) if ext[j] > 1), None)
+    if inner is None:
+        return False
+    # the read axis: the heaviest one other than the output's (loads along the output's axis
+    # stay vector loads in the tile), if its loads are at least a quarter of the output's size
+    # (a residual or shortcut read in NCHW next to the transposed kernel output must not hide
+    # it: flat, every lane of the transposed read is a separate cache line)
+    others = {i: wp for i, wp in _read_iters(sch, block).items() if pos[i] != inner}
+    if not others:
+        return False
+    rd = max(others, key=lambda i: others[i][0])
+    weight, period = others[rd]
     rloop = pos[rd]
-    if inner is None or rloop == inner or ext[rloop] < 4 or ext[inner] < 4:
+    if 4 * weight < int(np.prod(ext)) or ext[rloop] < 4 or ext[inner] < 4:
         return False
     ways = _gather_lines_per_set(sch, block, pos.index(inner))
     vec = next((v for v in (lanes, 8, 4) if ext[inner] % v == 0 and v * ways <= L1_WAYS), 0)
@@ -702,12 +710,21 @@ def _schedule_reduction_block(sch, block, lanes: int) -> None:
         sch.annotate(inner, "pragma_unroll_explicit", 0)
 
 
-def schedule_elementwise(sch, target) -> str:
+def _simplified(sch: s_tir.Schedule) -> s_tir.Schedule:
+    """A fresh schedule of ``sch``'s function with every index simplified under its block's iter
+    var bounds (``StmtSimplify``). Inlining a fused reshape chain leaves indices such as
+    ``x[((h * 16 + c // 32 + w) // 256 + n) % 16, c % 32 * 2, ...]`` for ``x[n, c * 2, h, w]``,
+    which the vectoriser cannot prove contiguous: every lane became a scalar load."""
+    return s_tir.Schedule(s_tir.transform.StmtSimplify()(sch.mod))
+
+
+def schedule_elementwise(sch, target) -> tuple[str, s_tir.Schedule]:
     lanes = _vec_lanes(target)
     _inline_injective(sch)
+    sch = _simplified(sch)
     for b in _blocks(sch):
         _schedule_injective_block(sch, b, lanes)
-    return "injective"
+    return "injective", sch
 
 
 def schedule_generic_reduction(sch, target) -> str:
@@ -1058,9 +1075,13 @@ def schedule_dlight_reduction(sch_unused, target, func) -> s_tir.Schedule | None
 
 
 def _try(rule, func, target) -> tuple[s_tir.Schedule, str] | None:
+    """Apply one rule to a fresh schedule of ``func``: ``(schedule, rule name)``, or None if the
+    rule raised. A rule returns its name, or its name and the schedule it continued on."""
     sch = s_tir.Schedule(func)
     try:
         name = rule(sch, target)
+        if isinstance(name, tuple):
+            name, sch = name
         return sch, name
     except Exception as e:  # noqa: BLE001 - any schedule error: fall back to the next rule
         log.debug("rule %s failed: %s", getattr(rule, "__name__", rule), e)
