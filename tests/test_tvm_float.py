@@ -8,10 +8,13 @@
 * single ops the rules special-case (packed conv: stride 2, 1x1, OC not a multiple of 16,
   conv1d; GroupNorm with several channels per group; dense; softmax) against torch;
 * the rewrites of the lowering path: ``mean(|x|, axis=1)`` -> channel-mean compute (static and
-  dynamic batch), the tiled NHWC <-> NCHW transpose schedule (also through a fused reshape, and
-  narrower where wide vectors would alias in L1), the converter's pixel-row views (kept out of
-  fusion, zero-copy) and its adaptive-pool (shortcut channel pooling) and nearest-upsample
-  rewrites (bit-identical to torch).
+  dynamic batch), the tiled NHWC <-> NCHW transpose schedule (also through a fused reshape, next
+  to a heavier NCHW read, and narrower where wide vectors would alias in L1), the converter's
+  pixel-row views (kept out of fusion, zero-copy) and its adaptive-pool (shortcut channel
+  pooling) and nearest-upsample rewrites (bit-identical to torch);
+* the fast-math computes: the exp polynomial's accuracy and range, GroupNorm (affine folded) +
+  SiLU as one function, the softmax rule (and its TOPI fallback); every kernel of the tiny UNet
+  vectorised, with no scalar libm call.
 """
 from __future__ import annotations
 
