@@ -250,12 +250,13 @@ class _FloatRewriter(relax.PyExprMutator):
     def _silu(self, call):
         """``x * sigmoid(x)`` (how torch.export spells SiLU) -> one ``x / (1 + exp(-x))``; the
         sigmoid, if nothing else reads it, is dropped by dead-code elimination."""
-        for x, s in (call.args, call.args[::-1]):
+        args = list(call.args)
+        for x, s in (args, args[::-1]):
             if not (isinstance(s, relax.Var) and _is_f32(x)):
                 continue
-            bound = self.lookup_binding(s)
+            bound = self.lookup_binding(s)  # s = sigmoid(x): same shape as x, no broadcast
             if isinstance(bound, relax.Call) and bound.op == self.call_tir and bound.args[0] in self.sigmoids \
-                    and bound.args[1][0].same_as(x) and list(x.ty.shape) == list(s.ty.shape):
+                    and bound.args[1][0].same_as(x):
                 return self.builder_.call_te(_fast_silu, x, primfunc_name_hint="fast_silu")
         return None
 
