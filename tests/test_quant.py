@@ -337,6 +337,24 @@ def test_kmap_and_factorised_scale():
     assert y[0, 1, 1, 2] == 30 and y[0, 0, 0, 0] == 1
 
 
+@pytest.mark.parametrize("batch,k,stride,pad,hw", [(1, 3, 1, 1, 6), (3, 3, 2, 1, 7), (5, 1, 1, 0, 4), (2, 3, 1, 0, 5)])
+def test_kmap_is_a_one_channel_conv_of_mean_abs(batch, k, stride, pad, hw):
+    """The batch-as-channels depthwise form equals K = k * mean_c|x| as a plain 1-channel conv,
+    value and gradients (to x and to the learned kernel)."""
+    km = q.KMap(k, stride, pad, learnable=True)
+    with torch.no_grad():
+        km.weight.copy_(torch.randn(1, 1, k, k, generator=torch.Generator().manual_seed(1)))
+    x = torch.randn(batch, 4, hw, hw, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    g = torch.randn_like(km(x))
+    xr, wr = x.detach().clone().requires_grad_(), km.weight.detach().clone().requires_grad_()
+    ref = F.conv2d(xr.abs().mean(dim=1, keepdim=True), wr, None, stride, pad)
+    (ref * g).sum().backward()
+    (km(x) * g).sum().backward()
+    torch.testing.assert_close(km(x), ref)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(km.weight.grad, wr.grad)
+
+
 def test_inactive_layer_is_float_and_describe_is_json():
     w, b, x = rand(0, 4, 4, 3, 3), rand(1, 4), rand(2, 1, 4, 6, 6)
     conv = q.make_qconv2d(w, b, 1, 1, weight_q="ebb", act_q="lsq", a_bits=4, post="rprelu")

@@ -41,7 +41,12 @@ class KMap(nn.Module):
         # sum / C, not mean: the same values, but the backward divides the small (B, 1, H, W)
         # gradient instead of the expanded full-size one
         a = x.abs().sum(dim=1, keepdim=True) / x.shape[1]
-        return F.conv2d(a, self.weight, None, self.stride, self.padding, self.dilation)
+        # one depthwise conv with the batch as its channels: oneDNN runs a 1-in 1-out channel conv
+        # 1.3-6x slower, forward + backward (mnist16 BiDM, batch 64: 1.87 -> 0.30 ms at 16x16)
+        b = a.shape[0]
+        y = F.conv2d(a.reshape(1, b, *a.shape[2:]), self.weight.expand(b, -1, -1, -1), None,
+                     self.stride, self.padding, self.dilation, groups=b)
+        return y.reshape(b, 1, *y.shape[2:])
 
     def describe(self) -> dict:
         return {"kind": self.kind, "learnable": self.learnable,
