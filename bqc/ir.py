@@ -689,6 +689,20 @@ def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     return view
 
 
+def state_view(gm: fx.GraphModule) -> fx.GraphModule:
+    """A view of ``gm`` (same parameters and submodules) that returns only its state outputs
+    (``(*state_outputs,)``, the TBS caches), with the nodes only ``eps`` needs removed: BiDM's
+    no-grad cache pass at t + d reads nothing else."""
+    graph = fx.Graph()
+    outs = graph.graph_copy(gm.graph, {}, return_output_node=False)
+    graph.output(tuple(outs[1:]))
+    view = fx.GraphModule(gm, graph)
+    view.graph.eliminate_dead_code()
+    view.recompile()
+    view.meta = gm.meta
+    return view
+
+
 #: the torch meta a node made by a pass copies from the node it stands for (``val`` only when asked)
 _INHERITED_META = ("nn_module_stack", "stack_trace")
 

@@ -204,6 +204,13 @@ def test_distill_taps_cover_every_block(tiny_source):
     assert len(args) == len(phs)
     outs = view(*args)
     assert len(outs) == 1 + len(meta["state_outputs"]) + len(meta["taps"])
+    # the trainer's cache pass: the state outputs alone, without what only eps needs
+    states = ir.state_view(res.gm)
+    got, full = states(*args), res.gm(*args)
+    assert len(got) == len(meta["state_outputs"]) and all(torch.equal(a, b) for a, b in zip(got, full[1:]))
+    assert len(states.graph.nodes) < len(res.gm.graph.nodes)
+    eps = next(n for n in res.gm.graph.nodes if n.op == "output").args[0][0]  # the output conv's node
+    assert eps.name not in {n.name for n in states.graph.nodes}
 
 
 def test_mixed_precision_overrides(tiny_source):

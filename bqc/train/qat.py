@@ -249,6 +249,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
     s_view, t_view, taps = _tap_views(student, teacher) if opts.distill else (None, None, [])
     distill = meta.get("distill") if taps else None
     has_tbs = bool(meta.get("state_inputs"))
+    cache_view = ir.state_view(student) if has_tbs else None
     gap = tbs_gap(recipe_train, opts, schedule)
     tau = float(recipe_train.get("ebb_tau", 0.0))
     n_out = 1 + len(meta.get("state_outputs", []))
@@ -270,8 +271,7 @@ def make_loss(student, teacher, recipe_train: dict, opts: QATOptions, schedule: 
             t2 = (t + gap).clamp(max=schedule.T - 1)
             x_t2 = q_sample(schedule, x0, t2, noise)
             with torch.no_grad(), timer("cache pass"):
-                out2 = core.student(*_args(meta, x_t2, t2, y, context=c))
-            state = list(out2[1:n_out])
+                state = list(cache_view(*_args(meta, x_t2, t2, y, context=c)))
         args = _args(meta, x_t, t, y, state, context=c)
         terms = {}
         t_out = None  # the teacher's prediction at (x_t, t), when a loss needs it
