@@ -36,6 +36,7 @@ from bqc.diffusion.samplers import generate
 from bqc.graph import BqcModel
 from bqc.metrics import evaluate
 from bqc.report import cost_report
+from bqc.runtime import idle_cores
 from bqc.train.qat import QATOptions, train_artifact
 
 SHIPPED = ("mnist16-bidm", "mnist16-binarydm")
@@ -162,6 +163,17 @@ def _sampler(opts: DemoOptions) -> str:
     return f"DDIM-{opts.sample_steps} eta={opts.eta:g}, n={opts.n}"
 
 
+def bench_threads(threads: int | None) -> int:
+    """The demo's benchmark threads: ``threads`` when given, else one per core that is idle now
+    (at least one): torch and TVM both slow down many times over when a thread waits for a busy
+    core, which would make the ratio measure the other job, not the kernels."""
+    if threads:
+        return int(threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    idle = idle_cores()
+    return cores if idle is None else max(1, min(cores, int(idle + 0.5)))
+
+
 def _lower_and_bench(dart: deploy.DeployArtifact, dest: Path, console: Console, opts: DemoOptions) -> dict | None:
     """Lower a deploy artifact to tvm-x86 and time one UNet step, when the TVM backend is available."""
     try:
@@ -180,7 +192,7 @@ def _lower_and_bench(dart: deploy.DeployArtifact, dest: Path, console: Console, 
             console.print(("" if checked.ok else "[bold red]error:[/] ") + escape(f"tvm-x86 {checked.summary()}"))
         with Progress("bench", enabled=opts.progress) as bar:
             bar.stage("time the compiled step and torch FP32")
-            return tvm_lower.bench(dest, threads=opts.threads, teacher=bundle_teacher(dest))
+            return tvm_lower.bench(dest, threads=bench_threads(opts.threads), teacher=bundle_teacher(dest))
     except BqcError as e:  # a reported backend limitation; anything else is a bug and propagates
         console.print(f"[yellow]lowering skipped:[/] {e}")
         return None
@@ -207,8 +219,9 @@ def print_summary(rows: list[DemoRow], console: Console, wall: float, out: Path,
         b = benched[0]
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         console.print(f"TVM speedup: compiled UNet step {b['bqc_ms']:.1f} ms vs torch FP32 eager {b['torch_fp32_ms']:.1f} ms, "
-                      f"{b['threads']} threads, batch {b['batch']} (load average {load:.1f}). On a busy machine multi-thread "
-                      "torch waits for cores; `bqc bench DIR --threads 1` gives the single-core ratio.", highlight=False)
+                      f"{b['threads']} threads (one per idle core unless --threads), batch {b['batch']} (load average {load:.1f}). "
+                      "A thread that waits for a busy core slows torch and TVM many times over; `bqc bench DIR "
+                      "--threads 1` gives the single-core ratio.", highlight=False)
     console.print(f"wrote {out}/summary.json and:", highlight=False)
     for r in rows:
         for k, v in r.paths.items():

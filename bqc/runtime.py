@@ -43,3 +43,38 @@ def tune_allocator() -> bool:
         libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     _state["tuned"] = ok
     return ok
+
+
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]] | None:
+    """``{cpu: (idle + iowait jiffies, total jiffies)}`` from /proc/stat for ``cpus``; None off Linux."""
+    try:
+        lines = open("/proc/stat").read().splitlines()
+    except OSError:
+        return None
+    out = {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            v = [int(f) for f in fields[:8]]
+            out[int(name[3:])] = (v[3] + v[4], sum(v))
+    return out or None
+
+
+def idle_cores(window: float = 0.5) -> float | None:
+    """How many of this process's cores were idle over the next ``window`` seconds (from
+    /proc/stat), or None where that cannot be read. A benchmark that runs one thread per core
+    on a machine another job keeps busy measures the wait for a core, not the kernels: TVM's
+    thread pool spin-waits on its busy workers (``bqc demo`` read 0.05x beside a CI run)."""
+    import time
+
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    before = _cpu_times(cpus)
+    if before is None:
+        return None
+    time.sleep(window)
+    after = _cpu_times(cpus) or {}
+    idle = 0.0
+    for c, (i0, t0) in before.items():
+        i1, t1 = after.get(c, (i0, t0))
+        idle += (i1 - i0) / (t1 - t0) if t1 > t0 else 0.0
+    return idle
