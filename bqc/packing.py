@@ -27,6 +27,14 @@ Bit-packed layout, ``LAYOUT_VERSION = 1``
   are never written). x86 kernels use ``L = 16`` (one AVX-512 vector of uint32).
 * Binary dot product: for ``K`` valid +-1 pairs, ``dot = K - 2 * popcount(a ^ w)``
   (equivalently ``2 * popcount(~(a ^ w) & mask) - K``).
+* Unsigned 1-bit activations (input kind ``"bits01"``: DoReFa's 1-bit activation, codes
+  ``q = round(clamp(x / s, 0, 1))`` in {0, 1}): the same words with bit 1 = code 1, bit 0 =
+  code 0 (:func:`unsigned_bits`, :func:`pack_mask`); weights as above (bit 1 = +1). Per
+  channel ``a * w = wb - [a != wb]``, so ``dot = popcount(w) - popcount(a ^ w)`` (the weight
+  row's total popcount, :func:`weight_popcount`, minus the XNOR kernels' own accumulator).
+  A zero-padded tap (activation words 0) adds ``popcount(w)`` to both terms and cancels, as
+  do pad bits (0 in both operands): the conv kernels' base table is ``popcount(w[oc])`` in
+  every border class (``conv_base_table(..., unsigned=True)``).
 * Zero padding of a conv is *real zero* (a padded tap contributes 0, exactly like
   ``torch.conv2d(sign(x), sign(W), padding=p)``), not -1 or +1. Kernels compute every tap
   over an input padded with 0 words (as if padded with -1) and subtract, for each output
@@ -65,7 +73,7 @@ INT8_GROUP = 4
 
 __all__ = [
     "LAYOUT_VERSION", "WORD_BITS", "WORD_DTYPE", "ZERO_POINT", "INT8_GROUP",
-    "sign", "num_words", "pack_bits", "unpack_bits",
+    "sign", "num_words", "pack_bits", "pack_mask", "unpack_bits", "unsigned_bits", "weight_popcount",
     "pack_activations", "pack_conv_weights", "pack_dense_weights", "block_oc",
     "codes_to_u8", "pack_codes", "block_oc_int8", "conv_out_size",
     "ref_binary_conv2d", "ref_binary_dense", "ref_w1ak_conv2d", "ref_w1ak_dense",
@@ -123,9 +131,14 @@ def pack_bits(x, axis: int = -1, word_bits: int = WORD_BITS) -> np.ndarray:
     LSB-first, bit 1 = +1, pad bits 0. The packed axis keeps its position and has length
     ``ceil(n / word_bits)``. ``word_bits`` is 32 (uint32, the layout) or 64 (uint64) or 8.
     """
-    x = _np(x)
+    return pack_mask(_np(x) >= 0, axis, word_bits)
+
+
+def pack_mask(bits, axis: int = -1, word_bits: int = WORD_BITS) -> np.ndarray:
+    """Pack a boolean tensor (True = bit 1) along ``axis`` into words, as :func:`pack_bits`
+    (which packs ``x >= 0``); unsigned activations pack ``unsigned_bits(x, step)``."""
     dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[word_bits]
-    bits = np.moveaxis(x >= 0, axis, -1)
+    bits = np.moveaxis(np.asarray(_np(bits), bool), axis, -1)
     n = bits.shape[-1]
     nw = num_words(n, word_bits)
     pad = nw * word_bits - n
@@ -137,15 +150,25 @@ def pack_bits(x, axis: int = -1, word_bits: int = WORD_BITS) -> np.ndarray:
     return np.moveaxis(words, -1, axis)
 
 
-def unpack_bits(words, n: int, axis: int = -1) -> np.ndarray:
-    """Inverse of :func:`pack_bits`: int8 +-1 values, ``n`` of them along ``axis``."""
+def unsigned_bits(x, step) -> np.ndarray:
+    """The bits of unsigned 1-bit activations: ``round_half_even(clamp(x / step, 0, 1)) == 1``,
+    computed in ``x``'s float dtype (step cast to it first), like the reference executor; that is
+    ``x / step > 0.5`` (exactly 0.5 rounds to code 0; NaN gives 0)."""
+    x = _np(x)
+    q = np.round(np.clip(x / np.asarray(step, dtype=x.dtype), 0, 1))  # numpy rounds half to even
+    return q == 1
+
+
+def unpack_bits(words, n: int, axis: int = -1, unsigned: bool = False) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: int8 +-1 values, ``n`` of them along ``axis`` (``unsigned``:
+    the {0, 1} codes of unsigned activations)."""
     words = _np(words)
     word_bits = words.dtype.itemsize * 8
     w = np.moveaxis(words, axis, -1)
     shifts = np.arange(word_bits, dtype=w.dtype)
     bits = (w[..., None] >> shifts) & np.ones((), w.dtype)
     bits = bits.reshape(w.shape[:-1] + (w.shape[-1] * word_bits,))[..., :n]
-    return np.moveaxis(np.where(bits == 1, 1, -1).astype(np.int8), -1, axis)
+    return np.moveaxis(np.where(bits == 1, 1, 0 if unsigned else -1).astype(np.int8), -1, axis)
 
 
 def pack_activations(x, tau=None, layout: str = "NCHW") -> np.ndarray:
@@ -257,8 +280,20 @@ def border_table_shape(size: int, kernel: int, stride: int, padding: int) -> tup
     return int(lo.max()) + 1, int(hi.max()) + 1
 
 
+def weight_popcount(w_bits, lanes: int | None = 16) -> np.ndarray:
+    """int32 ``[OCpad]``: the total popcount (+1 weights) of each output channel's packed
+    weights (canonical ``[OC, ...]``), the ``dot = popcount(w) - popcount(a ^ w)`` base of
+    unsigned activations; ``OCpad`` as in :func:`conv_base_table`."""
+    w = _np(w_bits)
+    oc = w.shape[0]
+    ocp = oc if lanes is None else -(-oc // lanes) * lanes
+    out = np.zeros(ocp, np.int32)
+    out[:oc] = _popcount(w).reshape(oc, -1).sum(1)
+    return out
+
+
 def conv_base_table(w_bits, in_channels: int, in_h: int, in_w: int, stride: int = 1,
-                    padding: int = 0, lanes: int | None = 16) -> np.ndarray:
+                    padding: int = 0, lanes: int | None = 16, unsigned: bool = False) -> np.ndarray:
     """int32 ``base[lo_h, hi_h, lo_w, hi_w, OCpad]`` for the W1A1 conv kernels.
 
     Kernels accumulate ``acc = sum over all KH*KW taps of popcount(x ^ w)`` over an input
@@ -267,9 +302,16 @@ def conv_base_table(w_bits, in_channels: int, in_h: int, in_w: int, stride: int 
     ``2 * popcount(w[oc, kh, kw, :])`` (cancelling what that tap added to ``acc``, so it
     contributes exactly 0). ``w_bits`` is canonical ``uint32[OC, KH, KW, CW]``; ``OCpad`` is OC
     rounded up to ``lanes`` (pad entries 0; ``lanes=None``: no padding).
+
+    ``unsigned`` (``{0, 1}`` activations, kernels output ``base - acc``): every entry is
+    :func:`weight_popcount` (a padded tap cancels by itself, no border correction).
     """
     w = _np(w_bits)
     oc, kh_, kw_, _ = w.shape
+    if unsigned:
+        shape = border_table_shape(in_h, kh_, stride, padding) + border_table_shape(in_w, kw_, stride, padding)
+        pop = weight_popcount(w, lanes)
+        return np.ascontiguousarray(np.broadcast_to(pop, shape + pop.shape))
     wpop = _popcount(w).sum(-1)  # [OC, KH, KW]
     lh, hh = border_table_shape(in_h, kh_, stride, padding)
     lw, hw = border_table_shape(in_w, kw_, stride, padding)
@@ -307,13 +349,16 @@ def _popcount(a: np.ndarray) -> np.ndarray:
     return np.bitwise_count(a).astype(np.int32)
 
 
-def ref_binary_conv2d(x_bits, w_bits, in_channels: int, stride: int = 1, padding: int = 0) -> np.ndarray:
+def ref_binary_conv2d(x_bits, w_bits, in_channels: int, stride: int = 1, padding: int = 0,
+                      unsigned: bool = False) -> np.ndarray:
     """Exact W1A1 conv on packed operands; int32 NHWC ``[N, OH, OW, OC]``.
 
     ``x_bits uint32[N, H, W, CW]``, ``w_bits uint32[OC, KH, KW, CW]`` (canonical layouts).
     Equals ``torch.conv2d(sign(x), sign(W), stride=stride, padding=padding)`` (permuted to
     NHWC): padded positions contribute 0. Per tap ``dot = 2 * popcount(~(a ^ w) & mask) - C``
     where ``mask`` holds the ``C`` valid channel bits, and taps outside the input are skipped.
+    ``unsigned``: activation bits are {0, 1} codes, per tap ``dot = popcount(w) - popcount(a ^ w)``
+    (equals ``torch.conv2d(q, sign(W), ...)``).
     """
     x = _np(x_bits)
     w = _np(w_bits)
@@ -337,19 +382,25 @@ def ref_binary_conv2d(x_bits, w_bits, in_channels: int, stride: int = 1, padding
             xs = xp[:, rs, cs]  # [N, OH, OW, CW]
             v = valid[rs, cs].astype(np.int32)  # [OH, OW]
             for o in range(oc):
-                xnor = ~(xs ^ w[o, kh, kw]) & mask
-                dot = 2 * _popcount(xnor).sum(-1) - in_channels
+                if unsigned:
+                    dot = _popcount(w[o, kh, kw]).sum() - _popcount(xs ^ w[o, kh, kw]).sum(-1)
+                else:
+                    xnor = ~(xs ^ w[o, kh, kw]) & mask
+                    dot = 2 * _popcount(xnor).sum(-1) - in_channels
                 out[..., o] += dot * v
     return out
 
 
-def ref_binary_dense(x_bits, w_bits, in_features: int) -> np.ndarray:
-    """Exact W1A1 dense: ``x_bits uint32[M, KW]``, ``w_bits uint32[N, KW]`` -> int32 ``[M, N]``."""
+def ref_binary_dense(x_bits, w_bits, in_features: int, unsigned: bool = False) -> np.ndarray:
+    """Exact W1A1 dense: ``x_bits uint32[M, KW]``, ``w_bits uint32[N, KW]`` -> int32 ``[M, N]``
+    (``unsigned``: {0, 1} activation bits, ``popcount(w[n]) - popcount(a ^ w[n])``)."""
     x = _np(x_bits)
     w = _np(w_bits)
     if x.shape[-1] != w.shape[-1] or x.shape[-1] != num_words(in_features):
         raise ValueError("word counts disagree")
     pc = _popcount(x[:, None, :] ^ w[None, :, :]).sum(-1)
+    if unsigned:
+        return (weight_popcount(w, lanes=None)[None, :] - pc).astype(np.int32)
     return (in_features - 2 * pc).astype(np.int32)
 
 

@@ -33,17 +33,20 @@ CONV_CASES = [
 ]
 
 
-def dense_kernel(m, k, n):
+def dense_kernel(m, k, n, unsigned=False):
+    """W1A1 dense; ``unsigned``: {0, 1} activation bits, with the ``base`` input."""
     from tvm import te
 
     from bqc.backends.tvm.kernels.binary import binary_dense
 
+    nb = -(-n // LANES)
     x = te.placeholder((m, P.num_words(k)), "uint32", name="x")
-    w = te.placeholder((-(-n // LANES), P.num_words(k), LANES), "uint32", name="w")
-    return te.create_prim_func([x, w, binary_dense(x, w, k, n)])
+    w = te.placeholder((nb, P.num_words(k), LANES), "uint32", name="w")
+    base = te.placeholder((nb * LANES,), "int32", name="base") if unsigned else None
+    return te.create_prim_func([x, w, *([base] if unsigned else []), binary_dense(x, w, k, n, base=base)])
 
 
-def conv_kernel(n, c, h, w, oc, kh, stride, pad):
+def conv_kernel(n, c, h, w, oc, kh, stride, pad, unsigned=False):
     from tvm import te
 
     from bqc.backends.tvm.kernels.binary import binary_conv2d_nhwc, conv_geometry
@@ -52,24 +55,32 @@ def conv_kernel(n, c, h, w, oc, kh, stride, pad):
     x = te.placeholder((n, h, w, cw), "uint32", name="x")
     wt = te.placeholder((ocb, kh, kh, cw, LANES), "uint32", name="w")
     base = te.placeholder(conv_geometry(h, w, kh, kh, stride, pad)["table"] + (ocb * LANES,), "int32", name="base")
-    out = binary_conv2d_nhwc(x, wt, base, c, oc, stride=stride, padding=pad)
+    out = binary_conv2d_nhwc(x, wt, base, c, oc, stride=stride, padding=pad, unsigned=unsigned)
     return te.create_prim_func([x, wt, base, out])
 
 
-def dense_inputs(m, k, n, seed):
+def _activation_bits(rng, shape, unsigned):
+    """Packed activation bits along the last axis: signs of normal values, or ({0, 1} codes,
+    ``unsigned``) the bits of ``round(clamp(x, 0, 1))``."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    return P.pack_mask(P.unsigned_bits(x + 0.5, 1.0)) if unsigned else P.pack_bits(x)
+
+
+def dense_inputs(m, k, n, seed, unsigned=False):
     rng = np.random.default_rng(seed)
-    xb = P.pack_bits(rng.standard_normal((m, k)))
+    xb = _activation_bits(rng, (m, k), unsigned)
     wb = P.pack_dense_weights(rng.standard_normal((n, k)))
-    return [xb, P.block_oc(wb, LANES)], P.ref_binary_dense(xb, wb, k)
+    extra = [P.weight_popcount(wb, LANES)] if unsigned else []
+    return [xb, P.block_oc(wb, LANES), *extra], P.ref_binary_dense(xb, wb, k, unsigned=unsigned)
 
 
-def conv_inputs(n, c, h, w, oc, kh, stride, pad, seed):
+def conv_inputs(n, c, h, w, oc, kh, stride, pad, seed, unsigned=False):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    xb = _activation_bits(rng, (n, h, w, c), unsigned)
     wt = rng.standard_normal((oc, c, kh, kh)).astype(np.float32)
-    xb, wb = P.pack_activations(x), P.pack_conv_weights(wt)
-    base = P.conv_base_table(wb, c, h, w, stride=stride, padding=pad, lanes=LANES)
-    ref = P.ref_binary_conv2d(xb, wb, c, stride=stride, padding=pad)
+    wb = P.pack_conv_weights(wt)
+    base = P.conv_base_table(wb, c, h, w, stride=stride, padding=pad, lanes=LANES, unsigned=unsigned)
+    ref = P.ref_binary_conv2d(xb, wb, c, stride=stride, padding=pad, unsigned=unsigned)
     return [xb, P.block_oc(wb, LANES), base], ref
 
 
@@ -107,14 +118,30 @@ def int_matmul_kernel(bt, m, k, n):
     return te.create_prim_func([a, b, int_matmul(a, b)])
 
 
-def bitpack_kernel(n, c, h, w):
+def bitpack_kernel(n, c, h, w, unsigned=False):
+    """The sign packer (input ``tau [C]``), or ``unsigned``: the {0, 1} packer (input ``step [1]``)."""
     from tvm import te
 
     from bqc.backends.tvm.kernels.binary import bitpack
 
     x = te.placeholder((n, c, h, w), "float32", name="x")
+    if unsigned:
+        step = te.placeholder((1,), "float32", name="step")
+        return te.create_prim_func([x, step, bitpack(x, step=step)])
     tau = te.placeholder((c,), "float32", name="tau")
     return te.create_prim_func([x, tau, bitpack(x, tau)])
+
+
+def tie_inputs(n, c, h, w, seed):
+    """Float activations around the {0, 1} packer's tie (x / step == 0.5 and its float32
+    neighbours, negatives, values > 1) and the step, with the reference bits."""
+    rng = np.random.default_rng(seed)
+    step = np.float32(0.75)
+    half = np.float32(0.375)  # step / 2: x / step == 0.5 exactly
+    special = np.array([half, np.nextafter(half, np.float32(1)), np.nextafter(half, np.float32(0)), -half,
+                        0.0, step, 2 * step, -3.0], np.float32)
+    x = rng.choice(special, (n, c, h, w)).astype(np.float32)
+    return [x, np.array([step], np.float32)], P.pack_mask(P.unsigned_bits(x, step).transpose(0, 2, 3, 1))
 
 
 def run_x86(func, inputs, ref):
@@ -138,14 +165,15 @@ def _named(func, name):
 def arm_build():
     """All test kernels in one aarch64 build: ({name: (func, inputs, ref)}, Executable)."""
     funcs, cases = {}, {}
-    for i, case in enumerate(DENSE_CASES):
-        name, func = f"bdense{i}", dense_kernel(**case)
-        funcs[name] = arm_sched.schedule_binary_dense(func)
-        cases[name] = (func, *dense_inputs(seed=i, **case))
-    for i, case in enumerate(CONV_CASES):
-        name, func = f"bconv{i}", conv_kernel(**case)
-        funcs[name] = arm_sched.schedule_binary_conv2d(func)
-        cases[name] = (func, *conv_inputs(seed=100 + i, **case))
+    for kind, unsigned in (("", False), ("01_", True)):  # ±1 and {0, 1} activation bits
+        for i, case in enumerate(DENSE_CASES):
+            name, func = f"bdense{kind}{i}", dense_kernel(**case, unsigned=unsigned)
+            funcs[name] = arm_sched.schedule_binary_dense(func)
+            cases[name] = (func, *dense_inputs(seed=i, **case, unsigned=unsigned))
+        for i, case in enumerate(CONV_CASES):
+            name, func = f"bconv{kind}{i}", conv_kernel(**case, unsigned=unsigned)
+            funcs[name] = arm_sched.schedule_binary_conv2d(func)
+            cases[name] = (func, *conv_inputs(seed=100 + i, **case, unsigned=unsigned))
     rng = np.random.default_rng(7)
     # W1Ak (4-bit codes x +-1 weights) through the int8 kernels
     cc = dict(n=1, c=70, h=6, w=6, oc=32, kh=3, stride=1, pad=1)
@@ -163,6 +191,8 @@ def arm_build():
     tau = (0.1 * rng.standard_normal(70)).astype(np.float32)
     funcs["bitpack"] = arm_sched.schedule_bitpack(bitpack_kernel(2, 70, 5, 6))
     cases["bitpack"] = (None, [x, tau], P.pack_activations(x, tau))
+    funcs["bitpack01"] = arm_sched.schedule_bitpack(bitpack_kernel(2, 70, 5, 6, unsigned=True))
+    cases["bitpack01"] = (None, *tie_inputs(2, 70, 5, 6, seed=8))
     mod = tvm.IRModule({name: _named(f, name) for name, f in funcs.items()})
     return cases, tvm.compile(mod, arm.arm_target(num_cores=2))
 
@@ -184,7 +214,8 @@ def arm_lib(arm_build, tmp_path_factory):
     return arm.export_arm_library(ex, tmp_path_factory.mktemp("arm") / "kernels.so")
 
 
-@pytest.mark.parametrize("kind,count", [("bdense", len(DENSE_CASES)), ("bconv", len(CONV_CASES))])
+@pytest.mark.parametrize("kind,count", [("bdense", len(DENSE_CASES)), ("bconv", len(CONV_CASES)),
+                                        ("bdense01_", len(DENSE_CASES)), ("bconv01_", len(CONV_CASES))])
 def test_arm_kernels_match_reference_and_x86(arm_build, arm_lib, kind, count):
     cases, _ = arm_build
     for i in range(count):
@@ -197,7 +228,7 @@ def test_arm_kernels_match_reference_and_x86(arm_build, arm_lib, kind, count):
 
 def test_arm_int8_matmul_and_bitpack_match_reference(arm_build, arm_lib):
     cases, _ = arm_build
-    for name in ("i8conv", "i8dense", "imatmul", "bitpack"):
+    for name in ("i8conv", "i8dense", "imatmul", "bitpack", "bitpack01"):
         _, inputs, ref = cases[name]
         (got,) = qemu.run_under_qemu(arm_lib, name, inputs, [ref.shape], [ref.dtype])
         np.testing.assert_array_equal(got, ref, err_msg=f"{name}: aarch64 output differs from numpy")

@@ -30,6 +30,7 @@ from test_arm import (  # noqa: E402
     dense_kernel,
     int8_conv_kernel,
     int8_dense_kernel,
+    tie_inputs,
 )
 
 DENSE = dict(m=8, k=512, n=64)
@@ -114,6 +115,8 @@ SINGLE_STEP = [
     ("binary_conv2d", (1, 20, 24, 5, 3), dict(kernel_size=1, stride=1, padding=0)),
     ("binary_dense", (1, 8, 8), {}),
     ("binary_dense", (3, 32, 40), {}),
+    ("binary01_conv2d", (2, 32, 96, 16, 1), dict(kernel_size=1, stride=1, padding=0)),  # {0, 1} activations
+    ("binary01_dense", (3, 32, 40), {}),
     ("int8_conv2d", (2, 3, 16, 4, 1), dict(kernel_size=1, stride=1, padding=0)),
     ("int8_conv2d", (1, 4, 8, 3, 3), dict(kernel_size=3, stride=1, padding=1)),
     ("int8_dense", (1, 4, 8), {}),
@@ -145,6 +148,10 @@ EMU_CASES = [
     ("bconv", dict(n=2, c=32, h=4, w=1, oc=40, kh=1, stride=1, pad=0)),  # single-step reduction
     ("bdense", dict(m=5, k=100, n=40)),
     ("bdense", dict(m=1, k=20, n=24)),  # single-step reduction
+    ("bconv01", dict(n=2, c=70, h=9, w=7, oc=16, kh=3, stride=2, pad=1)),  # {0, 1} activation bits
+    ("bconv01", dict(n=2, c=32, h=4, w=1, oc=40, kh=1, stride=1, pad=0)),
+    ("bdense01", dict(m=5, k=100, n=40)),
+    ("bitpack01", dict(n=2, c=70, h=5, w=6)),  # the x / step == 0.5 tie and its neighbours
     ("i8conv", dict(n=1, c=70, h=5, w=5, oc=40, kh=3, stride=1, pad=1)),
     ("i8conv", dict(n=1, c=3, h=4, w=2, oc=24, kh=1, stride=1, pad=0)),  # single-step reduction
     ("i8dense", dict(m=5, k=100, n=40)),
@@ -162,6 +169,14 @@ def _emu_case(kind, case, seed):
     if kind == "bconv":
         inputs, ref = conv_inputs(seed=seed, **case)
         return S.schedule_binary_conv2d(conv_kernel(**case)), inputs, ref
+    if kind in ("bconv01", "bdense01"):
+        conv = kind == "bconv01"
+        inputs, ref = (conv_inputs if conv else dense_inputs)(seed=seed, **case, unsigned=True)
+        sched = S.schedule_binary_conv2d if conv else S.schedule_binary_dense
+        return sched((conv_kernel if conv else dense_kernel)(**case, unsigned=True)), inputs, ref
+    if kind == "bitpack01":
+        inputs, ref = tie_inputs(seed=seed, **case)
+        return S.schedule_bitpack(bitpack_kernel(**case, unsigned=True)), inputs, ref
     if kind == "bdense":
         inputs, ref = dense_inputs(seed=seed, **case)
         return S.schedule_binary_dense(dense_kernel(**case)), inputs, ref

@@ -263,6 +263,64 @@ def test_other_recipes_layerwise(recipe):
     check_layerwise(gm, dg, example_inputs(gm, batch=2, seed=3))
 
 
+def test_dorefa_w1a1_folds_to_unsigned_bits():
+    """DoReFa's 1-bit {0, 1} activations on binary-weight layers fold to packed bits
+    (``UnsignedBinarize``, input kind ``"bits01"``) for the popcount kernels: the deploy graph
+    matches the QAT graph (float32 and float64), the codes are the QAT quantizer's, and the
+    reference executor's accumulators equal bqc.packing's popcount reference."""
+    gm = qat("tiny", "dorefa")
+    dg = D.to_deploy(gm)
+    layers = D.deploy_layers(dg)
+    binary = [(n, m) for n, m in layers if isinstance(m, (D.BinaryConv2d, D.BinaryLinear))]
+    assert {type(m) for _, m in binary} == {D.BinaryConv2d, D.BinaryLinear}
+    for _, m in binary:
+        assert type(m.act) is D.UnsignedBinarize and m.input_kind == "bits01"
+        assert m.act.ch_axis == (1 if isinstance(m, D.BinaryConv2d) else -1) and float(m.act.step) == 1.0
+        d = m.describe()
+        assert (d["w_bits"], d["a_bits"], d["input"]) == (1, 1, "bits01")
+    # integer-weight layers (the 8-bit head/tail) keep their integer codes
+    assert all(m.input_kind in ("codes", "float") for _, m in layers if isinstance(m, (D.IntConv2d, D.IntLinear)))
+    args = example_inputs(gm, batch=2, seed=1)
+    with torch.no_grad():
+        assert rel(dg(*args)[0], gm(*args)[0]) <= 1e-4
+        args64 = [a.double() if a.is_floating_point() else a for a in args]
+        assert rel(as_float64(dg)(*args64)[0], as_float64(gm)(*args64)[0]) <= 1e-6
+    check_layerwise(gm, dg, example_inputs(gm, batch=2, seed=3))
+    caps = capture_inputs(dg, example_inputs(dg, batch=2, seed=4), D.DEPLOY_LAYERS)
+    lo = hi = 0
+    for n, m in binary:
+        x = caps[n.name][0][0]
+        a, b = m.accumulate(x, impl="torch"), m.accumulate(x, impl="packing")
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), n.name
+        scale = m.scale(torch.float32)[0]
+        assert torch.equal(m.core(x), a[0].float() * (scale.view(-1, 1, 1) if a.dim() == 5 else scale)), n.name
+        lo, hi = min(lo, int(a.min())), max(hi, int(a.max()))
+    assert lo < 0 < hi  # ±1 weights on {0, 1} inputs
+
+
+def test_unsigned_binarize_tie_matches_dorefa():
+    """At and around x / step == 0.5 (round half to even: code 0) the deploy quantizer's codes,
+    values and packed bits equal the QAT DoReFa 1-bit quantizer's."""
+    from bqc import packing as P
+    from bqc.quant.uniform import DoReFaAct
+
+    aq = DoReFaAct(1).eval()
+    half = torch.tensor(0.5)
+    vals = torch.stack([half, torch.nextafter(half, torch.tensor(1.0)), torch.nextafter(half, torch.tensor(0.0)),
+                        -half, torch.tensor(0.0), torch.tensor(1.0), torch.tensor(2.0), torch.tensor(-3.0)])
+    x = vals[torch.randint(0, len(vals), (2, 37, 3, 4), generator=torch.Generator().manual_seed(0))]
+    x[0, :3, 0, 0] = vals[:3]
+    act = D.UnsignedBinarize(torch.tensor(1.0, dtype=torch.float64), ch_axis=1)
+    codes = aq.codes(x)
+    assert codes[0, :3, 0, 0].tolist() == [0, 1, 0]
+    assert torch.equal(act.codes(x), codes) and torch.equal(act(x), aq(x))
+    words = D.words_numpy(act.quantize(x))
+    assert words.shape == (2, 3, 4, 2)
+    assert (words == P.pack_mask(codes.permute(0, 2, 3, 1).numpy() == 1)).all()
+    dense = D.UnsignedBinarize(torch.tensor(1.0, dtype=torch.float64), ch_axis=-1)
+    assert (D.words_numpy(dense.quantize(x)) == P.pack_mask(codes.numpy() == 1)).all()
+
+
 def test_quant_inactive_layer_folds_to_float():
     gm = ir.fresh_copy(case("tiny", "baseline"))
     gm.quant.conv2d_2.set_active(False)

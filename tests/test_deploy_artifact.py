@@ -23,7 +23,7 @@ from bqc.errors import BqcError
 from bqc.pipeline import load_recipe
 from clirun import run_cli
 
-RECIPES = ("bidm", "binarydm", "bidm-skip")  # bidm-skip: OutputSkip in a deploy graph
+RECIPES = ("bidm", "binarydm", "bidm-skip", "dorefa")  # bidm-skip: OutputSkip; dorefa: {0, 1} packed inputs
 _SAVED: dict = {}
 
 
@@ -105,6 +105,30 @@ def test_allowlist_covers_the_deploy_graphs(tmp_path_factory):
     assert all(isinstance(allowed[n], torch._ops.OpOverload) for n in DA.ATEN_OPS)
     for recipe in RECIPES:
         assert DA.graph_functions(saved(recipe, tmp_path_factory)[0]) <= set(allowed)
+
+
+def test_format_version_records_unsigned_inputs(tmp_path_factory, tmp_path):
+    """A deploy graph with packed {0, 1} inputs (UnsignedBinarize, DoReFa W1A1) is written as
+    deploy format 2 (:data:`DA.SINCE`); one without stays format 1, like every artifact before
+    it, and a shipped (format 1) artifact loads and re-saves as 1. A format-1 file holding an
+    UnsignedBinarize, and a format this bqc does not know, are refused."""
+    _, out = saved("dorefa", tmp_path_factory)
+    doc = json.loads((out / "deploy.json").read_text())
+    assert doc["version"] == 2 and any(e["class"] == "UnsignedBinarize" for e in doc["modules"])
+    assert all(r["input"] == "bits01" for r in doc["layers"] if r["weight"] == "binary")
+    assert json.loads((saved("bidm", tmp_path_factory)[1] / "deploy.json").read_text())["version"] == 1
+    shipped = D.load("mnist16-bidm")
+    assert json.loads((shipped.path / "deploy.json").read_text())["version"] == 1
+    assert json.loads((shipped.save(tmp_path / "resaved") / "deploy.json").read_text())["version"] == 1
+    bad = tmp_path / "old"
+    shutil.copytree(out, bad)
+    js = bad / "deploy.json"
+    js.write_text((out / "deploy.json").read_text().replace('"version": 2', '"version": 1', 1))
+    with pytest.raises(BqcError, match="UnsignedBinarize module needs deploy format 2"):
+        D.load(bad)
+    js.write_text((out / "deploy.json").read_text().replace('"version": 2', '"version": 3', 1))
+    with pytest.raises(BqcError, match="deploy format 3"):
+        D.load(bad)
 
 
 def test_save_refuses_what_it_cannot_reload(tmp_path):

@@ -150,6 +150,63 @@ def test_bitpack_kernel(tname, layout, shape, seed):
 
 
 @pytest.mark.parametrize("tname", list(TARGETS))
+@settings(max_examples=8, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=conv_shapes)
+def test_binary01_conv2d_exact(tname, case):
+    """{0, 1} activation bits (DoReFa W1A1) on the XNOR conv kernel with ``out = base - acc``:
+    equal to conv2d(q, sign(W)) with zero padding (padded taps and pad bits cancel)."""
+    n, c, oc, h, w, k, s, p, seed = case
+    if not _valid(h, w, k, p):
+        return
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2, (n, c, h, w))
+    wt = rng.standard_normal((oc, c, k, k)).astype(np.float32)
+    xb, wb = P.pack_mask(q.transpose(0, 2, 3, 1) == 1), P.pack_conv_weights(wt)
+    kern = K.build_binary_conv2d(n, c, oc, h, w, k, s, p, target=TARGETS[tname], unsigned=True)
+    got = kern(xb, P.block_oc(wb), P.conv_base_table(wb, c, h, w, s, p, unsigned=True))
+    np.testing.assert_array_equal(got, torch_conv_nhwc(q, P.sign(wt), s, p))
+    np.testing.assert_array_equal(got, P.ref_binary_conv2d(xb, wb, c, s, p, unsigned=True))
+
+
+@pytest.mark.parametrize("tname", list(TARGETS))
+@settings(max_examples=8, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=dense_shapes)
+def test_binary01_dense_exact(tname, case):
+    m, kf, nf, seed = case
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2, (m, kf))
+    wt = rng.standard_normal((nf, kf))
+    wb = P.pack_dense_weights(wt)
+    kern = K.build_binary_dense(m, kf, nf, target=TARGETS[tname], unsigned=True)
+    got = kern(P.pack_mask(q == 1), P.block_oc(wb), P.weight_popcount(wb))
+    np.testing.assert_array_equal(got, q @ P.sign(wt).astype(np.int64).T)
+    # the fused float epilogue (what the lowering calls) on the same accumulators
+    scale, bias = rng.standard_normal(nf).astype(np.float32), np.zeros(nf, np.float32)
+    kern = K.build_binary_dense(m, kf, nf, target=TARGETS[tname], unsigned=True, epilogue="scale_bias")
+    np.testing.assert_array_equal(kern(P.pack_mask(q == 1), P.block_oc(wb), P.weight_popcount(wb), scale, bias),
+                                  got.astype(np.float32) * scale)
+
+
+@pytest.mark.parametrize("tname", list(TARGETS))
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_bitpack01_kernel_tie(tname, layout):
+    """The {0, 1} packer: bit 1 iff round_half_even(clamp(x / step, 0, 1)) == 1, bit-exact with
+    the reference executor at x / step == 0.5 (code 0), its float32 neighbours, negatives, > 1."""
+    from bqc.deploy import unsigned_pack
+    from test_arm import tie_inputs
+
+    (x, step), want = tie_inputs(2, 37, 3, 19, seed=5)
+    x[0, :4, 0, 0] = [0.375, np.nextafter(np.float32(0.375), np.float32(1)), 1.5, -0.0]
+    want = P.pack_mask(P.unsigned_bits(x, step[0]).transpose(0, 2, 3, 1))
+    ref = P.words_numpy(unsigned_pack(torch.from_numpy(x), torch.tensor(float(step[0]), dtype=torch.float64), 1))
+    np.testing.assert_array_equal(ref, want)
+    assert want[0, 0, 0, 0] & 0xF == 0b0110  # 0.5 -> 0, next above -> 1, 2 -> 1, -0 -> 0
+    xin = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    kern = K.build_bitpack(*x.shape, layout=layout, target=TARGETS[tname], unsigned=True)
+    np.testing.assert_array_equal(kern(xin, step), want)
+
+
+@pytest.mark.parametrize("tname", list(TARGETS))
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_quantize_kernel(tname, bits):
     rng = np.random.default_rng(bits)

@@ -31,7 +31,7 @@ from bqc.pipeline import load_recipe  # noqa: E402
 # binarydm covers baseline's W1A4 layers (the same single-basis body) plus EBB and LRM, so
 # baseline is not lowered separately (suite time); tests/test_kernels_x86.py and
 # tests/test_targets.py check every W1A4 route on its own.
-RECIPES = ["binarydm", "bidm", "bidm+a4-decoder"]
+RECIPES = ["binarydm", "bidm", "bidm+a4-decoder", "dorefa"]  # dorefa: {0, 1} activations on the popcount kernels
 # per-layer mixes as `bqc transform --bits/--keep-fp` makes them: a W1A1 BiDM graph (TBS state,
 # K maps, shortcuts) whose decoder has 4-bit activations, its residual projections kept float
 VARIANTS = {"bidm+a4-decoder": ("bidm", {"bits": ["output_blocks.*=1/4"], "keep_fp": ["*skip_connection"]})}
@@ -136,6 +136,10 @@ def test_lowered_matches_deploy_and_qat(recipe, tmp_path_factory):
     assert man["kernels"].get("pixel_rows", 0) > 0, man["kernels"]
     if recipe in VARIANTS:  # both kinds of binary-weight kernel in one library
         assert man["kernels"].get("w1ak_conv2d", 0) > 0 and man["kernels"].get("binary_conv2d", 0) > 0, man["kernels"]
+    if recipe == "dorefa":  # DoReFa's {0, 1} activations: XNOR/popcount kernels, not the int8 (W1Ak) route
+        assert man["kernels"].get("binary_conv2d", 0) > 0 and man["kernels"].get("binary_dense", 0) > 0
+        assert not any(k.startswith("w1ak") for k in man["kernels"]), man["kernels"]
+        assert man["kernels"]["unsigned_pack"] == nbin
     model = load_compiled(out)
     assert model.batch == BATCH and model.input_shape == (1, 8, 8)
     ref, qat = BqcModel(dg).eval(), BqcModel(gm).eval()

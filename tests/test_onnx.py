@@ -45,7 +45,7 @@ def test_checker_and_custom_domain(exported, name):
         assert [i.name for i in m.graph.input] == ir.graph_meta(dg)["inputs"]
         assert [o.name for o in m.graph.output] == res.manifest["outputs"]
         assert m.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert {o.domain: o.version for o in custom.opset_import}[DOMAIN] == 1
+    assert {o.domain: o.version for o in custom.opset_import}[DOMAIN] == 1 == res.manifest["custom_domain_version"]
     assert not any(n.domain for n in fq.graph.node)  # standard ops only
     nodes = [n for n in custom.graph.node if n.domain == DOMAIN]
     assert nodes
@@ -118,13 +118,35 @@ def test_fakequant_runs_in_onnxruntime(exported, name):
 @pytest.mark.parametrize("name", ["bidm", "baseline"])
 def test_custom_form_on_reference_ops(exported, name):
     """model.onnx executed with the ai.bqc ops on bqc.packing's popcount references."""
-    dg, res = exported[name]
+    _check_on_reference_ops(*exported[name])
+
+
+def _check_on_reference_ops(dg, res):
     args = example_inputs(dg, batch=2, seed=12)
     got = run_reference(res.paths["custom"], dict(zip(ir.graph_meta(dg)["inputs"], [a.numpy() for a in args])))
     with torch.no_grad():
         want = dg(*args)
     for g, w in zip(got, want):
         assert rel(torch.from_numpy(np.asarray(g)), w) <= 1e-4
+
+
+def test_unsigned_bits_export_and_reference(tmp_path):
+    """DoReFa W1A1: {0, 1} activations as ``UnsignedPack`` + ``input_kind="bits01"`` binary ops
+    (ai.bqc version 2, declared only by models that use them); the custom form on the reference
+    ops and the fake-quant form in onnxruntime match the deploy graph."""
+    dg = D.to_deploy(qat("tiny", "dorefa"))
+    res = export_onnx(dg, tmp_path / "onnx")
+    custom = onnx.load(str(res.paths["custom"]))
+    onnx.checker.check_model(custom)
+    assert {o.domain: o.version for o in custom.opset_import}[DOMAIN] == 2 == res.manifest["custom_domain_version"]
+    ops = res.manifest["files"]["model.onnx"]["custom_ops"]
+    nbin = sum(isinstance(m, (D.BinaryConv2d, D.BinaryLinear)) for _, m in D.deploy_layers(dg))
+    assert ops["UnsignedPack"] == nbin and "SignPack" not in ops
+    kinds = {a.s.decode() for n in custom.graph.node if n.op_type in ("BinaryConv2d", "BinaryGemm")
+             for a in n.attribute if a.name == "input_kind"}
+    assert kinds == {"bits01"}
+    assert res.verify["max_rel_err"] <= 1e-4
+    _check_on_reference_ops(dg, res)
 
 
 def test_export_from_artifact_directory(tmp_path):

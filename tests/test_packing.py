@@ -166,6 +166,58 @@ def test_ref_dense(m, k, nf, seed):
     np.testing.assert_array_equal(P.ref_w1ak_dense(q, w), q @ P.sign(w).astype(np.int64).T)
 
 
+@settings(max_examples=40, deadline=None, database=None)
+@given(case=conv_cases)
+def test_ref_binary_conv2d_unsigned_equals_torch(case):
+    """{0, 1} activation bits x ±1 weights (DoReFa W1A1): the popcount reference equals the
+    brute-force float conv with zero padding, and so does the kernels' formula (all taps over a
+    0-word-padded input, ``base - acc`` with base = the weights' popcount in every border class)."""
+    n, c, oc, h, w, k, s, p = case[:8]
+    if h + 2 * p < k or w + 2 * p < k:
+        return
+    rng = np.random.default_rng(case[8])
+    q = rng.integers(0, 2, (n, c, h, w))
+    wt = rng.standard_normal((oc, c, k, k))
+    ref = torch_conv_nhwc(q, P.sign(wt), s, p)
+    xb, wb = P.pack_mask(q.transpose(0, 2, 3, 1) == 1), P.pack_conv_weights(wt)
+    assert np.array_equal(P.unpack_bits(xb, c, unsigned=True), q.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(P.ref_binary_conv2d(xb, wb, c, s, p, unsigned=True), ref)
+    xp = np.pad(xb, ((0, 0), (p, p), (p, p), (0, 0)))  # padded taps read 0 words (code 0)
+    acc = P.weight_popcount(wb, lanes=None) - P.ref_binary_conv2d(xp, wb, c, s, 0, unsigned=True)
+    base = P.conv_base_table(wb, c, h, w, s, p, lanes=None, unsigned=True)
+    assert (base == P.weight_popcount(wb, lanes=None)).all()
+    lo_h, hi_h = P.border_taps(h, k, s, p)
+    lo_w, hi_w = P.border_taps(w, k, s, p)
+    emul = base[lo_h[:, None], hi_h[:, None], lo_w[None, :], hi_w[None, :]][None] - acc
+    np.testing.assert_array_equal(emul, ref)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(m=st.integers(1, 5), k=st.integers(1, 100), nf=st.integers(1, 20), seed=st.integers(0, 2**31 - 1))
+def test_ref_dense_unsigned(m, k, nf, seed):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 2, (m, k))
+    w = rng.standard_normal((nf, k))
+    got = P.ref_binary_dense(P.pack_mask(q == 1), P.pack_dense_weights(w), k, unsigned=True)
+    np.testing.assert_array_equal(got, q @ P.sign(w).astype(np.int64).T)
+
+
+def test_unsigned_bits_tie_and_neighbours():
+    """Bit 1 iff round_half_even(clamp(x / step, 0, 1)) == 1 (torch's rounding: the DoReFa
+    quantizer), i.e. iff x / step > 0.5: exactly 0.5 gives 0, its float32 successor 1."""
+    for step in (1.0, 0.75, 0.3):
+        s32 = np.float32(step)
+        half = np.float32(0.5) * s32
+        x = np.array([half, np.nextafter(half, np.float32(9)), np.nextafter(half, np.float32(-9)), -half, 0.0,
+                      -0.0, s32, 3 * s32, -5.0, np.inf, -np.inf, np.nan], np.float32)
+        want = torch.round(torch.clamp(torch.from_numpy(x) / torch.tensor(s32), 0, 1)).numpy() == 1
+        got = P.unsigned_bits(x, step)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, (x / s32) > 0.5)
+        assert got.tolist()[:2] == [bool(half / s32 > 0.5), True]
+    assert not P.unsigned_bits(np.float32(0.5), 1.0) and P.unsigned_bits(np.nextafter(np.float32(0.5), 1), 1.0)
+
+
 def test_border_taps():
     lo, hi = P.border_taps(5, 3, 2, 1)  # outputs 0..2 read rows -1..1, 1..3, 3..5
     assert lo.tolist() == [1, 0, 0] and hi.tolist() == [0, 0, 1]

@@ -137,6 +137,8 @@ class _Adapter(nn.Module):
         if self.form == "custom":
             if act.kind == "bits":
                 return ops.SignPack.apply(x, act.tau, act.ch_axis, channels, self.layer)
+            if act.kind == "bits01":
+                return ops.UnsignedPack.apply(x, act.step.float(), act.ch_axis, channels, self.layer)
             return ops.QuantizeCodes.apply(x, act.step.float(), act.qmin, act.qmax, act.bits, self.layer)
         if act.kind == "bits":
             v = act.shifted(x)
@@ -278,7 +280,7 @@ def export_module(gm: fx.GraphModule, form: str) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 # ONNX post-processing (onnx-graphsurgeon)
 # ---------------------------------------------------------------------------------------------
-_OUT_DTYPES = {"SignPack": np.uint32, "QuantizeCodes": None}
+_OUT_DTYPES = {"SignPack": np.uint32, "UnsignedPack": np.uint32, "QuantizeCodes": None}
 
 
 def _tensor_name(s: str) -> str:
@@ -316,7 +318,7 @@ def _postprocess_graph(graph, model, custom: bool):
                 continue
             layer = node.attrs.pop("bqc_layer")
             node.name = f"{layer}/{node.op}"
-            names = {"SignPack": [None, "tau"], "QuantizeCodes": [None, "step"],
+            names = {"SignPack": [None, "tau"], "UnsignedPack": [None, "step"], "QuantizeCodes": [None, "step"],
                      "IntMatMul": [None, None, "scale"]}.get(node.op, [None, "w_codes", "scale"])
             if node.op in ("BinaryConv2d", "BinaryGemm"):
                 names = [None, "w_packed", "scale"]
@@ -335,12 +337,13 @@ def _postprocess_graph(graph, model, custom: bool):
                 used.add(const.name)
                 node.inputs[i] = const
             out = node.outputs[0]
-            out.name = f"{layer}.{ {'SignPack': 'bits', 'QuantizeCodes': 'codes'}.get(node.op, 'core') }"
+            kind = {'SignPack': 'bits', 'UnsignedPack': 'bits', 'QuantizeCodes': 'codes'}.get(node.op, 'core')
+            out.name = f"{layer}.{kind}"
             if out.name in used:
                 out.name = f"{out.name}.{len(used)}"
             used.add(out.name)
             out.shape = None
-            if node.op == "SignPack":
+            if node.op in ("SignPack", "UnsignedPack"):
                 out.dtype = np.uint32
             elif node.op == "QuantizeCodes":
                 out.dtype = np.int8 if node.attrs["qmin"] >= -128 and node.attrs["qmax"] <= 127 else np.int16
@@ -367,11 +370,22 @@ def _postprocess_graph(graph, model, custom: bool):
     out.ir_version = model.ir_version
     domains = {o.domain: o.version for o in out.opset_import}
     if custom:
-        domains[ops.DOMAIN] = ops.DOMAIN_VERSION
+        domains[ops.DOMAIN] = ops.domain_version(_domain_features(out))
     del out.opset_import[:]
     for d, v in domains.items():
         out.opset_import.append(onnx.helper.make_opsetid(d, v))
     out.producer_name = "bqc"
+    return out
+
+
+def _domain_features(model) -> set[str]:
+    """The ``ai.bqc`` op types and binary input kinds a model uses (what its domain version
+    depends on, :func:`ops.domain_version`)."""
+    out = set()
+    for n in model.graph.node:
+        if n.domain == ops.DOMAIN:
+            out.add(n.op_type)
+            out.update(a.s.decode() for a in n.attribute if a.name == "input_kind")
     return out
 
 
@@ -469,9 +483,10 @@ def export_onnx(src, out_dir, *, opset: int = OPSET, batch: int = 2, verify: boo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = step_inputs(gm, batch=batch, seed=0)
-    paths, files = {}, {}
+    paths, files, features = {}, {}, set()
     for form in forms:
         model = _export(gm, form, args, opset)
+        features |= _domain_features(model)
         onnx.checker.check_model(model)
         path = out / FILES[form]
         _save(model, path)
@@ -481,7 +496,7 @@ def export_onnx(src, out_dir, *, opset: int = OPSET, batch: int = 2, verify: boo
     summary = D.deploy_summary(gm)
     manifest = {
         "format": "bqc-onnx", "opset": opset, "custom_domain": ops.DOMAIN,
-        "custom_domain_version": ops.DOMAIN_VERSION, "layout_version": D.LAYOUT_VERSION,
+        "custom_domain_version": ops.domain_version(features), "layout_version": D.LAYOUT_VERSION,
         **Signature.of(gm).to_json(),
         "files": files,
         "deploy": {"total_bytes": summary["total_bytes"], "nominal_bytes": summary["nominal_bytes"]},

@@ -7,6 +7,10 @@ The ops (full reference: ``docs/onnx.md``; executable reference: :mod:`.referenc
     LSB-first into ``uint32`` words along that axis, which moves last: NCHW float ->
     ``uint32[N, H, W, ceil(C/32)]`` (``axis=1``), ``[..., K]`` -> ``[..., ceil(K/32)]``
     (``axis=-1``). Attributes ``axis``, ``channels``, ``layout_version``.
+``UnsignedPack(X, Step) -> Bits`` (domain version 2)
+    Bits of the unsigned 1-bit codes ``round_half_even(clip(X / Step, 0, 1))`` (bit 1 = code 1,
+    i.e. ``X / Step > 0.5``), packed like ``SignPack``. Attributes ``axis``, ``channels``,
+    ``layout_version``.
 ``QuantizeCodes(X, Scale) -> Codes``
     ``round_half_even(clip(X / Scale, qmin, qmax))`` as int8 (int16 when the range is wider).
     Attributes ``qmin``, ``qmax``, ``bits``.
@@ -14,7 +18,8 @@ The ops (full reference: ``docs/onnx.md``; executable reference: :mod:`.referenc
     ``Y = sum_b Scale[b, oc] * conv(X~, sign(W_b))`` with real zero padding, float32 NCHW.
     ``W uint32[B, OC, KH, KW, ceil(C/32)]`` (bqc.packing canonical conv layout per basis),
     ``Scale float32[B, OC]`` (activation step times weight scale). ``input_kind``: ``"bits"``
-    (X = SignPack output, X~ = ±1), ``"codes"`` (X = QuantizeCodes output), ``"float"``.
+    (X = SignPack output, X~ = ±1), ``"bits01"`` (X = UnsignedPack output, X~ = {0, 1}; domain
+    version 2), ``"codes"`` (X = QuantizeCodes output), ``"float"``.
     Attributes ``kernel_shape, strides, pads, dilations, group, in_channels, bases, input_kind,
     layout_version``.
 ``BinaryGemm(X, W, Scale) -> Y``
@@ -37,11 +42,16 @@ import torch
 from bqc import deploy as D
 
 DOMAIN = "ai.bqc"
-DOMAIN_VERSION = 1
+#: the newest ``ai.bqc`` version; a model declares the lowest one that holds its ops and input
+#: kinds (:func:`domain_version`), so a model without the version-2 additions stays version 1
+DOMAIN_VERSION = 2
+#: what each version after 1 added: op types, and ``input_kind`` values of the binary ops
+SINCE = {"UnsignedPack": 2, "bits01": 2}
 
 #: op -> (inputs, attributes): the contract, checked by the tests against exported models
 OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "SignPack": (("X", "Tau?"), ("axis", "channels", "layout_version")),
+    "UnsignedPack": (("X", "Step"), ("axis", "channels", "layout_version")),
     "QuantizeCodes": (("X", "Scale"), ("qmin", "qmax", "bits")),
     "BinaryConv2d": (("X", "W", "Scale"), ("kernel_shape", "strides", "pads", "dilations", "group",
                                             "in_channels", "bases", "input_kind", "layout_version")),
@@ -51,6 +61,11 @@ OPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "IntGemm": (("X", "W", "Scale"), ("in_features", "w_bits", "input_kind")),
     "IntMatMul": (("A", "B", "Scale"), ()),
 }
+
+
+def domain_version(features) -> int:
+    """The ``ai.bqc`` version a model using these op types / input kinds must declare."""
+    return max([1] + [SINCE.get(f, 1) for f in features])
 
 
 def _i32(t: torch.Tensor) -> torch.Tensor:
@@ -85,9 +100,23 @@ class SignPack(torch.autograd.Function):
     def symbolic(g, x, tau, axis, channels, layer):
         from torch.onnx.symbolic_helper import _is_none
 
-        ins = [x] if tau is None or _is_none(tau) else [x, tau]
-        return _typed(g.op(f"{DOMAIN}::SignPack", *ins, axis_i=axis, channels_i=channels,
-                           layout_version_i=D.LAYOUT_VERSION, bqc_layer_s=layer), x, torch.int32)
+        return _pack_node(g, "SignPack", [x] if tau is None or _is_none(tau) else [x, tau], axis, channels, layer)
+
+
+def _pack_node(g, op: str, ins: list, axis, channels, layer):
+    """A packer node (``SignPack`` / ``UnsignedPack``): packed words along ``axis``."""
+    return _typed(g.op(f"{DOMAIN}::{op}", *ins, axis_i=axis, channels_i=channels,
+                       layout_version_i=D.LAYOUT_VERSION, bqc_layer_s=layer), ins[0], torch.int32)
+
+
+class UnsignedPack(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, step, axis: int, channels: int, layer: str):
+        return _i32(torch.ops.bqc.unsigned_pack(x, step, axis))
+
+    @staticmethod
+    def symbolic(g, x, step, axis, channels, layer):
+        return _pack_node(g, "UnsignedPack", [x, step], axis, channels, layer)
 
 
 class QuantizeCodes(torch.autograd.Function):

@@ -1,6 +1,6 @@
 """An executable reference of the ``ai.bqc`` domain: onnx's ``ReferenceEvaluator`` with the
 custom ops implemented in numpy on :mod:`bqc.packing`'s bit-level references (XNOR-popcount
-for bits x bits, integer GEMMs for codes). Slow; meant for tests and for checking a third-party
+for bits x bits, also {0, 1} bits, integer GEMMs for codes). Slow; meant for tests and for checking a third-party
 implementation of the domain on small models.
 
     from bqc.backends.onnx.reference import run
@@ -65,6 +65,15 @@ class SignPack(OpRun):
         return (packing.pack_bits(np.moveaxis(v, axis, -1), axis=-1),)
 
 
+class UnsignedPack(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, step, axis=None, channels=None, layout_version=None):
+        axis = int(_attr(self, "axis", 1))
+        bits = packing.unsigned_bits(x.astype(np.float32), np.float32(step))
+        return (packing.pack_mask(np.moveaxis(bits, axis, -1), axis=-1),)
+
+
 class QuantizeCodes(OpRun):
     op_domain = DOMAIN
 
@@ -82,8 +91,8 @@ class BinaryConv2d(OpRun):
         c, kind = int(self.in_channels), self.input_kind
         y = 0.0
         for b in range(w.shape[0]):
-            if kind == "bits":
-                acc = _nchw(packing.ref_binary_conv2d(x, w[b], c, stride, pad))
+            if kind in ("bits", "bits01"):
+                acc = _nchw(packing.ref_binary_conv2d(x, w[b], c, stride, pad, unsigned=kind == "bits01"))
             else:
                 signs = packing.unpack_bits(w[b], c, axis=-1).transpose(0, 3, 1, 2)
                 if kind == "codes":
@@ -103,8 +112,8 @@ class BinaryGemm(OpRun):
         x2 = x.reshape(-1, x.shape[-1])
         y = 0.0
         for b in range(w.shape[0]):
-            if kind == "bits":
-                acc = packing.ref_binary_dense(x2, w[b], k)
+            if kind in ("bits", "bits01"):
+                acc = packing.ref_binary_dense(x2, w[b], k, unsigned=kind == "bits01")
             else:
                 signs = packing.unpack_bits(w[b], k, axis=-1)
                 acc = packing.ref_w1ak_dense(x2, signs) if kind == "codes" else \
@@ -143,7 +152,7 @@ class IntMatMul(OpRun):
         return ((acc.astype(np.float32) * scale.astype(np.float32)).astype(np.float32),)
 
 
-CUSTOM_OPS = [SignPack, QuantizeCodes, BinaryConv2d, BinaryGemm, IntConv2d, IntGemm, IntMatMul]
+CUSTOM_OPS = [SignPack, UnsignedPack, QuantizeCodes, BinaryConv2d, BinaryGemm, IntConv2d, IntGemm, IntMatMul]
 
 
 def evaluator(model) -> ReferenceEvaluator:

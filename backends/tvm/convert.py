@@ -8,6 +8,8 @@ batch), and emits into ``importer.block_builder``:
 ``bqc.sign_pack``           ``call_tir`` of :func:`kernels.build.bitpack_primfunc` (NCHW conv
                             input, or ``[M, 1, 1, K]`` NHWC view of a dense input) -> uint32
                             NHWC-packed words.
+``bqc.unsigned_pack``       the same packer with ``unsigned=True`` (bit 1 iff ``x / step > 0.5``:
+                            the {0, 1} codes of DoReFa's 1-bit activation, input kind ``bits01``).
 ``bqc.binary_conv2d``       per basis ``b``: ``call_tir`` of ``binary_conv2d_primfunc`` with the
                             packed weights re-laid out by :func:`bqc.packing.block_oc` and the
                             border table :func:`bqc.packing.conv_base_table` as ``relax.const``,
@@ -18,6 +20,10 @@ batch), and emits into ``importer.block_builder``:
                             epilogue variant (``fuse_epilogue=False`` or its schedule fails):
                             int32 kernel + Relax ``astype(f32) * scale[b]``.
 ``bqc.binary_dense``        same with ``binary_dense_primfunc`` (input reshaped to ``[M, KW]``).
+                            ``bits01`` inputs ({0, 1} activation bits) take the same kernels
+                            with ``out = base - acc`` (``binary01_*_primfunc``; base: the
+                            weights' popcount per output channel, ``conv_base_table(...,
+                            unsigned=True)`` / ``weight_popcount``).
 ``bqc.quantize_codes``      Relax ops: ``round(clip(x / f32(step), qmin, qmax))`` -> int8 codes
                             (round = half-to-even, as ``torch.round``).
 ``bqc.int_conv2d``          codes -> ``uint8 q + 128`` NHWC (channels padded to 4 with 128) by
@@ -39,7 +45,7 @@ batch), and emits into ``importer.block_builder``:
 ``upsample_nearest2d``      integer factors: reshape + broadcast + reshape (exact).
 ==========================  ==================================================================
 
-Shapes the kernels do not cover (dilation, groups, non-square kernels, float/codes inputs to a
+Shapes the kernels do not cover (dilation, groups, non-square kernels, float inputs to a
 binary layer) fall back to exact Relax float convs / matmuls on unpacked weights
 (``fallbacks`` counts them).
 """
@@ -63,7 +69,7 @@ __all__ = ["Converter", "BQC_OPS"]
 #: adaptive average pools whose windows have at most this many elements become injective ops
 MAX_POOL_WINDOW = 4
 
-BQC_OPS = ("sign_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d",
+BQC_OPS = ("sign_pack", "unsigned_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d",
            "int_dense", "int_matmul")
 
 
@@ -397,23 +403,36 @@ class Converter:
             out = term if out is None else self._emit(imp, op.add(out, term))
         return out
 
-    # --------------------------------------------------------------- sign_pack
+    # --------------------------------------------------------------- sign_pack / unsigned_pack
     def _sign_pack(self, node, imp):
+        return self._pack(node, imp, unsigned=False)
+
+    def _unsigned_pack(self, node, imp):
+        return self._pack(node, imp, unsigned=True)
+
+    def _pack(self, node, imp, unsigned: bool):
+        """``sign_pack(x, tau, ch_axis)`` or ``unsigned_pack(x, step, ch_axis)`` (the packer's
+        second input: the per-channel threshold, or the step as ``[1]`` in x's dtype)."""
+        from functools import partial
+
         from .kernels.build import bitpack_primfunc
 
-        x_node, tau_node, ch_axis = node.args[0], node.args[1], int(node.args[2])
+        x_node, p_node, ch_axis = node.args[0], node.args[1], int(node.args[2])
         x = imp.env[x_node]
-        tau = imp.env[tau_node] if tau_node is not None else None
+        p = imp.env[p_node] if p_node is not None else None
         shape = _shape(x_node)
         nd = len(shape)
         ch_axis = ch_axis % nd
         c = shape[ch_axis]
         cw = packing.num_words(c)
         dtype = str(x_node.meta["val"].dtype).replace("torch.", "")
-        if tau is not None and str(tau_node.meta["val"].dtype) != str(x_node.meta["val"].dtype):
-            tau = self._emit(imp, relax.op.astype(tau, dtype))
-        args = [x] if tau is None else [x, tau]
-        self._count("sign_pack")
+        if p is not None and str(p_node.meta["val"].dtype) != str(x_node.meta["val"].dtype):
+            p = self._emit(imp, relax.op.astype(p, dtype))
+        if unsigned:
+            p = self._emit(imp, relax.op.reshape(p, [1]))
+        args = [x] if p is None else [x, p]
+        self._count("unsigned_pack" if unsigned else "sign_pack")
+        pack = partial(bitpack_primfunc, unsigned=unsigned, with_tau=p is not None, target=self.target, dtype=dtype)
         if nd == 4 and ch_axis == 1:
             n, _, h, w = shape
             if w == 1 and h > 1:
@@ -421,10 +440,10 @@ class Converter:
                 # the packed [N, 1, H, CW] the same as [N, H, 1, CW]: pack that view, whose
                 # long axis is the one the packer vectorises (W)
                 args[0] = self._emit(imp, relax.op.reshape(x, [n, c, 1, h]))
-                f = bitpack_primfunc(n, c, 1, h, "NCHW", with_tau=tau is not None, target=self.target, dtype=dtype)
+                f = pack(n, c, 1, h, "NCHW")
                 out = self._call_tir(imp, f, args, (n, 1, h, cw), "uint32")
                 return self._emit(imp, relax.op.reshape(out, [n, h, 1, cw]))
-            f = bitpack_primfunc(n, c, h, w, "NCHW", with_tau=tau is not None, target=self.target, dtype=dtype)
+            f = pack(n, c, h, w, "NCHW")
             return self._call_tir(imp, f, args, (n, h, w, cw), "uint32")
         # generic: channels last, flatten the rest -> NHWC [M, 1, 1, C]
         if ch_axis != nd - 1:
@@ -436,7 +455,7 @@ class Converter:
         m = int(np.prod(lead, dtype=np.int64)) if lead else 1
         x4 = self._emit(imp, relax.op.reshape(x, [m, 1, 1, c]))
         args[0] = x4
-        f = bitpack_primfunc(m, c, 1, 1, "NHWC", with_tau=tau is not None, target=self.target, dtype=dtype)
+        f = pack(m, c, 1, 1, "NHWC")
         out = self._call_tir(imp, f, args, (m, 1, 1, cw), "uint32")
         return self._emit(imp, relax.op.reshape(out, lead + [cw]))
 
@@ -456,7 +475,7 @@ class Converter:
 
     # --------------------------------------------------------------- binary conv / dense
     def _binary_conv2d(self, node, imp):
-        from .kernels.build import binary_conv2d_primfunc
+        from .kernels.build import binary01_conv2d_primfunc, binary_conv2d_primfunc
 
         op = relax.op
         x_node, w_node, s_node, c, stride, padding, dilation, groups, x_kind = node.args
@@ -468,11 +487,13 @@ class Converter:
         geom = int(groups) == 1 and kh == kw and sh == sw and ph == pw and dh == dw == 1
         if geom and x_kind == "codes" and x_node.meta["val"].dtype == torch.int8:
             return self._w1ak_conv2d(node, imp, words, int(c), kh, sh, ph)
-        if not (geom and x_kind == "bits"):
+        if not (geom and x_kind in ("bits", "bits01")):
             return self._conv_fallback(node, imp, "binary")
+        unsigned = x_kind == "bits01"  # {0, 1} activation bits: out = popcount(w) - acc
+        builder = binary01_conv2d_primfunc if unsigned else binary_conv2d_primfunc
         n, h0, w0, cw = _shape(x_node)
         h, w = pixel_rows(h0, w0, kh, sh, ph)
-        f, fused = self._kernel_epi(binary_conv2d_primfunc, n, int(c), oc, h, w, kh, sh, ph, scale=scale)
+        f, fused = self._kernel_epi(builder, n, int(c), oc, h, w, kh, sh, ph, scale=scale)
         if f is None:
             return self._conv_fallback(node, imp, "binary")
         oh, ow = out_shape[2], out_shape[3]
@@ -480,13 +501,14 @@ class Converter:
             x = self._emit(imp, op.reshape(x, [n, h, w, cw]))
             self._count("pixel_rows")
         consts = lambda wb: [relax.const(packing.block_oc(wb, self.lanes), "uint32"),
-                             relax.const(packing.conv_base_table(wb, int(c), h, w, sh, ph, lanes=self.lanes), "int32")]
-        y = self._over_bases(imp, "binary_conv2d", binary_conv2d_primfunc, f, fused, (n, int(c), oc, h, w, kh, sh, ph),
+                             relax.const(packing.conv_base_table(wb, int(c), h, w, sh, ph, lanes=self.lanes,
+                                                                 unsigned=unsigned), "int32")]
+        y = self._over_bases(imp, "binary_conv2d", builder, f, fused, (n, int(c), oc, h, w, kh, sh, ph),
                              [x], consts, words, scale, self._kernel_out(n, oc, h0, w0, h, w, oh, ow))
         return self._nchw(imp, y, (n, oh, ow, oc))
 
     def _binary_dense(self, node, imp):
-        from .kernels.build import binary_dense_primfunc
+        from .kernels.build import binary01_dense_primfunc, binary_dense_primfunc
 
         op = relax.op
         x_node, w_node, s_node, k, x_kind = node.args
@@ -495,17 +517,23 @@ class Converter:
         nb, nout, kwords = words.shape
         if x_kind == "codes" and x_node.meta["val"].dtype == torch.int8:
             return self._w1ak_dense(node, imp, words, int(k))
-        if x_kind != "bits":
+        if x_kind not in ("bits", "bits01"):
             return self._dense_fallback(node, imp, "binary")
+        unsigned = x_kind == "bits01"  # {0, 1} activation bits: out = popcount(w) - acc
+        builder = binary01_dense_primfunc if unsigned else binary_dense_primfunc
         xs = _shape(x_node)
         lead = list(xs[:-1])
         m = int(np.prod(lead, dtype=np.int64)) if lead else 1
-        f, fused = self._kernel_epi(binary_dense_primfunc, m, int(k), nout, scale=scale)
+        f, fused = self._kernel_epi(builder, m, int(k), nout, scale=scale)
         if f is None:
             return self._dense_fallback(node, imp, "binary")
         x2 = self._emit(imp, op.reshape(x, [m, kwords]))
-        consts = lambda wb: [relax.const(packing.block_oc(wb, self.lanes), "uint32")]
-        y = self._over_bases(imp, "binary_dense", binary_dense_primfunc, f, fused, (m, int(k), nout), [x2], consts,
+
+        def consts(wb):
+            out = [relax.const(packing.block_oc(wb, self.lanes), "uint32")]
+            return out + [relax.const(packing.weight_popcount(wb, self.lanes), "int32")] if unsigned else out
+
+        y = self._over_bases(imp, "binary_dense", builder, f, fused, (m, int(k), nout), [x2], consts,
                              words, scale, (m, nout))
         return self._emit(imp, op.reshape(y, lead + [nout]))
 
@@ -709,7 +737,8 @@ class Converter:
 
     # --------------------------------------------------------------- fallbacks (exact float)
     def _float_input(self, imp, x_node, x_kind, channels, conv: bool):
-        """The float32 value of a layer input of kind bits/codes/float (bits unpacked to +-1)."""
+        """The float32 value of a layer input of kind bits/bits01/codes/float (bits unpacked to
+        +-1, bits01 to 0/1)."""
         op = relax.op
         x = imp.env[x_node]
         if x_kind == "float":
@@ -721,8 +750,9 @@ class Converter:
         words = self._emit(imp, op.take(x, relax.const((idx // 32).astype("int64")), axis=-1, mode="clip"))
         shift = relax.const((idx % 32).astype(np.uint32), "uint32")
         bits = self._emit(imp, op.bitwise_and(op.right_shift(words, shift), relax.const(1, "uint32")))
-        v = self._emit(imp, op.subtract(op.multiply(op.astype(bits, "float32"), relax.const(2.0, "float32")),
-                                        relax.const(1.0, "float32")))
+        v = self._emit(imp, op.astype(bits, "float32"))
+        if x_kind == "bits":
+            v = self._emit(imp, op.subtract(op.multiply(v, relax.const(2.0, "float32")), relax.const(1.0, "float32")))
         if conv:  # NHWC -> NCHW
             v = self._emit(imp, op.permute_dims(v, [0, 3, 1, 2]))
         return v

@@ -33,18 +33,19 @@ from .export import CALIBRATION_IMAGES, calibrate, example_inputs, export_progra
 from .folding import deploy_graph, fold, to_deploy
 from .modules import (DEPLOY_LAYERS, BinaryConv2d, BinaryLinear, FloatConv2d, FloatLinear, IntConv2d,
                       IntLinear, IntMatmul, KMap, OutScale, QuantizeCodes, RPReLU, Shortcut, SignBinarize,
-                      TBSBlend, _DeployConv, _DeployLayer, _DeployLinear)
+                      TBSBlend, UnsignedBinarize, _DeployConv, _DeployLayer, _DeployLinear)
 from .ops import (INPUT_KINDS, LAYOUT_VERSION, binary_conv2d, binary_dense, int_conv2d, int_dense, int_matmul,
-                  quantize_codes, sign_pack, unpack_words, words_numpy)
+                  quantize_codes, sign_pack, unpack_words, unsigned_pack, words_numpy)
 from .summary import deploy_layers, deploy_summary, format_summary, is_deployed
 
 __all__ = [
     "LAYOUT_VERSION", "INPUT_KINDS",
-    "SignBinarize", "QuantizeCodes", "KMap", "OutScale", "Shortcut", "RPReLU", "TBSBlend",
+    "SignBinarize", "QuantizeCodes", "UnsignedBinarize", "KMap", "OutScale", "Shortcut", "RPReLU", "TBSBlend",
     "BinaryConv2d", "IntConv2d", "FloatConv2d", "BinaryLinear", "IntLinear", "FloatLinear",
     "IntMatmul", "DEPLOY_LAYERS", "to_deploy", "is_deployed", "deploy_layers", "deploy_summary",
     "format_summary", "unpack_words", "words_numpy", "export_program", "step_inputs", "example_inputs",
     "calibrate", "uncalibrated", "CALIBRATION_IMAGES",
     "fold", "deploy_graph", "DeployArtifact", "as_deploy_artifact", "load", "is_deploy_artifact", "find_deploy_artifact", "DEPLOY_FILES",
-    "sign_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d", "int_dense", "int_matmul",
+    "sign_pack", "unsigned_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d", "int_dense",
+    "int_matmul",
 ]

@@ -4,7 +4,9 @@ A QAT artifact (:mod:`bqc.artifact`) is loaded by replaying its recipe on the ca
 program and needs the float weights (~9 MB for mnist16). A deploy artifact is the folded graph
 itself, in its smallest faithful form (a few hundred KB for a binary mnist16)::
 
-    deploy.json          "format": "bqc-deploy", "version", "layout_version" (bqc.packing);
+    deploy.json          "format": "bqc-deploy", "version" (:data:`VERSIONS`: 1, or 2 when the
+                         graph holds a module class added in 2, :data:`SINCE`), "layout_version"
+                         (bqc.packing);
                          provenance: "source" (model kind/name), "recipe" (name), "wbits",
                          "abits", "ebb", "train" (the source artifact's train record),
                          "calibration", "artifact" (the source folder's name and content
@@ -68,7 +70,13 @@ from .ops import LAYOUT_VERSION, OP_NAMES
 from .summary import deploy_summary, is_deployed
 
 FORMAT = "bqc-deploy"
-VERSION = 1
+#: the deploy.json versions this bqc reads: 2 added the ``UnsignedBinarize`` input (``"bits01"``
+#: binary layers); a file is written with the lowest version that can hold its modules
+#: (:func:`format_version`), so one without them stays version 1, readable by older bqc
+VERSIONS = (1, 2)
+VERSION = VERSIONS[-1]
+#: module class -> the deploy.json version that added it (a file of an older version holding it is refused)
+SINCE = {"UnsignedBinarize": 2}
 DEPLOY_JSON = "deploy.json"
 DEPLOY_TENSORS = "deploy.safetensors"
 DEPLOY_FILES = (DEPLOY_JSON, DEPLOY_TENSORS)
@@ -99,12 +107,16 @@ _LINEAR = {"in_features": int, "out_features": int}
 _ACTS = ("SignBinarize", "QuantizeCodes")
 _LAYER_PARTS = {"act": _ACTS, "post": ("RPReLU",)}
 _CONV_PARTS = {**_LAYER_PARTS, "kmap": ("KMap",), "out_scale": ("OutScale",), "shortcut": ("Shortcut",)}
+# binary-weight layers also take packed {0, 1} activations
+_BINARY_LAYER_PARTS = {**_LAYER_PARTS, "act": _ACTS + ("UnsignedBinarize",)}
+_BINARY_CONV_PARTS = {**_CONV_PARTS, "act": _BINARY_LAYER_PARTS["act"]}
 
 #: deploy module class name -> (class, plain attributes and their kind (int, "pair" or the
 #: allowed strings), buffers, child slots and the classes allowed in each)
 MODULES: dict[str, tuple[type, dict, tuple[str, ...], dict[str, tuple[str, ...]]]] = {
     "SignBinarize": (M.SignBinarize, {"ch_axis": int}, ("tau",), {}),
     "QuantizeCodes": (M.QuantizeCodes, {"qmin": int, "qmax": int, "bits": int}, ("step",), {}),
+    "UnsignedBinarize": (M.UnsignedBinarize, {"ch_axis": int}, ("step",), {}),
     "KMap": (M.KMap, {"stride": _PAIR, "padding": _PAIR, "dilation": _PAIR}, ("weight",), {}),
     "OutScale": (M.OutScale, {}, ("alpha", "beta", "gamma"), {}),
     "Shortcut": (M.Shortcut, {"stride": _PAIR, "channels": ("same", "pool", "conv"), "out_channels": int},
@@ -112,10 +124,10 @@ MODULES: dict[str, tuple[type, dict, tuple[str, ...], dict[str, tuple[str, ...]]
     "RPReLU": (M.RPReLU, {"ch_axis": int}, ("gamma", "slope", "zeta"), {}),
     "TBSBlend": (M.TBSBlend, {"groups": int, "timesteps": int}, ("alpha",), {}),
     "OutputSkip": (M.OutputSkip, {}, ("c_in", "c_out"), {}),
-    "BinaryConv2d": (M.BinaryConv2d, _CONV, ("bias", "w_packed", "w_scale"), _CONV_PARTS),
+    "BinaryConv2d": (M.BinaryConv2d, _CONV, ("bias", "w_packed", "w_scale"), _BINARY_CONV_PARTS),
     "IntConv2d": (M.IntConv2d, {**_CONV, "w_bits": int}, ("bias", "w_codes", "w_scale"), _CONV_PARTS),
     "FloatConv2d": (M.FloatConv2d, _CONV, ("bias", "weight"), _CONV_PARTS),
-    "BinaryLinear": (M.BinaryLinear, _LINEAR, ("bias", "w_packed", "w_scale"), _LAYER_PARTS),
+    "BinaryLinear": (M.BinaryLinear, _LINEAR, ("bias", "w_packed", "w_scale"), _BINARY_LAYER_PARTS),
     "IntLinear": (M.IntLinear, {**_LINEAR, "w_bits": int}, ("bias", "w_codes", "w_scale"), _LAYER_PARTS),
     "FloatLinear": (M.FloatLinear, _LINEAR, ("bias", "weight"), _LAYER_PARTS),
     "IntMatmul": (M.IntMatmul, {}, (), {"act_a": _ACTS, "act_b": _ACTS}),
@@ -477,8 +489,14 @@ def _attach(parent: nn.Module, parent_class: str, name: str, child: nn.Module, c
     parent.add_module(name, child)
 
 
-def _build_modules(entries, file: dict) -> tuple[nn.Module, dict[str, str], set[str]]:
-    """(root, path -> class name, tensor paths) of the recorded module tree."""
+def format_version(class_names) -> int:
+    """The deploy.json version a file holding modules of these classes is written with."""
+    return max([VERSIONS[0]] + [SINCE.get(c, VERSIONS[0]) for c in class_names])
+
+
+def _build_modules(entries, file: dict, version: int = VERSION) -> tuple[nn.Module, dict[str, str], set[str]]:
+    """(root, path -> class name, tensor paths) of the recorded module tree (of a deploy.json of
+    ``version``: classes added later are refused)."""
     if type(entries) is not list or not entries or type(entries[0]) is not dict or entries[0].get("path") != "":
         raise BqcError(f"{DEPLOY_JSON}: the module list must start with the root")
     mods: dict[str, nn.Module] = {}
@@ -496,6 +514,8 @@ def _build_modules(entries, file: dict) -> tuple[nn.Module, dict[str, str], set[
         if name not in MODULES and name not in _CONTAINERS:
             raise BqcError(f"{where}: unknown module class {name!r:.60}",
                            hint=f"deploy artifacts hold {', '.join(_CONTAINERS + tuple(MODULES))} modules only")
+        if SINCE.get(name, VERSIONS[0]) > version:
+            raise BqcError(f"{where}: a {name} module needs deploy format {SINCE[name]}, the file says {version}")
         if (name == "GraphModule") != (path == ""):
             raise BqcError(f"{where}: the root (and only the root) is the GraphModule")
         if path == "" and "attrs" in e:
@@ -672,9 +692,11 @@ def _read_json(path: Path) -> dict:
         raise BqcError(f"{path / DEPLOY_JSON} is corrupt: {str(e)[:200]}") from e
     if type(doc) is not dict or doc.get("format") != FORMAT:
         raise BqcError(f"{path / DEPLOY_JSON} is not a bqc deploy artifact (format {FORMAT!r})")
-    if doc.get("version") != VERSION or doc.get("layout_version") != LAYOUT_VERSION:
+    version = doc.get("version")
+    if type(version) is not int or version not in VERSIONS or doc.get("layout_version") != LAYOUT_VERSION:
         raise BqcError(f"{path / DEPLOY_JSON} has deploy format {doc.get('version')!r:.20} / packing layout "
-                       f"{doc.get('layout_version')!r:.20}; this bqc reads {VERSION} / {LAYOUT_VERSION}",
+                       f"{doc.get('layout_version')!r:.20}; this bqc reads deploy formats "
+                       f"{', '.join(map(str, VERSIONS))} with packing layout {LAYOUT_VERSION}",
                        hint="fold the trained artifact again with this bqc version (bqc fold)")
     return doc
 
@@ -722,7 +744,8 @@ class DeployArtifact:
         summary = deploy_summary(gm)
         roles = {n.name: ir.info(n).get("role", "") for n in gm.graph.nodes}
         manifest = {
-            "format": FORMAT, "version": VERSION, "bqc_version": __version__, "layout_version": LAYOUT_VERSION,
+            "format": FORMAT, "version": format_version(type(m).__name__ for m in gm.modules()),
+            "bqc_version": __version__, "layout_version": LAYOUT_VERSION,
             **_provenance(source_manifest or {}, calibration),
             **({} if ebb_stage1_layers is None else {"ebb_stage1_layers": int(ebb_stage1_layers)}),
             "artifact": source_artifact_record(source_path),
@@ -799,7 +822,8 @@ class DeployArtifact:
             raise BqcError(f"cannot write the deploy artifact {out}: it is a file, not a folder")
         nodes = _encode_nodes(self.gm)
         modules, tensors = _encode_modules(self.gm)
-        doc = {**self.manifest, "graph": {"meta": _encode(ir.graph_meta(self.gm), "graph annotations"), "nodes": nodes},
+        doc = {**self.manifest, "version": format_version(e["class"] for e in modules),
+               "graph": {"meta": _encode(ir.graph_meta(self.gm), "graph annotations"), "nodes": nodes},
                "modules": modules}
         text = _dump(doc)
         out.mkdir(parents=True, exist_ok=True)
@@ -820,7 +844,7 @@ class DeployArtifact:
         if type(graph_doc) is not dict or set(graph_doc) != {"meta", "nodes"}:
             raise BqcError(f"{path / DEPLOY_JSON}: no graph")
         try:
-            root, classes, tensor_paths = _build_modules(doc.pop("modules", None), file)
+            root, classes, tensor_paths = _build_modules(doc.pop("modules", None), file, doc["version"])
             graph = _build_graph(graph_doc["nodes"], classes, tensor_paths)
             meta = _check_meta(_decode(graph_doc["meta"], f"{DEPLOY_JSON}: graph annotations"), graph)
         except RecursionError as e:

@@ -16,7 +16,9 @@ The QAT -> deploy mapping is :func:`rules`, one table from each training module 
 weight and activation quantizers, epilogue parts, the TBS blend) to the function that builds
 its inference form. Weight quantizers keep their ``deploy_form`` (the bases or codes evaluated
 with the hard sign: the same code as their training forward, so both cannot diverge); the table
-says what each form becomes. Everything is read from the trained modules' state; the training
+says what each form becomes; a binary-weight layer's {0, 1} input codes (DoReFa's 1-bit
+activation) become packed bits for the popcount kernels (:func:`_binary_input`). Everything is
+read from the trained modules' state; the training
 modules themselves are dropped (the ``quant`` container disappears). An activation quantizer
 that was never calibrated is an error, not a silent step 1.
 """
@@ -101,6 +103,20 @@ def _codes(aq, step: torch.Tensor) -> M.QuantizeCodes:
     return M.QuantizeCodes(step, aq.qn, aq.qp, aq.bits)
 
 
+def _binary_input(act, ch_axis: int):
+    """The input quantizer of a binary-weight layer: {0, 1} codes (DoReFa's 1-bit activation)
+    become packed bits for the popcount kernels (:class:`~bqc.deploy.modules.UnsignedBinarize`,
+    input kind ``"bits01"``); anything else stays as folded."""
+    if type(act) is M.QuantizeCodes and (act.qmin, act.qmax) == (0, 1):
+        return M.UnsignedBinarize(act.step, ch_axis)
+    return act
+
+
+def _act(q, form: str, where: str, ch_axis: int):
+    act = _fold(q.aq, where)
+    return _binary_input(act, ch_axis) if form == "binary" else act
+
+
 def _binary_weights(wq, where: str, w: torch.Tensor):
     form = wq.deploy_form(w)
     pack = packing.pack_conv_weights if w.dim() == 4 else packing.pack_dense_weights
@@ -139,7 +155,7 @@ def _fold_conv(q, where: str) -> nn.Module:
     if not bool(q.quant_active):
         return M.FloatConv2d(w, *geom, bias=q.bias)
     form, tensors = _weights(q, where)
-    return _LAYER_CLASSES[form][0](*tensors, *geom, act=_fold(q.aq, where), bias=q.bias,
+    return _LAYER_CLASSES[form][0](*tensors, *geom, act=_act(q, form, where, 1), bias=q.bias,
                                    kmap=_fold(q.kmap, where), out_scale=_fold(q.out_scale, where),
                                    shortcut=_fold(q.shortcut, where), post=_fold(q.post, where))
 
@@ -150,7 +166,8 @@ def _fold_linear(q, where: str) -> nn.Module:
     if not bool(q.quant_active):
         return M.FloatLinear(w, k, n, bias=q.bias)
     form, tensors = _weights(q, where)
-    return _LAYER_CLASSES[form][1](*tensors, k, n, act=_fold(q.aq, where), bias=q.bias, post=_fold(q.post, where))
+    return _LAYER_CLASSES[form][1](*tensors, k, n, act=_act(q, form, where, -1), bias=q.bias,
+                                   post=_fold(q.post, where))
 
 
 def fold_module(mod: nn.Module, where: str) -> nn.Module | None:

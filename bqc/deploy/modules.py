@@ -27,8 +27,11 @@ Before / after folding (one BiDM W1A1 conv)::
 Every layer is ``y = epilogue(x, core(x))``:
 
 * ``act`` (input quantizer): ``None`` (float input), :class:`SignBinarize` (``sign(x + tau)``,
-  packed to bits with ``bqc::sign_pack``) or :class:`QuantizeCodes` (``q = round(clamp(x / s,
-  qmin, qmax))``, integer codes). ``input_kind`` is ``"float" | "bits" | "codes"``.
+  packed to bits with ``bqc::sign_pack``), :class:`QuantizeCodes` (``q = round(clamp(x / s,
+  qmin, qmax))``, integer codes) or, on binary-weight layers, :class:`UnsignedBinarize` (the
+  same codes with levels {0, 1}, DoReFa's 1-bit activation, packed to bits with
+  ``bqc::unsigned_pack`` for the XNOR/popcount kernels). ``input_kind`` is ``"float" | "bits" |
+  "bits01" | "codes"``.
 * ``core``: the integer op (a ``bqc::*`` custom op, :mod:`bqc.deploy.ops`). For bits/codes
   inputs the accumulator is exact (int32 semantics), ``core(x) = sum_b (s_a * w_scale[b])[oc] *
   acc_b`` computed as ``float(acc_0) * scale_0 [+ float(acc_1) * scale_1]`` in the input's
@@ -46,7 +49,7 @@ from torch import nn
 from bqc import packing
 from bqc.errors import BqcError
 
-from .ops import _binary_conv_accs, _binary_dense_accs, _cview, _pair, unpack_words, words_numpy
+from .ops import PACKED_KINDS, _binary_conv_accs, _binary_dense_accs, _cview, _pair, unpack_words, words_numpy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +103,9 @@ class QuantizeCodes(nn.Module):
     def __init__(self, scale, qmin: int, qmax: int, bits: int):
         super().__init__()
         self.qmin, self.qmax, self.bits = int(qmin), int(qmax), int(bits)
+        self._set_step(scale)
+
+    def _set_step(self, scale) -> None:
         s = scale.detach().reshape(()).double() if torch.is_tensor(scale) else torch.tensor(float(scale), dtype=torch.float64)
         self.register_buffer("step", s.clone())
 
@@ -124,6 +130,37 @@ class QuantizeCodes(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, qmin={self.qmin}, qmax={self.qmax}, step={float(self.step):.6g}"
+
+
+class UnsignedBinarize(QuantizeCodes):
+    """A 1-bit unsigned activation, packed: codes ``q = round(clamp(x / s, 0, 1))`` in {0, 1}
+    (DoReFa's 1-bit activation; value ``q * s``), consumed by binary-weight layers as packed
+    bits (input kind ``"bits01"``: bit 1 iff ``q == 1``, i.e. iff ``x / s > 0.5``; exactly 0.5
+    rounds half to even to 0), along ``ch_axis`` like :class:`SignBinarize`. The popcount
+    kernels compute ``sum_c q w = popcount(w) - popcount(a ^ w)`` (bqc.packing).
+
+    A :class:`QuantizeCodes` with the levels fixed at {0, 1}: its codes and fake-quant value are
+    the parent's (flip forcing and unfolding treat it as one); only what the integer core
+    consumes (:meth:`quantize`) differs.
+    """
+
+    kind = "bits01"
+    qmin, qmax, bits = 0, 1, 1
+
+    def __init__(self, scale, ch_axis: int = 1):
+        nn.Module.__init__(self)  # the levels are the class's, not per-instance attributes
+        self.ch_axis = int(ch_axis)
+        self._set_step(scale)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed words (bqc.packing layout) of the {0, 1} codes."""
+        return torch.ops.bqc.unsigned_pack(x, self.step, self.ch_axis)
+
+    def describe(self) -> dict:
+        return {"kind": "bits01", "bits": 1, "qmin": 0, "qmax": 1}
+
+    def extra_repr(self) -> str:
+        return f"values={{0, 1}}, step={float(self.step):.6g}, ch_axis={self.ch_axis}"
 
 
 def _act_kind(act) -> str:
@@ -431,7 +468,7 @@ class BinaryConv2d(_BinaryWeights, _DeployConv):
         return unpack_words(self.w_packed, self.in_channels // self.groups).permute(0, 1, 4, 2, 3)
 
     def accumulate(self, x: torch.Tensor, impl: str = "torch") -> torch.Tensor:
-        """Integer accumulators ``int32[B, N, OC, OH, OW]`` (bits/codes inputs only).
+        """Integer accumulators ``int32[B, N, OC, OH, OW]`` (bits/bits01/codes inputs only).
 
         ``impl="torch"``: the custom op's kernel; ``"packing"``: bqc.packing's popcount /
         integer references on the packed operands.
@@ -448,8 +485,9 @@ class BinaryConv2d(_BinaryWeights, _DeployConv):
         words = words_numpy(self.w_packed)
         outs = []
         for b in range(self.bases):
-            if self.input_kind == "bits":
-                o = packing.ref_binary_conv2d(words_numpy(xin), words[b], self.in_channels, stride, pad)
+            if self.input_kind in PACKED_KINDS:
+                o = packing.ref_binary_conv2d(words_numpy(xin), words[b], self.in_channels, stride, pad,
+                                              unsigned=self.input_kind == "bits01")
             else:
                 o = packing.ref_w1ak_conv2d(xin.numpy(), self.signs()[b].numpy(), stride, pad)
             outs.append(torch.from_numpy(o).permute(0, 3, 1, 2))
@@ -468,8 +506,8 @@ class IntConv2d(_IntWeights, _DeployConv):
         if self.act is None:
             raise BqcError("a float-input layer has no integer accumulator")
         q = self.quantize(x)
-        if self.input_kind == "bits":
-            q = unpack_words(q, self.in_channels).permute(0, 3, 1, 2)
+        if self.input_kind in PACKED_KINDS:
+            q = unpack_words(q, self.in_channels, self.input_kind == "bits01").permute(0, 3, 1, 2)
         if impl == "torch":
             s, p, d, g = self._geometry()
             acc = F.conv2d(q.double(), self.w_codes.double(), None, s, p, d, g)
@@ -536,8 +574,9 @@ class BinaryLinear(_BinaryWeights, _DeployLinear):
         lead = xin.shape[:-1]
         outs = []
         for b in range(self.bases):
-            if self.input_kind == "bits":
-                o = packing.ref_binary_dense(words_numpy(xin).reshape(-1, xin.shape[-1]), words[b], self.in_features)
+            if self.input_kind in PACKED_KINDS:
+                o = packing.ref_binary_dense(words_numpy(xin).reshape(-1, xin.shape[-1]), words[b], self.in_features,
+                                             unsigned=self.input_kind == "bits01")
             else:
                 o = packing.ref_w1ak_dense(xin.reshape(-1, xin.shape[-1]).numpy(), self.signs()[b].numpy())
             outs.append(torch.from_numpy(o).reshape(*lead, -1))
@@ -554,8 +593,8 @@ class IntLinear(_IntWeights, _DeployLinear):
         if self.act is None:
             raise BqcError("a float-input layer has no integer accumulator")
         q = self.quantize(x)
-        if self.input_kind == "bits":
-            q = unpack_words(q, self.in_features)
+        if self.input_kind in PACKED_KINDS:
+            q = unpack_words(q, self.in_features, self.input_kind == "bits01")
         if impl == "torch":
             return torch.matmul(q.double(), self.w_codes.double().t()).to(torch.int32).unsqueeze(0)
         o = packing.ref_int_dense(q.reshape(-1, q.shape[-1]).numpy(), self.w_codes.numpy())

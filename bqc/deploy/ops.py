@@ -1,6 +1,6 @@
 """The integer cores of the deploy graph as torch custom ops, and their reference kernels.
 
-Namespace ``bqc``: ``sign_pack``, ``quantize_codes``, ``binary_conv2d``, ``binary_dense``,
+Namespace ``bqc``: ``sign_pack``, ``unsigned_pack``, ``quantize_codes``, ``binary_conv2d``, ``binary_dense``,
 ``int_conv2d``, ``int_dense``, ``int_matmul``. Each has a fake (meta) kernel, so ``torch.export``
 of a deploy graph (:func:`bqc.deploy.export_program`, dynamic batch) keeps each of them as one
 node: that is the hand-off to the TVM lowering (``from_exported_program(custom_convert_map=...)``).
@@ -11,7 +11,9 @@ float64 (:func:`_exact_dtype`); the slower bit-level references of
 :mod:`bqc.packing` (popcount) are reachable through ``layer.accumulate(x, impl="packing")`` and
 give identical accumulators (tested).
 
-For bits/codes inputs the accumulator is exact (int32 semantics) and the output is
+Input kinds (:data:`INPUT_KINDS`): ``"bits"`` (packed signs, values ±1), ``"bits01"`` (packed
+{0, 1} codes of an unsigned 1-bit activation, :func:`unsigned_pack`), ``"codes"`` (integer
+codes), ``"float"``. For bits/bits01/codes inputs the accumulator is exact (int32 semantics) and the output is
 ``sum_b float(acc_b) * scale[b]`` in the scale's float dtype, bases added in order (a backend
 doing the same int32 -> float multiply gets bit-identical results).
 """
@@ -27,10 +29,13 @@ from bqc.packing import pair as _pair
 from bqc.packing import words_numpy
 
 LAYOUT_VERSION = packing.LAYOUT_VERSION
-INPUT_KINDS = ("float", "bits", "codes")
+INPUT_KINDS = ("float", "bits", "bits01", "codes")
+#: the packed input kinds (uint32 words, :mod:`bqc.packing`): ±1 signs, {0, 1} unsigned codes
+PACKED_KINDS = ("bits", "bits01")
 
 #: the custom ops (``torch.ops.bqc.<name>``) this module registers
-OP_NAMES = ("sign_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d", "int_dense", "int_matmul")
+OP_NAMES = ("sign_pack", "unsigned_pack", "quantize_codes", "binary_conv2d", "binary_dense", "int_conv2d", "int_dense",
+            "int_matmul")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,9 +51,10 @@ def _words_tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.uint32))
 
 
-def unpack_words(words: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of the packing along the last axis: int8 ±1 tensor with ``n`` values there."""
-    return torch.from_numpy(packing.unpack_bits(words_numpy(words), n, axis=-1))
+def unpack_words(words: torch.Tensor, n: int, unsigned: bool = False) -> torch.Tensor:
+    """Inverse of the packing along the last axis: int8 ±1 tensor with ``n`` values there
+    ({0, 1} with ``unsigned``)."""
+    return torch.from_numpy(packing.unpack_bits(words_numpy(words), n, axis=-1, unsigned=unsigned))
 
 
 def _int_dtype(qmin: int, qmax: int) -> torch.dtype:
@@ -71,17 +77,36 @@ def sign_pack(x: torch.Tensor, tau: torch.Tensor | None, ch_axis: int) -> torch.
     return _words_tensor(packing.pack_bits(v.numpy(), axis=-1))
 
 
-@sign_pack.register_fake
-def _(x, tau, ch_axis):
+def _packed_fake(x, ch_axis):
     shape = list(x.shape)
     c = shape.pop(ch_axis)
     return x.new_empty([*shape, packing.num_words(c)], dtype=torch.uint32)
 
 
+sign_pack.register_fake(lambda x, tau, ch_axis: _packed_fake(x, ch_axis))
+
+
+def _rounded(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``round_half_even(clamp(x / scale, qmin, qmax))`` in x's float dtype: the codes of
+    :func:`quantize_codes` and (levels {0, 1}) the bits of :func:`unsigned_pack`."""
+    return torch.round(torch.clamp(x / scale.to(x.dtype), qmin, qmax))
+
+
+@torch.library.custom_op("bqc::unsigned_pack", mutates_args=())
+def unsigned_pack(x: torch.Tensor, step: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    """Bits of the unsigned 1-bit codes ``round(clamp(x / step, 0, 1))`` (bit 1 = code 1) packed
+    along ``ch_axis`` (moved last), as :func:`sign_pack` lays them out."""
+    v = torch.movedim(_rounded(x, step, 0, 1).detach().cpu(), ch_axis, -1)
+    return _words_tensor(packing.pack_mask(v.numpy() == 1, axis=-1))
+
+
+unsigned_pack.register_fake(lambda x, step, ch_axis: _packed_fake(x, ch_axis))
+
+
 @torch.library.custom_op("bqc::quantize_codes", mutates_args=())
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Integer codes ``round_half_even(clamp(x / scale, qmin, qmax))`` (int8, int16 if wider)."""
-    return torch.round(torch.clamp(x / scale.to(x.dtype), qmin, qmax)).to(_int_dtype(qmin, qmax))
+    return _rounded(x, scale, qmin, qmax).to(_int_dtype(qmin, qmax))
 
 
 @quantize_codes.register_fake
@@ -105,15 +130,15 @@ def _exact_dtype(x: torch.Tensor, x_kind: str, depth: int, w_max: int) -> torch.
     None for float inputs (computed in their own dtype)."""
     if x_kind == "float":
         return None
-    x_max = 1 if x_kind == "bits" else _max_abs(x)
+    x_max = 1 if x_kind in PACKED_KINDS else _max_abs(x)
     return torch.float32 if depth * x_max * w_max < _F32_EXACT else torch.float64
 
 
 def _conv_input(x: torch.Tensor, x_kind: str, channels: int, dtype=torch.float64) -> torch.Tensor:
-    """NCHW values (``dtype``; float inputs as they are) of a conv input of kind bits (packed
-    NHWC) / codes / float."""
-    if x_kind == "bits":
-        return unpack_words(x, channels).permute(0, 3, 1, 2).to(dtype)
+    """NCHW values (``dtype``; float inputs as they are) of a conv input of kind bits / bits01
+    (packed NHWC) / codes / float."""
+    if x_kind in PACKED_KINDS:
+        return unpack_words(x, channels, x_kind == "bits01").permute(0, 3, 1, 2).to(dtype)
     if x_kind == "codes":
         return x.to(dtype)
     if x_kind == "float":
@@ -122,8 +147,8 @@ def _conv_input(x: torch.Tensor, x_kind: str, channels: int, dtype=torch.float64
 
 
 def _dense_input(x: torch.Tensor, x_kind: str, features: int, dtype=torch.float64) -> torch.Tensor:
-    if x_kind == "bits":
-        return unpack_words(x, features).to(dtype)
+    if x_kind in PACKED_KINDS:
+        return unpack_words(x, features, x_kind == "bits01").to(dtype)
     return _conv_input(x, x_kind, features, dtype)
 
 
@@ -153,8 +178,9 @@ def binary_conv2d(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, 
                   x_kind: str) -> torch.Tensor:
     """``sum_b scale[b, oc] * conv(x~, sign(W_b))`` with zero padding; NCHW output of scale's dtype.
 
-    ``x`` is packed bits ``uint32[N, H, W, CW]`` (x~ = ±1), integer codes NCHW, or float NCHW
-    (``x_kind``). ``w_packed uint32[B, OC, KH, KW, CW]``, ``in_channels`` per group.
+    ``x`` is packed bits ``uint32[N, H, W, CW]`` (x~ = ±1 for ``"bits"``, {0, 1} for
+    ``"bits01"``), integer codes NCHW, or float NCHW (``x_kind``). ``w_packed uint32[B, OC, KH, KW, CW]``,
+    ``in_channels`` per group.
     """
     accs = _binary_conv_accs(x, w_packed, in_channels, stride, padding, dilation, groups, x_kind)
     if x_kind != "float":
@@ -163,7 +189,7 @@ def binary_conv2d(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, 
 
 
 def _conv_fake_shape(x, oc, kh, kw, stride, padding, dilation, x_kind):
-    if x_kind == "bits":
+    if x_kind in PACKED_KINDS:
         n, h, w = x.shape[0], x.shape[1], x.shape[2]
     else:
         n, h, w = x.shape[0], x.shape[2], x.shape[3]
@@ -188,7 +214,7 @@ def _binary_dense_accs(x, w_packed, in_features, x_kind):
 @torch.library.custom_op("bqc::binary_dense", mutates_args=())
 def binary_dense(x: torch.Tensor, w_packed: torch.Tensor, scale: torch.Tensor, in_features: int,
                  x_kind: str) -> torch.Tensor:
-    """``sum_b scale[b, n] * (x~ @ sign(W_b)^T)``; x ``[..., K]`` (bits: ``uint32[..., KW]``)."""
+    """``sum_b scale[b, n] * (x~ @ sign(W_b)^T)``; x ``[..., K]`` (bits / bits01: ``uint32[..., KW]``)."""
     accs = _binary_dense_accs(x, w_packed, in_features, x_kind)
     if x_kind != "float":
         accs = [a.to(torch.int32) for a in accs]

@@ -11,7 +11,8 @@ Layouts are defined once in :mod:`bqc.packing`.
 """
 from .build import (  # noqa: F401
     Kernel, OP_PATTERN_OPAQUE,
-    bitpack_primfunc, binary_conv2d_primfunc, binary_dense_primfunc, quantize_primfunc,
+    bitpack_primfunc, binary_conv2d_primfunc, binary_dense_primfunc, binary01_conv2d_primfunc,
+    binary01_dense_primfunc, quantize_primfunc,
     int8_conv2d_primfunc, int8_dense_primfunc, w1ak_conv2d_primfunc, w1ak_dense_primfunc,
     int_matmul_primfunc,
     build_bitpack, build_binary_conv2d, build_binary_dense, build_quantize,

@@ -10,6 +10,13 @@ and refer to the stages by name:
   (int32 NHWC ``[N, OH, OW, OC]`` = ``base[border class, oc] - 2 * acc``).
 * ``binary_dense``: ``"acc"`` (``[M, NB, L]``), ``"out"`` (``[M, N]`` = ``K - 2 * acc``).
 * ``bitpack``: ``"bitpack"`` (uint32 ``[N, H, W, CW]``, a sum over the 32 bits of each word).
+
+Unsigned 1-bit activations (input kind ``"bits01"``, {0, 1} codes; bit 1 = code 1): the same
+stages with ``out = base - acc``, ``base`` the weights' total popcount per output channel
+(conv: in every border class of the table; dense: a ``base int32[NB*L]`` input), since
+``sum_c a w = popcount(w) - popcount(a ^ w)`` and zero padding cancels by itself
+(:mod:`bqc.packing`); the packer sets bit 1 iff ``x / step > 0.5`` (``step``: the quantizer's
+step, ``f32[1]``), which is ``round_half_even(clamp(x / step, 0, 1)) == 1``.
 """
 from __future__ import annotations
 
@@ -63,9 +70,12 @@ def affine_epilogue(value, oc, scale=None, bias=None, kmap=None, pos=None):
 
 
 def bitpack(x: te.Tensor, tau: te.Tensor | None = None, layout: str = "NCHW",
-            name: str = "bitpack") -> te.Tensor:
+            name: str = "bitpack", step: te.Tensor | None = None) -> te.Tensor:
     """Float activations -> packed ``uint32[N, H, W, CW]``: bit ``c % 32`` of word ``c // 32``
-    is 1 iff ``x[c] + tau[c] >= 0``; pad bits 0. ``x`` is NCHW or NHWC float."""
+    is 1 iff ``x[c] + tau[c] >= 0`` (with ``step`` ``[1]`` instead, unsigned 1-bit codes: iff
+    ``x[c] / step > 0.5``); pad bits 0. ``x`` is NCHW or NHWC float."""
+    if tau is not None and step is not None:
+        raise ValueError("bitpack takes a sign threshold (tau) or an unsigned step, not both")
     if layout == "NCHW":
         n, c, h, w = (int(v) for v in x.shape)
         load = lambda i, ch, y, z: x[i, ch, y, z]  # noqa: E731
@@ -83,7 +93,8 @@ def bitpack(x: te.Tensor, tau: te.Tensor | None = None, layout: str = "NCHW",
         v = load(i, chc, y, z)
         if tau is not None:
             v = v + tau[chc]
-        bit = tirx.Select(tirx.all(ch < c, v >= tirx.const(0, x.dtype)),
+        on = v >= tirx.const(0, x.dtype) if step is None else v / step[0] > tirx.const(0.5, x.dtype)
+        bit = tirx.Select(tirx.all(ch < c, on),
                           tirx.const(1, "uint32") << b.var.astype("uint32"), tirx.const(0, "uint32"))
         return te.sum(bit, axis=b)
 
@@ -92,7 +103,7 @@ def bitpack(x: te.Tensor, tau: te.Tensor | None = None, layout: str = "NCHW",
 
 def binary_conv2d_nhwc(x_bits: te.Tensor, w_blk: te.Tensor, base: te.Tensor, in_channels: int,
                        out_channels: int, stride: int = 1, padding: int = 0, scale=None, bias=None,
-                       kmap=None) -> te.Tensor:
+                       kmap=None, unsigned: bool = False) -> te.Tensor:
     """W1A1 conv, exact int32 NHWC output.
 
     ``x_bits uint32[N, H, W, CW]``; ``w_blk uint32[OCB, KH, KW, CW, L]``
@@ -100,7 +111,9 @@ def binary_conv2d_nhwc(x_bits: te.Tensor, w_blk: te.Tensor, base: te.Tensor, in_
     (:func:`bqc.packing.conv_base_table`). Returns ``out int32[N, OH, OW, OC]`` equal to
     ``conv2d(sign(x), sign(W), stride, padding)`` with true zero padding; with ``scale
     f32[OC]`` / ``bias f32[OC]`` / ``kmap f32[N, OH, OW]`` the output is float32
-    (:func:`affine_epilogue`, fused into the same loop nest).
+    (:func:`affine_epilogue`, fused into the same loop nest). ``unsigned``: ``x_bits`` are {0, 1}
+    codes and ``base`` is ``conv_base_table(..., unsigned=True)``; ``out = base - acc`` equals
+    ``conv2d(q, sign(W), stride, padding)``.
     """
     n, h, w, cw = (int(v) for v in x_bits.shape)
     ocb, kh_, kw_, cw2, lanes = (int(v) for v in w_blk.shape)
@@ -124,22 +137,25 @@ def binary_conv2d_nhwc(x_bits: te.Tensor, w_blk: te.Tensor, base: te.Tensor, in_
             axis=[rkh, rkw, rcw]),
         name="acc")
     lh, hh, lw, hw = g["table"]
+    k = 1 if unsigned else 2
 
     def out_f(i, y, z, oc):
         lo_h = _clip(p - y * s, 0, lh - 1)
         hi_h = _clip(y * s - p + kh_ - h, 0, hh - 1)
         lo_w = _clip(p - z * s, 0, lw - 1)
         hi_w = _clip(z * s - p + kw_ - w, 0, hw - 1)
-        v = base[lo_h, hi_h, lo_w, hi_w, oc] - 2 * acc[i, y, z, oc // lanes, oc % lanes]
+        v = base[lo_h, hi_h, lo_w, hi_w, oc] - k * acc[i, y, z, oc // lanes, oc % lanes]
         return affine_epilogue(v, oc, scale, bias, kmap, (i, y, z))
 
     return te.compute((n, oh, ow, out_channels), out_f, name="out")
 
 
 def binary_dense(x_bits: te.Tensor, w_blk: te.Tensor, in_features: int, out_features: int,
-                 scale=None, bias=None) -> te.Tensor:
+                 scale=None, bias=None, base: te.Tensor | None = None) -> te.Tensor:
     """W1A1 dense: ``x_bits uint32[M, KW]``, ``w_blk uint32[NB, KW, L]`` -> int32 ``[M, N]``
-    (float32 with the optional ``scale``/``bias`` epilogue)."""
+    (float32 with the optional ``scale``/``bias`` epilogue). With ``base int32[NB*L]``
+    (:func:`bqc.packing.weight_popcount`) the activation bits are unsigned {0, 1} codes and
+    ``out = base[n] - acc``."""
     m, kwd = (int(v) for v in x_bits.shape)
     nb, kwd2, lanes = (int(v) for v in w_blk.shape)
     if kwd != kwd2 or kwd != num_words(in_features):
@@ -151,6 +167,11 @@ def binary_dense(x_bits: te.Tensor, w_blk: te.Tensor, in_features: int, out_feat
         (m, nb, lanes),
         lambda i, b, l: te.sum(tirx.popcount(x_bits[i, rk] ^ w_blk[b, rk, l]).astype("int32"), axis=rk),
         name="acc")
-    return te.compute((m, out_features),
-                      lambda i, j: affine_epilogue(in_features - 2 * acc[i, j // lanes, j % lanes], j, scale, bias),
-                      name="out")
+    if base is not None and tuple(int(v) for v in base.shape) != (nb * lanes,):
+        raise ValueError(f"base shape {tuple(base.shape)} != {(nb * lanes,)}")
+
+    def out_f(i, j):
+        a = acc[i, j // lanes, j % lanes]
+        return affine_epilogue(in_features - 2 * a if base is None else base[j] - a, j, scale, bias)
+
+    return te.compute((m, out_features), out_f, name="out")

@@ -6,9 +6,14 @@ then the output (destination-passing style, as ``relax.call_tir`` expects):
 
 ====================================  ====================================================
 ``bitpack_primfunc``                  ``x f32[N,C,H,W]`` (or NHWC), [``tau f32[C]``] -> ``u32[N,H,W,CW]``
+                                      (``unsigned``: ``x``, ``step f32[1]``: {0, 1} codes' bits)
 ``binary_conv2d_primfunc``            ``x u32[N,H,W,CW]``, ``w u32[OCB,KH,KW,CW,L]``,
                                       ``base i32[LH,HH,LW,HW,OCB*L]`` -> ``i32[N,OH,OW,OC]``
-``binary_dense_primfunc``             ``x u32[M,KW]``, ``w u32[NB,KW,L]`` -> ``i32[M,N]``
+``binary_dense_primfunc``             ``x u32[M,KW]``, ``w u32[NB,KW,L]`` [, ``base i32[NB*L]``
+                                      (``unsigned``)] -> ``i32[M,N]``
+``binary01_*_primfunc``               the two above with ``unsigned=True``: {0, 1} activation
+                                      bits (``out = base - acc``, base from
+                                      ``conv_base_table(..., unsigned=True)`` / ``weight_popcount``)
 ``quantize_primfunc``                 ``x f32[N,C,H,W]`` (or ``[M,K]``), ``scale f32[1]`` -> ``u8[N,H,W,C4]``
 ``int8_conv2d_primfunc`` (``w1ak_``)  ``x u8[N,H,W,C4]``, ``w i8[OCB,KH,KW,C4/4,L,4]``,
                                       ``bias i32[OCB*L]`` -> ``i32[N,OH,OW,OC]``
@@ -110,25 +115,28 @@ def _create(tensors, name):
 
 def bitpack_primfunc(batch: int, channels: int, height: int, width: int, layout: str = "NCHW",
                      with_tau: bool = True, target=None, name: str | None = None,
-                     dtype: str = "float32") -> tirx.PrimFunc:
-    """Fused activation binarizer + packer: ``sign(x + tau)`` -> packed NHWC uint32 words."""
+                     dtype: str = "float32", unsigned: bool = False) -> tirx.PrimFunc:
+    """Fused activation binarizer + packer: ``sign(x + tau)`` -> packed NHWC uint32 words;
+    ``unsigned``: the bits of {0, 1} codes, ``x / step > 0.5`` (input ``step [1]``, no tau)."""
     shape = (batch, channels, height, width) if layout == "NCHW" else (batch, height, width, channels)
     x = te.placeholder(shape, dtype, name="x")
-    tau = te.placeholder((channels,), dtype, name="tau") if with_tau else None
-    out = _bin.bitpack(x, tau, layout)
-    name = name or f"bqc_bitpack_{layout.lower()}_n{batch}c{channels}h{height}w{width}{'_tau' if with_tau else ''}"
-    func = _create([x, tau, out] if with_tau else [x, out], name)
+    tau = te.placeholder((channels,), dtype, name="tau") if with_tau and not unsigned else None
+    step = te.placeholder((1,), dtype, name="step") if unsigned else None
+    out = _bin.bitpack(x, tau, layout, step=step)
+    suffix = "_step" if unsigned else ("_tau" if tau is not None else "")
+    name = name or f"bqc_bitpack_{layout.lower()}_n{batch}c{channels}h{height}w{width}{suffix}"
+    func = _create([t for t in (x, tau, step, out) if t is not None], name)
     return _finish(_schedule(target, "bitpack", func), name)
 
 
 def binary_conv2d_primfunc(batch: int, in_channels: int, out_channels: int, height: int, width: int,
                            kernel_size: int = 3, stride: int = 1, padding: int = 1, target=None,
                            lanes: int = 16, microkernel: str = "auto", epilogue: str = "none",
-                           name: str | None = None) -> tirx.PrimFunc:
+                           name: str | None = None, unsigned: bool = False) -> tirx.PrimFunc:
     """W1A1 XNOR-popcount conv2d: exact int32 NHWC output, or float32 NHWC with a fused
     ``epilogue`` (``"scale_bias"``: ``* scale[oc] + bias[oc]``; ``"scale_bias_kmap"``: also
     ``* kmap[n, oh, ow]``; extra inputs ``scale f32[OC], out_bias f32[OC][, kmap f32[N,OH,OW]]``
-    after ``base``)."""
+    after ``base``). ``unsigned``: {0, 1} activation bits (:func:`binary01_conv2d_primfunc`)."""
     cw = num_words(in_channels)
     ocb = -(-out_channels // lanes)
     g = _bin.conv_geometry(height, width, kernel_size, kernel_size, stride, padding)
@@ -136,27 +144,44 @@ def binary_conv2d_primfunc(batch: int, in_channels: int, out_channels: int, heig
     w = te.placeholder((ocb, kernel_size, kernel_size, cw, lanes), "uint32", name="w")
     base = te.placeholder(g["table"] + (ocb * lanes,), "int32", name="base")
     scale, bias, kmap = _epilogue_inputs(epilogue, out_channels, (batch, g["oh"], g["ow"]))
-    out = _bin.binary_conv2d_nhwc(x, w, base, in_channels, out_channels, stride, padding, scale, bias, kmap)
+    out = _bin.binary_conv2d_nhwc(x, w, base, in_channels, out_channels, stride, padding, scale, bias, kmap,
+                                  unsigned=unsigned)
     name = name or (f"bqc_bconv2d_n{batch}_c{in_channels}_o{out_channels}_h{height}w{width}"
-                    f"_k{kernel_size}s{stride}p{padding}" + ("" if epilogue == "none" else f"_{epilogue}"))
+                    f"_k{kernel_size}s{stride}p{padding}" + ("_u01" if unsigned else "")
+                    + ("" if epilogue == "none" else f"_{epilogue}"))
     func = _create([x, w, base, *_epi_params(scale, bias, kmap), out], name)
     return _finish(_schedule(target, "binary_conv2d", func, microkernel=microkernel), name)
 
 
 def binary_dense_primfunc(batch: int, in_features: int, out_features: int, target=None,
                           lanes: int = 16, microkernel: str = "auto", epilogue: str = "none",
-                          name: str | None = None) -> tirx.PrimFunc:
+                          name: str | None = None, unsigned: bool = False) -> tirx.PrimFunc:
     """W1A1 XNOR-popcount dense: exact int32 output, or float32 with ``epilogue="scale_bias"``
-    (inputs ``scale f32[N], out_bias f32[N]`` after ``w``)."""
+    (inputs ``scale f32[N], out_bias f32[N]`` after ``w``). ``unsigned``: {0, 1} activation bits,
+    input ``base i32[NB*L]`` (:func:`bqc.packing.weight_popcount`) after ``w``."""
     kw = num_words(in_features)
     nb = -(-out_features // lanes)
     x = te.placeholder((batch, kw), "uint32", name="x")
     w = te.placeholder((nb, kw, lanes), "uint32", name="w")
+    base = te.placeholder((nb * lanes,), "int32", name="base") if unsigned else None
     scale, bias, _ = _epilogue_inputs(epilogue, out_features)
-    out = _bin.binary_dense(x, w, in_features, out_features, scale, bias)
-    name = name or f"bqc_bdense_m{batch}_k{in_features}_n{out_features}" + ("" if epilogue == "none" else f"_{epilogue}")
-    func = _create([x, w, *_epi_params(scale, bias, None), out], name)
+    out = _bin.binary_dense(x, w, in_features, out_features, scale, bias, base=base)
+    name = name or (f"bqc_bdense_m{batch}_k{in_features}_n{out_features}" + ("_u01" if unsigned else "")
+                    + ("" if epilogue == "none" else f"_{epilogue}"))
+    func = _create([x, w, *([base] if unsigned else []), *_epi_params(scale, bias, None), out], name)
     return _finish(_schedule(target, "binary_dense", func, microkernel=microkernel), name)
+
+
+def binary01_conv2d_primfunc(*args, **kwargs) -> tirx.PrimFunc:
+    """W1A1 conv on unsigned {0, 1} activation bits (input kind ``"bits01"``):
+    :func:`binary_conv2d_primfunc` with ``unsigned=True`` (``out = base - acc``)."""
+    return binary_conv2d_primfunc(*args, unsigned=True, **kwargs)
+
+
+def binary01_dense_primfunc(*args, **kwargs) -> tirx.PrimFunc:
+    """W1A1 dense on unsigned {0, 1} activation bits: :func:`binary_dense_primfunc` with
+    ``unsigned=True`` (input ``base`` after ``w``)."""
+    return binary_dense_primfunc(*args, unsigned=True, **kwargs)
 
 
 def quantize_primfunc(shape: tuple, bits: int, layout: str = "NCHW", target=None,
@@ -304,21 +329,23 @@ def _build(kind, target, *args, **kwargs):
     return _build_cached(kind, (args, tuple(sorted(kwargs.items()))), _target_key(target))
 
 
-def build_bitpack(batch, channels, height, width, layout="NCHW", with_tau=True, target=None) -> Kernel:
-    return _build("bitpack", target, batch, channels, height, width, layout=layout, with_tau=with_tau)
+def build_bitpack(batch, channels, height, width, layout="NCHW", with_tau=True, target=None,
+                  unsigned=False) -> Kernel:
+    return _build("bitpack", target, batch, channels, height, width, layout=layout, with_tau=with_tau,
+                  unsigned=unsigned)
 
 
 def build_binary_conv2d(batch, in_channels, out_channels, height, width, kernel_size=3, stride=1,
-                        padding=1, target=None, microkernel="auto", epilogue="none") -> Kernel:
+                        padding=1, target=None, microkernel="auto", epilogue="none", unsigned=False) -> Kernel:
     return _build("binary_conv2d", target, batch, in_channels, out_channels, height, width,
                   kernel_size=kernel_size, stride=stride, padding=padding, microkernel=microkernel,
-                  epilogue=epilogue)
+                  epilogue=epilogue, unsigned=unsigned)
 
 
 def build_binary_dense(batch, in_features, out_features, target=None, microkernel="auto",
-                       epilogue="none") -> Kernel:
+                       epilogue="none", unsigned=False) -> Kernel:
     return _build("binary_dense", target, batch, in_features, out_features, microkernel=microkernel,
-                  epilogue=epilogue)
+                  epilogue=epilogue, unsigned=unsigned)
 
 
 def build_quantize(shape, bits, layout="NCHW", target=None) -> Kernel:
