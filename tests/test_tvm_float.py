@@ -555,6 +555,14 @@ def test_group_norm_silu_rewrite(batch):
     assert _rel(got, ref) < 1e-6
 
 
+@pytest.mark.parametrize("length,width", [(64, 16), (32, 16), (24, 8), (16, 8), (12, 4), (8, 4), (10, 0), (6, 0),
+                                          (tirx.IntImm("int64", 48), 16), (tirx.Var("n", "int64"), 0), (None, 0)])
+def test_softmax_width(length, width):
+    """The widest of 16/8/4 lanes that divides the row with at least two vectors; 0 (TOPI's
+    fast_softmax) for rows too short or not static."""
+    assert fs.softmax_width(length) == width
+
+
 @pytest.mark.parametrize("shape,rule", [((4, 64, 64), "softmax"), ((8, 16, 16), "softmax"),
                                         ((None, 32, 32), "softmax"), ((4, 6, 10), None)])
 def test_softmax_rule(shape, rule):

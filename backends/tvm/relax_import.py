@@ -152,16 +152,13 @@ def _fast_sigmoid(x):
     from tvm import te
 
     one = tvm.tirx.const(1.0, x.dtype)
-    return te.compute(x.shape, lambda *i: one / (one + fs.exp_poly(-x(*i))), name="fast_sigmoid",
-                      tag="elemwise")
+    return te.compute(x.shape, lambda *i: one / fs.one_plus_exp_neg(x(*i), x.dtype), name="fast_sigmoid", tag="elemwise")
 
 
 def _fast_silu(x):
     from tvm import te
 
-    one = tvm.tirx.const(1.0, x.dtype)
-    return te.compute(x.shape, lambda *i: x(*i) / (one + fs.exp_poly(-x(*i))), name="fast_silu",
-                      tag="elemwise")
+    return te.compute(x.shape, lambda *i: x(*i) / fs.one_plus_exp_neg(x(*i), x.dtype), name="fast_silu", tag="elemwise")
 
 
 def _is_f32(expr) -> bool:
@@ -238,9 +235,7 @@ class _FloatRewriter(relax.PyExprMutator):
         if name == "relax.nn.softmax":
             ty = x.ty
             axis = int(call.attrs.axis) % ty.ndim
-            length = ty.shape[-1] if ty.shape is not None else None
-            width = next((w for w in (16, 8, 4) if isinstance(length, tvm.tirx.IntImm)
-                          and int(length) % w == 0 and int(length) >= 2 * w), 0)
+            width = fs.softmax_width(ty.shape[-1] if ty.shape is not None else None)
             if axis == ty.ndim - 1 and width:
                 return self.builder_.call_te(fs.softmax_compute, x, width,
                                              primfunc_name_hint=fs.SOFTMAX_PREFIX)

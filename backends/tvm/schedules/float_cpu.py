@@ -317,6 +317,27 @@ def group_norm_compute(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, groups: 
 SOFTMAX_PREFIX = "bqc_softmax"
 
 
+#: vector widths :func:`softmax_compute` splits a row into, widest first
+SOFTMAX_WIDTHS = (16, 8, 4)
+
+
+def softmax_width(length) -> int:
+    """The partial-result width :func:`softmax_compute` uses for rows of ``length`` elements (a
+    static int or IntImm): the widest of :data:`SOFTMAX_WIDTHS` that divides it with at least two
+    vectors per row; 0 (use TOPI's ``fast_softmax``) for a symbolic or too short row."""
+    if isinstance(length, tirx.IntImm):
+        length = int(length)
+    if not isinstance(length, int):
+        return 0
+    return next((w for w in SOFTMAX_WIDTHS if length % w == 0 and length >= 2 * w), 0)
+
+
+def one_plus_exp_neg(x, dtype: str):
+    """``1 + e^-x`` on :func:`exp_poly` (``x`` a scalar expression of ``dtype``): the denominator
+    of the sigmoid and of SiLU's ``x / (1 + e^-x)``."""
+    return tirx.const(1.0, dtype) + exp_poly(-x)
+
+
 def softmax_compute(x: te.Tensor, width: int) -> te.Tensor:
     """Softmax over the last axis (static length, a multiple of ``width``; the leading axes may
     be symbolic) in stages :func:`schedule_softmax` vectorises: the row maximum and the sum of
