@@ -263,19 +263,33 @@ def test_other_recipes_layerwise(recipe):
     check_layerwise(gm, dg, example_inputs(gm, batch=2, seed=3))
 
 
-def test_dorefa_w1a1_folds_to_unsigned_bits():
+LSQ1_RECIPE = """name = "lsq1-test"
+extends = "dorefa"
+[options.plan_quant]
+body = { weight = "dorefa", act = "lsq", a_bits = 1, act_opts = { signed = false } }
+"""
+
+
+@pytest.mark.parametrize("recipe", ["dorefa", "lsq1"])
+def test_dorefa_w1a1_folds_to_unsigned_bits(recipe, tmp_path):
     """DoReFa's 1-bit {0, 1} activations on binary-weight layers fold to packed bits
     (``UnsignedBinarize``, input kind ``"bits01"``) for the popcount kernels: the deploy graph
     matches the QAT graph (float32 and float64), the codes are the QAT quantizer's, and the
-    reference executor's accumulators equal bqc.packing's popcount reference."""
-    gm = qat("tiny", "dorefa")
+    reference executor's accumulators equal bqc.packing's popcount reference. ``lsq1``: 1-bit
+    unsigned LSQ (levels {0, s}, s learned) folds the same way with its own step."""
+    if recipe == "lsq1":
+        (tmp_path / "lsq1.toml").write_text(LSQ1_RECIPE)
+        recipe = str(tmp_path / "lsq1.toml")
+    gm = qat("tiny", recipe)
+    learned = recipe != "dorefa"
     dg = D.to_deploy(gm)
     layers = D.deploy_layers(dg)
     binary = [(n, m) for n, m in layers if isinstance(m, (D.BinaryConv2d, D.BinaryLinear))]
     assert {type(m) for _, m in binary} == {D.BinaryConv2d, D.BinaryLinear}
     for _, m in binary:
         assert type(m.act) is D.UnsignedBinarize and m.input_kind == "bits01"
-        assert m.act.ch_axis == (1 if isinstance(m, D.BinaryConv2d) else -1) and float(m.act.step) == 1.0
+        assert m.act.ch_axis == (1 if isinstance(m, D.BinaryConv2d) else -1)
+        assert (float(m.act.step) != 1.0 and float(m.act.step) > 0) if learned else float(m.act.step) == 1.0
         d = m.describe()
         assert (d["w_bits"], d["a_bits"], d["input"]) == (1, 1, "bits01")
     # integer-weight layers (the 8-bit head/tail) keep their integer codes

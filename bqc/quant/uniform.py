@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import BqcError
 from .ste import channel_view, check_bits, fake_quant, grad_scale
 
 MULTIBIT = tuple(range(2, 9))
@@ -63,11 +64,17 @@ class LSQ(_StepQuant):
 
     The step is a parameter initialised to 2 mean|x| / sqrt(Qp) from the first batch it
     sees; the ``initialised`` buffer records that, so a reloaded module never re-initialises.
+    One bit is unsigned only (``signed=False``): levels {0, s}, a learned threshold s / 2 (DoReFa's
+    {0, 1} code with a learned scale; it folds to packed bits like DoReFa's).
     """
 
     kind = "lsq"
+    SUPPORTED_BITS = (1, *MULTIBIT)
 
     def __init__(self, bits: int = 4, signed: bool = True):
+        if int(bits) == 1 and signed:
+            raise BqcError("quantizer 'lsq' supports bits=1 only unsigned (levels {0, s})",
+                           hint="set act_opts = { signed = false } in the recipe's layer spec")
         super().__init__(bits, signed)
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("initialised", torch.tensor(False))
