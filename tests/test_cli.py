@@ -107,7 +107,7 @@ def test_demo_summary_names_what_the_speedup_compares(tmp_path, monkeypatch):
     print_summary([DemoRow("bidm", "W1A1", m, rep, bench=bench), DemoRow("binarydm", "W1A4", m, rep, paths=paths)],
                   con, 90.0, tmp_path)
     text = con.export_text()
-    assert "3.00x" in text and "11.0 ms vs torch FP32 eager 33.0 ms, 1 threads, batch 16" in text
+    assert "3.00x" in text and "11.0 ms vs torch FP32 eager 33.0 ms, 1 threads (one per idle core unless --threads), batch 16" in text
     assert "--threads 1" in text
     # paths inside the current directory are shown relative to it, others as given
     assert "model     models/checkpoints/x" in text and "samples   /elsewhere/s.png" in text
