@@ -820,7 +820,8 @@ def unfold(
                                     | {"deploy": target}})
     console.print(f"[bold]wrote[/] {path}  recipe {res.recipe.name} W{res.ctx.wbits}A{res.ctx.abits}: "
                   f"{info['layers']} quantized layers and {info['tbs']} TBS blends set from {escape(target)}, "
-                  f"{info['copied']} float tensors copied; matches it to {info['max_rel_diff']:.1e} (relative)")
+                  f"{info['copied']} float tensors copied; matches it node by node to {info['max_rel_diff']:.1e} "
+                  f"(relative; end to end {info['end_to_end_rel_diff']:.1e}: float rounding flips a few binary codes)")
 
 
 # lowering -----------------------------------------------------------------------------------

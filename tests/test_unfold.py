@@ -69,6 +69,21 @@ def test_unfold_computes_what_the_deploy_graph_computes(recipe, stage2):
             torch.testing.assert_close(again[name], b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_check_equivalent_finds_a_wrong_float_parameter():
+    """The node-by-node check names the node whose value is wrong: a norm weight that was not
+    copied (each node is fed the deploy graph's inputs, so only the wrong node differs)."""
+    dg = D.to_deploy(_trained_like(qat("tiny", "bidm")))
+    fresh = _fresh("bidm")
+    unfold_into(fresh, dg)
+    assert check_equivalent(fresh, dg) <= 1e-5
+    node = next(n for n in fresh.graph.nodes if n.op == "call_function" and "group_norm" in str(n.target))
+    weight = fresh.get_parameter(node.args[2].target)
+    with torch.no_grad():
+        weight.mul_(1.01)
+    with pytest.raises(BqcError, match=f"at node ({node.args[2].name}|{node.name}) "):  # the weight or its norm
+        check_equivalent(fresh, dg)
+
+
 def test_unfold_refuses_a_graph_of_another_recipe():
     dg = D.to_deploy(_trained_like(qat("tiny", "bidm")))
     with pytest.raises(BqcError):
@@ -81,7 +96,7 @@ def test_unfold_shipped_bidm_trains_on(tmp_path, capsys):
     out = tmp_path / "art"
     code, stdout, err = run_cli(["unfold", "mnist16-bidm", "-o", out], capsys)
     assert code == 0, err
-    assert "matches it to" in stdout
+    assert "matches it node by node to" in stdout
     man = json.loads((out / "bqc.json").read_text())
     assert man["unfolded_from"]["deploy"] == "mnist16-bidm" and man["unfolded_from"]["recipe"] == "bidm-skip"
     art = artifact.load_artifact(out)
