@@ -110,16 +110,18 @@ def test_allowlist_covers_the_deploy_graphs(tmp_path_factory):
 def test_format_version_records_unsigned_inputs(tmp_path_factory, tmp_path):
     """A deploy graph with packed {0, 1} inputs (UnsignedBinarize, DoReFa W1A1) is written as
     deploy format 2 (:data:`DA.SINCE`); one without stays format 1, like every artifact before
-    it, and a shipped (format 1) artifact loads and re-saves as 1. A format-1 file holding an
-    UnsignedBinarize, and a format this bqc does not know, are refused."""
+    it, and a format-1 artifact loads and re-saves as 1 (the shipped mnist16-bidm-a4dec; the shipped
+    mnist16-bidm has {0, 1} activations: format 2). A format-1 file holding an UnsignedBinarize,
+    and a format this bqc does not know, are refused."""
     _, out = saved("dorefa", tmp_path_factory)
     doc = json.loads((out / "deploy.json").read_text())
     assert doc["version"] == 2 and any(e["class"] == "UnsignedBinarize" for e in doc["modules"])
     assert all(r["input"] == "bits01" for r in doc["layers"] if r["weight"] == "binary")
     assert json.loads((saved("bidm", tmp_path_factory)[1] / "deploy.json").read_text())["version"] == 1
-    shipped = D.load("mnist16-bidm")
-    assert json.loads((shipped.path / "deploy.json").read_text())["version"] == 1
-    assert json.loads((shipped.save(tmp_path / "resaved") / "deploy.json").read_text())["version"] == 1
+    for name, version in (("mnist16-bidm-a4dec", 1), ("mnist16-bidm", 2)):
+        shipped = D.load(name)
+        assert json.loads((shipped.path / "deploy.json").read_text())["version"] == version
+        assert json.loads((shipped.save(tmp_path / name) / "deploy.json").read_text())["version"] == version
     bad = tmp_path / "old"
     shutil.copytree(out, bad)
     js = bad / "deploy.json"

@@ -98,7 +98,7 @@ def test_unfold_shipped_bidm_trains_on(tmp_path, capsys):
     assert code == 0, err
     assert "matches it node by node to" in stdout
     man = json.loads((out / "bqc.json").read_text())
-    assert man["unfolded_from"]["deploy"] == "mnist16-bidm" and man["unfolded_from"]["recipe"] == "bidm-skip"
+    assert man["unfolded_from"]["deploy"] == "mnist16-bidm" and man["unfolded_from"]["recipe"] == "bidm01-skip"
     art = artifact.load_artifact(out)
     check_equivalent(art.gm, D.load("mnist16-bidm").gm, tol=1e-5)
     code, _, err = run_cli(["train", out, "--steps", "2", "--batch", "4", "--sample-steps", "100",
