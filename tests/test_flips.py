@@ -67,3 +67,30 @@ def test_exact_output_needs_no_flip_and_wrappers_are_removed(deployed):
     with torch.no_grad():
         again = model(x, t)
     assert torch.equal(again[0], want[0])
+
+
+@pytest.mark.parametrize("qmin,qmax,u,before,after", [
+    (0, 1, 0.5, 0, 1),     # {0, 1} codes (DoReFa's 1-bit activation): exactly at the tie rounds to 0
+    (-8, 7, 1.5, 2, 1),    # half to even: 1.5 -> 2, so the other side is 1
+    (-8, 7, 2.5, 2, 3),
+    (0, 1, 0.4999, 0, 1),
+    (-8, 7, -0.5, 0, -1),
+])
+def test_forcing_a_tie_moves_the_decision(qmin, qmax, u, before, after):
+    """A quantizer input exactly on a decision boundary (round half to even decides it) is forced
+    to the code on the boundary's other side, not to the one it already has (a flip at an exact
+    0.5 tie of a {0, 1}-activation model was left unexplained before)."""
+    step = torch.tensor(0.75, dtype=torch.float64)
+    q = D.UnsignedBinarize(step) if (qmin, qmax) == (0, 1) else D.QuantizeCodes(step, qmin, qmax, 4)
+    x = torch.full((1, 3, 2, 2), u * 0.75)
+    assert int(q.codes(x)[0, 1, 1, 0]) == before
+    with forced_module(q, (0, 1, 1, 0)):
+        c = q.codes(x)
+    assert int(c[0, 1, 1, 0]) == after and int(c[0, 0, 0, 0]) == before
+
+
+def forced_module(q, index):
+    """:func:`forced` on a one-quantizer 'graph'."""
+    holder = torch.nn.Module()
+    holder.act = q
+    return forced(holder, [Flip("act", index, 0.0)])

@@ -442,7 +442,7 @@ def test_registry_errors_and_names():
         q.make_act_quantizer("lsqq", 4)
     with pytest.raises(BqcError, match="supported: 1"):
         q.make_weight_quantizer("ebb", w, bits=2)
-    with pytest.raises(BqcError, match="supported: 2, 3, 4, 5, 6, 7, 8"):
+    with pytest.raises(BqcError, match="supported: 1, 2, 3, 4, 5, 6, 7, 8"):
         q.make_act_quantizer("lsq", 9)
     with pytest.raises(BqcError, match="supported: 2, 3"):
         q.make_weight_quantizer("uniform", w, bits=1)

@@ -129,7 +129,8 @@ def _pushed(q, x: torch.Tensor, index: tuple) -> torch.Tensor:
     step = float(q.step)
     u = float(x[index]) / step
     h = math.floor(u) + 0.5
-    x[index] = (h + 0.5 if u < h else h - 0.5) * step  # the centre of the other code
+    code = round(min(max(u, q.qmin), q.qmax))  # the decision as made: half to even, like torch.round
+    x[index] = (h + 0.5 if code < h else h - 0.5) * step  # the centre of the code on h's other side
     return x
 
 
