@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class Run:
     name: str
-    table: str  # table-a | table-b | ablation
+    table: str  # table-a | table-b | table-c | ablation
     recipe: str
     wbits: int | None = None
     abits: int | None = None
@@ -58,24 +58,37 @@ class Run:
     train: bool = True
 
 
-_BIDM_NO_TBS = """
-[[passes]]
-name = "annotate"
-[[passes]]
-name = "conv1d_to_conv2d"
-[[passes]]
-name = "decompose_sdpa"
-[[passes]]
-name = "plan_quant"
-body = { weight = "bidm", act = "bidm", kmap = "learned", shortcut = "scaled" }
-[[passes]]
-name = "mixed_precision"
-[[passes]]
-name = "insert_quantizers"
-[[passes]]
-name = "distill_taps"
-loss = "spd"
-"""
+def _toml(v) -> str:
+    """A pass option as TOML (strings, numbers, booleans and inline tables of them: what recipes hold)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"no TOML form for pass option {v!r}")
+
+
+def without_pass(recipe: str, dropped: str) -> str:
+    """Overrides that run ``recipe``'s own pass list, options included, minus the pass ``dropped``:
+    an ablation changes that one thing (a hand-written list drifts from the recipe)."""
+    from bqc.pipeline import load_recipe
+
+    passes = load_recipe(recipe).passes
+    if dropped not in [n for n, _ in passes]:
+        raise ValueError(f"recipe {recipe!r} has no pass {dropped!r}")
+    lines = []
+    for name, opts in passes:
+        if name != dropped:
+            lines += ["[[passes]]", f'name = "{name}"'] + [f"{k} = {_toml(v)}" for k, v in opts.items()]
+    return "\n" + "\n".join(lines) + "\n"
+
+
+# bqc's output skip with the float layers frozen and a cosine lr, as bidm-skip trains (dorefa-skip: session 16)
+_SKIP_FROZEN = '[[append]]\nname = "output_skip"\n\n[train]\nlr = 2e-4\nlr_schedule = "cosine"\nfloat_lr_scale = 0.0\n'
+_BIDM01_BODY = '[options.plan_quant]\nbody = {{ weight = "bidm", act = "dorefa"{} }}\n'
 
 RUNS: list[Run] = [
     # Table A: binary weights, 4-bit and 32-bit activations
@@ -94,13 +107,17 @@ RUNS: list[Run] = [
     Run("reste", "table-b", "reste"),
     Run("bidm", "table-b", "bidm"),
     Run("bidm-skip", "table-b", "bidm-skip"),  # bqc's output skip (not in the papers)
+    # Table C: W1A1 with DoReFa's {0, 1} activation code and bqc's output skip (not in the papers;
+    # benchmarks/results/quality_w1a1.md, sessions 16-17): the code that made W1A1 digits, and BiDM on it
+    Run("dorefa-skip", "table-c", "dorefa", overrides=_SKIP_FROZEN),
+    Run("bidm01-skip", "table-c", "bidm01-skip"),
     # Ablations
     Run("binarydm-no-ebb", "ablation", "binarydm", overrides='[options.plan_quant]\nhead_tail = { weight = "sign_scale", act = "lsq" }\n', main=False),
     Run("binarydm-no-lrm", "ablation", "binarydm", distill=False, main=False),
     Run("binarydm-lrm-k2", "ablation", "binarydm", overrides="[options.distill_taps]\nk = 2\n", main=False),
     Run("binarydm-lrm-k8", "ablation", "binarydm", overrides="[options.distill_taps]\nk = 8\n", main=False),
     Run("binarydm-ebb-3", "ablation", "binarydm", overrides="[options.annotate]\nhead_tail_blocks = 3\n", main=False),
-    Run("bidm-no-tbs", "ablation", "bidm", overrides=_BIDM_NO_TBS, main=False),
+    Run("bidm-no-tbs", "ablation", "bidm", overrides=without_pass("bidm", "tbs_edges"), main=False),
     Run("bidm-no-spd", "ablation", "bidm", distill=False, main=False),
     Run("bidm-tbs-1", "ablation", "bidm", overrides="[options.tbs_edges]\nconnections = 1\n", main=False),
     # Fidelity options (METHODS §11: what the released reference code does, against bqc's default)
@@ -111,6 +128,11 @@ RUNS: list[Run] = [
     Run("binarydm-lrm-code", "ablation", "binarydm", overrides='[options.distill_taps]\nform = "code"\n', main=False),
     Run("binarydm-res-proj-fp", "ablation", "binarydm", overrides='[options.plan_quant]\nres_proj = "fp"\n', main=False),
     Run("binarydm-ebb-switch-0.1", "ablation", "binarydm", overrides="[train]\nebb_switch = 0.1\n", main=False),
+    # which of BiDM's parts help on top of the {0, 1} code (dorefa-skip, without any of them, beat bidm01-skip)
+    Run("bidm01-no-tbs", "ablation", "bidm01-skip", overrides=without_pass("bidm01-skip", "tbs_edges"), main=False),
+    Run("bidm01-no-spd", "ablation", "bidm01-skip", distill=False, main=False),
+    Run("bidm01-no-kmap", "ablation", "bidm01-skip", overrides=_BIDM01_BODY.format(', shortcut = "scaled"'), main=False),
+    Run("bidm01-no-shortcut", "ablation", "bidm01-skip", overrides=_BIDM01_BODY.format(', kmap = "learned"'), main=False),
 ]
 SMOKE = ["baseline-w1a4", "bidm"]
 
@@ -382,7 +404,7 @@ def main(argv=None) -> None:
     p.add_argument("--main-eta", type=float, default=1.0, help="DDIM eta of the declared sampler (1: LDM's default)")
     p.add_argument("--teacher", default="mnist16", help="the FP model every run starts from (zoo name or model dir)")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--only", default="", help="table-a, table-b, ablation, or run names (comma-separated)")
+    p.add_argument("--only", default="", help="table-a, table-b, table-c, ablation, or run names (comma-separated)")
     p.add_argument("--out", default=str(ROOT / "runs" / "replicate"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ebb-switch", type=float, default=None,

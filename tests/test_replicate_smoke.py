@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import re
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +189,25 @@ def test_keep_and_restore_results(tmp_path):
     (lost / "bidm" / "seed0" / "ckpt").write_text("x")
     rep.restore_results(keep, lost)
     assert not (lost / "bidm" / "seed0" / "done.json").exists()
+
+
+def test_every_run_recipe_loads_and_no_tbs_rows_drop_only_tbs(tmp_path):
+    """Every study row's recipe (with its overrides) loads; the no-TBS ablations run their
+    reference recipe's pass list, options included, minus ``tbs_edges`` (a hand-written list once
+    left BiDM's residual projections binary in ``bidm-no-tbs``, two changes in one row)."""
+    rep = _load_replicate()
+    from bqc.pipeline import load_recipe
+
+    for run in rep.RUNS:
+        d = tmp_path / run.name
+        d.mkdir()
+        recipe = load_recipe(rep._recipe_file(run, d, rep.Settings()))
+        if run.name.endswith("-no-tbs"):
+            ref = load_recipe(run.recipe)
+            assert recipe.passes == [(n, o) for n, o in ref.passes if n != "tbs_edges"], run.name
+            assert recipe.train == ref.train, run.name
+    with pytest.raises(ValueError, match="no pass"):
+        rep.without_pass("baseline", "tbs_edges")
+    runs = {r.name: r for r in rep.RUNS}
+    plan = dict(load_recipe(rep._recipe_file(runs["bidm01-no-kmap"], tmp_path / "bidm01-no-kmap", rep.Settings())).passes)["plan_quant"]
+    assert plan["body"] == {"weight": "bidm", "act": "dorefa", "shortcut": "scaled"} and plan["res_proj"] == "fp"
