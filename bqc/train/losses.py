@@ -96,10 +96,13 @@ def _patches(f: torch.Tensor, p: int) -> torch.Tensor:
     return rows.transpose(-1, -2)
 
 
+_TINY = 1e-12  # a patch whose Gram norm is below this counts as all-zero (the clamped normalisation)
+
+
 def _grams(patches: torch.Tensor) -> torch.Tensor:
     """Normalised Gram matrices P P^T of (B, p*p, C, n) patches: (B, p*p, C, C)."""
     g = patches @ patches.transpose(-1, -2)
-    return g / g.flatten(2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
+    return g / g.flatten(2).norm(dim=-1).clamp_min(_TINY)[..., None, None]
 
 
 def _patch_grams(f: torch.Tensor, p: int) -> torch.Tensor:
@@ -111,9 +114,6 @@ def _sq_frobenius(m: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius norms over the last two axes, summed in float64 (no gradient)."""
     d = m.to(torch.float64, copy=True)  # a copy even of a float64 m: squared in place below
     return d.mul_(d).sum(dim=(-1, -2))
-
-
-_TINY = 1e-12  # a patch whose Gram norm is below this counts as all-zero (the clamped normalisation)
 
 
 class _InnerSPD(torch.autograd.Function):
@@ -195,7 +195,7 @@ def spd_code_distances(fs: torch.Tensor, ft: torch.Tensor, p: int = 4) -> torch.
         ph = max(f.shape[2] // p, 1)
         pt = pt.reshape(b, pt.shape[1], c, ph, -1)
         g = pt @ pt.transpose(-1, -2)  # (B, p*p, C, h, h)
-        norm = g.transpose(0, 1).flatten(1).norm(dim=-1).clamp_min(1e-12)  # per patch, whole batch
+        norm = g.transpose(0, 1).flatten(1).norm(dim=-1).clamp_min(_TINY)  # per patch, whole batch
         return g / norm[None, :, None, None, None]
 
     return (grams(fs) - grams(ft)).transpose(0, 1).flatten(1).norm(dim=-1)
