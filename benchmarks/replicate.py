@@ -542,4 +542,9 @@ def _report_module():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGINT; a TrainingInterrupted says which checkpoint it saved
+        msg = getattr(e, "message", "") or "interrupted"
+        print(f"\nstopped: {msg}\nrerun the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(130)
