@@ -33,7 +33,7 @@ from bqc.train.losses import LRMProjections
 from bqc.train.loop import LoopConfig, make_optimizer, trainable_groups
 from bqc.train.qat import QATModel, QATOptions, _tap_views, make_loss, param_groups, resolved_hparams
 
-RECIPES = ["fp", "baseline", "binarydm", "bidm", "binarydm-skip", "bidm-skip"]  # the last two: the shipped models' recipes
+RECIPES = ["fp", "baseline", "binarydm", "bidm", "binarydm-skip", "bidm-skip", "bidm01-skip"]  # binarydm-skip and bidm01-skip: the shipped models' recipes
 
 
 def make_stepper(src, recipe: str, data, args):
