@@ -1018,8 +1018,8 @@ def demo(
     """The shipped binary models next to their FP teacher: sample, eval, report, lower + bench.
 
     Shows mnist16-bidm (W1A1) and mnist16-binarydm (W1A4), what bqc ships, beside the FP mnist16
-    they were trained from; --qat adds a short QAT run per recipe. About 5 minutes on 2 CPU cores
-    with the defaults; ends with a summary table and the paths it wrote."""
+    they were trained from; --qat adds a short QAT run per recipe. About 4 minutes on 2 idle CPU
+    cores with the defaults; ends with a summary table and the paths it wrote."""
     from bqc.demo import SHIPPED, DemoOptions, model_paths, run_demo
     from bqc.pipeline import load_recipe
 
