@@ -428,7 +428,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     import torch
 
+    from bqc.diffusion.samplers import check_eta
+    from bqc.errors import BqcError
     from bqc.runtime import tune_allocator
+
+    try:  # before hours of training, not at the first sampling
+        for opt, v in (("--main-eta", args.main_eta), ("--eta", args.eta)):
+            if v is not None:
+                check_eta(v, opt)
+    except BqcError as e:
+        p.error(str(e))
 
     tune_allocator()  # as bqc's commands do: the runs train and sample in this process
     torch.set_num_threads(args.threads)

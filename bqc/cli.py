@@ -579,9 +579,11 @@ def sample(
     import numpy as np
 
     from bqc.diffusion.grid import save_grid
+    from bqc.diffusion.samplers import check_eta
     from bqc.outputs import mark_npz
 
     _positive(**{"-n": n, "--steps": steps, "--batch": batch})
+    check_eta(eta, "--eta")
     from PIL import Image
 
     if out.suffix.lower() not in Image.registered_extensions():
@@ -708,9 +710,11 @@ def evaluate_cmd(
 ):
     """FID/KID/precision/recall/IS on the features of the shipped MNIST classifier, with the real-vs-real floor."""
     from bqc.data import load_dataset
+    from bqc.diffusion.samplers import check_eta
     from bqc.metrics import evaluate
 
     _positive(**{"-n": n, "--steps": steps, "--batch": batch})
+    check_eta(eta, "--eta")
     _use_threads(threads)
     helper = None
     if inception:  # fail before sampling when the optional package is missing
@@ -1021,6 +1025,7 @@ def demo(
     they were trained from; --qat adds a short QAT run per recipe. About 4 minutes on 2 idle CPU
     cores with the defaults; ends with a summary table and the paths it wrote."""
     from bqc.demo import SHIPPED, DemoOptions, model_paths, run_demo
+    from bqc.diffusion.samplers import check_eta
     from bqc.pipeline import load_recipe
 
     names = tuple(m.strip() for m in models.split(",") if m.strip()) or SHIPPED
@@ -1029,8 +1034,7 @@ def demo(
         load_recipe(r)  # unknown names fail before any work
     model_paths(names)  # names only (cheap): the demo loads them
     _positive(**{"--steps": steps, "-n": n, "--sample-steps": sample_steps})
-    if eta < 0:
-        raise BqcError(f"--eta must be >= 0, got {eta}")
+    check_eta(eta, "--eta")
     _check_out(out, "demo", force)
     _use_threads(threads)
     run_demo(DemoOptions(models=names, qat=recipes, steps=steps, n=n, sample_steps=sample_steps, eta=eta, out=out,

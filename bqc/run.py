@@ -637,8 +637,8 @@ def _run(argv) -> int:
     for name, v in (("-n", a.n), ("--steps", a.steps), ("--scale", a.scale), ("--threads", a.threads)):
         if v is not None and v < 1:
             raise RunError(f"{name} must be at least 1, got {v}")
-    if a.eta < 0:
-        raise RunError(f"--eta must be >= 0, got {a.eta}")
+    if not 0.0 <= a.eta <= 1.0:  # also NaN (bqc.diffusion.samplers.check_eta's rule)
+        raise RunError(f"--eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {a.eta}")
     out = Path(a.out or ("samples.npy" if latent else "samples.png"))
     if latent and out.suffix.lower() != ".npy":
         raise RunError(f"-o {out}: this model makes {manifest['input_shape'][0]}-channel latents, which this runner "

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from bqc import cli
 from bqc import console as ui
+from bqc.errors import BqcError
 from clirun import run_cli
 
 # commands that compute (capture, train, sample, compile, time): they take --threads
@@ -62,6 +63,30 @@ def test_help_renders_examples_at_80_columns(name):
 def test_threads_is_validated(capsys):
     code, _, err = run_cli(["inspect", "mnist16", "--threads", "0"], capsys)
     assert code == 2 and "--threads must be at least 1" in err
+
+
+@pytest.mark.parametrize("eta", ["-1", "nan", "inf", "1.5"])
+@pytest.mark.parametrize("cmd", ["sample", "eval", "demo"])
+def test_eta_outside_0_1_is_a_usage_error(cmd, eta, tmp_path, capsys):
+    """A negative eta silently shrank DDIM's direction term, NaN made NaN samples and eval blamed the
+    model: each is now refused before any model loads, and nothing is written."""
+    args = {"sample": ["sample", "mnist16", "-n", "2", "--steps", "2", "-o", tmp_path / "g.png"],
+            "eval": ["eval", "mnist16", "-n", "2", "--steps", "2"],
+            "demo": ["demo", "--out", tmp_path / "demo"]}[cmd]
+    code, _, err = run_cli([*args, "--eta", eta], capsys)
+    assert code == 2 and "--eta must be a number in [0, 1]" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_ddim_refuses_eta_outside_0_1():
+    from bqc.diffusion.samplers import ddim_sample
+
+    def step(x, t, y, state):
+        raise AssertionError("no model call before the check")
+
+    for eta in (-0.5, float("nan"), 2.0):
+        with pytest.raises(BqcError, match=r"eta must be a number in \[0, 1\]"):
+            ddim_sample(step, (1, 1, 4, 4), steps=2, eta=eta)
 
 
 # tables --------------------------------------------------------------------------------------
@@ -197,6 +222,7 @@ def test_sampling_progress_advances_per_ddim_step(capsys):
 _NOISY = """
 import os, sys, warnings
 from bqc import console as ui
+from bqc.errors import BqcError
 warnings.simplefilter("always")
 ui.set_debug(sys.argv[1] == "debug")
 with ui.quiet():

@@ -163,6 +163,17 @@ def _check_guidance(cond, uncond, guidance) -> float:
     return guidance
 
 
+def check_eta(eta, option: str = "eta") -> float:
+    """DDIM's eta as a float in [0, 1]: 0 is the deterministic sampler, 1 the DDPM posterior's noise.
+    Outside that range the update has no consistent marginals (a negative eta would shrink the
+    direction term and add no noise; above 1 the noise exceeds what the next step can hold), and
+    NaN or infinity poison every sample, so they are refused rather than sampled."""
+    v = float(eta)
+    if not 0.0 <= v <= 1.0:  # also NaN, which fails every comparison
+        raise BqcError(f"{option} must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
+    return v
+
+
 @torch.no_grad()
 def ddim_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseSchedule | None = None,
                 steps: int = 50, eta: float = 0.0, seed: int | None = 0,
@@ -182,6 +193,7 @@ def ddim_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
     conditioning and classifier-free guidance (module docstring).
     """
     guidance = _check_guidance(cond, uncond, guidance)
+    eta = check_eta(eta)
     schedule = schedule or NoiseSchedule()
     ts = schedule.timesteps(steps)
     g = _generator(seed, generator)
