@@ -116,6 +116,10 @@ def test_recipe_hyperparameters_resolve(tmp_path):
         resolved_hparams({}, QATOptions(steps=1, lr_schedule="step"))
     with pytest.raises(BqcError, match="min lr ratio"):
         resolved_hparams(cos, QATOptions(steps=1, min_lr_ratio=2.0))
+    with pytest.raises(BqcError, match="min lr ratio"):  # out of range whatever the schedule
+        resolved_hparams({}, QATOptions(steps=1, min_lr_ratio=-0.5))
+    with pytest.raises(BqcError, match="schedule is constant"):  # given, but a constant schedule would ignore it
+        resolved_hparams({}, QATOptions(steps=1, min_lr_ratio=0.1))
     s = NoiseSchedule()
     assert tbs_gap({"tbs_gap": "sampler"}, QATOptions(steps=1, sample_steps=100), s) == 10
     assert tbs_gap({"tbs_gap": 1}, QATOptions(steps=1, sample_steps=100), s) == 1

@@ -213,3 +213,16 @@ def test_train_steps_0_is_refused():
     with pytest.raises(BqcError) as e:
         train_artifact("no-such-artifact", "mnist16", "unused", QATOptions(steps=0))
     assert "--calibrate mnist16" in e.value.hint
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("inf")), dict(lr=float("nan")), dict(lr=0.0),
+                                 dict(weight_decay=-1.0), dict(weight_decay=float("inf")),
+                                 dict(grad_clip=-1.0), dict(grad_clip=float("nan")),
+                                 dict(min_lr_ratio=2.0), dict(warmup_steps=-3), dict(ema_decay=1.5)])
+def test_bad_hyperparameters_are_refused_before_training(tmp_path, bad):
+    """A negative --grad-clip flipped every gradient's sign inside clip_grad_norm_ (gradient ascent,
+    exit 0), a negative --weight-decay ended in AdamW's traceback, an infinite --lr trained until
+    the NaN stop: each is refused by LoopConfig.validate before a step, and nothing is written."""
+    with pytest.raises(BqcError, match="must be"):
+        train_loop(Net(), DATA, plain_loss, cfg(**bad), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -98,8 +98,17 @@ class LoopConfig:
             raise BqcError(f"steps must be a non-negative integer (the total step count), got {self.steps!r}")
         if self.batch_size < 1:
             raise BqcError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise BqcError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # the comparisons also refuse NaN
+            raise BqcError(f"learning rate (--lr) must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise BqcError(f"weight decay (--weight-decay) must be a finite number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not 0 <= self.grad_clip < math.inf:
+            # a negative max norm would flip every gradient's sign inside clip_grad_norm_
+            raise BqcError(f"gradient clip (--grad-clip) must be a finite number >= 0 (0: no clipping), got {self.grad_clip}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise BqcError(f"the cosine's final lr ratio (--min-lr-ratio) must be in [0, 1], got {self.min_lr_ratio}")
+        if int(self.warmup_steps) != self.warmup_steps or self.warmup_steps < 0:
+            raise BqcError(f"warm-up steps (--warmup) must be a non-negative integer, got {self.warmup_steps!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise BqcError(f"unknown lr schedule {self.lr_schedule!r}", hint="use 'constant' or 'cosine'")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

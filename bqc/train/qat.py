@@ -193,11 +193,14 @@ def resolved_hparams(recipe_train: dict, opts: QATOptions) -> dict:
         raise BqcError(f"float lr scale must be >= 0 (0 freezes the float layers), got {scale:g}")
     if scale != 1.0:
         hp["float_lr_scale"] = scale
+    ratio = pick(opts.min_lr_ratio, "min_lr_ratio", 0.0)
+    if not 0.0 <= ratio <= 1.0:
+        raise BqcError(f"min lr ratio (--min-lr-ratio) must be in [0, 1], got {ratio:g}")
     if sched != "constant":
-        ratio = pick(opts.min_lr_ratio, "min_lr_ratio", 0.0)
-        if not 0.0 <= ratio <= 1.0:
-            raise BqcError(f"min lr ratio must be in [0, 1], got {ratio:g}")
         hp.update(lr_schedule=sched, min_lr_ratio=ratio)
+    elif opts.min_lr_ratio is not None:  # said on the command line and silently unused: tell the user
+        raise BqcError(f"--min-lr-ratio {ratio:g} sets the cosine schedule's last lr, but this run's schedule is constant",
+                       hint="add --lr-schedule cosine, or drop --min-lr-ratio")
     return hp
 
 
