@@ -69,10 +69,15 @@ def _examples(*lines: str) -> str:
 def _use_threads(threads: Optional[int]) -> None:
     """``--threads N``: N threads for torch's CPU work and for TVM's thread pool (read when
     that pool starts); None keeps the defaults (all cores)."""
-    _positive(**{"--threads": threads})
-    if threads:
-        import os
+    import os
 
+    from bqc.run import thread_cap
+
+    _positive(**{"--threads": threads})
+    if threads and threads > thread_cap():
+        raise BqcError(f"--threads {threads}: this machine has {os.cpu_count()} logical CPUs; at most {thread_cap()} "
+                       "are allowed (4 per CPU)", hint=f"use --threads {os.cpu_count()} or fewer (1 is fastest on a busy machine)")
+    if threads:
         import torch
 
         torch.set_num_threads(threads)
@@ -433,7 +438,8 @@ def pretrain(
     from bqc.train.pretrain import pretrain as run
 
     _positive(0, **{"--steps": steps})
-    _positive(**{"--batch": batch, "--threads": threads})
+    _positive(**{"--batch": batch})
+    _use_threads(threads)
     _check_out(out, "model", force)
     _check_fresh_run(out, resume)
     try:
@@ -870,7 +876,9 @@ def lower(
         raise BqcError(f"unknown backend {backend!r}", hint=f"valid backends: {', '.join(BACKENDS)}")
     _positive(**{"--batch": batch, "--threads": threads})
     _check_out(out, "compiled", force)
-    _use_threads(threads)
+    from bqc.run import thread_cap
+
+    _use_threads(min(threads, thread_cap()) if threads else None)  # a board may have more cores than this host
     from bqc import deploy
     from bqc.backends.tvm import lower as tvm_lower
 

@@ -73,6 +73,12 @@ class RunError(Exception):
         super().__init__(message)
 
 
+def thread_cap() -> int:
+    """The most ``--threads`` a command accepts: 4 per logical CPU (more is a typo, and OpenMP
+    segfaulted at 99999); shared by bqc's commands and this runner."""
+    return 4 * (os.cpu_count() or 1)
+
+
 # ------------------------------------------------------------------------------ the bundle
 def read_manifest(path) -> dict:
     """``manifest.json`` of a ``bqc lower`` TVM output folder; :class:`RunError` for anything else."""
@@ -637,6 +643,9 @@ def _run(argv) -> int:
     for name, v in (("-n", a.n), ("--steps", a.steps), ("--scale", a.scale), ("--threads", a.threads)):
         if v is not None and v < 1:
             raise RunError(f"{name} must be at least 1, got {v}")
+    if a.threads is not None and a.threads > thread_cap():
+        raise RunError(f"--threads {a.threads}: this machine has {os.cpu_count()} logical CPUs; at most "
+                       f"{thread_cap()} are allowed (4 per CPU)", hint=f"use --threads {os.cpu_count()} or fewer")
     if not 0.0 <= a.eta <= 1.0:  # also NaN (bqc.diffusion.samplers.check_eta's rule)
         raise RunError(f"--eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {a.eta}")
     out = Path(a.out or ("samples.npy" if latent else "samples.png"))

@@ -63,6 +63,8 @@ def test_help_renders_examples_at_80_columns(name):
 def test_threads_is_validated(capsys):
     code, _, err = run_cli(["inspect", "mnist16", "--threads", "0"], capsys)
     assert code == 2 and "--threads must be at least 1" in err
+    code, _, err = run_cli(["inspect", "mnist16", "--threads", "99999"], capsys)  # OpenMP segfaulted (exit 139)
+    assert code == 2 and "--threads 99999: this machine has" in err
 
 
 @pytest.mark.parametrize("eta", ["-1", "nan", "inf", "1.5"])
