@@ -1088,6 +1088,15 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:  # the allocator refused a request: one paragraph, not a traceback
+        if _STATE["debug"] or not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)):
+            raise
+        what = (str(e).split("you tried to allocate ")[-1].split(".")[0] if "you tried" in str(e) else "a request")
+        err_console.print(f"[bold red]error:[/] out of memory: this machine could not allocate {escape(what)}")
+        err_console.print("[bold]hint:[/] lower -n or --batch (samples denoised together), or free memory; "
+                          "a model file that declares a huge input shape asks for this too")
+        err_console.print("(run with --debug for the traceback)", style="dim")
+        sys.exit(1)
     except SystemExit:
         raise
     except _click_error_types() as e:  # usage errors come here with standalone_mode=False

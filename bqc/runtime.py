@@ -78,3 +78,17 @@ def idle_cores(window: float = 0.5) -> float | None:
         i1, t1 = after.get(c, (i0, t0))
         idle += (i1 - i0) / (t1 - t0) if t1 > t0 else 0.0
     return idle
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give without swapping (``MemAvailable`` of
+    /proc/meminfo), or None where that cannot be read: a command checks a request it can size
+    up front (``-n`` samples) against it instead of dying in the allocator or the OOM killer."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

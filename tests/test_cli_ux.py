@@ -80,6 +80,40 @@ def test_eta_outside_0_1_is_a_usage_error(cmd, eta, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_more_samples_than_memory_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    """`bqc sample mnist16 -n 100000000` ended in the allocator's traceback: the request is sized
+    against the machine's available memory before any work."""
+    from bqc import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda: 2**30)
+    code, _, err = run_cli(["sample", "mnist16", "-n", "100000000", "--steps", "1", "-o", tmp_path / "g.png"], capsys)
+    assert code == 2 and "need about 286.1 GiB" in err and "1.0 GiB available" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_out_of_memory_is_one_paragraph(tmp_path, capsys, monkeypatch):
+    """An allocation the allocator refuses mid-command (PyTorch raises RuntimeError) prints one
+    paragraph and exits 1; other RuntimeErrors still surface as bugs."""
+    def oom(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(cli, "_samples", oom)
+    code, _, err = run_cli(["sample", "mnist16", "-n", "2", "--steps", "1", "-o", tmp_path / "g.png"], capsys)
+    assert code == 1 and "out of memory" in err and "40000000000 bytes" in err and "Traceback" not in err
+    monkeypatch.setattr(cli, "_samples", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(["sample", "mnist16", "-n", "2", "--steps", "1", "-o", tmp_path / "g.png"], capsys)
+
+
+def test_schedule_T_is_bounded():
+    from bqc.diffusion.schedule import MAX_T, NoiseSchedule
+
+    assert NoiseSchedule(T=4000).T == 4000
+    with pytest.raises(BqcError, match="T must be an integer in"):
+        NoiseSchedule(T=MAX_T + 1)
+
+
 def test_ddim_refuses_eta_outside_0_1():
     from bqc.diffusion.samplers import ddim_sample
 

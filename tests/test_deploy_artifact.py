@@ -191,7 +191,17 @@ def _json_shape(doc):  # deploy.json and deploy.safetensors disagree
     e["buffers"]["w_packed"]["shape"][1] += 1
 
 
+def _huge_input(doc):  # sampling allocated n x 1 x 100000 x 100000 (40 GB per sample): a traceback or the OOM killer
+    doc["graph"]["meta"]["input_shape"] = [1, 100000, 100000]
+
+
+def _huge_T(doc):  # a T = 10**9 schedule took 21 GB before the kernel killed the process
+    doc["diffusion"]["schedule"]["T"] = 10**9
+
+
 HOSTILE = {
+    "huge input shape": (_huge_input, "signature annotations"),
+    "huge diffusion T": (_huge_T, "T must be an integer in"),
     "op os.system": (_op("os.system"), "unknown op"),
     "op builtins.eval": (_op("builtins.eval"), "unknown op"),
     "op torch.ops.aten.__class__": (_op("torch.ops.aten.__class__"), "unknown op"),
@@ -220,9 +230,16 @@ def no_execution(monkeypatch, tmp_path):
     assert not calls and not (tmp_path / "PWNED").exists()
 
 
+@pytest.fixture
+def bidm_saved(tmp_path_factory):
+    """The saved bidm deploy artifact, built before ``no_execution`` patches eval (torch.export
+    itself calls eval: with ``-k`` this test may be the first to build it)."""
+    return saved("bidm", tmp_path_factory)[1]
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
-def test_hostile_json_is_refused_before_anything_runs(case, tmp_path_factory, tmp_path, no_execution):
-    _, good = saved("bidm", tmp_path_factory)
+def test_hostile_json_is_refused_before_anything_runs(case, bidm_saved, tmp_path, no_execution):
+    good = bidm_saved
     bad = tmp_path / "bad"
     shutil.copytree(good, bad)
     doc = json.loads((bad / "deploy.json").read_text())

@@ -98,6 +98,7 @@ ATEN_OPS = (
     "aten.view.default",
 )
 #: Python operators a saved deploy graph may call
+MAX_DIM = 8192  # the largest dimension a deploy graph's input or state may declare (a 100000x100000 input asked 40 GB)
 OPERATORS = (operator.getitem, operator.mul)
 
 _PAIR = "pair"
@@ -644,9 +645,9 @@ def _check_meta(meta, graph: fx.Graph) -> dict:
         placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
         shape = meta.get("input_shape")
         ok = (meta.get("inputs") == placeholders and type(shape) is list and len(shape) == 3
-              and all(type(d) is int and d > 0 for d in shape) and type(meta.get("conditional")) is bool
+              and all(type(d) is int and 0 < d <= MAX_DIM for d in shape) and type(meta.get("conditional")) is bool
               and all(type(s) is dict and type(s.get("name")) is str and type(s.get("shape")) is list
-                      and all(type(d) is int and d > 0 for d in s["shape"]) for s in meta.get("state_inputs") or [])
+                      and all(type(d) is int and 0 < d <= MAX_DIM for d in s["shape"]) for s in meta.get("state_inputs") or [])
               and all(type(s) is dict and type(s.get("name")) is str for s in meta.get("state_outputs") or [])
               and _context_ok(meta.get("context"), "context" in placeholders))
     if not ok:

@@ -260,6 +260,20 @@ def ddpm_sample(step_model: StepModel, shape: Sequence[int], *, schedule: NoiseS
     return (x, state) if return_state else x
 
 
+def _check_sample_memory(n: int, shape: Sequence[int]) -> None:
+    """``generate`` holds the starting noise of all ``n`` samples and their results (float32,
+    about 3 copies with the final concatenation): refuse a request this machine cannot hold (an
+    ``-n 100000000`` ended in the allocator's traceback) before any work."""
+    from bqc.runtime import available_memory
+
+    need = 3 * 4 * int(n) * math.prod(int(d) for d in shape)
+    have = available_memory()
+    if have is not None and need > have:
+        raise BqcError(f"{n} samples of shape {tuple(shape)} need about {need / 2**30:.1f} GiB for their noise and "
+                       f"results; this machine has {have / 2**30:.1f} GiB available",
+                       hint="draw fewer samples (-n), or several runs with different --seed")
+
+
 @torch.no_grad()
 def generate(step_model: StepModel, n: int, shape: Sequence[int], *, schedule: NoiseSchedule | None = None,
              sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0, batch: int = 256,
@@ -278,6 +292,7 @@ def generate(step_model: StepModel, n: int, shape: Sequence[int], *, schedule: N
     classifier-free guidance (module docstring).
     """
     schedule = schedule or NoiseSchedule()
+    _check_sample_memory(n, shape)
     g = torch.Generator("cpu").manual_seed(int(seed))
     x_T_all = torch.randn((n, *shape), generator=g)
     if y is not None and len(y) != n:

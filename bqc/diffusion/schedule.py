@@ -42,6 +42,7 @@ _PRED_ALIASES = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v", 
 # uniform: bqc's ``i * T // steps`` (the historical default; equals "leading" when steps divides T);
 # leading / trailing / linspace: diffusers' ``timestep_spacing`` (DDIMScheduler.set_timesteps)
 SPACINGS = ("uniform", "leading", "trailing", "linspace")
+MAX_T = 100_000  # diffusion steps a schedule may have (models use 1000 to 4000); bounds the tables' memory
 _DEFAULT_KEYS = ("T", "beta_start", "beta_end", "kind")
 
 
@@ -85,8 +86,10 @@ class NoiseSchedule:
             object.__setattr__(self, "kind", "trained")
             object.__setattr__(self, "T", len(tb))
             kind = "trained"
-        if int(self.T) != self.T or self.T < 1:
-            raise BqcError(f"diffusion schedule: T must be a positive integer, got {self.T!r}")
+        if int(self.T) != self.T or not 1 <= self.T <= MAX_T:
+            # a hostile T = 10**9 in a model file took 21 GB before the kernel killed bqc
+            raise BqcError(f"diffusion schedule: T must be an integer in [1, {MAX_T}], got {self.T!r}",
+                           hint="diffusion models train with T = 1000 (improved DDPM: 4000)")
         object.__setattr__(self, "T", int(self.T))
         if self.spacing not in SPACINGS:
             raise BqcError(f"diffusion schedule: unknown timestep spacing {self.spacing!r}",
