@@ -15,7 +15,11 @@ calls :func:`check_output` before doing any work. The rule:
   (bqc marks its PNGs with a ``Software: bqc`` text chunk and its NPZs with a zip comment; its
   latents files, ``bqc encode`` and latent ``bqc sample``, carry ``format: bqc-latents`` in their
   safetensors metadata); any other existing file needs ``--force``;
-* a file is never replaced by a folder, nor a folder by a file (``--force`` or not).
+* a file is never replaced by a folder, nor a folder by a file (``--force`` or not);
+* a file output that is a symbolic link is written only when the link points to a file bqc
+  wrote; bqc never writes through a link into another file, nor creates one where a dangling
+  link points (``--force`` or not); nor into an output folder where a name it writes there
+  (:data:`OWN_FILES`) is a link.
 
 Refusals are :class:`~bqc.errors.BqcError` (exit code 2).
 """
@@ -159,6 +163,12 @@ def check_output(path, kind: str, *, force: bool = False, option: str = "--out")
     a key of :data:`OWN_FILES`); see the module docstring. Returns ``Path(path)``."""
     p = Path(path)
     if kind == "file":
+        if p.is_symlink() and not (p.is_file() and is_bqc_file(p)):
+            # writing would go through the link into a file the user did not name (or create one where a
+            # dangling link points): `-o link.png --force` overwrote the link's target
+            raise BqcError(f"{option} {p} is a symbolic link to {os.path.realpath(p)}, which bqc did not write; bqc "
+                           "does not write through a link to another file (--force or not)",
+                           hint="remove the link, or choose another name")
         if p.is_dir():
             raise BqcError(f"{option} {p} is a folder; this output is a file", hint=f"name a file, e.g. {p / 'samples.png'}")
         if (p.exists() or p.is_symlink()) and not force and not is_bqc_file(p):
@@ -185,5 +195,11 @@ def check_output(path, kind: str, *, force: bool = False, option: str = "--out")
             raise BqcError(f"{option} {p} already exists and holds files bqc did not write ({shown}); refusing to write into it",
                            hint="choose a new or empty folder, or pass --force: bqc then replaces only its own files "
                                 "and leaves the others in place")
+    if p.is_dir():  # bqc writes these names in the folder: none may lead elsewhere
+        links = [n.rstrip("/") for n in OWN_FILES[kind] if (p / n.rstrip("/")).is_symlink()]
+        if links:
+            raise BqcError(f"{option} {p}: {', '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}; "
+                           "bqc would write its output through the link into another file (--force or not)",
+                           hint="remove the link, or choose a new folder")
     _writable_dir(p, p)
     return p

@@ -578,6 +578,9 @@ def _bundle_dir(arg) -> Path:
 
 def _check_out(path: Path, force: bool, what: str) -> None:
     """The house rule: never overwrite a file bqc did not write (unless --force)."""
+    if path.is_symlink() and not (what == "-o" and path.is_file() and is_bqc_png(path)):
+        raise RunError(f"{what} {path} is a symbolic link to {os.path.realpath(path)}, which bqc did not write; bqc does "
+                       "not write through a link to another file (--force or not)", hint="remove the link, or choose another name")
     if path.is_dir():
         raise RunError(f"{what} {path} is a folder; this output is a file")
     if path.exists() and not force and not (what == "-o" and is_bqc_png(path)):

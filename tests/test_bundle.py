@@ -202,6 +202,9 @@ def test_runner_standalone_and_as_module(tmp_path_factory, tmp_path, capsys):
     mine.write_bytes(b"not bqc's")
     assert R.main([str(out), *RUN_ARGS, "-o", str(mine)]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err and mine.read_bytes() == b"not bqc's"
+    (tmp_path / "link.png").symlink_to(mine)  # never written through, --force or not
+    assert R.main([str(out), *RUN_ARGS, "--force", "-o", str(tmp_path / "link.png")]) == 2
+    assert "symbolic link" in capsys.readouterr().err and mine.read_bytes() == b"not bqc's"
     assert R.main([str(out), *RUN_ARGS, "--threads", "99999", "-o", str(tmp_path / "c.png")]) == 2
     assert "--threads 99999: this machine has" in capsys.readouterr().err
     for eta in ("-1", "nan", "1.5"):  # DDIM's eta is a number in [0, 1]: usage error, nothing written

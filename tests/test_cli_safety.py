@@ -125,6 +125,43 @@ def test_sample_file_outputs(tmp_path, capsys):
     assert list(np.load(npz).keys()) == ["samples"]
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_file_output_never_writes_through_a_link(tmp_path, capsys, force):
+    """`sample -o link.png --force`, the link pointing at the user's file, overwrote that file; a
+    dangling link made bqc create the file it points to. Both are refused, --force or not; a link to
+    bqc's own PNG is written as before."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("user data")
+    (tmp_path / "link.png").symlink_to(mine)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "elsewhere.png")
+    for out in ("link.png", "dangling.png"):
+        code, _, err = run(["sample", "mnist16", "-n", "1", "--steps", "1", "-o", tmp_path / out]
+                           + (["--force"] if force else []), capsys)
+        assert code == 2 and "symbolic link" in err, err
+    assert mine.read_text() == "user data" and not (tmp_path / "elsewhere.png").exists()
+    code, _, err = run(["sample", "mnist16", "-n", "1", "--steps", "1", "-o", tmp_path / "real.png"], capsys)
+    assert code == 0, err
+    (tmp_path / "ours.png").symlink_to(tmp_path / "real.png")
+    code, _, err = run(["sample", "mnist16", "-n", "1", "--steps", "1", "-o", tmp_path / "ours.png"], capsys)
+    assert code == 0, err
+
+
+def test_output_folder_with_a_linked_own_file_is_refused(art, tmp_path, capsys):
+    """An artifact folder whose model.safetensors is a link to the user's file: writing the
+    artifact there would overwrite that file through the link."""
+    import shutil
+
+    mine = tmp_path / "weights.bin"
+    mine.write_bytes(b"user data")
+    out = tmp_path / "art"
+    shutil.copytree(art, out)
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").symlink_to(mine)
+    code, _, err = run(["transform", "mnist16", "--recipe", "baseline", "-o", out, "--force"], capsys)
+    assert code == 2 and "model.safetensors is a symbolic link" in err, err
+    assert mine.read_bytes() == b"user data"
+
+
 @pytest.mark.parametrize("where", ["under-file", "proc", "read-only"])
 def test_unwritable_output_exit_2_before_work(tmp_path, capsys, where):
     if where == "under-file":
