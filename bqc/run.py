@@ -547,7 +547,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=16, help="number of samples (default 16)")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the bundle's sampler default)")
     p.add_argument("--eta", type=float, default=None,
-                   help="DDIM eta: 0 deterministic, 1 stochastic (default: the bundle's sampler default)")
+                   help="DDIM eta in [0, 1]: 0 deterministic, 1 stochastic (default: the bundle's sampler default)")
     p.add_argument("--seed", type=int, default=0, help="numpy seed of the noise (default 0)")
     p.add_argument("-o", "--out", default=None, help=(
         "PNG grid to write (default samples.png); a latent model (samples of other than 1 or 3 channels): the "
