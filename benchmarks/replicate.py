@@ -36,6 +36,7 @@ import argparse
 import functools
 import json
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -550,7 +551,20 @@ def _report_module():
     return importlib.import_module("replicate_report")
 
 
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM stop the study between any two statements (KeyboardInterrupt): a study
+    started with ``nohup ... &`` inherits SIGINT *ignored*, so before this only the training phase
+    (``bqc train`` installs its own handler) could be stopped, not sampling or scoring; the
+    training loop still defers a signal to its next step boundary and saves a checkpoint."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stop)
+
+
 if __name__ == "__main__":
+    _stop_on_signals()
     try:
         main()
     except KeyboardInterrupt as e:  # Ctrl-C / SIGINT; a TrainingInterrupted says which checkpoint it saved

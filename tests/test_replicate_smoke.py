@@ -211,3 +211,31 @@ def test_every_run_recipe_loads_and_no_tbs_rows_drop_only_tbs(tmp_path):
     runs = {r.name: r for r in rep.RUNS}
     plan = dict(load_recipe(rep._recipe_file(runs["bidm01-no-kmap"], tmp_path / "bidm01-no-kmap", rep.Settings())).passes)["plan_quant"]
     assert plan["body"] == {"weight": "bidm", "act": "dorefa", "shortcut": "scaled"} and plan["res_proj"] == "fp"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_background_study_stops_on_signal(tmp_path, sig):
+    """A study started with `nohup ... &` inherits SIGINT ignored; `kill -INT` (or -TERM) must still
+    stop it, in any phase, with exit 130 and the resume hint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "replicate.py"), "--smoke", "--threads", "1",
+                          "--out", str(tmp_path / "out")], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as under nohup ... &
+    for line in p.stdout:  # the first run has started
+        if line.startswith("=="):
+            break
+    time.sleep(1.0)
+    p.send_signal(getattr(signal, sig))
+    try:
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, err[-2000:]
+    assert "rerun the same command to resume" in err and "Traceback" not in err
