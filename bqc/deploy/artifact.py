@@ -98,8 +98,9 @@ ATEN_OPS = (
     "aten.view.default",
 )
 #: Python operators a saved deploy graph may call
-MAX_DIM = 8192  # the largest dimension a deploy graph's input or state may declare (a 100000x100000 input asked 40 GB)
 OPERATORS = (operator.getitem, operator.mul)
+#: the largest dimension a deploy graph's input or state may declare (a 100000x100000 input asked 40 GB)
+MAX_DIM = 8192
 
 _PAIR = "pair"
 _CONV = {"in_channels": int, "out_channels": int, "kernel_size": _PAIR, "stride": _PAIR, "padding": _PAIR,
