@@ -71,12 +71,12 @@ def _use_threads(threads: Optional[int]) -> None:
     that pool starts); None keeps the defaults (all cores)."""
     import os
 
-    from bqc.run import thread_cap
+    from bqc.run import threads_problem
 
     _positive(**{"--threads": threads})
-    if threads and threads > thread_cap():
-        raise BqcError(f"--threads {threads}: this machine has {os.cpu_count()} logical CPUs; at most {thread_cap()} "
-                       "are allowed (4 per CPU)", hint=f"use --threads {os.cpu_count()} or fewer (1 is fastest on a busy machine)")
+    if threads_problem(threads):
+        msg, hint = threads_problem(threads)
+        raise BqcError(msg, hint=hint)
     if threads:
         import torch
 

@@ -79,6 +79,14 @@ def thread_cap() -> int:
     return 4 * (os.cpu_count() or 1)
 
 
+def threads_problem(threads) -> tuple[str, str] | None:
+    """``(message, hint)`` when ``--threads`` exceeds :func:`thread_cap`, else None."""
+    if threads is None or threads <= thread_cap():
+        return None
+    return (f"--threads {threads}: this machine has {os.cpu_count()} logical CPUs; at most {thread_cap()} are "
+            "allowed (4 per CPU)", f"use --threads {os.cpu_count()} or fewer (1 is fastest on a busy machine)")
+
+
 # ------------------------------------------------------------------------------ the bundle
 def read_manifest(path) -> dict:
     """``manifest.json`` of a ``bqc lower`` TVM output folder; :class:`RunError` for anything else."""
@@ -646,9 +654,8 @@ def _run(argv) -> int:
     for name, v in (("-n", a.n), ("--steps", a.steps), ("--scale", a.scale), ("--threads", a.threads)):
         if v is not None and v < 1:
             raise RunError(f"{name} must be at least 1, got {v}")
-    if a.threads is not None and a.threads > thread_cap():
-        raise RunError(f"--threads {a.threads}: this machine has {os.cpu_count()} logical CPUs; at most "
-                       f"{thread_cap()} are allowed (4 per CPU)", hint=f"use --threads {os.cpu_count()} or fewer")
+    if threads_problem(a.threads):
+        raise RunError(*threads_problem(a.threads))
     if not 0.0 <= a.eta <= 1.0:  # also NaN (bqc.diffusion.samplers.check_eta's rule)
         raise RunError(f"--eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {a.eta}")
     out = Path(a.out or ("samples.npy" if latent else "samples.png"))
