@@ -57,7 +57,7 @@ ForceOpt = typer.Option(False, "--force", help="write into an existing output bq
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress display on stderr (results, warnings and errors still print)")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (and TVM) in this command [default: all cores; 1 is faster on a busy machine]")
 JsonOpt = typer.Option(False, "--json", help="print JSON on stdout instead of tables (the machine interface)")
-SeedOpt = typer.Option(0, "--seed", help="random seed (noise, timesteps, data order)")
+SeedOpt = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="random seed (noise, timesteps, data order): an integer in [0, 2**63 - 1]")
 ContextLenOpt = typer.Option(None, "--context-len", help="text-conditioned UNets: tokens of the text embedding (the context input's L) [default: 77, CLIP's]")
 
 
@@ -84,11 +84,11 @@ def _use_threads(threads: Optional[int]) -> None:
         os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
-def _check_out(out, kind: str, force: bool, option: str = "--out"):
+def _check_out(out, kind: str, force: bool, option: str = "--out", example: str = "samples.png"):
     """Refuse (exit 2, before any work) an output bqc may not write: see bqc.outputs."""
     from bqc.outputs import check_output
 
-    return check_output(out, kind, force=force, option=option)
+    return check_output(out, kind, force=force, option=option, example=example)
 
 
 def _positive(minimum: int = 1, **values) -> None:
@@ -592,13 +592,13 @@ def sample(
     check_eta(eta, "--eta")
     from PIL import Image
 
+    _check_out(out, "file", force)  # first: a folder (`-o .`) has no name to suggest a suffix for
     if out.suffix.lower() not in Image.registered_extensions():
         raise BqcError(f"--out {out}: the sample grid is an image file (PNG)", hint=f"name it {out.with_suffix('.png').name}")
-    _check_out(out, "file", force)
     if npz:
+        _check_out(npz, "file", force, option="--npz", example="samples.npz")
         if npz.suffix.lower() != ".npz":
             raise BqcError(f"--npz {npz}: the raw samples are written as .npz", hint=f"name it {npz.with_suffix('.npz').name}")
-        _check_out(npz, "file", force, option="--npz")
     _use_threads(threads)
     ds = _latents_data(data)
     latents_out = out.with_suffix(".safetensors") if (ds is not None and vae is None) else None
@@ -677,9 +677,9 @@ def encode(
     from bqc.encode import encode_folder
 
     _positive(**{"--batch": batch, "--context-len": context_len})
+    _check_out(out, "file", force, example="latents.safetensors")
     if out.suffix.lower() != ".safetensors":
         raise BqcError(f"--out {out}: a latents file is .safetensors", hint=f"name it {out.with_suffix('.safetensors').name}")
-    _check_out(out, "file", force)
     _use_threads(threads)
     path = encode_folder(images, vae, out, vae_weights=vae_weights, captions=captions, text_encoder=text_encoder,
                          context=context, resize=resize, context_len=context_len, batch=batch, trust_pickle=trust_pickle)

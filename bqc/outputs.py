@@ -158,9 +158,10 @@ def _writable_dir(path: Path, shown: Path) -> None:
                        hint="choose an output in a folder you can write to") from None
 
 
-def check_output(path, kind: str, *, force: bool = False, option: str = "--out") -> Path:
+def check_output(path, kind: str, *, force: bool = False, option: str = "--out", example: str = "samples.png") -> Path:
     """Raise a BqcError unless ``path`` may be written as an output of ``kind`` (``"file"`` or
-    a key of :data:`OWN_FILES`); see the module docstring. Returns ``Path(path)``."""
+    a key of :data:`OWN_FILES`); see the module docstring. ``example``: a file name the hint suggests
+    when a file output names a folder. Returns ``Path(path)``."""
     p = Path(path)
     if kind == "file":
         if p.is_symlink() and not (p.is_file() and is_bqc_file(p)):
@@ -170,7 +171,7 @@ def check_output(path, kind: str, *, force: bool = False, option: str = "--out")
                            "does not write through a link to another file (--force or not)",
                            hint="remove the link, or choose another name")
         if p.is_dir():
-            raise BqcError(f"{option} {p} is a folder; this output is a file", hint=f"name a file, e.g. {p / 'samples.png'}")
+            raise BqcError(f"{option} {p} is a folder; this output is a file", hint=f"name a file, e.g. {p / example}")
         if (p.exists() or p.is_symlink()) and not force and not is_bqc_file(p):
             raise BqcError(f"{option} {p} already exists and was not written by bqc; refusing to overwrite it",
                            hint="choose another name, or pass --force to replace it")

@@ -656,9 +656,12 @@ def _run(argv) -> int:
             raise RunError(f"{name} must be at least 1, got {v}")
     if threads_problem(a.threads):
         raise RunError(*threads_problem(a.threads))
+    if not 0 <= a.seed < 2**63:  # bqc's --seed range (numpy refuses negative seeds)
+        raise RunError(f"--seed must be an integer in [0, 2**63 - 1], got {a.seed}")
     if not 0.0 <= a.eta <= 1.0:  # also NaN (bqc.diffusion.samplers.check_eta's rule)
         raise RunError(f"--eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {a.eta}")
     out = Path(a.out or ("samples.npy" if latent else "samples.png"))
+    _check_out(out, a.force, "-o")  # first: a folder (`-o .`) has no name to suggest a suffix for
     if latent and out.suffix.lower() != ".npy":
         raise RunError(f"-o {out}: this model makes {manifest['input_shape'][0]}-channel latents, which this runner "
                        "cannot decode to an image (it has no VAE); it writes them as .npy",
@@ -666,7 +669,6 @@ def _run(argv) -> int:
                             "(bqc sample --vae decodes and writes a PNG)")
     if not latent and out.suffix.lower() != ".png":
         raise RunError(f"-o {out}: the sample grid is a PNG file", hint=f"name it {out.with_suffix('.png').name}")
-    _check_out(out, a.force, "-o")
     if a.npy:
         if not a.npy.endswith(".npy"):
             raise RunError(f"--npy {a.npy}: the raw samples are written as .npy")

@@ -226,6 +226,10 @@ BAD = {
     "sample-onnx": ["sample", "{onnx}", "-o", "{new}/s.png"],
     "sample-aarch64": ["sample", "{arm}", "-n", "2", "--steps", "1", "-o", "{new}/s.png"],
     "eval-n-0": ["eval", "mnist16", "-n", "0"],
+    "sample-seed-huge": ["sample", "mnist16", "-n", "1", "--seed", str(10**23), "-o", "{new}/s.png"],  # torch's overflow
+    "train-seed-negative": ["train", "{new}", "--steps", "3", "--seed", "-1", "-o", "{new}/run"],
+    "sample-out-folder": ["sample", "mnist16", "-n", "1", "-o", "."],  # a traceback: '.' has an empty name
+    "sample-npz-folder": ["sample", "mnist16", "-n", "1", "-o", "{new}/s.png", "--npz", "."],
     "pretrain-negative-steps": ["pretrain", "--steps", "-1", "-o", "{new}"],
     "lower-backend": ["lower", "mnist16", "--backend", "foo", "-o", "{new}"],
     "lower-no-artifact": ["lower", "{new}", "-o", "{new}/lib"],
