@@ -1068,6 +1068,33 @@ def _interrupted(line: str) -> None:
     raise typer.Exit(130)
 
 
+#: errnos that name a problem with a path the user gave (exit 2, like any bad input); others (disk
+#: full, I/O error) are the machine's (exit 1)
+_PATH_ERRNOS = ("ENAMETOOLONG", "ENOENT", "ENOTDIR", "EISDIR", "EACCES", "EPERM", "ELOOP", "EROFS", "EEXIST", "EINVAL")
+
+
+def _os_error(e: OSError) -> None:
+    """An OSError that escaped a command: one paragraph naming the path and the system's reason."""
+    import errno
+    import os
+
+    name = str(e.filename) if e.filename is not None else ""
+    shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+    err_console.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}" + (f": {escape(shown)}" if shown else ""),
+                      soft_wrap=False)
+    if e.errno == errno.ENAMETOOLONG:
+        hint = "shorten it: here each name in a path may have at most " \
+               f"{os.pathconf('/', 'PC_NAME_MAX') if hasattr(os, 'pathconf') else 255} bytes, and a whole path " \
+               f"{os.pathconf('/', 'PC_PATH_MAX') if hasattr(os, 'pathconf') else 4096}"
+    elif e.errno == errno.ENOSPC:
+        hint = "free disk space (or choose an output on another disk) and run the command again"
+    else:
+        hint = "check the path and its permissions"
+    err_console.print(f"[bold]hint:[/] {escape(hint)}")
+    err_console.print("(run with --debug for the traceback)", style="dim")
+    sys.exit(2 if errno.errorcode.get(e.errno) in _PATH_ERRNOS else 1)
+
+
 def main() -> None:
     """Console entry point: BqcError and usage errors -> one paragraph on stderr, exit 2;
     Ctrl-C -> exit 130."""
@@ -1097,6 +1124,10 @@ def main() -> None:
                           "a model file that declares a huge input shape asks for this too")
         err_console.print("(run with --debug for the traceback)", style="dim")
         sys.exit(1)
+    except OSError as e:  # the system refused a path (name too long, permission, read-only, disk full, ...)
+        if _STATE["debug"] or e.errno is None:
+            raise
+        _os_error(e)
     except SystemExit:
         raise
     except _click_error_types() as e:  # usage errors come here with standalone_mode=False

@@ -158,11 +158,29 @@ def _writable_dir(path: Path, shown: Path) -> None:
                        hint="choose an output in a folder you can write to") from None
 
 
+def _name_fits(path: Path, option: str) -> None:
+    """Every name in ``path`` within the file system's limit: a name too long is found before any work,
+    not when the result is written."""
+    q = path
+    while not (q.exists() or q.is_symlink()) and q != q.parent:
+        q = q.parent
+    try:
+        limit = os.pathconf(q if q.is_dir() else q.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    for part in path.parts:
+        if len(os.fsencode(part)) > limit:
+            shown = part if len(part) <= 60 else f"{part[:30]}...{part[-20:]}"
+            raise BqcError(f"{option} {shown}: a name of {len(os.fsencode(part))} bytes; this file system takes at most {limit}",
+                           hint="choose a shorter name")
+
+
 def check_output(path, kind: str, *, force: bool = False, option: str = "--out", example: str = "samples.png") -> Path:
     """Raise a BqcError unless ``path`` may be written as an output of ``kind`` (``"file"`` or
     a key of :data:`OWN_FILES`); see the module docstring. ``example``: a file name the hint suggests
     when a file output names a folder. Returns ``Path(path)``."""
     p = Path(path)
+    _name_fits(p, option)
     if kind == "file":
         if p.is_symlink() and not (p.is_file() and is_bqc_file(p)):
             # writing would go through the link into a file the user did not name (or create one where a

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import importlib.util
 import json
 import math
@@ -714,6 +715,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; nothing written", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused a path (name too long, permission, disk full, ...): one paragraph
+        if e.errno is None:
+            raise
+        name = str(e.filename or "")
+        name = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+        print(f"error: {e.strerror}" + (f": {name}" if name else ""), file=sys.stderr)
+        return 1 if e.errno in (errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)) else 2
 
 
 if __name__ == "__main__":

@@ -211,6 +211,8 @@ def test_runner_standalone_and_as_module(tmp_path_factory, tmp_path, capsys):
     assert "--seed must be an integer in [0, 2**63 - 1]" in capsys.readouterr().err
     assert R.main([str(out), *RUN_ARGS, "-o", str(tmp_path)]) == 2  # a folder (`-o .` was a traceback)
     assert "is a folder" in capsys.readouterr().err
+    assert R.main([str(out), *RUN_ARGS, "-o", str(tmp_path / ("a" * 300 + ".png"))]) == 2  # was the OSError's traceback
+    assert "File name too long" in capsys.readouterr().err
     for eta in ("-1", "nan", "1.5"):  # DDIM's eta is a number in [0, 1]: usage error, nothing written
         assert R.main([str(out), *RUN_ARGS, "--eta", eta, "-o", str(tmp_path / "c.png")]) == 2
         assert "--eta must be a number in [0, 1]" in capsys.readouterr().err and not (tmp_path / "c.png").exists()

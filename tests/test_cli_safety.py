@@ -228,6 +228,8 @@ BAD = {
     "eval-n-0": ["eval", "mnist16", "-n", "0"],
     "sample-seed-huge": ["sample", "mnist16", "-n", "1", "--seed", str(10**23), "-o", "{new}/s.png"],  # torch's overflow
     "train-seed-negative": ["train", "{new}", "--steps", "3", "--seed", "-1", "-o", "{new}/run"],
+    "sample-name-too-long": ["sample", "mnist16", "-n", "1", "-o", "{new}/" + "a" * 300 + ".png"],  # OSError traceback
+    "inspect-name-too-long": ["inspect", "b" * 300],
     "sample-out-folder": ["sample", "mnist16", "-n", "1", "-o", "."],  # a traceback: '.' has an empty name
     "sample-npz-folder": ["sample", "mnist16", "-n", "1", "-o", "{new}/s.png", "--npz", "."],
     "pretrain-negative-steps": ["pretrain", "--steps", "-1", "-o", "{new}"],
@@ -317,6 +319,24 @@ def test_usage_error_names_the_fix(bad_results):
     assert "--recipe" in err and "Usage:" in err
     assert "aarch64" in bad_results["sample-aarch64"].stderr and "tvm-x86" in bad_results["sample-aarch64"].stderr
     assert "ONNX" in bad_results["bench-onnx"].stderr
+
+
+def test_os_errors_are_one_paragraph(bad_results, tmp_path, capsys, monkeypatch):
+    """An OSError that escapes a command (the system refused a path, the disk filled) prints the reason
+    and the path in one paragraph: exit 2 for a path the user gave, 1 for the machine's trouble."""
+    err = bad_results["inspect-name-too-long"].stderr
+    assert "File name too long" in err and "(300 characters)" in err and "shorten it" in err
+    # an output name too long is found before any work (it was found when the grid was written)
+    err = bad_results["sample-name-too-long"].stderr
+    assert "a name of 304 bytes; this file system takes at most" in err and "sampling" not in err
+    import errno
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "g.png"))
+
+    monkeypatch.setattr(cli, "_samples", disk_full)
+    code, _, err = run_cli(["sample", "mnist16", "-n", "2", "--steps", "1", "-o", tmp_path / "g.png"], capsys)
+    assert code == 1 and "No space left on device" in err and "free disk space" in err and "Traceback" not in err
 
 
 # Ctrl-C ------------------------------------------------------------------------------------------
