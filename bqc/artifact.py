@@ -122,7 +122,17 @@ def is_artifact(path: str | Path) -> bool:
 
 
 def read_manifest(path: str | Path) -> dict:
-    p = require_file(Path(path) / "bqc.json", "artifact manifest (bqc.json)")
+    if not (Path(path) / "bqc.json").exists():
+        what = "the folder `bqc transform` writes (or a training run of one)"
+        if not Path(path).exists():
+            from bqc.frontend import _is_zoo_name
+
+            if not _is_zoo_name(str(path)):
+                raise BqcError(f"artifact folder not found: {path}", hint=f"check the path; this command takes {what}")
+        raise BqcError(f"{path} is a model, not a bqc artifact" if not Path(path).is_dir() else
+                       f"{path} is not a bqc artifact (no bqc.json in it)",
+                       hint=f"this command takes {what}, e.g. `bqc transform {path} --recipe bidm -o art`, then give `art`")
+    p = Path(path) / "bqc.json"
     try:
         m = json.loads(p.read_text())
     except json.JSONDecodeError as e:

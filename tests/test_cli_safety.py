@@ -221,6 +221,7 @@ BAD = {
     "train-missing-steps": ["train", "{new}", "-o", "{new}"],
     "train-bad-option": ["train", "{new}", "--steps", "3", "--grad-clip", "1", "-o", "{new}"],  # a hint suggested it
     "train-no-artifact": ["train", "{new}", "--steps", "3", "-o", "{new}/run"],
+    "train-zoo-name": ["train", "mnist16", "--steps", "3", "-o", "{new}/run"],  # a new user's first try
     "train-batch-0": ["train", "{new}", "--steps", "3", "--batch", "0", "-o", "{new}/run"],
     "sample-n-0": ["sample", "mnist16", "-n", "0", "-o", "{new}/s.png"],
     "sample-onnx": ["sample", "{onnx}", "-o", "{new}/s.png"],
@@ -319,6 +320,8 @@ def test_usage_error_names_the_fix(bad_results):
     assert "--recipe" in err and "Usage:" in err
     assert "aarch64" in bad_results["sample-aarch64"].stderr and "tvm-x86" in bad_results["sample-aarch64"].stderr
     assert "ONNX" in bad_results["bench-onnx"].stderr
+    assert "bqc transform mnist16 --recipe bidm -o art" in bad_results["train-zoo-name"].stderr
+    assert "artifact folder not found" in bad_results["train-no-artifact"].stderr
 
 
 def test_os_errors_are_one_paragraph(bad_results, tmp_path, capsys, monkeypatch):
