@@ -98,6 +98,15 @@ def _positive(minimum: int = 1, **values) -> None:
             raise BqcError(f"{name} must be at least {minimum}, got {v}")
 
 
+def _enough_to_score(n: int) -> None:
+    """eval / demo ``-n``: enough samples for the metrics (before any sampling)."""
+    from bqc.metrics.scoring import MIN_N
+
+    if n < MIN_N:
+        raise BqcError(f"-n must be at least {MIN_N} to score samples (precision and recall use each sample's 3 nearest "
+                       f"neighbours), got {n}", hint="FID at n < 1000 is noisy: the study scores n = 1000")
+
+
 def _source(model, model_opt, config, weights, trust_pickle, context_len: Optional[int] = None):
     from bqc import frontend
 
@@ -741,6 +750,7 @@ def evaluate_cmd(
                        "file, which it cannot score",
                        hint="decode samples with `bqc sample TARGET --data LATENTS --vae VAE_DIR -o grid.png` and score "
                             "them with your own metric")
+    _enough_to_score(n)
     real = load_dataset(data, "test", resize=resize).images
     if len(real) < 2 * n:
         raise BqcError(f"{data} has {len(real)} test images; -n {n} needs {2 * n} (two disjoint real sets)")
@@ -1041,7 +1051,8 @@ def demo(
     for r in recipes:
         load_recipe(r)  # unknown names fail before any work
     model_paths(names)  # names only (cheap): the demo loads them
-    _positive(**{"--steps": steps, "-n": n, "--sample-steps": sample_steps})
+    _positive(**{"--steps": steps, "--sample-steps": sample_steps})
+    _enough_to_score(n)
     check_eta(eta, "--eta")
     _check_out(out, "demo", force)
     _use_threads(threads)

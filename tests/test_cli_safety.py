@@ -227,6 +227,7 @@ BAD = {
     "sample-onnx": ["sample", "{onnx}", "-o", "{new}/s.png"],
     "sample-aarch64": ["sample", "{arm}", "-n", "2", "--steps", "1", "-o", "{new}/s.png"],
     "eval-n-0": ["eval", "mnist16", "-n", "0"],
+    "eval-n-2": ["eval", "mnist16", "-n", "2", "--steps", "1"],  # refused after sampling (metrics need 5)
     "sample-seed-huge": ["sample", "mnist16", "-n", "1", "--seed", str(10**23), "-o", "{new}/s.png"],  # torch's overflow
     "train-seed-negative": ["train", "{new}", "--steps", "3", "--seed", "-1", "-o", "{new}/run"],
     "sample-name-too-long": ["sample", "mnist16", "-n", "1", "-o", "{new}/" + "a" * 300 + ".png"],  # OSError traceback
@@ -322,6 +323,7 @@ def test_usage_error_names_the_fix(bad_results):
     assert "ONNX" in bad_results["bench-onnx"].stderr
     assert "bqc transform mnist16 --recipe bidm -o art" in bad_results["train-zoo-name"].stderr
     assert "artifact folder not found" in bad_results["train-no-artifact"].stderr
+    assert "-n must be at least 5 to score" in bad_results["eval-n-2"].stderr and "sampling" not in bad_results["eval-n-2"].stderr
 
 
 def test_os_errors_are_one_paragraph(bad_results, tmp_path, capsys, monkeypatch):

@@ -43,6 +43,10 @@ def real_split(r: torch.Tensor, n: int, seed: int = 0, *, need: int = 2):
     return r[perm[:n]], (r[perm[n:2 * n]] if need >= 2 else None)
 
 
+#: the fewest samples :func:`evaluate` scores with its default k = 3 (precision / recall need k + 2)
+MIN_N = 5
+
+
 def evaluate(samples, real=None, n: int = 1000, *, classifier: MnistClassifier | None = None,
              k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict:
     """Score ``samples`` (N,1,16,16 in [-1,1]) against ``real`` images (default: the mnist16
