@@ -98,6 +98,10 @@ def _positive(minimum: int = 1, **values) -> None:
             raise BqcError(f"{name} must be at least {minimum}, got {v}")
 
 
+#: the largest batch `bqc lower` compiles into a library
+MAX_LOWER_BATCH = 4096
+
+
 def _enough_to_score(n: int) -> None:
     """eval / demo ``-n``: enough samples for the metrics (before any sampling)."""
     from bqc.metrics.scoring import MIN_N
@@ -885,6 +889,9 @@ def lower(
     if backend not in BACKENDS:
         raise BqcError(f"unknown backend {backend!r}", hint=f"valid backends: {', '.join(BACKENDS)}")
     _positive(**{"--batch": batch, "--threads": threads})
+    if batch > MAX_LOWER_BATCH:  # 10**8 ended in the allocator's refusal after folding
+        raise BqcError(f"--batch {batch}: the batch is compiled into the library's buffers; at most {MAX_LOWER_BATCH}",
+                       hint="a runner samples more than a batch in several calls (`run.py -n`), so 16-64 is plenty")
     _check_out(out, "compiled", force)
     from bqc.run import thread_cap
 

@@ -235,6 +235,7 @@ BAD = {
     "sample-out-folder": ["sample", "mnist16", "-n", "1", "-o", "."],  # a traceback: '.' has an empty name
     "sample-npz-folder": ["sample", "mnist16", "-n", "1", "-o", "{new}/s.png", "--npz", "."],
     "pretrain-negative-steps": ["pretrain", "--steps", "-1", "-o", "{new}"],
+    "lower-batch-huge": ["lower", "mnist16-bidm", "--batch", "100000000", "-o", "{new}"],  # the allocator's refusal
     "lower-backend": ["lower", "mnist16", "--backend", "foo", "-o", "{new}"],
     "lower-no-artifact": ["lower", "{new}", "-o", "{new}/lib"],
     "bench-onnx": ["bench", "{onnx}"],
