@@ -315,13 +315,31 @@ def _load_diffusers(path: Path, cfg: dict) -> ModelSource:
         raise BqcError(f"diffusers class {cls_name} is not supported", hint="bqc captures UNet2DModel (and UNet2DConditionModel)")
     weights = path / "diffusion_pytorch_model.safetensors"
     require_file(weights, "diffusers weights")
-    module = cls.from_config(cfg)
-    module.load_state_dict(load_safetensors(weights), strict=True)
+    module = _meta_checked(lambda: cls.from_config(cfg), load_safetensors(weights), weights, cfg)
     if cls_name == "UNet2DConditionModel":
         _check_text_unet_config(path, cfg)
     src = _from_module(module, "diffusers", f"diffusers {cls_name} {path}", call="diffusers", path=str(path), config=cfg)
     src.schedule, src.schedule_from = _diffusers_schedule(path)
     return src
+
+
+def _meta_checked(build, sd: dict, weights: Path, cfg: dict):
+    """The module ``build()`` makes, with the weights ``sd``: built first on the meta device (nothing
+    allocated) and checked against the file, so a config.json that declares a model of 100s of GB
+    (or one the weights do not fit) is refused before any memory is taken, not in the allocator or
+    the OOM killer."""
+    from bqc.models.zoo import check_state_dict
+
+    with torch.device("meta"):
+        module = build()
+    check_state_dict(module, sd, weights, cfg)
+    expected = module.state_dict()
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
+    if any(t.is_meta for t in [*module.parameters(), *module.buffers()]):  # a non-persistent buffer: build it for real
+        real = build()
+        real.load_state_dict(module.state_dict(), strict=True)
+        module = real
+    return module.eval()
 
 
 #: UNet2DConditionModel config keys whose non-default values need inputs besides (x, t, context[, y])

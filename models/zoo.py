@@ -303,7 +303,9 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], weights: Path, cfg) -> None:
+def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], weights: Path, cfg) -> None:
+    """Refuse (BqcError) weights whose keys or shapes differ from ``model``'s (built from ``cfg``, e.g. on
+    the meta device: nothing is allocated before the file is known to fit)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -366,7 +368,7 @@ def load_model(
     # file against the config, then adopt the loaded tensors (cast to the model's dtypes).
     with torch.device("meta"):
         model = build_model(cfg)
-    _check_state_dict(model, sd, weights_path, cfg)
+    check_state_dict(model, sd, weights_path, cfg)
     expected = model.state_dict()
     sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)

@@ -69,6 +69,25 @@ def test_diffusers_dir(tmp_path):
     assert {"down_blocks.0.0", "mid_block", "up_blocks.1.0"} <= {b["name"] for b in ir.graph_meta(gm)["blocks"]}
 
 
+def test_diffusers_config_declaring_a_huge_model_is_refused_before_allocating(tmp_path):
+    """A hostile config.json (block_out_channels of 16384: a 262 GiB UNet) next to small weights was
+    built for real before the weights were read (the allocator or the OOM killer answered); the model is
+    now built on the meta device and checked against the file first."""
+    import json
+
+    diffusers = pytest.importorskip("diffusers")
+    from bqc.errors import BqcError
+
+    m = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
+                              down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                              norm_num_groups=8)
+    m.save_pretrained(tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    (tmp_path / "d" / "config.json").write_text(json.dumps(dict(cfg, block_out_channels=[16384, 16384])))
+    with pytest.raises(BqcError, match="do not match the model config: .*shape mismatch"):
+        frontend.load_source(str(tmp_path / "d"))
+
+
 def test_ldm_yaml_nested_with_lightning_checkpoint(tmp_path, tiny_unet):
     import yaml
 
