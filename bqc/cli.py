@@ -273,6 +273,8 @@ def transform(
     from bqc import transform as tf
 
     _check_out(out, "artifact", force)
+    if dump_dir is not None:
+        _check_out(dump_dir, "dump", force, option="--dump-dir")
     _use_threads(threads)
     src = _source(model, model_opt, config, weights, trust_pickle, context_len)
     res = tf.transform(src, recipe, wbits=wbits, abits=abits, keep_fp=keep_fp, bits=bits, dump_dir=dump_dir,
@@ -337,10 +339,15 @@ def report(
     weights: Optional[str] = WeightsOpt,
     trust_pickle: bool = TrustOpt,
     threads: Optional[int] = ThreadsOpt,
+    force: bool = ForceOpt,
 ):
     """Size and OPs as the papers count them (1 bit per binary weight; OPs = BOPs/64 + FLOPs)."""
     from bqc.report import cost_report, plot_report, print_report
 
+    if plot is not None:  # `--plot notes.png` replaced a user's file; any other suffix ended in matplotlib's traceback
+        _check_out(plot, "file", force, option="--plot", example="cost.png")
+        if plot.suffix.lower() != ".png":
+            raise BqcError(f"--plot {plot}: the plot is a PNG file", hint=f"name it {plot.with_suffix('.png').name}")
     _use_threads(threads)
     gm, title = _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_pickle)
     rep = cost_report(gm)

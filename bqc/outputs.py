@@ -8,7 +8,8 @@ calls :func:`check_output` before doing any work. The rule:
 * an existing **folder** is fine when it is empty or already holds bqc's output of the same
   kind (recognised by its marker files: an artifact's ``bqc.json``, a training run's
   ``train/checkpoint.safetensors`` or ``train.json``, a deploy artifact's ``deploy.json``, a
-  lowered folder's ``manifest.json`` / ``export.json``, ...). Anything else (your own files, or bqc's output of another kind) is
+  lowered folder's ``manifest.json`` / ``export.json``, a graph dump's ``00_input.txt`` and
+  ``NN_<pass>.txt`` files only, ...). Anything else (your own files, or bqc's output of another kind) is
   refused unless ``--force``; bqc then writes and replaces only the files it names itself
   (:data:`OWN_FILES`) and never deletes anything else;
 * an existing **file** output (``sample -o grid.png``, ``--npz``) is fine when bqc wrote it
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -45,7 +47,11 @@ OWN_FILES: dict[str, tuple[str, ...]] = {
                  "model.onnx.data", "model_fakequant.onnx.data"),
     "demo": ("summary.json", "fp_samples.png", "<recipe>/"),
     "deploy": ("deploy.json", "deploy.safetensors"),
+    "dump": ("00_input.txt", "NN_<pass>.txt"),  # `transform --dump-dir`: the graph before and after each pass
 }
+
+#: the names of a graph dump's files (bqc.pipeline: f"{i:02d}_{pass}.txt")
+DUMP_NAME = re.compile(r"^\d\d_[\w.-]+\.txt$")
 
 _WHAT = {
     "artifact": "transformed-model artifact (bqc transform)",
@@ -54,6 +60,7 @@ _WHAT = {
     "compiled": "lowered model folder (bqc lower)",
     "demo": "demo folder (bqc demo)",
     "deploy": "deploy artifact (bqc fold)",
+    "dump": "graph dump (bqc transform --dump-dir)",
 }
 
 PNG_MARK = ("Software", "bqc")  # tEXt chunk of every PNG bqc writes
@@ -94,6 +101,8 @@ def output_kind(path) -> str | None:
         return "demo"
     if (p / "fp_samples.png").is_file() and is_bqc_file(p / "fp_samples.png"):
         return "demo"
+    if (p / "00_input.txt").is_file() and all(DUMP_NAME.match(e.name) for e in p.iterdir()):
+        return "dump"
     return None
 
 
@@ -215,7 +224,8 @@ def check_output(path, kind: str, *, force: bool = False, option: str = "--out",
                            hint="choose a new or empty folder, or pass --force: bqc then replaces only its own files "
                                 "and leaves the others in place")
     if p.is_dir():  # bqc writes these names in the folder: none may lead elsewhere
-        links = [n.rstrip("/") for n in OWN_FILES[kind] if (p / n.rstrip("/")).is_symlink()]
+        names = [e.name for e in p.iterdir() if DUMP_NAME.match(e.name)] if kind == "dump" else OWN_FILES[kind]
+        links = [n.rstrip("/") for n in names if (p / n.rstrip("/")).is_symlink()]
         if links:
             raise BqcError(f"{option} {p}: {', '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}; "
                            "bqc would write its output through the link into another file (--force or not)",

@@ -60,9 +60,10 @@ def test_user_files_in_out_dir_survive(tmp_path, capsys):
     ["pretrain", "--steps", "1", "-o", "{f}"],
     ["demo", "-o", "{f}"],
     ["sample", "mnist16", "-o", "{f}"],
+    ["report", "mnist16", "--plot", "{f}"],  # matplotlib wrote over the user's notes.png
 ])
 def test_existing_file_output_refused(tmp_path, capsys, cmd):
-    f = tmp_path / ("notes.png" if cmd[0] == "sample" else "notes.txt")
+    f = tmp_path / ("notes.png" if cmd[0] in ("sample", "report") else "notes.txt")
     f.write_text("my notes")
     code, _, err = run([c.format(f=f) for c in cmd], capsys)
     assert code == 2 and "Traceback" not in err, err
@@ -76,6 +77,35 @@ def test_every_writing_command_refuses_foreign_dir(tmp_path, capsys, cmd):
     code, _, err = run([c.format(art=tmp_path / "no-art") for c in cmd] + ["-o", d], capsys)
     assert code == 2 and "--force" in err and "Traceback" not in err, err
     assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+
+
+def test_report_plot_is_marked_and_replaced_by_a_rerun(tmp_path, capsys):
+    plot = tmp_path / "cost.png"
+    for _ in range(2):  # the second run replaces the first run's (marked) PNG without --force
+        code, _, err = run(["report", "mnist16", "--plot", plot], capsys)
+        assert code == 0, err
+    from bqc.outputs import is_bqc_file
+
+    assert is_bqc_file(plot)
+    code, _, err = run(["report", "mnist16", "--plot", tmp_path / "cost.txt"], capsys)  # was matplotlib's traceback
+    assert code == 2 and "name it cost.png" in err
+
+
+def test_dump_dir_keeps_user_files(tmp_path, capsys):
+    """`transform --dump-dir DIR` wrote 00_input.txt, 01_<pass>.txt ... into any folder, over a user's files."""
+    d = _user_dir(tmp_path / "mine")
+    (d / "00_input.txt").write_text("mine too")
+    code, _, err = run(["transform", "mnist16", "--recipe", "bidm", "-o", tmp_path / "a", "--dump-dir", d], capsys)
+    assert code == 2 and "--dump-dir" in err and "notes.txt" in err, err
+    assert (d / "00_input.txt").read_text() == "mine too" and not (tmp_path / "a").exists()
+    dump = tmp_path / "dump"
+    for _ in range(2):  # bqc's own dump is rewritten by a rerun
+        code, _, err = run(["transform", "mnist16", "--recipe", "bidm", "-o", tmp_path / "a", "--force", "--dump-dir", dump],
+                           capsys)
+        assert code == 0, err
+    from bqc.outputs import output_kind
+
+    assert output_kind(dump) == "dump" and "get_attr" in (dump / "00_input.txt").read_text() and len(list(dump.iterdir())) > 5
 
 
 def test_force_replaces_only_bqc_files(art, tmp_path, capsys):
