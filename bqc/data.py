@@ -239,6 +239,8 @@ def _load_folder(path: Path, resize, channels) -> Dataset:
         if isinstance(resize, int):
             resize = (resize, resize)
         resize = (int(resize[0]), int(resize[1]))
+        if not all(1 <= v <= MAX_SIDE for v in resize):  # 0 was PIL's traceback, 100000 the OOM killer's
+            raise BqcError(f"--resize {resize[0]} {resize[1]}: each side must be in [1, {MAX_SIDE}]")
     # pass 1: sizes and modes (PIL opens lazily, this reads headers only)
     sizes, modes = [], []
     for f in files:
@@ -258,6 +260,7 @@ def _load_folder(path: Path, resize, channels) -> Dataset:
                 )
     if channels is None:
         channels = 1 if all(m in _GRAY_MODES or (m == "P" and _palette_is_gray(f)) for f, m in zip(files, modes)) else 3
+    _fits_in_memory(path, len(files), channels, *(resize or sizes[0][::-1]))
     out = []
     for f in files:
         with Image.open(f) as im:
@@ -274,6 +277,19 @@ def _load_folder(path: Path, resize, channels) -> Dataset:
         out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(out)).float().div_(127.5).sub_(1.0)
     return Dataset(x, None)
+
+
+#: the largest image side a folder is loaded or resized to
+MAX_SIDE = 8192
+
+
+def _fits_in_memory(path, n: int, c: int, h: int, w: int) -> None:
+    """Refuse (before decoding) a folder whose images, as float32 plus their uint8 decode, need more
+    memory than this machine has available."""
+    from bqc.runtime import require_memory
+
+    require_memory(n * c * h * w * 5, f"{path}: {n} images of {c}x{h}x{w} need, in memory,",
+                   hint="resize them smaller (--resize H W), or use a folder with fewer images")
 
 
 def _palette_is_gray(f) -> bool:

@@ -92,3 +92,17 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _size(b: float) -> str:
+    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
+def require_memory(need: int, what: str, hint: str) -> None:
+    """Refuse (BqcError, before any work) a request of ``need`` bytes that this machine's available
+    memory cannot hold: ``what`` says what needs it ("1000 samples of shape ... need")."""
+    from bqc.errors import BqcError
+
+    have = available_memory()
+    if have is not None and need > have:
+        raise BqcError(f"{what} about {_size(need)}; this machine has {_size(have)} available", hint=hint)

@@ -87,7 +87,7 @@ def test_more_samples_than_memory_is_a_usage_error(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(runtime, "available_memory", lambda: 2**30)
     code, _, err = run_cli(["sample", "mnist16", "-n", "100000000", "--steps", "1", "-o", tmp_path / "g.png"], capsys)
-    assert code == 2 and "need about 286.1 GiB" in err and "1.0 GiB available" in err and "Traceback" not in err
+    assert code == 2 and "about 286.1 GiB" in err and "1.0 GiB available" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
 
 

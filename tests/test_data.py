@@ -86,6 +86,23 @@ def test_folder_mixed_sizes(tmp_path):
     assert d.images.shape == (2, 1, 4, 5)
 
 
+def test_folder_sizes_are_bounded_before_decoding(tmp_path, monkeypatch):
+    """--resize 0 0 was PIL's traceback and --resize 100000 100000 the OOM killer's (22 GB, exit 137):
+    each side is checked, and the folder's size in memory against what the machine has."""
+    from bqc import runtime
+
+    f = tmp_path / "imgs"
+    f.mkdir()
+    _img(f / "a.png", (8, 8))
+    for bad in ((0, 0), (100000, 100000)):
+        with pytest.raises(BqcError, match=r"each side must be in \[1, 8192\]"):
+            load_dataset(str(f), resize=bad)
+    monkeypatch.setattr(runtime, "available_memory", lambda: 10**6)
+    with pytest.raises(BqcError, match=r"1 images of 1x1000x1000 need, in memory, about 4.8 MiB; this machine has 1.0 MiB available"):
+        load_dataset(str(f), resize=(1000, 1000))
+    assert load_dataset(str(f), resize=(100, 100)).images.shape == (1, 1, 100, 100)  # 50 kB fits
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(BqcError, match="not found"):
         load_dataset(str(tmp_path / "missing") + "/")

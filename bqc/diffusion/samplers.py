@@ -264,14 +264,11 @@ def _check_sample_memory(n: int, shape: Sequence[int]) -> None:
     """``generate`` holds the starting noise of all ``n`` samples and their results (float32,
     about 3 copies with the final concatenation): refuse a request this machine cannot hold (an
     ``-n 100000000`` ended in the allocator's traceback) before any work."""
-    from bqc.runtime import available_memory
+    from bqc.runtime import require_memory
 
-    need = 3 * 4 * int(n) * math.prod(int(d) for d in shape)
-    have = available_memory()
-    if have is not None and need > have:
-        raise BqcError(f"{n} samples of shape {tuple(shape)} need about {need / 2**30:.1f} GiB for their noise and "
-                       f"results; this machine has {have / 2**30:.1f} GiB available",
-                       hint="draw fewer samples (-n), or several runs with different --seed")
+    require_memory(3 * 4 * int(n) * math.prod(int(d) for d in shape),
+                   f"{n} samples of shape {tuple(shape)} need, for their noise and results,",
+                   hint="draw fewer samples (-n), or several runs with different --seed")
 
 
 @torch.no_grad()
