@@ -102,6 +102,14 @@ def _positive(minimum: int = 1, **values) -> None:
 MAX_LOWER_BATCH = 4096
 
 
+def _check_context_len(context_len: Optional[int]) -> None:
+    """--context-len in [1, MAX_CONTEXT_LEN] (10**9 asked the capture for terabytes of example context)."""
+    from bqc.frontend import MAX_CONTEXT_LEN
+
+    if context_len is not None and not 1 <= context_len <= MAX_CONTEXT_LEN:
+        raise BqcError(f"--context-len must be in [1, {MAX_CONTEXT_LEN}] (text tokens; CLIP's is 77), got {context_len}")
+
+
 def _enough_to_score(n: int) -> None:
     """eval / demo ``-n``: enough samples for the metrics (before any sampling)."""
     from bqc.metrics.scoring import MIN_N
@@ -115,7 +123,7 @@ def _source(model, model_opt, config, weights, trust_pickle, context_len: Option
     from bqc import frontend
 
     name = model or model_opt
-    _positive(**{"--context-len": context_len})
+    _check_context_len(context_len)
     try:
         src = frontend.load_source(name, config=config, weights=weights, trust_pickle=trust_pickle, context_len=context_len)
         if context_len is not None and src.context is None:
@@ -696,7 +704,8 @@ def encode(
     the file, so `bqc sample --vae` decodes them); nothing is downloaded."""
     from bqc.encode import encode_folder
 
-    _positive(**{"--batch": batch, "--context-len": context_len})
+    _positive(**{"--batch": batch})
+    _check_context_len(context_len)
     _check_out(out, "file", force, example="latents.safetensors")
     if out.suffix.lower() != ".safetensors":
         raise BqcError(f"--out {out}: a latents file is .safetensors", hint=f"name it {out.with_suffix('.safetensors').name}")

@@ -97,10 +97,14 @@ def load_source(
     return src
 
 
+#: the longest text context (--context-len) a capture takes (CLIP: 77, T5 encoders: 512)
+MAX_CONTEXT_LEN = 65536
+
+
 def set_context_len(src: ModelSource, length: int) -> ModelSource:
     """Capture a text-conditioned source with ``length`` text tokens (no-op for other models)."""
-    if int(length) < 1:
-        raise BqcError(f"the context length must be at least 1, got {length}")
+    if not 1 <= int(length) <= MAX_CONTEXT_LEN:  # the capture's example context is (batch, length, D) floats
+        raise BqcError(f"the context length must be in [1, {MAX_CONTEXT_LEN}], got {length}")
     if src.context is not None and src.exported is None:
         src.context = (int(length), src.context[1])
         src.info["context"] = list(src.context)

@@ -336,7 +336,9 @@ def test_context_len_option(tmp_path, capsys):
     code, _, err = run_cli(["inspect", "mnist16", "--context-len", "5"], capsys)
     assert code == 2 and "not text-conditioned" in " ".join(err.split()), err
     code, _, err = run_cli(["transform", "mnist16", "--context-len", "0", "-o", tmp_path / "a"], capsys)
-    assert code == 2 and "at least 1" in " ".join(err.split()), err
+    assert code == 2 and "--context-len must be in [1, 65536]" in " ".join(err.split()), err
+    code, _, err = run_cli(["inspect", "mnist16", "--context-len", str(10**9)], capsys)
+    assert code == 2 and "--context-len must be in [1, 65536]" in " ".join(err.split()), err
 
 
 def test_latents_files_bqc_wrote_may_be_replaced_others_not(tmp_path):
