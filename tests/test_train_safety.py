@@ -218,7 +218,8 @@ def test_train_steps_0_is_refused():
 @pytest.mark.parametrize("bad", [dict(lr=float("inf")), dict(lr=float("nan")), dict(lr=0.0),
                                  dict(weight_decay=-1.0), dict(weight_decay=float("inf")),
                                  dict(grad_clip=-1.0), dict(grad_clip=float("nan")),
-                                 dict(min_lr_ratio=2.0), dict(warmup_steps=-3), dict(ema_decay=1.5)])
+                                 dict(min_lr_ratio=2.0), dict(warmup_steps=-3), dict(ema_decay=1.5),
+                                 dict(checkpoint_every=-5)])
 def test_bad_hyperparameters_are_refused_before_training(tmp_path, bad):
     """A negative --grad-clip flipped every gradient's sign inside clip_grad_norm_ (gradient ascent,
     exit 0), a negative --weight-decay ended in AdamW's traceback, an infinite --lr trained until

@@ -113,6 +113,9 @@ class LoopConfig:
             raise BqcError(f"unknown lr schedule {self.lr_schedule!r}", hint="use 'constant' or 'cosine'")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise BqcError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        if int(self.checkpoint_every) != self.checkpoint_every or self.checkpoint_every < 0:
+            raise BqcError(f"--checkpoint-every must be a non-negative integer (0: only at the end and on Ctrl-C), "
+                           f"got {self.checkpoint_every!r}")
 
     def horizon(self) -> Optional[int]:
         if self.lr_schedule != "cosine":
