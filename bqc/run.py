@@ -88,6 +88,21 @@ def threads_problem(threads) -> tuple[str, str] | None:
             "allowed (4 per CPU)", f"use --threads {os.cpu_count()} or fewer (1 is fastest on a busy machine)")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give without swapping (``MemAvailable`` of
+    /proc/meminfo), or None where that cannot be read: a command checks a request it can size
+    up front (``-n`` samples) against it instead of dying in the allocator or the OOM killer;
+    shared by bqc's commands (:func:`bqc.runtime.require_memory`) and this runner."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 # ------------------------------------------------------------------------------ the bundle
 def read_manifest(path) -> dict:
     """``manifest.json`` of a ``bqc lower`` TVM output folder; :class:`RunError` for anything else."""
@@ -661,6 +676,12 @@ def _run(argv) -> int:
         raise RunError(f"--seed must be an integer in [0, 2**63 - 1], got {a.seed}")
     if not 0.0 <= a.eta <= 1.0:  # also NaN (bqc.diffusion.samplers.check_eta's rule)
         raise RunError(f"--eta must be a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {a.eta}")
+    size = math.prod(manifest.get("input_shape") or (1,))
+    need = 12 * a.n * size + (0 if latent else 5 * a.n * size * a.scale ** 2)  # noise + results, and the PNG grid
+    have = available_memory()
+    if have is not None and need > have:  # -n 10**9 was numpy's MemoryError traceback
+        raise RunError(f"-n {a.n} at --scale {a.scale} needs about {need / 2**30:.1f} GiB; this machine has "
+                       f"{have / 2**30:.1f} GiB available", hint="draw fewer samples (-n), or lower --scale")
     out = Path(a.out or ("samples.npy" if latent else "samples.png"))
     _check_out(out, a.force, "-o")  # first: a folder (`-o .`) has no name to suggest a suffix for
     if latent and out.suffix.lower() != ".npy":

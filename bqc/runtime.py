@@ -81,17 +81,11 @@ def idle_cores(window: float = 0.5) -> float | None:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory this machine can still give without swapping (``MemAvailable`` of
-    /proc/meminfo), or None where that cannot be read: a command checks a request it can size
-    up front (``-n`` samples) against it instead of dying in the allocator or the OOM killer."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    """Bytes of memory this machine can still give (``MemAvailable``), or None: the rule lives in
+    :func:`bqc.run.available_memory`, which the standalone bundle runner uses too."""
+    from bqc.run import available_memory as mem
+
+    return mem()
 
 
 def _size(b: float) -> str:

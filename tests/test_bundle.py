@@ -207,6 +207,8 @@ def test_runner_standalone_and_as_module(tmp_path_factory, tmp_path, capsys):
     assert "symbolic link" in capsys.readouterr().err and mine.read_bytes() == b"not bqc's"
     assert R.main([str(out), *RUN_ARGS, "--threads", "99999", "-o", str(tmp_path / "c.png")]) == 2
     assert "--threads 99999: this machine has" in capsys.readouterr().err
+    assert R.main([str(out), *RUN_ARGS, "-n", str(10**9), "-o", str(tmp_path / "c.png")]) == 2  # numpy's MemoryError
+    assert "needs about" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
     assert R.main([str(out), *RUN_ARGS, "--seed", "-1", "-o", str(tmp_path / "c.png")]) == 2  # numpy's ValueError
     assert "--seed must be an integer in [0, 2**63 - 1]" in capsys.readouterr().err
     assert R.main([str(out), *RUN_ARGS, "-o", str(tmp_path)]) == 2  # a folder (`-o .` was a traceback)
