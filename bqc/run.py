@@ -736,6 +736,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; nothing written", file=sys.stderr)
         return 130
+    except MemoryError:  # an allocation numpy or TVM still refuses mid-run
+        print("error: out of memory: this machine could not allocate what the run needs\nhint: lower -n or --scale, "
+              "or free memory", file=sys.stderr)
+        return 1
     except OSError as e:  # the system refused a path (name too long, permission, disk full, ...): one paragraph
         if e.errno is None:
             raise

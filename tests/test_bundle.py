@@ -209,6 +209,13 @@ def test_runner_standalone_and_as_module(tmp_path_factory, tmp_path, capsys):
     assert "--threads 99999: this machine has" in capsys.readouterr().err
     assert R.main([str(out), *RUN_ARGS, "-n", str(10**9), "-o", str(tmp_path / "c.png")]) == 2  # numpy's MemoryError
     assert "needs about" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
+    real_sample = R.sample
+    try:  # an allocation refused mid-run: one paragraph, exit 1
+        R.sample = lambda *a, **k: (_ for _ in ()).throw(MemoryError())
+        assert R.main([str(out), *RUN_ARGS, "-o", str(tmp_path / "c.png")]) == 1
+        assert "out of memory" in capsys.readouterr().err
+    finally:
+        R.sample = real_sample
     assert R.main([str(out), *RUN_ARGS, "--seed", "-1", "-o", str(tmp_path / "c.png")]) == 2  # numpy's ValueError
     assert "--seed must be an integer in [0, 2**63 - 1]" in capsys.readouterr().err
     assert R.main([str(out), *RUN_ARGS, "-o", str(tmp_path)]) == 2  # a folder (`-o .` was a traceback)
