@@ -1132,9 +1132,30 @@ def _os_error(e: OSError) -> None:
 def main() -> None:
     """Console entry point: BqcError and usage errors -> one paragraph on stderr, exit 2;
     Ctrl-C -> exit 130."""
+    import signal
+
     from bqc.runtime import tune_allocator
 
     tune_allocator()  # recycled memory for eager torch's temporaries (bqc.runtime)
+    _STATE.pop("sigint", None)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # (a SIGINT the shell ignores stays ignored)
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        _main()
+    finally:
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _on_sigint(signum, frame):
+    """Ctrl-C: remembered, then Python's KeyboardInterrupt. TVM's FFI hands a KeyboardInterrupt
+    raised inside its C++ calls (lower's compile) back as a bare RuntimeError: the flag tells main."""
+    _STATE["sigint"] = True
+    raise KeyboardInterrupt
+
+
+def _main() -> None:
     try:
         rc = app(standalone_mode=False)
     except BqcError as e:
@@ -1150,6 +1171,9 @@ def main() -> None:
         err_console.print("aborted")
         sys.exit(130)
     except (MemoryError, RuntimeError) as e:  # the allocator refused a request: one paragraph, not a traceback
+        if _STATE.get("sigint") and not _STATE["debug"]:  # Ctrl-C that came back through TVM's FFI
+            err_console.print("interrupted: nothing was written", style="yellow", highlight=False)
+            sys.exit(130)
         if _STATE["debug"] or not (isinstance(e, MemoryError) or "can't allocate memory" in str(e)):
             raise
         what = (str(e).split("you tried to allocate ")[-1].split(".")[0] if "you tried" in str(e) else "a request")

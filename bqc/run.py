@@ -728,8 +728,32 @@ def _run(argv) -> int:
 
 def main(argv=None) -> int:
     """The command line; a :class:`RunError` is one paragraph on stderr and exit code 2."""
+    import signal
+
+    interrupted = []
+
+    def on_sigint(signum, frame):  # TVM's FFI hands a KeyboardInterrupt raised in a VM call back as RuntimeError
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        return _main(argv, interrupted)
+    finally:
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main(argv, interrupted: list) -> int:
     try:
         return _run(sys.argv[1:] if argv is None else list(argv))
+    except RuntimeError:
+        if not interrupted:
+            raise
+        print("\ninterrupted; nothing written", file=sys.stderr)
+        return 130
     except RunError as e:
         print(f"error: {e.message}" + (f"\nhint: {e.hint}" if e.hint else ""), file=sys.stderr)
         return 2

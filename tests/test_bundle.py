@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,20 @@ def test_runner_standalone_and_as_module(tmp_path_factory, tmp_path, capsys):
         R.sample = lambda *a, **k: (_ for _ in ()).throw(MemoryError())
         assert R.main([str(out), *RUN_ARGS, "-o", str(tmp_path / "c.png")]) == 1
         assert "out of memory" in capsys.readouterr().err
+
+        def vm_call_interrupted(*a, **k):  # Ctrl-C inside a VM call comes back from tvm-ffi as a bare RuntimeError
+            try:
+                signal.raise_signal(signal.SIGINT)
+            except KeyboardInterrupt:
+                raise RuntimeError from None
+
+        R.sample = vm_call_interrupted
+        old = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            assert R.main([str(out), *RUN_ARGS, "-o", str(tmp_path / "c.png")]) == 130
+        finally:
+            signal.signal(signal.SIGINT, old)
+        assert "interrupted" in capsys.readouterr().err and not (tmp_path / "c.png").exists()
     finally:
         R.sample = real_sample
     assert R.main([str(out), *RUN_ARGS, "--seed", "-1", "-o", str(tmp_path / "c.png")]) == 2  # numpy's ValueError

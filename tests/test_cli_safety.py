@@ -385,6 +385,28 @@ def test_ctrl_c_in_sample_exits_130(monkeypatch, tmp_path, capsys):
     assert code == 130 and "interrupted" in err and "nothing was written" in err and not (tmp_path / "s.png").exists()
 
 
+def test_ctrl_c_inside_tvm_exits_130(monkeypatch, tmp_path, capsys):
+    """TVM's FFI hands a KeyboardInterrupt raised inside its C++ calls back as a bare RuntimeError:
+    Ctrl-C during `bqc lower`'s compile was a traceback and exit 1."""
+    pytest.importorskip("tvm")
+    from bqc.backends.tvm import lower as tvm_lower
+
+    def compile_interrupted(*a, **k):
+        try:
+            signal.raise_signal(signal.SIGINT)  # as the user's Ctrl-C, through bqc's handler
+        except KeyboardInterrupt:
+            raise RuntimeError from None  # what tvm-ffi makes of it
+
+    monkeypatch.setattr(tvm_lower, "lower", compile_interrupted)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a worker may ignore it)
+    try:
+        code, _, err = run(["lower", "mnist16-bidm", "-o", tmp_path / "lib", "-q"], capsys)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main put Python's handler back
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert code == 130 and "interrupted" in err and "Traceback" not in err and not (tmp_path / "lib").exists()
+
+
 def test_sigint_in_train_exits_130_and_resumes(art, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "bqc", "train", str(art), "--batch", "2", "--warmup", "1", "--sample-steps", "10",
