@@ -573,6 +573,12 @@ def vet_pt2(path: Path, data: bytes | None = None) -> bytes:
         names = [i.filename for i in infos]
         if not names:
             raise BqcError(f"{path} is an empty zip file, not a torch.export archive")
+        from bqc.runtime import require_memory
+
+        # members are read (inflated) into memory, at most their declared size each: a zip bomb of a
+        # few KB declaring 100s of GB is refused here, not by the OOM killer
+        require_memory(sum(i.file_size for i in infos), f"{path}: its {len(infos)} zip members need, unpacked,",
+                       hint="a torch.export archive of a UNet is its weights' size; this one may be a zip bomb")
         if len(set(names)) != len(names):
             raise BqcError(f"{path} has duplicate zip members; refusing an archive that readers may read differently")
         root = names[0].split("/", 1)[0] + "/"

@@ -174,6 +174,26 @@ def test_pt2_with_pickled_entries_is_refused(tmp_path, tiny_source):
         frontend.load_source(str(tmp_path / "evil.pt2"))
 
 
+def test_pt2_zip_bomb_is_refused_before_inflating(tmp_path, tiny_source, monkeypatch):
+    """A .pt2 member of a few KB that inflates to 100s of GB was read into memory member by member;
+    the declared sizes are checked against the machine's available memory first."""
+    import zipfile
+
+    from bqc import runtime
+
+    torch.export.save(frontend.capture(tiny_source), str(tmp_path / "u.pt2"))
+    src = zipfile.ZipFile(tmp_path / "u.pt2")
+    root = src.namelist()[0].split("/")[0]
+    with zipfile.ZipFile(tmp_path / "bomb.pt2", "w", zipfile.ZIP_DEFLATED) as out:
+        for item in src.infolist():
+            out.writestr(item.filename, src.read(item.filename))
+        out.writestr(f"{root}/extra/padding", b"\0" * (64 << 20))  # 64 MiB of zeros: ~64 KB deflated
+    assert (tmp_path / "bomb.pt2").stat().st_size < (tmp_path / "u.pt2").stat().st_size + (1 << 20)
+    monkeypatch.setattr(runtime, "available_memory", lambda: 32 << 20)
+    with pytest.raises(BqcError, match=r"zip members need, unpacked, about 6\d\.\d MiB; this machine has 32\.0 MiB"):
+        frontend.load_source(str(tmp_path / "bomb.pt2"))
+
+
 class _DataDependent(torch.nn.Module):
     in_channels, image_size = 1, 8
 
