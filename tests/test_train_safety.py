@@ -227,3 +227,26 @@ def test_bad_hyperparameters_are_refused_before_training(tmp_path, bad):
     with pytest.raises(BqcError, match="must be"):
         train_loop(Net(), DATA, plain_loss, cfg(**bad), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path):
+    """Two `bqc train -o run` at once (a --resume typed while the first still runs) interleaved their
+    checkpoints and metrics rows: the folder is locked while a loop writes it."""
+    from bqc.train.loop import _exclusive
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(BqcError, match="being written by another bqc process"):
+            train_loop(Net(), DATA, plain_loss, cfg(), out)
+        assert not list(out.iterdir())  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    with _exclusive(out):  # free again once the other process is gone
+        pass
+    train_loop(Net(), DATA, plain_loss, cfg(), out)

@@ -37,10 +37,12 @@ change is recorded with its step in the checkpoint (``changes``) and ``LoopResul
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -382,7 +384,42 @@ def make_optimizer(param_groups, config: LoopConfig) -> torch.optim.AdamW:
                              weight_decay=config.weight_decay, foreach=True)
 
 
-def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig, out_dir, *,
+def train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig, out_dir, **kw) -> LoopResult:
+    """:func:`_train_loop` (the docs are there) holding an exclusive lock on ``out_dir`` while it
+    runs: a second `bqc train` / `pretrain` into the same folder (a `--resume` typed while the first
+    still runs) interleaved checkpoints and metrics rows; it is refused instead."""
+    config.validate()
+    out_dir = Path(out_dir)
+    with _exclusive(out_dir):
+        return _train_loop(model, data, loss_fn, config, out_dir, **kw)
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """An advisory lock (flock) on ``folder`` itself, no file written; only the main process of a
+    torchrun job takes it; a no-op where flock does not exist."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BqcError(f"{folder} is being written by another bqc process (it holds the folder's lock)",
+                           hint="wait for it to finish (or stop it with Ctrl-C, which saves a checkpoint), then --resume") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfig, out_dir, *,
                fingerprint: Optional[dict] = None, resume: bool | str = False,
                param_groups: Optional[Sequence[dict]] = None,
                callbacks: Iterable[Callable[[int, torch.nn.Module, dict], None]] = (),
