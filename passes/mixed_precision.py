@@ -58,6 +58,12 @@ def parse_bits(item: str) -> tuple[str, int, int]:
         w, a = (int(v) for v in wa.split("/"))
     except ValueError:
         raise BqcError(f"--bits {item!r} is not of the form NAME_GLOB=W/A (e.g. 'out*=8/8')") from None
+    from bqc.pipeline import SUPPORTED_BITS
+
+    for kind, v in (("w", w), ("a", a)):  # 0/0 was taken as W1A32
+        if v not in SUPPORTED_BITS[kind]:
+            raise BqcError(f"--bits {item!r}: unsupported {'weight' if kind == 'w' else 'activation'} bits {v}",
+                           hint=f"supported: {', '.join(map(str, SUPPORTED_BITS[kind]))}")
     return pattern, w, a
 
 

@@ -392,6 +392,12 @@ def test_unsupported_bits(tiny_source):
         _run(tiny_source, "baseline", abits=5)
     with pytest.raises(BqcError, match="supported: 1"):
         _run(tiny_source, "bidm", wbits=2)  # BiDM's binarizer is 1-bit only
+    from bqc.passes.mixed_precision import parse_bits
+
+    assert parse_bits("out*=8/4") == ("out*", 8, 4)
+    for bad in ("out*=0/0", "out*=99/8", "out*=8/5"):  # 0/0 was taken as W1A32
+        with pytest.raises(BqcError, match="unsupported .* bits"):
+            parse_bits(bad)
 
 
 def test_recipe_typo_key_named(tmp_path, tiny_source):
