@@ -124,6 +124,11 @@ def is_artifact(path: str | Path) -> bool:
 def read_manifest(path: str | Path) -> dict:
     if not (Path(path) / "bqc.json").exists():
         what = "the folder `bqc transform` writes (or a training run of one)"
+        from bqc.deploy.artifact import find_deploy_artifact
+
+        if find_deploy_artifact(path) is not None:  # `bqc train mnist16-bidm`: a folded model
+            raise BqcError(f"{path} is a deploy artifact (bqc fold's output), not a trainable artifact",
+                           hint=f"`bqc unfold {path} -o art` turns it back into one (then give `art`)")
         if not Path(path).exists():
             from bqc.frontend import _is_zoo_name
 

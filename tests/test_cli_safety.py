@@ -276,6 +276,7 @@ BAD = {
     "train-bad-option": ["train", "{new}", "--steps", "3", "--grad-clip", "1", "-o", "{new}"],  # a hint suggested it
     "train-no-artifact": ["train", "{new}", "--steps", "3", "-o", "{new}/run"],
     "train-zoo-name": ["train", "mnist16", "--steps", "3", "-o", "{new}/run"],  # a new user's first try
+    "train-deploy-name": ["train", "mnist16-bidm", "--steps", "3", "-o", "{new}/run"],
     "train-batch-0": ["train", "{new}", "--steps", "3", "--batch", "0", "-o", "{new}/run"],
     "sample-n-0": ["sample", "mnist16", "-n", "0", "-o", "{new}/s.png"],
     "sample-onnx": ["sample", "{onnx}", "-o", "{new}/s.png"],
@@ -378,6 +379,7 @@ def test_usage_error_names_the_fix(bad_results):
     assert "ONNX" in bad_results["bench-onnx"].stderr
     assert "bqc transform mnist16 --recipe bidm -o art" in bad_results["train-zoo-name"].stderr
     assert "artifact folder not found" in bad_results["train-no-artifact"].stderr
+    assert "bqc unfold mnist16-bidm -o art" in bad_results["train-deploy-name"].stderr
     assert "-n must be at least 5 to score" in bad_results["eval-n-2"].stderr and "sampling" not in bad_results["eval-n-2"].stderr
 
 
