@@ -115,8 +115,9 @@ def test_diffusers_folder_loads_and_the_old_refusal_is_gone(tmp_path):
     assert src.info["context"] == [77, CTX_DIM]
     src = frontend.load_source(str(tmp_path / "unet"), context_len=5)
     assert src.context == (5, CTX_DIM)
-    with pytest.raises(BqcError, match="at least 1"):
-        frontend.load_source(str(tmp_path / "unet"), context_len=0)
+    for bad in (0, 10**9):  # 10**9 asked the capture for terabytes of example context
+        with pytest.raises(BqcError, match=r"must be in \[1, 65536\]"):
+            frontend.load_source(str(tmp_path / "unet"), context_len=bad)
 
 
 def test_diffusers_extra_conditioning_is_refused(tmp_path):
