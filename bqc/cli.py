@@ -1102,57 +1102,28 @@ def _interrupted(line: str) -> None:
     raise typer.Exit(130)
 
 
-#: errnos that name a problem with a path the user gave (exit 2, like any bad input); others (disk
-#: full, I/O error) are the machine's (exit 1)
-_PATH_ERRNOS = ("ENAMETOOLONG", "ENOENT", "ENOTDIR", "EISDIR", "EACCES", "EPERM", "ELOOP", "EROFS", "EEXIST", "EINVAL")
-
-
 def _os_error(e: OSError) -> None:
-    """An OSError that escaped a command: one paragraph naming the path and the system's reason."""
-    import errno
-    import os
+    """An OSError that escaped a command: one paragraph naming the path and the system's reason
+    (:func:`bqc.run.os_error_paragraph`, shared with the bundle runner)."""
+    from bqc.run import os_error_paragraph
 
-    name = str(e.filename) if e.filename is not None else ""
-    shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
-    err_console.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}" + (f": {escape(shown)}" if shown else ""),
-                      soft_wrap=False)
-    if e.errno == errno.ENAMETOOLONG:
-        hint = "shorten it: here each name in a path may have at most " \
-               f"{os.pathconf('/', 'PC_NAME_MAX') if hasattr(os, 'pathconf') else 255} bytes, and a whole path " \
-               f"{os.pathconf('/', 'PC_PATH_MAX') if hasattr(os, 'pathconf') else 4096}"
-    elif e.errno == errno.ENOSPC:
-        hint = "free disk space (or choose an output on another disk) and run the command again"
-    else:
-        hint = "check the path and its permissions"
+    message, hint, code = os_error_paragraph(e)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=False)
     err_console.print(f"[bold]hint:[/] {escape(hint)}")
     err_console.print("(run with --debug for the traceback)", style="dim")
-    sys.exit(2 if errno.errorcode.get(e.errno) in _PATH_ERRNOS else 1)
+    sys.exit(code)
 
 
 def main() -> None:
     """Console entry point: BqcError and usage errors -> one paragraph on stderr, exit 2;
     Ctrl-C -> exit 130."""
-    import signal
-
+    from bqc.run import remembering_sigint
     from bqc.runtime import tune_allocator
 
     tune_allocator()  # recycled memory for eager torch's temporaries (bqc.runtime)
-    _STATE.pop("sigint", None)
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.default_int_handler:  # (a SIGINT the shell ignores stays ignored)
-        signal.signal(signal.SIGINT, _on_sigint)
-    try:
+    with remembering_sigint() as interrupted:
+        _STATE["sigint"] = interrupted  # (tvm-ffi hands a Ctrl-C inside its C++ calls back as a RuntimeError)
         _main()
-    finally:
-        if previous is signal.default_int_handler:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _on_sigint(signum, frame):
-    """Ctrl-C: remembered, then Python's KeyboardInterrupt. TVM's FFI hands a KeyboardInterrupt
-    raised inside its C++ calls (lower's compile) back as a bare RuntimeError: the flag tells main."""
-    _STATE["sigint"] = True
-    raise KeyboardInterrupt
 
 
 def _main() -> None:

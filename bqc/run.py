@@ -103,6 +103,55 @@ def available_memory() -> int | None:
     return None
 
 
+#: errnos that name a problem with a path the user gave (exit 2, like any bad input); the others
+#: (disk full, I/O error) are the machine's (exit 1)
+PATH_ERRNOS = ("ENAMETOOLONG", "ENOENT", "ENOTDIR", "EISDIR", "EACCES", "EPERM", "ELOOP", "EROFS", "EEXIST", "EINVAL")
+
+
+def os_error_paragraph(e: OSError) -> tuple[str, str, int]:
+    """``(message, hint, exit code)`` for an OSError that escaped a command (the system refused a
+    path, the disk filled): the system's reason and the path (a long one shortened), what to do,
+    2 for a path the user gave and 1 for the machine's trouble; shared by bqc's commands and this
+    runner."""
+    name = str(e.filename) if e.filename is not None else ""
+    shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+    message = (e.strerror or str(e)) + (f": {shown}" if shown else "")
+    if e.errno == errno.ENAMETOOLONG:
+        limits = (os.pathconf("/", "PC_NAME_MAX"), os.pathconf("/", "PC_PATH_MAX")) if hasattr(os, "pathconf") \
+            else (255, 4096)
+        hint = f"shorten it: here each name in a path may have at most {limits[0]} bytes, and a whole path {limits[1]}"
+    elif e.errno == errno.ENOSPC:
+        hint = "free disk space (or choose an output on another disk) and run the command again"
+    else:
+        hint = "check the path and its permissions"
+    return message, hint, 2 if errno.errorcode.get(e.errno) in PATH_ERRNOS else 1
+
+
+@contextlib.contextmanager
+def remembering_sigint():
+    """Within it, Ctrl-C is remembered (the yielded list gets the signal number) and raised as
+    Python's KeyboardInterrupt: TVM's FFI hands a KeyboardInterrupt raised inside its C++ calls (a
+    compile, a VM call) back as a bare RuntimeError, and the list tells the command it was Ctrl-C.
+    A SIGINT the shell ignores stays ignored; Python's handler is put back on the way out. Shared
+    by bqc's commands and this runner."""
+    import signal
+
+    interrupted: list = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
+
+
 # ------------------------------------------------------------------------------ the bundle
 def read_manifest(path) -> dict:
     """``manifest.json`` of a ``bqc lower`` TVM output folder; :class:`RunError` for anything else."""
@@ -728,22 +777,8 @@ def _run(argv) -> int:
 
 def main(argv=None) -> int:
     """The command line; a :class:`RunError` is one paragraph on stderr and exit code 2."""
-    import signal
-
-    interrupted = []
-
-    def on_sigint(signum, frame):  # TVM's FFI hands a KeyboardInterrupt raised in a VM call back as RuntimeError
-        interrupted.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.default_int_handler:
-        signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with remembering_sigint() as interrupted:
         return _main(argv, interrupted)
-    finally:
-        if previous is signal.default_int_handler:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _main(argv, interrupted: list) -> int:
@@ -767,11 +802,9 @@ def _main(argv, interrupted: list) -> int:
     except OSError as e:  # the system refused a path (name too long, permission, disk full, ...): one paragraph
         if e.errno is None:
             raise
-        name = str(e.filename or "")
-        name = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
-        print(f"error: {e.strerror}" + (f": {name}" if name else ""), file=sys.stderr)
-        return 1 if e.errno in (errno.ENOSPC, errno.EIO, getattr(errno, "EDQUOT", errno.ENOSPC)) else 2
-
+        message, hint, code = os_error_paragraph(e)
+        print(f"error: {message}\nhint: {hint}", file=sys.stderr)
+        return code
 
 if __name__ == "__main__":
     sys.exit(main())
