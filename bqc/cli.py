@@ -529,6 +529,10 @@ def train(
     _check_out(out, "run", force)
     _check_fresh_run(out, resume is not None)
     _use_threads(threads)
+    if steps and warmup >= steps:  # allowed (a resume may extend the run past it), but rarely meant
+        err_console.print(f"[bold yellow]warning:[/] --warmup {warmup} is not below --steps {steps}: the learning rate "
+                          f"never leaves the linear warm-up (it ends at {min(1.0, steps / warmup):.3g}x --lr)",
+                          soft_wrap=True)
     opts = QATOptions(steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, warmup=warmup, ema_decay=ema or None,
                       lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, target=loss_target, float_lr_scale=float_lr_scale,
                       checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,

@@ -433,6 +433,26 @@ def test_ctrl_c_inside_tvm_exits_130(monkeypatch, tmp_path, capsys):
     assert code == 130 and "interrupted" in err and "Traceback" not in err and not (tmp_path / "lib").exists()
 
 
+def test_warmup_not_below_steps_warns(monkeypatch, tmp_path, capsys):
+    """`--warmup 10**12` was silent: the lr never left the warm-up. Allowed (a resume may extend the
+    run), but warned about before any work; a warm-up below the steps is not."""
+    from bqc.train import qat
+
+    seen = []
+
+    def fake_train(target, data, out, opts, resume=False):
+        seen.append(opts.warmup)
+        out.mkdir(parents=True)
+        return out
+
+    monkeypatch.setattr(qat, "train_artifact", fake_train)
+    code, _, err = run(["train", tmp_path / "art", "--steps", "3", "--warmup", str(10**12), "-o", tmp_path / "a"], capsys)
+    assert code == 0 and seen == [10**12]
+    assert "--warmup 1000000000000 is not below --steps 3" in " ".join(err.split()), err
+    code, _, err = run(["train", tmp_path / "art", "--steps", "3", "--warmup", "2", "-o", tmp_path / "b"], capsys)
+    assert code == 0 and "warm-up" not in err
+
+
 def test_sigint_in_train_exits_130_and_resumes(art, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "bqc", "train", str(art), "--batch", "2", "--warmup", "1", "--sample-steps", "10",
