@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from bqc import __version__, ir
-from bqc.errors import BqcError, normal_permissions, require_file
+from bqc.errors import BqcError, normal_permissions, read_json_file, read_text_file, require_file
 from bqc.graph import BqcModel
 from bqc.signature import Signature
 
@@ -138,10 +138,7 @@ def read_manifest(path: str | Path) -> dict:
                        f"{path} is not a bqc artifact (no bqc.json in it)",
                        hint=f"this command takes {what}, e.g. `bqc transform {path} --recipe bidm -o art`, then give `art`")
     p = Path(path) / "bqc.json"
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise BqcError(f"{p} is corrupt: {e}") from e
+    m = read_json_file(p, "artifact manifest")
     if m.get("format") != FORMAT_VERSION:
         raise BqcError(f"{p} has artifact format {m.get('format')}, this bqc reads format {FORMAT_VERSION}")
     return m
@@ -181,7 +178,7 @@ def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Art
             f"missing {missing[:4]}, unexpected {unexpected[:4]}",
             hint="the weights come from another model or recipe",
         )
-    saved = (path / "graph.txt").read_text() if (path / "graph.txt").exists() else None
+    saved = read_text_file(path / "graph.txt", "artifact graph") if (path / "graph.txt").exists() else None
     if saved is not None and saved not in (ir.dump(gm), ir.dump(gm, details=False)):  # (the older, shorter form)
         raise BqcError(f"{path}: the rebuilt graph differs from graph.txt (artifact written by another bqc version?)",
                        hint="re-run bqc transform with this version")
@@ -193,10 +190,7 @@ def _compiled_manifest(target: Path) -> dict | None:
     compiled = target / "manifest.json"
     if not compiled.is_file():
         return None
-    try:
-        return json.loads(compiled.read_text())
-    except json.JSONDecodeError as e:
-        raise BqcError(f"{compiled} is corrupt: {e}") from e
+    return read_json_file(compiled, "compiled manifest")
 
 
 def source_manifest(target: str | Path) -> dict | None:

@@ -141,8 +141,10 @@ def _source(model, model_opt, config, weights, trust_pickle, context_len: Option
 
 
 def _is_diffusers_dir(name: str) -> bool:
+    from bqc.run import read_small_file
+
     try:
-        return "_class_name" in json.loads((Path(name) / "config.json").read_text())
+        return "_class_name" in json.loads(read_small_file(Path(name) / "config.json"))
     except (OSError, ValueError, TypeError):
         return False
 
@@ -567,8 +569,10 @@ def _saved_line(e: BaseException, out: Path, resume_cmd: str) -> str:
 
 def _warn_if_diverged(run_dir) -> None:
     """Say loudly when a trained artifact's loss diverged (its samples are not worth scoring)."""
+    from bqc.run import read_small_file
+
     try:
-        info = json.loads((Path(run_dir) / "train.json").read_text())
+        info = json.loads(read_small_file(Path(run_dir) / "train.json"))
     except (OSError, ValueError):
         return
     d = info.get("divergence") or {}
@@ -962,8 +966,10 @@ def _check_lowered(dart, path) -> None:
 
 def lowered_cpu_note(path) -> str | None:
     """"built for CPU ... (features), kernels ..." from a CPU build's manifest (None otherwise)."""
+    from bqc.run import read_small_file
+
     try:
-        cpu = json.loads((Path(path) / "manifest.json").read_text()).get("cpu")
+        cpu = json.loads(read_small_file(Path(path) / "manifest.json")).get("cpu")
     except (OSError, ValueError):
         return None
     if not isinstance(cpu, dict):

@@ -41,7 +41,8 @@ from typing import Optional
 import torch
 
 from bqc.data import image_files, load_dataset, save_latents
-from bqc.errors import BqcError, require_file
+from bqc.errors import BqcError, read_text_file, read_yaml_file, require_file
+from bqc.run import read_small_file
 
 __all__ = ["load_vae", "LDM_FIRST_STAGES", "encode_images", "decode_latents", "load_text_encoder", "embed_prompts",
            "read_captions", "read_context_file", "encode_folder"]
@@ -58,7 +59,7 @@ def _model_dir(path, class_names: tuple[str, ...], sub: str, what: str) -> Path:
         cfg = d / "config.json"
         if cfg.is_file():
             try:
-                c = json.loads(cfg.read_text())
+                c = json.loads(read_small_file(cfg))
             except (OSError, ValueError) as e:
                 raise BqcError(f"cannot read {cfg}: {e}") from None
             name = c.get("_class_name") or (c.get("architectures") or [None])[0]
@@ -122,13 +123,8 @@ LDM_FIRST_STAGES = {"ldm.models.autoencoder.AutoencoderKL": "AutoencoderKL",
 
 def _ldm_first_stage(path) -> tuple[str, dict, float, bool]:
     """``(diffusers class name, its config, scale_factor, scale_by_std)`` from an LDM yaml's first stage."""
-    import yaml
-
     p = require_file(Path(path).expanduser(), "VAE yaml")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise BqcError(f"{p} is not a readable YAML file: {e}") from None
+    doc = read_yaml_file(p, "VAE yaml")
     ldm = doc.get("model") if isinstance(doc, dict) else None
     params = ldm.get("params") if isinstance(ldm, dict) else None
     stage = params.get("first_stage_config") if isinstance(params, dict) else None
@@ -348,14 +344,14 @@ def read_captions(path, files: list[Path], root: Path) -> list[str]:
     if not p.is_file():
         raise BqcError(f"captions file not found: {p}")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = read_text_file(p, "captions file", limit=1 << 30)
     except (OSError, UnicodeDecodeError) as e:
         raise BqcError(f"cannot read the captions file {p}: {e}") from None
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
-        except ValueError as e:
-            raise BqcError(f"{p} is not valid JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise BqcError(f"{p} is not valid JSON: {str(e)[:200]}") from None
         if isinstance(data, dict):
             names = [f.relative_to(root).as_posix() for f in files]
             missing = [n for n, f in zip(names, files) if n not in data and f.name not in data]

@@ -28,6 +28,53 @@ def require_file(path, what: str = "file"):
     return p
 
 
+def read_text_file(path, what: str = "file", limit: int | None = None) -> str:
+    """The text (UTF-8) of a file a user gave, read whole; a BqcError for a folder, a device, a pipe
+    or a file over ``limit`` bytes (default :data:`bqc.run.MAX_TEXT_BYTES`; ``--config /dev/zero``
+    filled memory, a FIFO blocked). A missing file is the system's OSError (one paragraph in the CLI);
+    a file that is not UTF-8 is ``UnicodeDecodeError``, as ``Path.read_text`` raises it."""
+    from bqc.run import MAX_TEXT_BYTES, read_small_file
+
+    try:
+        data = read_small_file(path, MAX_TEXT_BYTES if limit is None else limit)
+    except ValueError as e:
+        raise BqcError(f"{what}: {e}", hint="pass the path of the file itself") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BqcError(f"{what} {path} is not a text file (not UTF-8: byte {e.start} is {data[e.start]:#04x})",
+                       hint="is it the right file?") from None
+
+
+def read_json_file(path, what: str = "file", **kw):
+    """A JSON file a user gave (:func:`read_text_file`), parsed; a BqcError for anything that is not
+    JSON, nesting too deep for the parser included (``[[[...]]]`` was a RecursionError traceback).
+    ``kw`` goes to ``json.loads``."""
+    import json
+
+    text = read_text_file(path, what)
+    try:
+        return json.loads(text, **kw)
+    except json.JSONDecodeError as e:
+        raise BqcError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise BqcError(f"{what} {path} nests too deeply to be a real JSON file") from None
+
+
+def read_yaml_file(path, what: str = "file"):
+    """A YAML file a user gave (:func:`read_text_file`), parsed with ``yaml.safe_load`` (plain data,
+    no Python tags); a BqcError for anything that is not YAML, nesting too deep included."""
+    import yaml
+
+    text = read_text_file(path, what)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise BqcError(f"{what} {path} is not valid YAML: {str(e)[:300]}") from None
+    except RecursionError:
+        raise BqcError(f"{what} {path} nests too deeply to be a real YAML file") from None
+
+
 def normal_permissions(path) -> None:
     """Give a freshly written file the usual rw-r--r-- (umask-respecting) permissions.
 

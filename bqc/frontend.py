@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from bqc.errors import BqcError, require_file
+from bqc.errors import BqcError, read_json_file, read_yaml_file, require_file
 
 
 @dataclass
@@ -229,10 +229,7 @@ def _is_zoo_name(name: str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BqcError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    return read_json_file(path, "config")
 
 
 def _model_facts(module: nn.Module) -> tuple[int, int, int | None]:
@@ -496,13 +493,8 @@ def _what(obj: Any) -> str:
 
 
 def _load_from_yaml(config: str, weights: str | None) -> ModelSource:
-    import yaml
-
     path = require_file(config, "config")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BqcError(f"{path} is not valid YAML: {e}") from e
+    doc = read_yaml_file(path, "config")
     spec = _find_target_config(doc, str(path))
     target, params = spec["target"], spec.get("params") or {}
     if not isinstance(params, dict):

@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 
 from bqc.errors import BqcError
+from bqc.run import read_small_file
 
 __all__ = ["check_output", "output_kind", "OWN_FILES", "PNG_MARK", "mark_npz", "is_bqc_file"]
 
@@ -69,7 +70,7 @@ _NPZ_MARK = b"written by bqc"   # zip comment of every NPZ bqc writes
 
 def _json(path: Path) -> dict:
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(read_small_file(path))
         return d if isinstance(d, dict) else {}
     except (OSError, ValueError):
         return {}

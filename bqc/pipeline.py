@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar
 import torch.fx as fx
 
 from bqc import ir
-from bqc.errors import BqcError
+from bqc.errors import BqcError, read_text_file
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -286,9 +286,11 @@ def _read_recipe(name_or_path: str) -> tuple[dict, str]:
                 hint=f"valid recipes: {', '.join(recipe_names())}; or pass a path to a .toml file",
             )
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_text_file(path, "recipe"))
     except tomllib.TOMLDecodeError as e:
         raise BqcError(f"recipe {path} is not valid TOML: {e}") from e
+    except RecursionError:
+        raise BqcError(f"recipe {path} nests too deeply to be a real recipe") from None
     bad = set(data) - RECIPE_KEYS
     if bad:
         key = sorted(bad)[0]

@@ -152,6 +152,31 @@ def remembering_sigint():
             signal.signal(signal.SIGINT, previous)
 
 
+#: the most bytes a command reads whole from a text file it is given (a config, a manifest, a
+#: recipe): real ones are kilobytes; /dev/zero or a 20 GB file named config.json would fill memory
+MAX_TEXT_BYTES = 64 << 20
+
+
+def read_small_file(path, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of ``path``, read whole; ``ValueError`` (its message one sentence naming the path)
+    for a folder, a device or a pipe (``/dev/zero`` filled memory, a FIFO blocked forever) or a file
+    over ``limit`` bytes. A missing or unreadable file is the system's OSError, as ``open`` raises it.
+    Shared by bqc's commands (:func:`bqc.errors.read_text_file`) and this runner."""
+    import stat
+
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file (a device, a pipe or a socket); give a file")
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)  # (bounded: a file may grow, /proc reports size 0)
+    if max(st.st_size, len(data)) > limit:
+        raise ValueError(f"{path} has {max(st.st_size, len(data)) / 2**20:.1f} MiB; a config, manifest or recipe "
+                         f"this reads whole is at most {limit / 2**20:g} MiB (is it the right file?)")
+    return data
+
+
 # ------------------------------------------------------------------------------ the bundle
 def read_manifest(path) -> dict:
     """``manifest.json`` of a ``bqc lower`` TVM output folder; :class:`RunError` for anything else."""
@@ -164,8 +189,8 @@ def read_manifest(path) -> dict:
         raise RunError(f"{d} is not a compiled folder from `bqc lower` (no manifest.json)",
                        hint="pass the -o folder of `bqc lower --backend tvm-x86`")
     try:
-        m = json.loads(man.read_text())
-    except (OSError, ValueError) as e:
+        m = json.loads(read_small_file(man))
+    except (OSError, ValueError, RecursionError) as e:
         raise RunError(f"{man} is unreadable or corrupt: {e}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("files"), dict) \
             or "library" not in m["files"]:

@@ -481,3 +481,55 @@ def test_sigint_in_train_exits_130_and_resumes(art, tmp_path):
     # and without --resume the run is refused before any work
     r = subprocess.run(cmd + ["--steps", str(step)], capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+
+
+# files that are not what they claim: devices, pipes, binary, nesting bombs --------------------------
+def _hostile_inputs(tmp_path: Path) -> dict:
+    h = tmp_path
+    os.mkfifo(h / "fifo.yaml")  # reading it blocked forever
+    (h / "garbage.yaml").write_bytes(bytes(range(128, 256)) * 4)  # not UTF-8: a UnicodeDecodeError traceback
+    (h / "deep.yaml").write_text("a: " + "[" * 100_000 + "]" * 100_000)  # yaml's RecursionError
+    (h / "dif").mkdir()
+    (h / "dif" / "config.json").write_text("[" * 100_000 + "]" * 100_000)  # json's RecursionError
+    (h / "zero").mkdir()
+    (h / "zero" / "config.json").symlink_to("/dev/zero")  # read_text() filled memory
+    (h / "art").mkdir()
+    (h / "art" / "bqc.json").write_bytes(b"\xff\xfe" * 50)
+    (h / "r.toml").symlink_to("/dev/zero")
+    return {
+        "config-dev-zero": (["inspect", "--config", "/dev/zero"], "is not a regular file"),
+        "config-fifo": (["inspect", "--config", h / "fifo.yaml"], "is not a regular file"),
+        "config-binary": (["inspect", "--config", h / "garbage.yaml"], "is not a text file (not UTF-8"),
+        "config-deep": (["inspect", "--config", h / "deep.yaml"], "nests too deeply"),
+        "diffusers-deep": (["inspect", h / "dif"], "nests too deeply"),
+        "diffusers-zero": (["inspect", h / "zero"], "is not a regular file"),
+        "artifact-binary": (["sample", h / "art", "-o", h / "s.png"], "is not a text file"),
+        "recipe-dev-zero": (["transform", "mnist16", "--recipe", h / "r.toml", "-o", h / "o"], "is not a regular file"),
+        "schedule-deep": (["transform", "mnist16", "--recipe", "fp", "--schedule", h / "dif" / "config.json",
+                           "-o", h / "o"], "nests too deeply"),
+    }
+
+
+def test_hostile_text_files_are_one_paragraph(tmp_path, capsys):
+    """A config, manifest or recipe that is a device (/dev/zero filled memory), a pipe (blocked), not
+    UTF-8 or nested 100 000 deep (tracebacks) is one paragraph and exit 2, and nothing is written."""
+    for name, (cmd, says) in _hostile_inputs(tmp_path).items():
+        code, _, err = run(cmd, capsys)
+        assert code == 2 and says in " ".join(err.split()) and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_runner_manifest_that_is_a_device_is_refused(tmp_path):
+    """The bundle runner reads manifest.json with the same bounded reader; a pipe is not read."""
+    from bqc.run import RunError, read_manifest, read_small_file
+
+    os.mkfifo(tmp_path / "manifest.json")
+    with pytest.raises(RunError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        read_small_file(tmp_path / "manifest.json")
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * 2048)
+    with pytest.raises(ValueError, match="at most"):
+        read_small_file(big, limit=1024)
+    assert read_small_file(big, limit=2048) == b" " * 2048

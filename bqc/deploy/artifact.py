@@ -62,7 +62,8 @@ from torch import nn
 
 import bqc.models as _models
 from bqc import __version__, ir, packing
-from bqc.errors import BqcError
+from bqc.errors import BqcError, read_text_file
+from bqc.run import read_small_file
 from bqc.signature import Signature
 
 from . import modules as M
@@ -272,7 +273,7 @@ def _no_host_paths(v):
 
 def _without_meta(config_file: Path) -> dict | None:
     try:
-        cfg = json.loads(config_file.read_text())
+        cfg = json.loads(read_small_file(config_file))
     except (OSError, ValueError):
         return None
     return {k: v for k, v in cfg.items() if k != "meta"} if isinstance(cfg, dict) else None
@@ -689,7 +690,7 @@ def read_deploy_manifest(path) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        doc = json.loads((path / DEPLOY_JSON).read_text(), parse_constant=lambda c: _bad_constant(c))
+        doc = json.loads(read_text_file(path / DEPLOY_JSON, "deploy manifest"), parse_constant=lambda c: _bad_constant(c))
     except (ValueError, RecursionError, UnicodeDecodeError) as e:
         raise BqcError(f"{path / DEPLOY_JSON} is corrupt: {str(e)[:200]}") from e
     if type(doc) is not dict or doc.get("format") != FORMAT:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bqc.errors import BqcError
+from bqc.errors import BqcError, read_json_file, read_yaml_file
 
 __all__ = ["NoiseSchedule", "q_sample", "sample_timesteps", "randn", "eps_loss", "diffusion_loss",
            "normalize_prediction", "parse_schedule_spec", "apply_overrides", "PREDICTIONS", "KINDS", "SPACINGS"]
@@ -322,17 +322,12 @@ class NoiseSchedule:
 
 def _read_config_file(path: Path) -> NoiseSchedule:
     if path.suffix.lower() == ".json":
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise BqcError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+        cfg = read_json_file(path, "schedule config")
         if not isinstance(cfg, dict):
             raise BqcError(f"{path} is not a scheduler config (a JSON object)")
         return NoiseSchedule.from_diffusers(cfg, str(path))
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = read_yaml_file(path, "schedule config") or {}
         params = ((doc.get("model") or {}).get("params")) if isinstance(doc, dict) else None
         if not isinstance(params, dict):
             raise BqcError(f"{path} has no model.params (an LDM config) to read the schedule from")
