@@ -50,9 +50,10 @@ def _main(debug: bool = typer.Option(False, "--debug", help=(
 # shared model options -----------------------------------------------------------------------
 ModelArg = typer.Argument(None, help="zoo name (mnist16, ddim-cifar10, ldm4-bedrooms), model dir, .pt2, or pickled .pt")
 ModelOpt = typer.Option(None, "--model", "-m", help="same as MODEL (use either)")
-ConfigOpt = typer.Option(None, "--config", help="instantiate-from-config YAML (target: pkg.Class, an nn.Module class imported from PYTHONPATH, which runs that module's code; params: ...)")
+ConfigOpt = typer.Option(None, "--config", help="instantiate-from-config YAML (target: pkg.Class, an nn.Module class; a module outside bqc, torch and diffusers is imported from PYTHONPATH only with --trust-code; params: ...)")
 WeightsOpt = typer.Option(None, "--weights", help="weights for --config (safetensors or weights-only torch checkpoint)")
 TrustOpt = typer.Option(False, "--trust-pickle", help="allow unpickling a whole pickled model (runs code from the file)")
+TrustCodeOpt = typer.Option(False, "--trust-code", help="with --config: allow importing a target: module outside bqc, torch and diffusers (runs that package's code)")
 ForceOpt = typer.Option(False, "--force", help="write into an existing output bqc did not make (only bqc's own files are replaced)")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress display on stderr (results, warnings and errors still print)")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (and TVM) in this command [default: all cores; 1 is faster on a busy machine]")
@@ -119,13 +120,14 @@ def _enough_to_score(n: int) -> None:
                        f"neighbours), got {n}", hint="FID at n < 1000 is noisy: the study scores n = 1000")
 
 
-def _source(model, model_opt, config, weights, trust_pickle, context_len: Optional[int] = None):
+def _source(model, model_opt, config, weights, trust_pickle, context_len: Optional[int] = None, trust_code: bool = False):
     from bqc import frontend
 
     name = model or model_opt
     _check_context_len(context_len)
     try:
-        src = frontend.load_source(name, config=config, weights=weights, trust_pickle=trust_pickle, context_len=context_len)
+        src = frontend.load_source(name, config=config, weights=weights, trust_pickle=trust_pickle, context_len=context_len,
+                                   trust_code=trust_code)
         if context_len is not None and src.context is None:
             raise BqcError(f"--context-len {context_len}: {src.description} is not text-conditioned (it takes no context)",
                            hint="drop --context-len")
@@ -174,6 +176,7 @@ def inspect(
     config: Optional[str] = ConfigOpt,
     weights: Optional[str] = WeightsOpt,
     trust_pickle: bool = TrustOpt,
+    trust_code: bool = TrustCodeOpt,
     as_json: bool = JsonOpt,
     head_tail_blocks: int = typer.Option(6, help="timestep-embedded blocks at each end of the UNet that count as head/tail (role)"),
     context_len: Optional[int] = ContextLenOpt,
@@ -183,7 +186,7 @@ def inspect(
     from bqc import ir
 
     _use_threads(threads)
-    src = _source(model, model_opt, config, weights, trust_pickle, context_len)
+    src = _source(model, model_opt, config, weights, trust_pickle, context_len, trust_code)
     _, gm = _annotated_fp(src, head_tail_blocks)
     layers = ir.layers(gm)
     blocks = ir.blocks_summary(gm)
@@ -272,6 +275,7 @@ def transform(
     config: Optional[str] = ConfigOpt,
     weights: Optional[str] = WeightsOpt,
     trust_pickle: bool = TrustOpt,
+    trust_code: bool = TrustCodeOpt,
     force: bool = ForceOpt,
     schedule: Optional[str] = ScheduleOpt,
     prediction: Optional[str] = PredictionOpt,
@@ -286,7 +290,7 @@ def transform(
     if dump_dir is not None:
         _check_out(dump_dir, "dump", force, option="--dump-dir")
     _use_threads(threads)
-    src = _source(model, model_opt, config, weights, trust_pickle, context_len)
+    src = _source(model, model_opt, config, weights, trust_pickle, context_len, trust_code)
     res = tf.transform(src, recipe, wbits=wbits, abits=abits, keep_fp=keep_fp, bits=bits, dump_dir=dump_dir,
                        schedule=schedule, prediction=prediction)
     path = tf.save(res, out)
@@ -316,7 +320,7 @@ def _print_explain(res) -> None:
 
 
 # report -------------------------------------------------------------------------------------
-def _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_pickle):
+def _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_pickle, trust_code=False):
     """An artifact's graph, or a model transformed in memory by --recipe (default fp)."""
     from bqc import artifact, transform as tf
 
@@ -327,7 +331,7 @@ def _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_p
     deployed = _deploy_artifact(name)
     if deployed is not None:  # a deploy graph: the bits its buffers hold
         return deployed.gm, f"{name} ({deployed.title()})"
-    src = _source(target, model_opt, config, weights, trust_pickle)
+    src = _source(target, model_opt, config, weights, trust_pickle, trust_code=trust_code)
     res = tf.transform(src, recipe or "fp", wbits=wbits, abits=abits)
     return res.gm, f"{src.description} ({res.recipe.name} W{res.ctx.wbits}A{res.ctx.abits})"
 
@@ -348,6 +352,7 @@ def report(
     config: Optional[str] = ConfigOpt,
     weights: Optional[str] = WeightsOpt,
     trust_pickle: bool = TrustOpt,
+    trust_code: bool = TrustCodeOpt,
     threads: Optional[int] = ThreadsOpt,
     force: bool = ForceOpt,
 ):
@@ -359,7 +364,7 @@ def report(
         if plot.suffix.lower() != ".png":
             raise BqcError(f"--plot {plot}: the plot is a PNG file", hint=f"name it {plot.with_suffix('.png').name}")
     _use_threads(threads)
-    gm, title = _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_pickle)
+    gm, title = _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_pickle, trust_code)
     rep = cost_report(gm)
     if plot:
         plot_report(rep, str(plot), title)

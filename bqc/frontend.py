@@ -40,6 +40,7 @@ import importlib
 import inspect
 import json
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +87,15 @@ def load_source(
     weights: str | None = None,
     trust_pickle: bool = False,
     context_len: int | None = None,
+    trust_code: bool = False,
 ) -> ModelSource:
     """Load a model from a zoo name, a directory, a file or an instantiate-from-config YAML.
 
     ``context_len``: the token count of a text-conditioned model's ``context`` input (default
-    :data:`CONTEXT_LEN`); ignored for other models."""
-    src = _load_source(model, config=config, weights=weights, trust_pickle=trust_pickle)
+    :data:`CONTEXT_LEN`); ignored for other models. ``trust_code``: a config's ``target:`` may
+    name a module outside :data:`TRUSTED_PACKAGES` that is not imported yet (importing it runs
+    its code; see :func:`_resolve_module_class`)."""
+    src = _load_source(model, config=config, weights=weights, trust_pickle=trust_pickle, trust_code=trust_code)
     if context_len is not None:
         set_context_len(src, context_len)
     return src
@@ -111,9 +115,9 @@ def set_context_len(src: ModelSource, length: int) -> ModelSource:
     return src
 
 
-def _load_source(model, *, config, weights, trust_pickle) -> ModelSource:
+def _load_source(model, *, config, weights, trust_pickle, trust_code=False) -> ModelSource:
     if config is not None:
-        return _load_from_yaml(config, weights)
+        return _load_from_yaml(config, weights, trust_code)
     if model is None:
         raise BqcError("no model given", hint="pass a zoo name (e.g. mnist16), a model directory, a .pt2 file, or --config file.yaml")
     if not Path(model).exists() and _is_zoo_name(model):
@@ -141,7 +145,7 @@ def _load_source(model, *, config, weights, trust_pickle) -> ModelSource:
         raise BqcError(f"{path} is neither a torch.export archive nor a torch checkpoint (unrecognised content); "
                        "it may be truncated or corrupt")
     if suffix in (".yaml", ".yml"):
-        return _load_from_yaml(str(path), weights)
+        return _load_from_yaml(str(path), weights, trust_code)
     if suffix == ".json":
         return _load_bqc_dir(path, weights)
     raise BqcError(
@@ -452,15 +456,32 @@ def _find_target_config(doc: Any, path: str) -> dict:
     raise BqcError(f"{path} has no 'target:' entry (looked at the top level and at model.params.unet_config)")
 
 
-def _resolve_module_class(target: Any, path) -> type:
+#: packages a config's ``target:`` may import without ``--trust-code``: bqc itself and the
+#: libraries it runs on (their code runs anyway). A module outside them that this process has not
+#: imported yet runs its code when imported, so the file would choose code to run.
+TRUSTED_PACKAGES = ("bqc", "torch", "diffusers")
+
+
+def _resolve_module_class(target: Any, path, trust_code: bool = False) -> type:
     """The ``nn.Module`` subclass named by a config's dotted ``target:``, found without calling anything.
 
-    Importing the target's module runs that module's code (from PYTHONPATH); nothing else is
-    called before the check that the target is a class that builds an ``nn.Module``.
+    Importing the target's module runs that module's code (from PYTHONPATH): without
+    ``trust_code`` only modules of :data:`TRUSTED_PACKAGES` and modules already imported are
+    looked up (``target: antigravity.X`` opened a web browser, a package next to the YAML on
+    PYTHONPATH ran). Nothing else is called before the check that the target is a class that
+    builds an ``nn.Module``.
     """
     if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", target):
         raise BqcError(f"{path}: target: {target!r} is not a dotted path to a class (pkg.module.Class)")
     parts = target.split(".")
+    if not trust_code and parts[0] not in TRUSTED_PACKAGES and ".".join(parts[:-1]) not in sys.modules:
+        raise BqcError(
+            f"{path} names target: {target}; importing {'.'.join(parts[:-1])} runs that package's code, which bqc does "
+            "only when you say so",
+            hint="pass --trust-code if you trust the package installed as "
+                 f"'{parts[0]}' (it is imported from PYTHONPATH); bqc's own LDM-compatible UNet needs no flag: "
+                 "target: bqc.models.unet.UNetModel",
+        )
     obj, err = None, None
     for i in range(len(parts) - 1, 0, -1):  # longest importable module prefix, then attributes
         try:
@@ -492,7 +513,7 @@ def _what(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def _load_from_yaml(config: str, weights: str | None) -> ModelSource:
+def _load_from_yaml(config: str, weights: str | None, trust_code: bool = False) -> ModelSource:
     path = require_file(config, "config")
     doc = read_yaml_file(path, "config")
     spec = _find_target_config(doc, str(path))
@@ -500,7 +521,7 @@ def _load_from_yaml(config: str, weights: str | None) -> ModelSource:
     if not isinstance(params, dict):
         raise BqcError(f"{path}: params: of {target} must be a mapping, not {type(params).__name__}")
     params = dict(params)
-    cls = _resolve_module_class(target, path)
+    cls = _resolve_module_class(target, path, trust_code)
     try:
         module = cls(**params)
     except TypeError as e:

@@ -280,3 +280,24 @@ def test_config_target_must_be_a_module_class(tmp_path, target):
 def test_config_target_not_a_dotted_path(tmp_path):
     with pytest.raises(BqcError, match="dotted path"):
         frontend.load_source(config=str(_yaml(tmp_path, "__import__('os')", {})))
+
+
+def test_config_target_outside_trusted_packages_needs_trust_code(tmp_path):
+    """`target: evilpkg.Model` imported evilpkg from PYTHONPATH (running its code) on a plain
+    `bqc inspect --config`: the YAML chose code to run. Refused without --trust-code (nothing
+    imported), imported with it."""
+    marker = tmp_path / "MARKER"
+    pkg = tmp_path / "pp"
+    pkg.mkdir()
+    (pkg / "evilpkg.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\nimport torch\n"
+                                    "class Model(torch.nn.Module):\n    def forward(self, x, t):\n        return x\n")
+    cfg = _yaml(tmp_path, "evilpkg.Model", {})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "bqc", "inspect", "--config", str(cfg)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    _assert_refused(res, marker, "evilpkg.Model", "--trust-code")
+    res = subprocess.run([sys.executable, "-m", "bqc", "inspect", "--config", str(cfg), "--trust-code"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert marker.exists() and "--trust-code" not in res.stderr  # imported (the bare module then fails to capture)
+    with pytest.raises(BqcError, match="--trust-code"):  # the library's default too
+        frontend.load_source(config=str(_yaml(tmp_path, "antigravity.Anything", {})))
