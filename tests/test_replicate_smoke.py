@@ -208,6 +208,8 @@ def test_every_run_recipe_loads_and_no_tbs_rows_drop_only_tbs(tmp_path):
             assert recipe.train == ref.train, run.name
     with pytest.raises(ValueError, match="no pass"):
         rep.without_pass("baseline", "tbs_edges")
+    undescribed = [r.name for r in rep.RUNS if not rep._report_module().DESCRIBE.get(r.name)]
+    assert not undescribed, f"rows with an empty 'what' column in docs/RESULTS.md: {undescribed}"
     runs = {r.name: r for r in rep.RUNS}
     plan = dict(load_recipe(rep._recipe_file(runs["bidm01-no-kmap"], tmp_path / "bidm01-no-kmap", rep.Settings())).passes)["plan_quant"]
     assert plan["body"] == {"weight": "bidm", "act": "dorefa", "shortcut": "scaled"} and plan["res_proj"] == "fp"
