@@ -157,11 +157,9 @@ def remembering_sigint():
 MAX_TEXT_BYTES = 64 << 20
 
 
-def read_small_file(path, limit: int = MAX_TEXT_BYTES) -> bytes:
-    """The bytes of ``path``, read whole; ``ValueError`` (its message one sentence naming the path)
-    for a folder, a device or a pipe (``/dev/zero`` filled memory, a FIFO blocked forever) or a file
-    over ``limit`` bytes. A missing or unreadable file is the system's OSError, as ``open`` raises it.
-    Shared by bqc's commands (:func:`bqc.errors.read_text_file`) and this runner."""
+def require_regular_file(path) -> os.stat_result:
+    """``os.stat(path)`` of a regular file; IsADirectoryError for a folder, ``ValueError`` for a
+    device, a pipe or a socket (reading ``/dev/zero`` never ends, opening a FIFO blocks)."""
     import stat
 
     st = os.stat(path)
@@ -169,6 +167,15 @@ def read_small_file(path, limit: int = MAX_TEXT_BYTES) -> bytes:
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{path} is not a regular file (a device, a pipe or a socket); give a file")
+    return st
+
+
+def read_small_file(path, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of ``path``, read whole; ``ValueError`` (its message one sentence naming the path)
+    for a folder, a device or a pipe (``/dev/zero`` filled memory, a FIFO blocked forever) or a file
+    over ``limit`` bytes. A missing or unreadable file is the system's OSError, as ``open`` raises it.
+    Shared by bqc's commands (:func:`bqc.errors.read_text_file`) and this runner."""
+    st = require_regular_file(path)
     with open(path, "rb") as f:
         data = f.read(limit + 1)  # (bounded: a file may grow, /proc reports size 0)
     if max(st.st_size, len(data)) > limit:
@@ -691,6 +698,7 @@ def _embedding(path, what: str, shape, max_rows: int | None) -> np.ndarray:
     ``(L, D)`` or ``(N, L, D)`` (``N <= max_rows`` when given), finite, as float32; RunError else."""
     want = f"(L, D) = {tuple(shape)} or (N, {', '.join(map(str, shape))})"
     try:
+        require_regular_file(path)
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise RunError(f"{what} {path}: not a readable .npy array ({str(e)[:200]})",

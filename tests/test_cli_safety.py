@@ -528,6 +528,10 @@ def test_runner_manifest_that_is_a_device_is_refused(tmp_path):
         read_manifest(tmp_path)
     with pytest.raises(ValueError, match="is not a regular file"):
         read_small_file(tmp_path / "manifest.json")
+    from bqc.run import _embedding
+
+    with pytest.raises(RunError, match="not a regular file"):  # np.load opened the pipe and blocked
+        _embedding(tmp_path / "manifest.json", "--context", (77, 768), None)
     big = tmp_path / "big.json"
     big.write_bytes(b" " * 2048)
     with pytest.raises(ValueError, match="at most"):
