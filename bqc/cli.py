@@ -51,7 +51,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help=(
 ModelArg = typer.Argument(None, help="zoo name (mnist16, ddim-cifar10, ldm4-bedrooms), model dir, .pt2, or pickled .pt")
 ModelOpt = typer.Option(None, "--model", "-m", help="same as MODEL (use either)")
 ConfigOpt = typer.Option(None, "--config", help="instantiate-from-config YAML (target: pkg.Class, an nn.Module class; a module outside bqc, torch and diffusers is imported from PYTHONPATH only with --trust-code; params: ...)")
-WeightsOpt = typer.Option(None, "--weights", help="weights for --config (safetensors or weights-only torch checkpoint)")
+WeightsOpt = typer.Option(None, "--weights", help="replace the weights of a zoo model (its architecture), a bqc model folder or a --config model (safetensors; with --config also a weights-only torch checkpoint)")
 TrustOpt = typer.Option(False, "--trust-pickle", help="allow unpickling a whole pickled model (runs code from the file)")
 TrustCodeOpt = typer.Option(False, "--trust-code", help="with --config: allow importing a target: module outside bqc, torch and diffusers (runs that package's code)")
 ForceOpt = typer.Option(False, "--force", help="write into an existing output bqc did not make (only bqc's own files are replaced)")
@@ -325,6 +325,9 @@ def _graph_for(target, model_opt, recipe, wbits, abits, config, weights, trust_p
     from bqc import artifact, transform as tf
 
     name = target or model_opt
+    if weights is not None and name and (artifact.is_artifact(name) or _deploy_artifact(name) is not None):
+        raise BqcError(f"--weights {weights} does not apply to {name}: an artifact holds its own weights",
+                       hint="--weights replaces the weights of a zoo model, a bqc model folder or a --config model; drop it")
     if name and artifact.is_artifact(name):
         art = artifact.load_artifact(name)
         return art.gm, f"{name} ({art.recipe.name} W{art.manifest['wbits']}A{art.manifest['abits']})"

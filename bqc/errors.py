@@ -19,12 +19,16 @@ class BqcError(Exception):
 
 
 def require_file(path, what: str = "file"):
-    """Return ``Path(path)`` or raise a BqcError naming the missing file."""
+    """Return ``Path(path)`` or raise a BqcError naming the missing file; a device, a pipe or a
+    socket is refused too (no input of bqc is one: ``--weights /dev/zero`` read forever, a FIFO
+    blocked). A folder passes (a model may be one)."""
     from pathlib import Path
 
     p = Path(path)
     if not p.exists():
         raise BqcError(f"{what} not found: {p}", hint="check the path (relative paths are taken from the current directory)")
+    if not p.is_dir() and not p.is_file():
+        raise BqcError(f"{what} {p} is not a regular file (a device, a pipe or a socket)", hint="pass the path of the file itself")
     return p
 
 

@@ -121,7 +121,7 @@ def _load_source(model, *, config, weights, trust_pickle, trust_code=False) -> M
     if model is None:
         raise BqcError("no model given", hint="pass a zoo name (e.g. mnist16), a model directory, a .pt2 file, or --config file.yaml")
     if not Path(model).exists() and _is_zoo_name(model):
-        return _load_zoo(model)
+        return _load_zoo(model, weights)
     path = require_file(model, "model")
     if path.is_dir():
         cfg_path = path / "config.json"
@@ -131,9 +131,12 @@ def _load_source(model, *, config, weights, trust_pickle, trust_code=False) -> M
             raise BqcError(f"{path} is a directory without config.json, so it is neither a bqc checkpoint nor a diffusers model directory")
         cfg = _read_json(cfg_path)
         if "_class_name" in cfg:
+            _no_weights_option(weights, path, "a diffusers folder reads its diffusion_pytorch_model.safetensors")
             return _load_diffusers(path, cfg)
         return _load_bqc_dir(path, weights)
     kind = sniff_file(path)  # by content: a .pt may be a .pt2 archive, TorchScript, a pickle ...
+    if kind in ("pt2", "torch-save", "pickle"):
+        _no_weights_option(weights, path, "its weights are in the file")
     if kind == "pt2":
         return _load_pt2(path, trust_pickle)
     if kind in ("torch-save", "pickle"):
@@ -287,9 +290,22 @@ def _from_module(module: nn.Module, kind: str, description: str, call: str = "pl
                        num_classes=ncls, call=call, info=info, context=context)
 
 
-def _load_zoo(name: str) -> ModelSource:
+def _no_weights_option(weights, path, why: str) -> None:
+    """``--weights`` given with a source that takes none: refused (it was silently ignored)."""
+    if weights is not None:
+        raise BqcError(f"--weights {weights} does not apply to {path}: {why}",
+                       hint="--weights replaces the weights of a zoo model, a bqc model folder or a --config model; drop it")
+
+
+def _load_zoo(name: str, weights: str | None = None) -> ModelSource:
     from bqc.models import zoo
 
+    if weights is not None:  # the zoo's architecture with the user's weights (was silently ignored)
+        cfg = zoo.model_config(name)
+        module = zoo.model_with_weights(cfg, require_file(weights, "weights file"))
+        # kind "bqc", not "zoo": nothing may resolve it by the zoo name to the shipped weights
+        return _with_bqc_schedule(_from_module(module, "bqc", f"zoo architecture {name} with the weights {weights}",
+                                               path=str(weights), config=cfg), cfg, f"zoo config {name} (meta.diffusion)")
     shipped = Path(zoo.__file__).parent / "checkpoints" / name
     pretrained = (shipped / zoo.WEIGHTS_FILE).exists()
     if pretrained:

@@ -362,6 +362,13 @@ def load_model(
         weights_path = weights_path / WEIGHTS_FILE
     if not weights_path.exists():
         raise BqcError(f"weights file not found: {weights_path}", hint="pass weights=PATH, or save the model with bqc.models.zoo.save_model")
+    return model_with_weights(cfg, weights_path), cfg
+
+
+def model_with_weights(cfg: dict[str, Any], weights_path: str | Path) -> UNetModel:
+    """The model ``cfg`` describes, holding the weights of the safetensors file ``weights_path``
+    (checked against the config first), in eval mode on the CPU."""
+    weights_path = Path(weights_path)
     sd = _load_weights(weights_path)
 
     # Build without allocating or initialising (fast for the 274M-parameter LDM-4), check the
@@ -373,4 +380,4 @@ def load_model(
     sd = {k: v.to(expected[k].dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.eval()
-    return model, cfg
+    return model

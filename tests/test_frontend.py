@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,28 @@ def test_pt2_program(tmp_path, tiny_source, tiny_unet):
     src = frontend.load_source(str(tmp_path / "u.pt2"))
     assert src.kind == "pt2" and src.image_size == 8
     _capture_matches(src, lambda x, t, y: tiny_unet(x, t))
+
+
+def test_weights_option_is_used_or_refused(tmp_path, tiny_source):
+    """`--weights` with a zoo name was silently ignored (the shipped weights ran): it now loads
+    into the zoo's architecture; with a source that holds its own weights it is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from bqc.models import zoo
+
+    shipped = load_file(str(Path(zoo.__file__).parent / "checkpoints" / "mnist16" / zoo.WEIGHTS_FILE))
+    mine = {k: v * 0.5 for k, v in shipped.items()}
+    save_file(mine, str(tmp_path / "mine.safetensors"))
+    src = frontend.load_source("mnist16", weights=str(tmp_path / "mine.safetensors"))
+    assert src.kind == "bqc" and "with the weights" in src.description  # never resolved by name to the shipped model
+    got = src.module.state_dict()
+    assert all(torch.equal(got[k], mine[k].to(got[k].dtype)) for k in mine)
+    torch.export.save(frontend.capture(tiny_source), str(tmp_path / "u.pt2"))
+    with pytest.raises(BqcError, match="does not apply"):
+        frontend.load_source(str(tmp_path / "u.pt2"), weights=str(tmp_path / "mine.safetensors"))
+    with pytest.raises(BqcError, match="do not fit|does not fit|missing|unexpected|shape"):  # another model's file
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+        frontend.load_source("mnist16", weights=str(tmp_path / "other.safetensors"))
 
 
 def test_pickled_module_needs_trust(tmp_path, tiny_unet):
