@@ -10,8 +10,9 @@ calls :func:`check_output` before doing any work. The rule:
   ``train/checkpoint.safetensors`` or ``train.json``, a deploy artifact's ``deploy.json``, a
   lowered folder's ``manifest.json`` / ``export.json``, a graph dump's ``00_input.txt`` and
   ``NN_<pass>.txt`` files only, ...). Anything else (your own files, or bqc's output of another kind) is
-  refused unless ``--force``; bqc then writes and replaces only the files it names itself
-  (:data:`OWN_FILES`) and never deletes anything else;
+  refused unless ``--force``; bqc then writes only the files it names itself (:data:`OWN_FILES`)
+  and never deletes anything else, and it refuses a folder that is no bqc output but already holds
+  one of those names (your own ``model.safetensors`` next to your notes is not replaced);
 * an existing **file** output (``sample -o grid.png``, ``--npz``) is fine when bqc wrote it
   (bqc marks its PNGs with a ``Software: bqc`` text chunk and its NPZs with a zip comment; its
   latents files, ``bqc encode`` and latent ``bqc sample``, carry ``format: bqc-latents`` in their
@@ -82,7 +83,7 @@ def output_kind(path) -> str | None:
     if not p.is_dir():
         return None
     ckpt = p / "train" / "checkpoint.safetensors"
-    if (p / "bqc.json").is_file():
+    if (p / "bqc.json").is_file() and "bqc_version" in _json(p / "bqc.json"):  # (a user's own bqc.json is not one)
         return "run" if (p / "train.json").is_file() or ckpt.is_file() else "artifact"
     if (p / "config.json").is_file() and "pretrain" in (_json(p / "config.json").get("meta") or {}):
         return "model"
@@ -185,6 +186,22 @@ def _name_fits(path: Path, option: str) -> None:
                            hint="choose a shorter name")
 
 
+def _foreign_clashes(p: Path, kind: str) -> list[str]:
+    """The names bqc writes in an output folder of ``kind`` that already exist in ``p``, a folder
+    that is no bqc output: files bqc cannot tell as its own (a marked PNG, NPZ or latents file is)
+    and folders (bqc writes into its ``train/``)."""
+    if kind == "dump":
+        names = [e.name for e in p.iterdir() if DUMP_NAME.match(e.name)]
+    else:
+        names = [n for n in OWN_FILES[kind] if "<" not in n]
+    clash = []
+    for n in names:
+        q = p / n.rstrip("/")
+        if q.is_symlink() or (q.is_dir() if n.endswith("/") else q.exists() and not (q.is_file() and is_bqc_file(q))):
+            clash.append(n)
+    return clash
+
+
 def check_output(path, kind: str, *, force: bool = False, option: str = "--out", example: str = "samples.png") -> Path:
     """Raise a BqcError unless ``path`` may be written as an output of ``kind`` (``"file"`` or
     a key of :data:`OWN_FILES`); see the module docstring. ``example``: a file name the hint suggests
@@ -224,6 +241,12 @@ def check_output(path, kind: str, *, force: bool = False, option: str = "--out",
             raise BqcError(f"{option} {p} already exists and holds files bqc did not write ({shown}); refusing to write into it",
                            hint="choose a new or empty folder, or pass --force: bqc then replaces only its own files "
                                 "and leaves the others in place")
+        if entries and found is None and force:
+            clash = _foreign_clashes(p, kind)
+            if clash:  # `--force` replaced a user's model.safetensors / bqc.json of the same name
+                raise BqcError(f"{option} {p} holds {', '.join(clash)}, which bqc writes there but did not write; "
+                               "--force replaces only bqc's own files, so it refuses to write into this folder",
+                               hint="move those files away, or choose a new folder")
     if p.is_dir():  # bqc writes these names in the folder: none may lead elsewhere
         names = [e.name for e in p.iterdir() if DUMP_NAME.match(e.name)] if kind == "dump" else OWN_FILES[kind]
         links = [n.rstrip("/") for n in names if (p / n.rstrip("/")).is_symlink()]

@@ -145,10 +145,29 @@ def test_force_replaces_only_bqc_files(art, tmp_path, capsys):
     # ... but a training run is another kind: writing a transform there needs --force
     run_dir = tmp_path / "run"
     (run_dir / "train").mkdir(parents=True)
-    (run_dir / "bqc.json").write_text("{}")
+    (run_dir / "bqc.json").write_text('{"format": 1, "bqc_version": "0"}')  # (a bqc.json without them is a user's)
     (run_dir / "train.json").write_text("{}")
     code, _, err = run(["transform", "mnist16", "-o", run_dir], capsys)
     assert code == 2 and "training run" in err and "--force" in err
+
+
+@pytest.mark.parametrize("clash", ["model.safetensors", "bqc.json", "train/"])
+def test_force_never_replaces_a_user_file_of_a_name_bqc_writes(tmp_path, capsys, clash):
+    """`transform -o DIR --force` replaced the user's own model.safetensors (and bqc.json) in a folder
+    that was no bqc output: --force replaces only bqc's own files, so that folder is refused."""
+    d = _user_dir(tmp_path / "mine")
+    target = d / clash.rstrip("/")
+    if clash.endswith("/"):
+        target.mkdir()
+        (target / "metrics.csv").write_text("my metrics")
+    else:
+        target.write_text("my weights")
+    kind = "train" if clash == "train/" else "transform"
+    cmd = (["train", tmp_path / "no-art", "--steps", "1"] if kind == "train" else ["transform", "mnist16"]) + ["-o", d, "--force"]
+    code, _, err = run(cmd, capsys)
+    assert code == 2 and clash in err and "did not write" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in d.iterdir()) == sorted(["notes.txt", clash.rstrip("/")])
+    assert (target / "metrics.csv" if clash.endswith("/") else target).read_text().startswith("my ")
 
 
 def test_save_artifact_into_existing_dir_keeps_other_files(art, tmp_path):
