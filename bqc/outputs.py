@@ -99,7 +99,7 @@ def output_kind(path) -> str | None:
         return "compiled"
     if _json(p / "deploy.json").get("format") == "bqc-deploy":
         return "deploy"
-    if (p / "summary.json").is_file() and "rows" in _json(p / "summary.json"):
+    if (p / "summary.json").is_file() and {"rows", "wall_s", "options"} <= set(_json(p / "summary.json")):
         return "demo"
     if (p / "fp_samples.png").is_file() and is_bqc_file(p / "fp_samples.png"):
         return "demo"
