@@ -263,20 +263,30 @@ def _load_folder(path: Path, resize, channels) -> Dataset:
     _fits_in_memory(path, len(files), channels, *(resize or sizes[0][::-1]))
     out = []
     for f in files:
-        with Image.open(f) as im:
-            if im.mode == "P":
-                im = im.convert("RGBA")
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                a = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if im.mode.startswith("I") and a.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-            im = im.convert("L" if channels == 1 else "RGB")
-            if resize is not None and im.size != (resize[1], resize[0]):
-                im = im.resize((resize[1], resize[0]), Image.BICUBIC, reducing_gap=None)
-            a = np.asarray(im, dtype=np.uint8)
+        try:
+            a = _decode(f, channels, resize)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # a truncated file was a traceback
+            raise BqcError(f"cannot decode image {f}: {e}", hint="re-export the image, or move it out of the folder") from None
         out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(out)).float().div_(127.5).sub_(1.0)
     return Dataset(x, None)
+
+
+def _decode(f: Path, channels: int, resize) -> np.ndarray:
+    """One image as uint8 ``(H, W)`` (gray) or ``(H, W, 3)``, resized to ``resize`` (h, w) if given."""
+    from PIL import Image
+
+    with Image.open(f) as im:
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I") and a.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        im = im.convert("L" if channels == 1 else "RGB")
+        if resize is not None and im.size != (resize[1], resize[0]):
+            im = im.resize((resize[1], resize[0]), Image.BICUBIC, reducing_gap=None)
+        return np.asarray(im, dtype=np.uint8)
 
 
 #: the largest image side a folder is loaded or resized to

@@ -117,6 +117,14 @@ def test_folder_errors(tmp_path):
     (bad / "x.png").write_bytes(b"not a png")
     with pytest.raises(BqcError, match="cannot read"):
         load_dataset(str(bad))
+    # a truncated PNG passes the header pass and failed in the decode: PIL's OSError (no errno), a traceback
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16), dtype=np.uint8)).save(buf, "PNG")
+    (cut / "a.png").write_bytes(buf.getvalue()[:60])
+    with pytest.raises(BqcError, match="cannot decode image .*a.png"):
+        load_dataset(str(cut))
 
 
 def test_cli_resize_flag_for_mixed_folders(tmp_path):
