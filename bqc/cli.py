@@ -1172,7 +1172,7 @@ def _main() -> None:
         err_console.print("(run with --debug for the traceback)", style="dim")
         sys.exit(1)
     except OSError as e:  # the system refused a path (name too long, permission, read-only, disk full, ...)
-        if _STATE["debug"] or e.errno is None:
+        if _STATE["debug"]:
             raise
         _os_error(e)
     except SystemExit:

@@ -111,8 +111,11 @@ PATH_ERRNOS = ("ENAMETOOLONG", "ENOENT", "ENOTDIR", "EISDIR", "EACCES", "EPERM",
 def os_error_paragraph(e: OSError) -> tuple[str, str, int]:
     """``(message, hint, exit code)`` for an OSError that escaped a command (the system refused a
     path, the disk filled): the system's reason and the path (a long one shortened), what to do,
-    2 for a path the user gave and 1 for the machine's trouble; shared by bqc's commands and this
-    runner."""
+    2 for a path the user gave and 1 for the machine's trouble (or a library's OSError without an
+    errno); shared by bqc's commands and this runner."""
+    if e.errno is None:  # a library's own OSError (PIL: "image file is truncated"): no errno to classify it by
+        return (f"{type(e).__name__}: {e}", "an input file may be damaged or not what its name says (run with --debug "
+                "to see where)", 1)
     name = str(e.filename) if e.filename is not None else ""
     shown = name if len(name) <= 120 else f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
     message = (e.strerror or str(e)) + (f": {shown}" if shown else "")
@@ -833,8 +836,6 @@ def _main(argv, interrupted: list) -> int:
               "or free memory", file=sys.stderr)
         return 1
     except OSError as e:  # the system refused a path (name too long, permission, disk full, ...): one paragraph
-        if e.errno is None:
-            raise
         message, hint, code = os_error_paragraph(e)
         print(f"error: {message}\nhint: {hint}", file=sys.stderr)
         return code

@@ -419,6 +419,13 @@ def test_os_errors_are_one_paragraph(bad_results, tmp_path, capsys, monkeypatch)
     code, _, err = run_cli(["sample", "mnist16", "-n", "2", "--steps", "1", "-o", tmp_path / "g.png"], capsys)
     assert code == 1 and "No space left on device" in err and "free disk space" in err and "Traceback" not in err
 
+    def library_oserror(*a, **k):  # PIL's "image file is truncated": an OSError without errno
+        raise OSError("image file is truncated (3 bytes not processed)")
+
+    monkeypatch.setattr(cli, "_samples", library_oserror)
+    code, _, err = run_cli(["sample", "mnist16", "-n", "2", "--steps", "1", "-o", tmp_path / "g.png"], capsys)
+    assert code == 1 and "OSError: image file is truncated" in err and "Traceback" not in err
+
 
 # Ctrl-C ------------------------------------------------------------------------------------------
 def test_ctrl_c_in_sample_exits_130(monkeypatch, tmp_path, capsys):
