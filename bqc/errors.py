@@ -35,8 +35,8 @@ def require_file(path, what: str = "file"):
 def read_text_file(path, what: str = "file", limit: int | None = None) -> str:
     """The text (UTF-8) of a file a user gave, read whole; a BqcError for a folder, a device, a pipe
     or a file over ``limit`` bytes (default :data:`bqc.run.MAX_TEXT_BYTES`; ``--config /dev/zero``
-    filled memory, a FIFO blocked). A missing file is the system's OSError (one paragraph in the CLI);
-    a file that is not UTF-8 is ``UnicodeDecodeError``, as ``Path.read_text`` raises it."""
+    filled memory, a FIFO blocked) or a file that is not UTF-8. A missing file is the system's
+    OSError (one paragraph in the CLI)."""
     from bqc.run import MAX_TEXT_BYTES, read_small_file
 
     try:
