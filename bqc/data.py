@@ -393,7 +393,8 @@ def _load_latents(path: Path) -> Dataset:
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        raise BqcError(f"latents file not found: {path}", hint="make one with `bqc encode IMAGES --vae DIR -o FILE.safetensors`")
+        what = "is not a regular file (a folder, a device or a pipe)" if path.exists() else "not found"
+        raise BqcError(f"latents file {what}: {path}", hint="make one with `bqc encode IMAGES --vae DIR -o FILE.safetensors`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
