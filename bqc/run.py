@@ -206,7 +206,12 @@ def read_manifest(path) -> dict:
             or "library" not in m["files"]:
         raise RunError(f"{d}: not a bqc TVM library (manifest format {m.get('format') if isinstance(m, dict) else m!r})",
                        hint="pass the -o folder of `bqc lower --backend tvm-x86`")
-    lib = d / m["files"]["library"]
+    name = m["files"]["library"]
+    if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name or "\\" in name:
+        # a manifest naming ../../x.so or /usr/lib/x.so would load a library from outside the bundle
+        raise RunError(f"{man}: the library must be a file in the bundle folder, not {str(name)[:120]!r}",
+                       hint="lower the artifact again")
+    lib = d / name
     if not lib.is_file():
         raise RunError(f"{d}: the library {lib.name} named in manifest.json is missing", hint="lower the artifact again")
     return m

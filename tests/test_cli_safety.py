@@ -558,6 +558,12 @@ def test_runner_manifest_that_is_a_device_is_refused(tmp_path):
 
     with pytest.raises(RunError, match="not a regular file"):  # np.load opened the pipe and blocked
         _embedding(tmp_path / "manifest.json", "--context", (77, 768), None)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in ("../../evil.so", "/usr/lib/evil.so", "..", 7):  # a library from outside the bundle would be loaded
+        (bundle / "manifest.json").write_text(json.dumps({"format": "bqc-tvm", "files": {"library": name}}))
+        with pytest.raises(RunError, match="must be a file in the bundle folder"):
+            read_manifest(bundle)
     big = tmp_path / "big.json"
     big.write_bytes(b" " * 2048)
     with pytest.raises(ValueError, match="at most"):
