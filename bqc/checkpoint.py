@@ -103,7 +103,14 @@ def read_checkpoint_meta(path) -> dict:
         raise BqcError(f"cannot read checkpoint {p}: {e}") from None
     if META_KEY not in md:
         raise BqcError(f"{p} is a safetensors file but not a bqc checkpoint (no '{META_KEY}' metadata)")
-    return json.loads(md[META_KEY])
+    try:
+        meta = json.loads(md[META_KEY])
+    except (ValueError, RecursionError) as e:  # a damaged or hand-made checkpoint was json's traceback
+        raise BqcError(f"{p}: its '{META_KEY}' metadata is not valid JSON ({str(e)[:120]})",
+                       hint="the checkpoint is damaged; resume from another one or start a new run") from None
+    if not isinstance(meta, dict):
+        raise BqcError(f"{p}: its '{META_KEY}' metadata is not a JSON object", hint="the checkpoint is damaged")
+    return meta
 
 
 def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict]:

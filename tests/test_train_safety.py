@@ -250,3 +250,16 @@ def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path):
     with _exclusive(out):  # free again once the other process is gone
         pass
     train_loop(Net(), DATA, plain_loss, cfg(), out)
+
+
+@pytest.mark.parametrize("meta", ["{not json", "[" * 100_000 + "]" * 100_000, "[1, 2]"])
+def test_damaged_checkpoint_metadata_is_one_paragraph(tmp_path, meta):
+    """A checkpoint whose bqc metadata is not a JSON object was json's traceback (or a RecursionError)."""
+    from safetensors.torch import save_file
+
+    from bqc.checkpoint import META_KEY, read_checkpoint_meta
+
+    p = tmp_path / "checkpoint.safetensors"
+    save_file({"w": torch.zeros(1)}, str(p), metadata={META_KEY: meta})
+    with pytest.raises(BqcError, match="metadata is not"):
+        read_checkpoint_meta(p)
