@@ -384,7 +384,7 @@ def _latents_info(path, meta: dict | None) -> dict:
                 raise BqcError(f"{path}: metadata {k} {meta[k]!r} is not a usable number", hint=_LAYOUT_HINT)
     try:
         info["source"] = json.loads(meta.get("source") or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):
         info["source"] = meta.get("source")
     return info
 

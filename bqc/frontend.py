@@ -631,7 +631,7 @@ def vet_pt2(path: Path, data: bytes | None = None) -> bytes:
             if m:
                 try:
                     cfg = json.loads(z.read(full)).get("config", {})
-                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as e:
                     raise BqcError(f"{path}: {r} is not valid JSON") from e
                 prefix = "weight_" if m.group(1) == "weights" else "tensor_"
                 bad = [k for k, v in cfg.items() if not isinstance(v, dict) or v.get("use_pickle")
@@ -739,7 +739,7 @@ def _safe_expr(text: str, *, guard: bool) -> bool:
 def _vet_program_json(path, member: str, blob: bytes) -> None:
     try:
         doc = json.loads(blob)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BqcError(f"{path}: {member} is not valid JSON") from e
 
     def refuse(what: str) -> BqcError:
