@@ -143,12 +143,9 @@ def _source(model, model_opt, config, weights, trust_pickle, context_len: Option
 
 
 def _is_diffusers_dir(name: str) -> bool:
-    from bqc.run import read_small_file
+    from bqc.errors import json_object_or_empty
 
-    try:
-        return "_class_name" in json.loads(read_small_file(Path(name) / "config.json"))
-    except (OSError, ValueError, TypeError):
-        return False
+    return "_class_name" in json_object_or_empty(Path(name) / "config.json")
 
 
 def _annotated_fp(src, head_tail_blocks: int = 6):
@@ -577,13 +574,9 @@ def _saved_line(e: BaseException, out: Path, resume_cmd: str) -> str:
 
 def _warn_if_diverged(run_dir) -> None:
     """Say loudly when a trained artifact's loss diverged (its samples are not worth scoring)."""
-    from bqc.run import read_small_file
+    from bqc.errors import json_object_or_empty
 
-    try:
-        info = json.loads(read_small_file(Path(run_dir) / "train.json"))
-    except (OSError, ValueError):
-        return
-    d = info.get("divergence") or {}
+    d = json_object_or_empty(Path(run_dir) / "train.json").get("divergence") or {}
     if d.get("diverged"):
         err_console.print(f"[bold yellow]warning:[/] training diverged: the final L_simple {d['final']:.4g} is "
                           f"{d['ratio']:.1f}x its best {d['best']:.4g} ({run_dir}/train/metrics.csv); "
@@ -974,12 +967,9 @@ def _check_lowered(dart, path) -> None:
 
 def lowered_cpu_note(path) -> str | None:
     """"built for CPU ... (features), kernels ..." from a CPU build's manifest (None otherwise)."""
-    from bqc.run import read_small_file
+    from bqc.errors import json_object_or_empty
 
-    try:
-        cpu = json.loads(read_small_file(Path(path) / "manifest.json")).get("cpu")
-    except (OSError, ValueError):
-        return None
+    cpu = json_object_or_empty(Path(path) / "manifest.json").get("cpu")
     if not isinstance(cpu, dict):
         return None
     vec = [f for f in cpu.get("required_features", []) if f.startswith(("avx", "neon", "sve", "dotprod"))]

@@ -24,11 +24,16 @@ def require_file(path, what: str = "file"):
     blocked). A folder passes (a model may be one)."""
     from pathlib import Path
 
+    from bqc.run import require_regular_file
+
     p = Path(path)
     if not p.exists():
         raise BqcError(f"{what} not found: {p}", hint="check the path (relative paths are taken from the current directory)")
-    if not p.is_dir() and not p.is_file():
-        raise BqcError(f"{what} {p} is not a regular file (a device, a pipe or a socket)", hint="pass the path of the file itself")
+    if not p.is_dir():
+        try:
+            require_regular_file(p)
+        except ValueError as e:
+            raise BqcError(f"{what}: {e}", hint="pass the path of the file itself") from None
     return p
 
 
@@ -63,6 +68,22 @@ def read_json_file(path, what: str = "file", **kw):
         raise BqcError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     except RecursionError:
         raise BqcError(f"{what} {path} nests too deeply to be a real JSON file") from None
+
+
+def json_object_or_empty(path) -> dict:
+    """The JSON object in ``path``, or ``{}`` when the file is missing, unreadable, not a regular
+    file, over :data:`bqc.run.MAX_TEXT_BYTES`, not JSON (nested too deep included) or not an object:
+    for the quiet looks bqc takes at a file that may or may not be its own (an output folder's
+    marker, a run's train.json, a bundle's manifest for a note)."""
+    import json
+
+    from bqc.run import read_small_file
+
+    try:
+        d = json.loads(read_small_file(path))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def read_yaml_file(path, what: str = "file"):

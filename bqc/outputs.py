@@ -33,8 +33,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from bqc.errors import BqcError
-from bqc.run import read_small_file
+from bqc.errors import BqcError, json_object_or_empty
 
 __all__ = ["check_output", "output_kind", "OWN_FILES", "PNG_MARK", "mark_npz", "is_bqc_file"]
 
@@ -69,23 +68,15 @@ PNG_MARK = ("Software", "bqc")  # tEXt chunk of every PNG bqc writes
 _NPZ_MARK = b"written by bqc"   # zip comment of every NPZ bqc writes
 
 
-def _json(path: Path) -> dict:
-    try:
-        d = json.loads(read_small_file(path))
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def output_kind(path) -> str | None:
     """Which bqc output a folder is (a key of :data:`OWN_FILES`), or None."""
     p = Path(path)
     if not p.is_dir():
         return None
     ckpt = p / "train" / "checkpoint.safetensors"
-    if (p / "bqc.json").is_file() and "bqc_version" in _json(p / "bqc.json"):  # (a user's own bqc.json is not one)
+    if (p / "bqc.json").is_file() and "bqc_version" in json_object_or_empty(p / "bqc.json"):  # (a user's own bqc.json is not one)
         return "run" if (p / "train.json").is_file() or ckpt.is_file() else "artifact"
-    if (p / "config.json").is_file() and "pretrain" in (_json(p / "config.json").get("meta") or {}):
+    if (p / "config.json").is_file() and "pretrain" in (json_object_or_empty(p / "config.json").get("meta") or {}):
         return "model"
     if ckpt.is_file():  # a run stopped before its first model was written: the checkpoint says which
         try:
@@ -95,11 +86,11 @@ def output_kind(path) -> str | None:
         except BqcError:
             return None
         return "model" if task == "pretrain-eps" else "run"
-    if _json(p / "manifest.json").get("format") == "bqc-tvm" or _json(p / "export.json").get("format") == "bqc-onnx":
+    if json_object_or_empty(p / "manifest.json").get("format") == "bqc-tvm" or json_object_or_empty(p / "export.json").get("format") == "bqc-onnx":
         return "compiled"
-    if _json(p / "deploy.json").get("format") == "bqc-deploy":
+    if json_object_or_empty(p / "deploy.json").get("format") == "bqc-deploy":
         return "deploy"
-    if (p / "summary.json").is_file() and {"rows", "wall_s", "options"} <= set(_json(p / "summary.json")):
+    if (p / "summary.json").is_file() and {"rows", "wall_s", "options"} <= set(json_object_or_empty(p / "summary.json")):
         return "demo"
     if (p / "fp_samples.png").is_file() and is_bqc_file(p / "fp_samples.png"):
         return "demo"
@@ -194,12 +185,15 @@ def _foreign_clashes(p: Path, kind: str) -> list[str]:
         names = [e.name for e in p.iterdir() if DUMP_NAME.match(e.name)]
     else:
         names = [n for n in OWN_FILES[kind] if "<" not in n]
-    clash = []
-    for n in names:
+    def foreign(n: str) -> bool:
         q = p / n.rstrip("/")
-        if q.is_symlink() or (q.is_dir() if n.endswith("/") else q.exists() and not (q.is_file() and is_bqc_file(q))):
-            clash.append(n)
-    return clash
+        if q.is_symlink():
+            return True
+        if n.endswith("/"):
+            return q.is_dir()
+        return q.exists() and not (q.is_file() and is_bqc_file(q))
+
+    return [n for n in names if foreign(n)]
 
 
 def check_output(path, kind: str, *, force: bool = False, option: str = "--out", example: str = "samples.png") -> Path:

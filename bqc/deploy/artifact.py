@@ -62,8 +62,7 @@ from torch import nn
 
 import bqc.models as _models
 from bqc import __version__, ir, packing
-from bqc.errors import BqcError, read_text_file
-from bqc.run import read_small_file
+from bqc.errors import BqcError, json_object_or_empty, read_text_file
 from bqc.signature import Signature
 
 from . import modules as M
@@ -272,11 +271,8 @@ def _no_host_paths(v):
 
 
 def _without_meta(config_file: Path) -> dict | None:
-    try:
-        cfg = json.loads(read_small_file(config_file))
-    except (OSError, ValueError):
-        return None
-    return {k: v for k, v in cfg.items() if k != "meta"} if isinstance(cfg, dict) else None
+    cfg = json_object_or_empty(config_file)
+    return {k: v for k, v in cfg.items() if k != "meta"} if cfg else None
 
 
 def zoo_twin(src: dict) -> str | None:
