@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     from bqc.metrics import evaluate
 
     from bqc import deploy
-    from bqc.teacher import _teacher_from
+    from bqc.teacher import load_teacher
 
     if artifact.is_artifact(a.run):
         art = artifact.load_artifact(a.run)
@@ -57,9 +57,9 @@ def main(argv=None) -> None:
     else:
         dart = deploy.load(a.run)
         student = dart.model.eval()
-        teacher = _teacher_from(a.teacher or (dart.manifest.get("source") or {}).get("name"))[0].eval()
+        teacher = load_teacher(a.teacher or (dart.manifest.get("source") or {}).get("name"))[0].eval()
     if a.teacher and artifact.is_artifact(a.run):
-        teacher = _teacher_from(a.teacher)[0].eval()
+        teacher = load_teacher(a.teacher)[0].eval()
     other = None
     if a.other:
         other = (BqcModel(artifact.load_artifact(a.other).gm) if artifact.is_artifact(a.other)

@@ -53,7 +53,7 @@ ModelOpt = typer.Option(None, "--model", "-m", help="same as MODEL (use either)"
 ConfigOpt = typer.Option(None, "--config", help="instantiate-from-config YAML (target: pkg.Class, an nn.Module class; a module outside bqc, torch and diffusers is imported from PYTHONPATH only with --trust-code; params: ...)")
 WeightsOpt = typer.Option(None, "--weights", help="replace the weights of a zoo model (its architecture), a bqc model folder or a --config model (safetensors; with --config also a weights-only torch checkpoint)")
 TrustOpt = typer.Option(False, "--trust-pickle", help="allow unpickling a whole pickled model (runs code from the file)")
-TrustCodeOpt = typer.Option(False, "--trust-code", help="with --config: allow importing a target: module outside bqc, torch and diffusers (runs that package's code)")
+TrustCodeOpt = typer.Option(False, "--trust-code", help="for a config YAML (--config, or a .yaml given as the model): allow importing a target: module outside bqc, torch and diffusers (runs that package's code)")
 ForceOpt = typer.Option(False, "--force", help="write into an existing output bqc did not make (only bqc's own files are replaced)")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="no progress display on stderr (results, warnings and errors still print)")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (and TVM) in this command [default: all cores; 1 is faster on a busy machine]")
@@ -1027,15 +1027,18 @@ def bench(
     teacher: Optional[str] = typer.Option(None, "--teacher", metavar="MODEL", help=(
         "the FP32 model to time against: the artifact the library was lowered from, or its source model "
         "[default: the bundle's source model when it is a zoo model; else the compiled step is timed alone]")),
+    trust_pickle: bool = TrustOpt,
+    trust_code: bool = TrustCodeOpt,
     as_json: bool = JsonOpt,
 ):
     """Time the compiled UNet step against PyTorch FP32 eager at the same threads and batch."""
     from bqc.backends.tvm import lower as tvm_lower
-    from bqc.teacher import bundle_teacher
+    from bqc.teacher import bundle_teacher, load_teacher
 
     _use_threads(threads)
+    loaded = load_teacher(teacher, trust_pickle=trust_pickle, trust_code=trust_code) if teacher else None
     with _compiled_for_bench(target, threads) as lib:
-        r = tvm_lower.bench(lib, threads=threads, teacher=bundle_teacher(lib, teacher))
+        r = tvm_lower.bench(lib, threads=threads, teacher=bundle_teacher(lib, teacher, loaded))
     if as_json:
         sys.stdout.write(json.dumps(r, default=float) + "\n")
         return

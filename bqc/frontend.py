@@ -490,16 +490,22 @@ def _resolve_module_class(target: Any, path, trust_code: bool = False) -> type:
     if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", target):
         raise BqcError(f"{path}: target: {target!r} is not a dotted path to a class (pkg.module.Class)")
     parts = target.split(".")
-    if not trust_code and parts[0] not in TRUSTED_PACKAGES and ".".join(parts[:-1]) not in sys.modules:
+    if trust_code or parts[0] in TRUSTED_PACKAGES:
+        obj = _import_target(target, parts, path)
+    else:
+        obj = _imported_target(target, parts, path)
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
         raise BqcError(
-            f"{path} names target: {target}; importing {'.'.join(parts[:-1])} runs that package's code, which bqc does "
-            "only when you say so",
-            hint="pass --trust-code if you trust the package installed as "
-                 f"'{parts[0]}' (it is imported from PYTHONPATH); bqc's own LDM-compatible UNet needs no flag: "
-                 "target: bqc.models.unet.UNetModel",
+            f"{path}: target: {target} is not an nn.Module class (it is {_what(obj)}); bqc only builds models from classes",
+            hint="name the UNet class, e.g. target: ldm.modules.diffusionmodules.openaimodel.UNetModel",
         )
-    obj, err = None, None
-    for i in range(len(parts) - 1, 0, -1):  # longest importable module prefix, then attributes
+    return obj
+
+
+def _import_target(target: str, parts: list[str], path) -> Any:
+    """``target`` imported: the longest importable module prefix, then attributes."""
+    err = None
+    for i in range(len(parts) - 1, 0, -1):
         try:
             obj = importlib.import_module(".".join(parts[:i]))
         except ImportError as e:
@@ -510,15 +516,32 @@ def _resolve_module_class(target: Any, path, trust_code: bool = False) -> type:
                 obj = inspect.getattr_static(obj, name) if not inspect.ismodule(obj) else getattr(obj, name)
         except AttributeError as e:
             raise BqcError(f"cannot import {target} named in {path}: {e}", hint="put the model's code on PYTHONPATH") from e
-        break
-    else:
-        raise BqcError(f"cannot import {target} named in {path}: {err}", hint="put the model's code on PYTHONPATH")
-    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
-        raise BqcError(
-            f"{path}: target: {target} is not an nn.Module class (it is {_what(obj)}); bqc only builds models from classes",
-            hint="name the UNet class, e.g. target: ldm.modules.diffusionmodules.openaimodel.UNetModel",
-        )
-    return obj
+        return obj
+    raise BqcError(f"cannot import {target} named in {path}: {err}", hint="put the model's code on PYTHONPATH")
+
+
+def _imported_target(target: str, parts: list[str], path) -> Any:
+    """``target`` looked up without importing anything (no ``--trust-code``): from the longest
+    prefix this process has imported already, attribute by attribute, static lookups only (a
+    module's ``__getattr__`` runs no code here); a nested class (``pkg.mod.Outer.Inner``) is found
+    when ``pkg.mod`` is imported. Anything that would need an import is refused."""
+    for i in range(len(parts) - 1, 0, -1):
+        obj = sys.modules.get(".".join(parts[:i]))
+        if obj is None:
+            continue
+        try:
+            for name in parts[i:]:
+                obj = inspect.getattr_static(obj, name)
+        except AttributeError:
+            break
+        return obj
+    module = ".".join(parts[:-1])
+    raise BqcError(
+        f"{path} names target: {target}; importing {module} runs that package's code, which bqc does only when you "
+        "say so",
+        hint=f"pass --trust-code if you trust the package installed as '{parts[0]}' (it is imported from PYTHONPATH); "
+             "bqc's own LDM-compatible UNet needs no flag: target: bqc.models.unet.UNetModel",
+    )
 
 
 def _what(obj: Any) -> str:

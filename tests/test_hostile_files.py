@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from bqc import frontend
 from bqc.errors import BqcError
@@ -282,17 +283,24 @@ def test_config_target_not_a_dotted_path(tmp_path):
         frontend.load_source(config=str(_yaml(tmp_path, "__import__('os')", {})))
 
 
-def test_config_target_outside_trusted_packages_needs_trust_code(tmp_path):
-    """`target: evilpkg.Model` imported evilpkg from PYTHONPATH (running its code) on a plain
-    `bqc inspect --config`: the YAML chose code to run. Refused without --trust-code (nothing
-    imported), imported with it."""
+def _evil_package(tmp_path: Path) -> tuple[Path, dict]:
+    """``evilpkg`` on PYTHONPATH writes MARKER when imported: (marker, env for the subprocess)."""
     marker = tmp_path / "MARKER"
     pkg = tmp_path / "pp"
     pkg.mkdir()
     (pkg / "evilpkg.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\nimport torch\n"
                                     "class Model(torch.nn.Module):\n    def forward(self, x, t):\n        return x\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400",
+           "PYTHONPATH": os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")])}
+    return marker, env
+
+
+def test_config_target_outside_trusted_packages_needs_trust_code(tmp_path):
+    """`target: evilpkg.Model` imported evilpkg from PYTHONPATH (running its code) on a plain
+    `bqc inspect --config`: the YAML chose code to run. Refused without --trust-code (nothing
+    imported), imported with it."""
+    marker, env = _evil_package(tmp_path)
     cfg = _yaml(tmp_path, "evilpkg.Model", {})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-m", "bqc", "inspect", "--config", str(cfg)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     _assert_refused(res, marker, "evilpkg.Model", "--trust-code")
@@ -301,3 +309,38 @@ def test_config_target_outside_trusted_packages_needs_trust_code(tmp_path):
     assert marker.exists() and "--trust-code" not in res.stderr  # imported (the bare module then fails to capture)
     with pytest.raises(BqcError, match="--trust-code"):  # the library's default too
         frontend.load_source(config=str(_yaml(tmp_path, "antigravity.Anything", {})))
+
+
+def test_bench_teacher_yaml_needs_trust_code_and_takes_it(tmp_path):
+    """`bqc bench X --teacher m.yaml` refused an untrusted target with a hint to pass --trust-code,
+    which bench did not take. bench takes it now (and --trust-pickle), and a bad --teacher is
+    refused before the target is lowered."""
+    marker, env = _evil_package(tmp_path)
+    cfg = _yaml(tmp_path, "evilpkg.Model", {})
+    res = subprocess.run([sys.executable, "-m", "bqc", "bench", "mnist16-bidm", "--teacher", str(cfg)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    _assert_refused(res, marker, "evilpkg.Model", "--trust-code")
+    assert "lower" not in res.stderr.lower(), res.stderr[-2000:]  # refused before lowering
+    res = subprocess.run([sys.executable, "-m", "bqc", "bench", "mnist16-bidm", "--teacher", str(cfg), "--trust-code"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert marker.exists(), res.stderr[-2000:]  # imported (the bare module then fails to capture: exit 2)
+    assert "--trust-code" not in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_config_nested_class_of_an_imported_module_needs_no_trust_code(tmp_path, monkeypatch):
+    """A nested class target (`pkg.mod.Outer.Inner`) of a module this process has imported was
+    refused without --trust-code (the rule looked for `pkg.mod.Outer` in sys.modules); it is
+    found by static lookups now, and a name that would need an import is still refused."""
+    import types
+
+    mod = types.ModuleType("nestpkg_s23")
+
+    class Outer:
+        class Inner(nn.Module):
+            pass
+
+    mod.Outer = Outer
+    monkeypatch.setitem(sys.modules, "nestpkg_s23", mod)
+    assert frontend._resolve_module_class("nestpkg_s23.Outer.Inner", "m.yaml") is Outer.Inner
+    with pytest.raises(BqcError, match="--trust-code"):
+        frontend._resolve_module_class("nestpkg_s23.sub.Inner", "m.yaml")
