@@ -451,17 +451,33 @@ def _resize_option():
                         help="image folders only: resize every image to H x W (bicubic) instead of refusing mixed sizes")
 
 
+def _warn_long_warmup(warmup: int, steps: int) -> None:
+    """Warn when the lr never leaves the linear warm-up: allowed (a resume may extend the run past
+    it), but rarely meant."""
+    if steps and warmup >= steps:
+        err_console.print(f"[bold yellow]warning:[/] --warmup {warmup} is not below --steps {steps}: the learning rate "
+                          f"never leaves the linear warm-up (it ends at {min(1.0, steps / warmup):.3g}x --lr)",
+                          soft_wrap=True)
+
+
 @app.command(epilog=_examples(
     "bqc pretrain --steps 12000 -o runs/mnist16-fp",
     "bqc pretrain --steps 16000 -o runs/mnist16-fp --resume   # continue to 16000 steps in total",
-    "bqc pretrain --data my_images/ --resize 32 32 --steps 2000 -o runs/mine --threads 1"))
+    "bqc pretrain --data my_images/ --resize 32 32 --steps 2000 -o runs/mine --threads 1",
+    "bqc pretrain --init runs/mnist16-fp --steps 8000 --lr 4e-4 --lr-schedule cosine --min-lr-ratio 0.05 "
+    "--ema 0.9995 -o runs/mnist16-fp2   # warm start, decaying lr (the shipped teacher's stage 2)"))
 def pretrain(
     model: str = typer.Option("mnist16", "--model", "-m", help="zoo model name (see `bqc inspect`)"),
     data: str = typer.Option("mnist16", "--data", help="mnist16 or a folder of images"),
     resize: Optional[Tuple[int, int]] = _resize_option(),
     steps: int = typer.Option(12000, "--steps", help="TOTAL optimizer steps (with --resume: the new total)"),
     batch: int = typer.Option(64, "--batch", help="images per optimizer step"),
-    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (after a 200-step linear warm-up)"),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (peak, after the linear warm-up)"),
+    warmup: int = typer.Option(200, "--warmup", help="linear learning-rate warm-up, in optimizer steps"),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine: decay from the peak lr after the warm-up to --min-lr-ratio x lr at --steps"),
+    min_lr_ratio: float = typer.Option(0.0, "--min-lr-ratio", help="cosine: the last step's lr as a fraction of the peak"),
+    ema: float = typer.Option(0.999, "--ema", help="EMA decay of the saved weights (0: the raw weights); warmed up as min(decay, (1+k)/(10+k)) at update k"),
+    init: Optional[Path] = typer.Option(None, "--init", metavar="DIR", help="warm start from this model folder's weights (config.json + model.safetensors of the same zoo architecture and noise schedule, e.g. an earlier `bqc pretrain -o`)"),
     seed: int = SeedOpt,
     out: Path = typer.Option(Path("runs/mnist16-fp"), "--out", "-o", help="model folder to write (config.json, model.safetensors, train/)"),
     resume: bool = typer.Option(False, "--resume", help="continue the checkpoint in OUT/train"),
@@ -469,7 +485,8 @@ def pretrain(
     force: bool = ForceOpt,
     quiet: bool = QuietOpt,
 ):
-    """Train a full-precision zoo UNet (EMA weights) — how the shipped mnist16 was made."""
+    """Train a full-precision zoo UNet (EMA weights) — how the shipped mnist16 was made (three warm-started stages:
+    models/README.md)."""
     from bqc.train.pretrain import pretrain as run
 
     _positive(0, **{"--steps": steps})
@@ -477,9 +494,11 @@ def pretrain(
     _use_threads(threads)
     _check_out(out, "model", force)
     _check_fresh_run(out, resume)
+    _warn_long_warmup(warmup, steps)
     try:
         path = run(model, data, steps=steps, batch=batch, lr=lr, seed=seed, out_dir=out, resume=resume, threads=threads,
-                   resize=resize, progress=not quiet)
+                   resize=resize, progress=not quiet, warmup=warmup, lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
+                   ema_decay=ema or None, init_from=init)
     except KeyboardInterrupt as e:
         _interrupted(_saved_line(e, out, f"bqc pretrain -o {out} --steps {steps} --resume"))
     console.print(f"[bold]wrote[/] {path} (config.json + model.safetensors, EMA weights)")
@@ -536,10 +555,7 @@ def train(
     _check_out(out, "run", force)
     _check_fresh_run(out, resume is not None)
     _use_threads(threads)
-    if steps and warmup >= steps:  # allowed (a resume may extend the run past it), but rarely meant
-        err_console.print(f"[bold yellow]warning:[/] --warmup {warmup} is not below --steps {steps}: the learning rate "
-                          f"never leaves the linear warm-up (it ends at {min(1.0, steps / warmup):.3g}x --lr)",
-                          soft_wrap=True)
+    _warn_long_warmup(warmup, steps)
     opts = QATOptions(steps=steps, batch=batch, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, seed=seed, warmup=warmup, ema_decay=ema or None,
                       lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, target=loss_target, float_lr_scale=float_lr_scale,
                       checkpoint_every=checkpoint_every, sample_steps=sample_steps, distill=not no_distill,

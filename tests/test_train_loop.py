@@ -1,6 +1,7 @@
 """Training loop: exact resume, atomic checkpoints, NaN stop, config mismatch, interrupts."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -171,6 +172,36 @@ def test_pretrain_smoke(tmp_path):
     assert step == 2
     for a, b in zip(model.state_dict().values(), ema_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_bqc_pretrain_takes_the_shipped_teachers_options(tmp_path):
+    """`bqc pretrain` said it is "how the shipped mnist16 was made", but the teacher's stages 2 and 3
+    need --init, --lr-schedule cosine, --min-lr-ratio, --ema and --warmup, which only
+    `python -m bqc.train.pretrain` took. The CLI takes them now and records them; a warm start
+    begins at the --init model's weights, and a /dev/zero --init is one paragraph, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    from bqc.models.zoo import load_model
+
+    init = Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "mnist16"
+    out = tmp_path / "fp2"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "bqc", "pretrain", "--steps", "1", "--batch", "2", "--threads", "1", "-q"]
+    res = subprocess.run([*base, "--init", str(init), "--lr", "1e-12", "--warmup", "0", "--lr-schedule", "cosine",
+                          "--min-lr-ratio", "0.05", "--ema", "0.5", "-o", str(out)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = load_model(out)[1]["meta"]["pretrain"]
+    assert (meta["lr_schedule"], meta["min_lr_ratio"], meta["ema_decay"], meta["warmup"]) == ("cosine", 0.05, 0.5, 0)
+    assert Path(meta["init_from"]["path"]) == init
+    teacher, trained = load_model(init)[0].state_dict(), load_model(out)[0].state_dict()
+    gap = max((teacher[k].float() - trained[k].float()).abs().max().item() for k in teacher)
+    assert gap < 1e-6  # one step at lr 1e-12 from the teacher's weights: still the teacher (a cold start is far off)
+    res = subprocess.run([*base, "--init", "/dev/zero", "-o", str(tmp_path / "z")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "regular file" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
