@@ -896,9 +896,9 @@ def unfold(
     "bqc lower art --calibrate mnist16 --batch 4 -o lib   # an untrained artifact",
     "bqc lower run --backend onnx -o onnx-dir"))
 def lower(
-    target: str = typer.Argument(..., help="artifact (transformed or trained)"),
+    target: str = typer.Argument(..., help="artifact (transformed or trained), deploy artifact (`bqc fold`), or a shipped model's name (mnist16-bidm, ...)"),
     backend: str = typer.Option("tvm-x86", "--backend", "-b", help="onnx | tvm-x86 | tvm-arm | tvm-cuda"),
-    out: Path = typer.Option(..., "--out", "-o", help="output directory (library, packed params, manifest.json)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (TVM: model.so with the packed weights inside, manifest.json, run.py; onnx: model.onnx, model_fakequant.onnx, export.json)"),
     batch: int = typer.Option(16, "--batch", help="batch size compiled into the TVM module"),
     threads: Optional[int] = typer.Option(None, "--threads", help=(
         "threads the CPU library is built for, also used for torch while folding [default: all cores; tvm-arm: 4]")),
