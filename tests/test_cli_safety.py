@@ -86,7 +86,7 @@ PATH_OPTIONS = {
     "written": {("transform", "--out"), ("transform", "--dump-dir"), ("report", "--plot"), ("pretrain", "--out"),
                 ("train", "--out"), ("sample", "--out"), ("sample", "--npz"), ("encode", "--out"), ("fold", "--out"),
                 ("unfold", "--out"), ("lower", "--out"), ("demo", "--out")},
-    "read": {("train", "--resume"), ("sample", "--vae-weights"), ("encode", "--vae-weights"), ("encode", "--captions"),
+    "read": {("train", "--resume"), ("pretrain", "--init"), ("sample", "--vae-weights"), ("encode", "--vae-weights"), ("encode", "--captions"),
              ("encode", "--context")},
 }
 
