@@ -501,7 +501,7 @@ def pretrain(
                    ema_decay=ema or None, init_from=init)
     except KeyboardInterrupt as e:
         _interrupted(_saved_line(e, out, f"bqc pretrain -o {out} --steps {steps} --resume"))
-    console.print(f"[bold]wrote[/] {path} (config.json + model.safetensors, EMA weights)")
+    console.print(f"[bold]wrote[/] {path} (config.json + model.safetensors, {'EMA' if ema else 'raw'} weights)")
 
 
 @app.command(epilog=_examples(
