@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from bqc import __version__, ir
-from bqc.errors import BqcError, normal_permissions, read_json_file, read_text_file, require_file
+from bqc.errors import BqcError, normal_permissions, read_json_object, read_text_file, require_file
 from bqc.graph import BqcModel
 from bqc.signature import Signature
 
@@ -138,7 +138,7 @@ def read_manifest(path: str | Path) -> dict:
                        f"{path} is not a bqc artifact (no bqc.json in it)",
                        hint=f"this command takes {what}, e.g. `bqc transform {path} --recipe bidm -o art`, then give `art`")
     p = Path(path) / "bqc.json"
-    m = read_json_file(p, "artifact manifest")
+    m = read_json_object(p, "artifact manifest")
     if m.get("format") != FORMAT_VERSION:
         raise BqcError(f"{p} has artifact format {m.get('format')}, this bqc reads format {FORMAT_VERSION}")
     return m
@@ -190,7 +190,7 @@ def _compiled_manifest(target: Path) -> dict | None:
     compiled = target / "manifest.json"
     if not compiled.is_file():
         return None
-    return read_json_file(compiled, "compiled manifest")
+    return read_json_object(compiled, "compiled manifest")
 
 
 def source_manifest(target: str | Path) -> dict | None:

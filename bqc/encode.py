@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from bqc.data import image_files, load_dataset, save_latents
-from bqc.errors import BqcError, read_json_file, read_text_file, read_yaml_file, require_file
+from bqc.errors import BqcError, read_json_object, read_text_file, read_yaml_file, require_file
 
 __all__ = ["load_vae", "LDM_FIRST_STAGES", "encode_images", "decode_latents", "load_text_encoder", "embed_prompts",
            "read_captions", "read_context_file", "encode_folder"]
@@ -57,9 +57,7 @@ def _model_dir(path, class_names: tuple[str, ...], sub: str, what: str) -> Path:
     for d in (p, p / sub):
         cfg = d / "config.json"
         if cfg.is_file():
-            c = read_json_file(cfg, "config")
-            if not isinstance(c, dict):
-                raise BqcError(f"cannot read {cfg}: not a JSON object")
+            c = read_json_object(cfg, "config")
             name = c.get("_class_name") or (c.get("architectures") or [None])[0]
             if name in class_names:
                 return d

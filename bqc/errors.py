@@ -55,19 +55,27 @@ def read_text_file(path, what: str = "file", limit: int | None = None) -> str:
                        hint="is it the right file?") from None
 
 
-def read_json_file(path, what: str = "file", **kw):
-    """A JSON file a user gave (:func:`read_text_file`), parsed; a BqcError for anything that is not
-    JSON, nesting too deep for the parser included (``[[[...]]]`` was a RecursionError traceback).
-    ``kw`` goes to ``json.loads``."""
+def read_json_object(path, what: str = "file", **kw) -> dict:
+    """The JSON object in a file a user gave (:func:`read_text_file`); a BqcError for anything
+    else: not JSON, nesting too deep for the parser (``[[[...]]]`` was a RecursionError
+    traceback), or JSON that is not an object (a ``bqc.json`` holding ``[1]`` was an
+    AttributeError traceback). ``kw`` goes to ``json.loads``."""
     import json
 
     text = read_text_file(path, what)
     try:
-        return json.loads(text, **kw)
+        doc = json.loads(text, **kw)
     except json.JSONDecodeError as e:
         raise BqcError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     except RecursionError:
         raise BqcError(f"{what} {path} nests too deeply to be a real JSON file") from None
+    if not isinstance(doc, dict):
+        raise BqcError(f"{what} {path} must hold a JSON object ({{...}}), not a JSON {_json_kind(doc)}")
+    return doc
+
+
+def _json_kind(doc) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(doc), "number")
 
 
 def json_object_or_empty(path) -> dict:

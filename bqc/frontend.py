@@ -49,7 +49,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from bqc.errors import BqcError, read_json_file, read_yaml_file, require_file
+from bqc.errors import BqcError, read_json_object, read_yaml_file, require_file
 
 
 @dataclass
@@ -236,7 +236,7 @@ def _is_zoo_name(name: str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    return read_json_file(path, "config")
+    return read_json_object(path, "config")
 
 
 def _model_facts(module: nn.Module) -> tuple[int, int, int | None]:

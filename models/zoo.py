@@ -278,15 +278,12 @@ def save_model(model: torch.nn.Module, config: str | Mapping[str, Any], dir: str
 def _read_config_file(path: Path) -> dict[str, Any]:
     """A model folder's ``config.json``, read bounded (a FIFO or ``/dev/zero`` in its place is
     refused, not read until memory runs out) and parsed as a JSON object."""
-    from bqc.errors import read_json_file
+    from bqc.errors import read_json_object
 
     try:
-        cfg = read_json_file(path, "model config file")
+        return read_json_object(path, "model config file")
     except OSError as e:
         raise BqcError(f"cannot read model config file {path}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise BqcError(f"model config file {path} must hold a JSON object {{\"arch\": ..., \"params\": ...}}")
-    return cfg
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -522,6 +522,12 @@ def _hostile_inputs(tmp_path: Path) -> dict:
     (h / "art").mkdir()
     (h / "art" / "bqc.json").write_bytes(b"\xff\xfe" * 50)
     (h / "r.toml").symlink_to("/dev/zero")
+    for d in ("list-art", "list-model", "list-compiled"):  # JSON that is not an object: AttributeError tracebacks
+        (h / d).mkdir()
+    (h / "list-art" / "bqc.json").write_text("[1]")
+    (h / "list-model" / "config.json").write_text("[1]")
+    (h / "list-compiled" / "manifest.json").write_text("[1]")
+    (h / "string.json").write_text('"x"')
     return {
         "config-dev-zero": (["inspect", "--config", "/dev/zero"], "is not a regular file"),
         "config-fifo": (["inspect", "--config", h / "fifo.yaml"], "is not a regular file"),
@@ -533,6 +539,12 @@ def _hostile_inputs(tmp_path: Path) -> dict:
         "recipe-dev-zero": (["transform", "mnist16", "--recipe", h / "r.toml", "-o", h / "o"], "is not a regular file"),
         "schedule-deep": (["transform", "mnist16", "--recipe", "fp", "--schedule", h / "dif" / "config.json",
                            "-o", h / "o"], "nests too deeply"),
+        "artifact-list-report": (["report", h / "list-art"], "must hold a JSON object"),
+        "artifact-list-sample": (["sample", h / "list-art", "-o", h / "s.png"], "must hold a JSON object"),
+        "model-config-list": (["inspect", h / "list-model"], "must hold a JSON object"),
+        "compiled-manifest-list": (["eval", h / "list-compiled", "-n", "4"], "must hold a JSON object"),
+        "schedule-string": (["transform", "mnist16", "--recipe", "fp", "--schedule", h / "string.json",
+                             "-o", h / "o"], "must hold a JSON object"),
     }
 
 

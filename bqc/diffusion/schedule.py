@@ -20,7 +20,6 @@ of a bqc/zoo ``config.json``) and :func:`parse_schedule_spec` (``--schedule``).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bqc.errors import BqcError, read_json_file, read_yaml_file
+from bqc.errors import BqcError, read_json_object, read_yaml_file
 
 __all__ = ["NoiseSchedule", "q_sample", "sample_timesteps", "randn", "eps_loss", "diffusion_loss",
            "normalize_prediction", "parse_schedule_spec", "apply_overrides", "PREDICTIONS", "KINDS", "SPACINGS"]
@@ -322,9 +321,7 @@ class NoiseSchedule:
 
 def _read_config_file(path: Path) -> NoiseSchedule:
     if path.suffix.lower() == ".json":
-        cfg = read_json_file(path, "schedule config")
-        if not isinstance(cfg, dict):
-            raise BqcError(f"{path} is not a scheduler config (a JSON object)")
+        cfg = read_json_object(path, "schedule config")
         return NoiseSchedule.from_diffusers(cfg, str(path))
     if path.suffix.lower() in (".yaml", ".yml"):
         doc = read_yaml_file(path, "schedule config") or {}
