@@ -40,7 +40,7 @@ _STATE = {"debug": False}
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help=(
+def _global_options(debug: bool = typer.Option(False, "--debug", help=(
         "show full tracebacks for errors, and third-party warnings bqc otherwise hides (TVM's "
         "'Fast mode segfaults' lines, torch.export's FutureWarnings)"))):
     _STATE["debug"] = debug

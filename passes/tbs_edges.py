@@ -14,7 +14,6 @@ state; ``BqcModel`` passes zeros and flag 0 on the first step.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from bqc import ir

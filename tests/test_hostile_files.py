@@ -78,10 +78,13 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def _bqc(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _bqc(*args: str, cwd: Path, path: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m bqc ARGS`` in ``cwd``; ``path``: a folder put first on its PYTHONPATH."""
     # wide console: the checks look for paths and names in the message, which an 80-column console
     # folds mid-word when a path is long (pytest-xdist's tmp paths are)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), os.environ.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "bqc", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -283,29 +286,25 @@ def test_config_target_not_a_dotted_path(tmp_path):
         frontend.load_source(config=str(_yaml(tmp_path, "__import__('os')", {})))
 
 
-def _evil_package(tmp_path: Path) -> tuple[Path, dict]:
-    """``evilpkg`` on PYTHONPATH writes MARKER when imported: (marker, env for the subprocess)."""
+def _evil_package(tmp_path: Path) -> tuple[Path, Path]:
+    """``evilpkg`` writes MARKER when imported: (marker, the folder to put on PYTHONPATH)."""
     marker = tmp_path / "MARKER"
     pkg = tmp_path / "pp"
     pkg.mkdir()
     (pkg / "evilpkg.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\nimport torch\n"
                                     "class Model(torch.nn.Module):\n    def forward(self, x, t):\n        return x\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400",
-           "PYTHONPATH": os.pathsep.join([str(pkg), os.environ.get("PYTHONPATH", "")])}
-    return marker, env
+    return marker, pkg
 
 
 def test_config_target_outside_trusted_packages_needs_trust_code(tmp_path):
     """`target: evilpkg.Model` imported evilpkg from PYTHONPATH (running its code) on a plain
     `bqc inspect --config`: the YAML chose code to run. Refused without --trust-code (nothing
     imported), imported with it."""
-    marker, env = _evil_package(tmp_path)
+    marker, pkg = _evil_package(tmp_path)
     cfg = _yaml(tmp_path, "evilpkg.Model", {})
-    res = subprocess.run([sys.executable, "-m", "bqc", "inspect", "--config", str(cfg)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = _bqc("inspect", "--config", str(cfg), cwd=tmp_path, path=pkg)
     _assert_refused(res, marker, "evilpkg.Model", "--trust-code")
-    res = subprocess.run([sys.executable, "-m", "bqc", "inspect", "--config", str(cfg), "--trust-code"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = _bqc("inspect", "--config", str(cfg), "--trust-code", cwd=tmp_path, path=pkg)
     assert marker.exists() and "--trust-code" not in res.stderr  # imported (the bare module then fails to capture)
     with pytest.raises(BqcError, match="--trust-code"):  # the library's default too
         frontend.load_source(config=str(_yaml(tmp_path, "antigravity.Anything", {})))
@@ -315,14 +314,12 @@ def test_bench_teacher_yaml_needs_trust_code_and_takes_it(tmp_path):
     """`bqc bench X --teacher m.yaml` refused an untrusted target with a hint to pass --trust-code,
     which bench did not take. bench takes it now (and --trust-pickle), and a bad --teacher is
     refused before the target is lowered."""
-    marker, env = _evil_package(tmp_path)
+    marker, pkg = _evil_package(tmp_path)
     cfg = _yaml(tmp_path, "evilpkg.Model", {})
-    res = subprocess.run([sys.executable, "-m", "bqc", "bench", "mnist16-bidm", "--teacher", str(cfg)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    res = _bqc("bench", "mnist16-bidm", "--teacher", str(cfg), cwd=tmp_path, path=pkg)
     _assert_refused(res, marker, "evilpkg.Model", "--trust-code")
     assert "lower" not in res.stderr.lower(), res.stderr[-2000:]  # refused before lowering
-    res = subprocess.run([sys.executable, "-m", "bqc", "bench", "mnist16-bidm", "--teacher", str(cfg), "--trust-code"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    res = _bqc("bench", "mnist16-bidm", "--teacher", str(cfg), "--trust-code", cwd=tmp_path, path=pkg)
     assert marker.exists(), res.stderr[-2000:]  # imported (the bare module then fails to capture: exit 2)
     assert "--trust-code" not in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
 

@@ -543,7 +543,6 @@ class Converter:
         target's ``w1ak`` route (VNNI, AVX-512BW / AVX2 ``vpmaddubsw``, or generic)."""
         from .kernels.build import w1ak_conv2d_primfunc
 
-        op = relax.op
         x_node = node.args[0]
         x, scale = imp.env[x_node], imp.env[node.args[2]]
         nb, oc = words.shape[:2]

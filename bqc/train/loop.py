@@ -681,7 +681,7 @@ def _train_loop(model: torch.nn.Module, data, loss_fn: LossFn, config: LoopConfi
                 note = (f" The checkpoint of step {e.step} gave this value at once: it is moved to {bad_path.name} "
                         f"and the one before it restored.")
             else:
-                note = f" That checkpoint gave this value at once: a resume from it repeats it unless its weights change."
+                note = " That checkpoint gave this value at once: a resume from it repeats it unless its weights change."
         where = (f"the last checkpoint with finite weights and loss is kept: step {_ckpt_step(last_ckpt)}, {last_ckpt}"
                  if last_ckpt else "no checkpoint had been written yet")
         hint = nonfinite_hint or ("resume from that checkpoint with a lower learning rate or a smaller gradient-clip norm "

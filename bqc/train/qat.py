@@ -46,7 +46,6 @@ from bqc.diffusion.samplers import step_gap
 from bqc.errors import BqcError
 from bqc.signature import Signature
 from bqc.pipeline import ebb_switch_at
-from bqc.graph import BqcModel
 from bqc.quant.layers import _Quantized
 from bqc.quant.training import anneal, ebb_modules, ebb_regulariser, switch_ebb_to_stage2
 from bqc.train.loop import DistContext, LoopConfig, train_loop, unwrap
