@@ -198,7 +198,7 @@ def worker(args) -> dict:
             row = {"model": model, "layer": f"conv3x3 {c}->{oc} @{hw}x{hw}", "channels": c, "hw": hw,
                    "threads": T, "exact": ok, "build_s": round(build_s, 2), **time_calls(fns, args)}
             out.append(row)
-            print(f"[T={T}] {model:14s} {row['layer']:28s} exact={ok} fp32 {base:8.3f} ms | "
+            print(f"[T={T}] {model:14s} {row['layer']:28s} exact={ok} fp32 {row['ms']['torch_fp32']:8.3f} ms | "
                   + " ".join(f"{nm} x{row['speedup'][nm]:.2f}/{row['speedup_min'][nm]:.2f}"
                              f"/{row['speedup_cpu'][nm]:.2f}" for nm in row["speedup"]),
                   file=sys.stderr, flush=True)
