@@ -140,8 +140,21 @@ def read_manifest(path: str | Path) -> dict:
     p = Path(path) / "bqc.json"
     m = read_json_object(p, "artifact manifest")
     if m.get("format") != FORMAT_VERSION:
-        raise BqcError(f"{p} has artifact format {m.get('format')}, this bqc reads format {FORMAT_VERSION}")
+        raise BqcError(f"{p} has artifact format {m.get('format')!r:.40}, this bqc reads format {FORMAT_VERSION}")
+    for key, kind in MANIFEST_FIELDS.items():
+        v = m.get(key)
+        if (v is None and key in MANIFEST_REQUIRED) or (v is not None and (type(v) is not kind)):
+            raise BqcError(f"{p} is damaged: its {key!r} must be a JSON {_JSON_NAMES[kind]}, not {v!r:.40}",
+                           hint="write the artifact again with `bqc transform` (bqc.json is bqc's own file, not for editing)")
     return m
+
+
+# bqc.json's fields by type (``format`` is checked first): a hand-edited manifest is refused here in
+# one paragraph instead of failing deep inside a command (``"source": [1]`` was an AttributeError).
+MANIFEST_FIELDS = {"bqc_version": str, "source": dict, "recipe": dict, "wbits": int, "abits": int, "signature": dict,
+                   "diffusion": dict, "train": dict}
+MANIFEST_REQUIRED = ("source", "recipe", "wbits", "abits")
+_JSON_NAMES = {str: "string", dict: "object", int: "integer"}
 
 
 def build_graph(base_ep, recipe, wbits: int, abits: int, *, dump_dir=None, check: bool = True, schedule=None):
@@ -163,9 +176,9 @@ def load_artifact(path: str | Path, *, weights: str | Path | None = None) -> Art
 
     path = Path(path)
     manifest = read_manifest(path)
+    recipe = Recipe.from_dict(manifest["recipe"], f"{path / 'bqc.json'}")
     base = require_file(path / "base.pt2", "artifact base program")
     base_ep = load_exported(base)  # vetted: never unpickles, never loads native code
-    recipe = Recipe.from_dict(manifest["recipe"])
     from bqc.diffusion.schedule import NoiseSchedule
 
     gm, _ = build_graph(base_ep, recipe, manifest["wbits"], manifest["abits"],

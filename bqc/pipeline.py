@@ -68,10 +68,27 @@ class PassContext:
         self.explanations.append(Explanation(pass_name, name, action, reason))
 
 
+# An option's value must have its default's type (a recipe's `connections = "x"` or `keep_fp = 3` was a
+# ValueError / TypeError deep inside the pass); options whose default is None check their own values.
+_OPTION_TYPES = ((bool, (bool,), "true or false"), (int, (int,), "an integer"), (float, (int, float), "a number"),
+                 (str, (str,), "a string"), (list, (list, tuple), "a list"), (tuple, (list, tuple), "a list"),
+                 (dict, (dict,), "a table"))
+
+
+def _check_option_type(pass_name: str, key: str, value: Any, default: Any) -> None:
+    for kind, accepted, words in _OPTION_TYPES:
+        if isinstance(default, kind):
+            if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+                raise BqcError(f"pass {pass_name!r} option {key} = {value!r:.40} must be {words} "
+                               f"(its default is {default!r:.40})")
+            return
+
+
 class Pass:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}
+    self_checked: ClassVar[tuple[str, ...]] = ()  # options the pass validates itself (their type is not the default's)
     requires: ClassVar[tuple[str, ...]] = ()
     ensures: ClassVar[tuple[str, ...]] = ()
 
@@ -84,6 +101,9 @@ class Pass:
                 f"pass {self.name!r} has no option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
                 hint=f"its options are: {', '.join(sorted(self.options)) or '(none)'}",
             )
+        for key, value in opts.items():
+            if key not in self.self_checked:
+                _check_option_type(self.name, key, value, self.options[key])
         self.opts = {**self.options, **opts}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
@@ -232,6 +252,11 @@ def ebb_switch_at(train: dict) -> float | None:
     return v if v >= 0 else None
 
 
+_STORED_RECIPE_FIELDS = {"name": str, "description": str, "paper": str, "wbits": int, "abits": int, "settings": dict,
+                         "passes": list, "train": dict}
+_JSON_KINDS = {str: "string", int: "integer", list: "array", dict: "object"}
+
+
 @dataclass
 class Recipe:
     name: str
@@ -250,9 +275,21 @@ class Recipe:
                 "passes": [[n, o] for n, o in self.passes], "train": self.train}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Recipe":
-        return cls(d["name"], d["description"], d["paper"], int(d["wbits"]), int(d["abits"]),
-                   dict(d["settings"]), [(n, dict(o)) for n, o in d["passes"]], dict(d["train"]))
+    def from_dict(cls, d: dict, where: str = "stored recipe") -> "Recipe":
+        """A recipe as :meth:`to_dict` wrote it (an artifact's ``bqc.json``), checked as a recipe file
+        is: field types, pass names, option names and types, the [train] table."""
+        for key, kind in _STORED_RECIPE_FIELDS.items():
+            if type(d.get(key)) is not kind:
+                raise BqcError(f"{where}: its recipe's {key!r} must be a JSON {_JSON_KINDS[kind]}, not {d.get(key)!r:.40}")
+        passes = []
+        for item in d["passes"]:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], dict)):
+                raise BqcError(f"{where}: its recipe's passes must be [name, options] pairs, not {item!r:.40}")
+            get_pass(item[0])(**item[1])
+            passes.append((item[0], dict(item[1])))
+        check_train_table(d["train"], where)
+        return cls(d["name"], d["description"], d["paper"], d["wbits"], d["abits"], dict(d["settings"]), passes,
+                   dict(d["train"]))
 
     def build(self) -> list[Pass]:
         return [get_pass(name)(**opts) for name, opts in self.passes]

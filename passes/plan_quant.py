@@ -87,6 +87,7 @@ class PlanQuant(Pass):
     summary = "decide each layer's quantizers from its role (writes annotations only)"
     options = {"body": "fp", "head_tail": None, "io": IO8, "time_embed": "fp", "emb_proj": None, "res_proj": None,
                "matmul": "fp", "cross_kv": "fp"}
+    self_checked = tuple(options)  # a layer spec is a name or a table: specs() checks each
     requires = ("roles",)
     ensures = ("planned",)
 

@@ -528,6 +528,16 @@ def _hostile_inputs(tmp_path: Path) -> dict:
     (h / "list-model" / "config.json").write_text("[1]")
     (h / "list-compiled" / "manifest.json").write_text("[1]")
     (h / "string.json").write_text('"x"')
+    (h / "opt.toml").write_text('extends = "bidm"\n[options.mixed_precision]\nkeep_fp = 3\n')  # a TypeError in the pass
+    (h / "bad-field").mkdir()  # an object with a field of the wrong type: an AttributeError deep in the command
+    (h / "bad-field" / "bqc.json").write_text(json.dumps({"format": 1, "source": [1], "recipe": {}, "wbits": 1, "abits": 1}))
+    from bqc.pipeline import load_recipe
+
+    for name, edit in {"bad-recipe-bits": ("wbits", "x"), "bad-recipe-option": ("passes", [["tbs_edges", {"connections": "x"}]]),
+                       "bad-recipe-passes": ("passes", [7])}.items():  # TypeError / ValueError deep in the command
+        (h / name).mkdir()
+        recipe = {**load_recipe("bidm").to_dict(), edit[0]: edit[1]}
+        (h / name / "bqc.json").write_text(json.dumps({"format": 1, "source": {}, "recipe": recipe, "wbits": 1, "abits": 1}))
     return {
         "config-dev-zero": (["inspect", "--config", "/dev/zero"], "is not a regular file"),
         "config-fifo": (["inspect", "--config", h / "fifo.yaml"], "is not a regular file"),
@@ -542,6 +552,12 @@ def _hostile_inputs(tmp_path: Path) -> dict:
         "artifact-list-report": (["report", h / "list-art"], "must hold a JSON object"),
         "artifact-list-sample": (["sample", h / "list-art", "-o", h / "s.png"], "must hold a JSON object"),
         "model-config-list": (["inspect", h / "list-model"], "must hold a JSON object"),
+        "artifact-field-type": (["sample", h / "bad-field", "-o", h / "s.png"], "its 'source' must be a JSON object"),
+        "artifact-recipe-bits": (["sample", h / "bad-recipe-bits", "-o", h / "s.png"], "recipe's 'wbits' must be a JSON integer"),
+        "artifact-recipe-option": (["report", h / "bad-recipe-option"], "option connections = 'x' must be an integer"),
+        "artifact-recipe-passes": (["sample", h / "bad-recipe-passes", "-o", h / "s.png"], "must be [name, options] pairs"),
+        "recipe-option-type": (["transform", "mnist16", "--recipe", h / "opt.toml", "-o", h / "o"],
+                               "option keep_fp = 3 must be a list"),
         "compiled-manifest-list": (["eval", h / "list-compiled", "-n", "4"], "must hold a JSON object"),
         "schedule-string": (["transform", "mnist16", "--recipe", "fp", "--schedule", h / "string.json",
                              "-o", h / "o"], "must hold a JSON object"),
